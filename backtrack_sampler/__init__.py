@@ -1,0 +1,39 @@
+"""backtrack_sampler: LLM sampling strategies that can rewind and revise the tokens they just generated.
+
+    from backtrack_sampler import BacktrackSampler, AntiSlopStrategy
+    from backtrack_sampler.provider.llamacpp_provider import LlamacppProvider
+"""
+
+from .backtrack_sampler import BacktrackSampler, GenerationStats, RewindEvent
+from .provider.base_provider import BaseProvider
+from .strategy.adaptive_temperature_strategy import AdaptiveTemperatureStrategy
+from .strategy.antislop_strategy import AntiSlopStrategy
+from .strategy.base_strategy import BaseStrategy
+from .strategy.chain_strategy import ChainStrategy
+from .strategy.creative_writing_strategy import CreativeWritingStrategy
+from .strategy.debug_strategy import DebugStrategy
+from .strategy.human_guidance_strategy import HumanGuidanceStrategy
+from .strategy.replace_strategy import ReplaceStrategy
+
+__version__ = "4.0.0"
+
+_PROVIDERS = {
+    "LlamacppProvider": ".provider.llamacpp_provider",
+    "TransformersProvider": ".provider.transformers_provider",
+    "FakeProvider": ".provider.fake_provider",
+}
+
+
+def __getattr__(name):  # providers import their backend only when asked for
+    if name in _PROVIDERS:
+        import importlib
+
+        return getattr(importlib.import_module(_PROVIDERS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "BacktrackSampler", "GenerationStats", "RewindEvent", "BaseProvider", "BaseStrategy",
+    "AdaptiveTemperatureStrategy", "AntiSlopStrategy", "ChainStrategy", "CreativeWritingStrategy",
+    "DebugStrategy", "HumanGuidanceStrategy", "ReplaceStrategy", *_PROVIDERS,
+]

@@ -1,0 +1,1 @@
+"""Model backends. Import each from its own module: it needs its backend installed."""

@@ -1,0 +1,71 @@
+"""Hugging Face transformers backend: a direct forward loop over a KV cache that can be rewound."""
+
+from __future__ import annotations
+
+from typing import FrozenSet, List, Sequence
+
+import numpy as np
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from .base_provider import BaseProvider, check_device
+
+
+class TransformersProvider(BaseProvider):
+    """Runs ``model`` one step at a time (no ``generate()``), computing only the last position's
+    logits (``logits_to_keep=1``).
+
+    The cache is a ``DynamicCache`` without a config, so every layer keeps its full history, the
+    sliding-window layers of models like Gemma 3 included: the attention mask still applies the
+    window, and a rewind of any length is exact.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device=None):
+        super().__init__()
+        try:
+            self.device = torch.device(check_device(device if device is not None else model.device))
+        except RuntimeError as error:  # a name torch does not know
+            raise ValueError(f"unknown device {device!r}: {error}") from None
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.cache = DynamicCache()
+        config = model.config.get_text_config()
+        self._vocab_size = int(config.vocab_size)
+        self._context_length = int(getattr(config, "max_position_embeddings", 0) or 2**31 - 1)
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self._eos = frozenset(eos + [tokenizer.eos_token_id]) - {None}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> List[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    def get_eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def eos_token_ids(self) -> FrozenSet[int]:
+        return self._eos
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    @torch.inference_mode()
+    def _forward(self, tokens: List[int]) -> np.ndarray:
+        input_ids = torch.tensor([tokens], device=self.device)
+        out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1].float().cpu().numpy()
+
+    def _truncate(self, length: int) -> int:
+        if length == 0:
+            self.cache = DynamicCache()
+        elif self.cache.get_seq_length() > length:
+            self.cache.crop(length - self.cache.get_seq_length())
+        return length

@@ -1,0 +1,1 @@
+"""Sampling strategies: one short file each, subclassing BaseStrategy."""

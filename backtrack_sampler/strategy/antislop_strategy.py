@@ -1,0 +1,6 @@
+"""PLACEHOLDER: being written."""
+from .base_strategy import BaseStrategy
+
+
+class AntiSlopStrategy(BaseStrategy):
+    pass

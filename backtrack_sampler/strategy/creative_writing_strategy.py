@@ -1,0 +1,6 @@
+"""PLACEHOLDER: being written."""
+from .base_strategy import BaseStrategy
+
+
+class CreativeWritingStrategy(BaseStrategy):
+    pass
