@@ -56,6 +56,7 @@ class BacktrackSampler:
         self.provider = provider
         self.strategy = strategy
         self.stats = GenerationStats()
+        self._run: Optional[object] = None
 
     def generate(
         self,
@@ -76,19 +77,26 @@ class BacktrackSampler:
         prompt: text (encoded with the BOS token) or a list of token ids.
         max_length: limit on prompt + generated tokens; max_new_tokens: on generated tokens
             (delivered ones: rewound tokens do not count). With neither, the context size limits.
-        temperature: 0 is greedy. top_k (default 50), top_p and min_p: None or 0 turns them off.
+        temperature: 0 is greedy. top_k (default 50): None or 0 turns it off; top_p in (0, 1] and
+            min_p in [0, 1]: None turns them off.
         seed: makes sampling reproducible. on_rewind: called with a RewindEvent for every rewind.
         max_rewound_tokens: after this many rewound tokens (default 10 x the token limit + 1000)
             the sampler stops asking the strategy to rewind, with a warning, so generation always ends.
-        The EOS token ends the stream and is not yielded.
+        The EOS token ends the stream and is not yielded. Bad arguments raise ValueError at once.
         """
         check_sampling_args(temperature, top_k, top_p, min_p)
         prompt_tokens = self._prompt_tokens(prompt)
         limit = self._token_limit(len(prompt_tokens), max_length, max_new_tokens)
         budget = 10 * limit + 1000 if max_rewound_tokens is None else max_rewound_tokens
+        sampling = (temperature, top_k, top_p, min_p)
+        return self._generate(prompt_tokens, limit, sampling, seed, on_rewind, budget)  # errors above come at once
+
+    def _generate(self, prompt_tokens, limit, sampling, seed, on_rewind, budget) -> Iterator[int]:
+        temperature = sampling[0]
         provider, strategy, eos = self.provider, self.strategy, self.provider.eos_token_ids
         rng = np.random.default_rng(seed)
         stats = self.stats = GenerationStats()
+        self._run = run = object()  # a newer generate() owns the strategy from then on
         started = time.perf_counter()
         tokens: List[int] = []
         released = 0
@@ -98,7 +106,7 @@ class BacktrackSampler:
             while len(tokens) < limit:
                 logits = strategy.on_logits(provider.generate(prompt_tokens + tokens), tokens)
                 stats.steps += 1
-                ids, weights = filter_logits(logits, temperature, top_k, top_p, min_p)
+                ids, weights = filter_logits(logits, *sampling)
                 probs = np.zeros(len(logits), dtype=np.float32)
                 probs[ids] = weights
                 probs = strategy.on_probs(probs, tokens)
@@ -120,7 +128,7 @@ class BacktrackSampler:
                         )
                     if len(tokens) < before:
                         self._record_rewind(tokens, tail[len(tokens) - released :], on_rewind)
-                        if stats.rewound > budget:
+                        if stats.rewound >= budget:
                             backtracking = False
                             warnings.warn(
                                 f"{type(strategy).__name__} rewound {stats.rewound} tokens (max_rewound_tokens="
@@ -134,17 +142,16 @@ class BacktrackSampler:
                     break
                 keep = min(strategy.get_keep_index(), len(tokens)) if backtracking else len(tokens)
                 while released < keep:
-                    yield tokens[released]
-                    released += 1
-                    stats.delivered += 1
+                    released = stats.delivered = released + 1
+                    yield tokens[released - 1]
             stats.finish_reason = stats.finish_reason or "length"
             while released < len(tokens):
-                yield tokens[released]
-                released += 1
-                stats.delivered += 1
+                released = stats.delivered = released + 1
+                yield tokens[released - 1]
         finally:
             stats.seconds = time.perf_counter() - started
-            strategy.reset()
+            if self._run is run:
+                strategy.reset()
 
     def generate_text(self, prompt: Union[str, Sequence[int]], **kwargs) -> Iterator[str]:
         """Like ``generate`` (same arguments) but yields text; characters split across tokens are

@@ -54,6 +54,8 @@ def load_transformers(model_path: Optional[str] = None, cache_dir: Optional[str]
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     partial = converted.with_name(converted.name + f".tmp{os.getpid()}")
+    model.hf_quantizer = None  # the weights are already de-quantized to plain tensors
+    vars(model.config).pop("quantization_config", None)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     partial.rename(converted)

@@ -10,6 +10,7 @@ dropping it does not change the distribution. Only that small set is partitioned
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import numpy as np
@@ -21,14 +22,18 @@ def check_sampling_args(
     temperature: float, top_k: Optional[int], top_p: Optional[float], min_p: Optional[float]
 ) -> None:
     """Raise ValueError with a clear message for out-of-range sampling parameters."""
-    if not isinstance(temperature, (int, float)) or math.isnan(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+    if not _real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 0):
         raise ValueError(f"top_k must be an int >= 0 or None (0 or None: off), got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    if top_p is not None and not (_real(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if min_p is not None and not (isinstance(min_p, (int, float)) and 0 <= min_p <= 1):
+    if min_p is not None and not (_real(min_p) and 0 <= min_p <= 1):
         raise ValueError(f"min_p must be in [0, 1] or None, got {min_p!r}")
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def filter_logits(
@@ -47,7 +52,7 @@ def filter_logits(
     best = int(np.argmax(logits))
     top = float(logits[best])
     if not math.isfinite(top):
-        raise ValueError("no token left to sample: every logit is -inf (or NaN)")
+        raise ValueError(f"no token left to sample: the best logit is {top} (all banned, or NaN/inf logits)")
     if temperature == 0:
         return np.array([best]), np.ones(1)
 
@@ -57,29 +62,22 @@ def filter_logits(
     ids = np.flatnonzero(logits >= floor)
     if top_k and len(ids) > top_k:
         ids = ids[np.argpartition(logits[ids], -top_k)[-top_k:]]
-    if top_p is not None and top_p < 1 and len(ids) > 64:
-        ids = _top_p_superset(logits, ids, top, temperature, top_p)
-
-    ids = ids[np.argsort(-logits[ids], kind="stable")]
-    probs = np.exp((logits[ids].astype(np.float64) - top) / temperature)
-    probs /= probs.sum()
-    if top_p is not None and top_p < 1:
+    weights = np.exp((logits[ids].astype(np.float64) - top) / temperature)
+    total = weights.sum()
+    nucleus = top_p is not None and top_p < 1
+    k = 64  # for top-p, sort only the k most likely, for the smallest k in 64, 256, ... holding top_p
+    while nucleus and k < len(ids):
+        part = np.argpartition(weights, -k)[-k:]
+        if weights[part].sum() >= top_p * total:
+            ids, weights = ids[part], weights[part]
+            break
+        k *= 4
+    order = np.argsort(-weights, kind="stable")
+    ids, probs = ids[order], weights[order] / total
+    if nucleus:
         keep = int(np.searchsorted(np.cumsum(probs), top_p)) + 1  # smallest prefix with mass >= top_p
         ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
     return ids, probs
-
-
-def _top_p_superset(logits, ids, top, temperature, top_p):
-    """The k most likely of ``ids`` for the smallest k in 64, 256, ... whose mass reaches top_p."""
-    weights = np.exp((logits[ids].astype(np.float64) - top) / temperature)
-    needed = top_p * weights.sum()
-    k = 64
-    while k < len(ids):
-        part = np.argpartition(weights, -k)[-k:]
-        if weights[part].sum() >= needed:
-            return ids[part]
-        k *= 4
-    return ids
 
 
 def sample(ids: np.ndarray, probs: np.ndarray, rng: np.random.Generator) -> int:

@@ -45,7 +45,7 @@ def transformers_provider(hf_model):
     return TransformersProvider(model, tokenizer, "cpu")
 
 
-@pytest.fixture(params=["llamacpp", "transformers"])
+@pytest.fixture(params=["llama", "transformers"])
 def provider(request):
     """Each real-model provider in turn (the same session-wide instances)."""
     return request.getfixturevalue(f"{request.param}_provider")
