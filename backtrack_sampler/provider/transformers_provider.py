@@ -11,6 +11,9 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from .base_provider import BaseProvider, check_device
 
 
+END_OF_TURN = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")  # chat models' end markers
+
+
 class TransformersProvider(BaseProvider):
     """Runs ``model`` one step at a time (no ``generate()``), computing only the last position's
     logits (``logits_to_keep=1``).
@@ -34,7 +37,9 @@ class TransformersProvider(BaseProvider):
         self._context_length = int(getattr(config, "max_position_embeddings", 0) or 2**31 - 1)
         eos = getattr(model.generation_config, "eos_token_id", None)
         eos = [eos] if isinstance(eos, int) else list(eos or [])
-        self._eos = frozenset(eos + [tokenizer.eos_token_id]) - {None}
+        vocab = tokenizer.get_vocab()
+        ends = [vocab[t] for t in END_OF_TURN if t in vocab]
+        self._eos = frozenset(eos + ends + [tokenizer.eos_token_id]) - {None}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> List[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)

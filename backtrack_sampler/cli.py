@@ -1,0 +1,659 @@
+"""The ``backtrack-sampler`` command: ``generate`` (stream text to stdout), ``human`` (guide the
+model token by token in the terminal) and ``serve`` (an OpenAI-compatible HTTP server).
+
+The helpers here (``load_provider``, ``make_strategy``, ``chat_prompt_tokens``, the slop and regex
+file readers) are shared with ``backtrack_sampler.server``; they need no web framework.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, TextIO
+
+from .provider.base_provider import BaseProvider
+from .strategy.base_strategy import BaseStrategy
+
+BACKENDS = ("llamacpp", "transformers")
+STRATEGIES = ("none", "antislop", "creative", "adaptive", "replace", "debug", "human")
+
+# Used when the model ships no chat template (the embedded Gemma 3 GGUF has none): Gemma's format.
+GEMMA_TURN = "<start_of_turn>{role}\n{content}<end_of_turn>\n"
+GEMMA_GENERATION_PROMPT = "<start_of_turn>model\n"
+
+
+class UsageError(Exception):
+    """A mistake by the user (bad value, bad file, missing model): reported as one line."""
+
+
+# --------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------
+def load_provider(
+    backend: str = "llamacpp", model: Optional[str] = None, n_ctx: Optional[int] = None, threads: Optional[int] = None
+) -> BaseProvider:
+    """Load ``model`` (default: the embedded Gemma 3 270M) with ``backend`` and wrap it in a provider.
+
+    Raises UsageError for anything the user can fix (unknown backend, missing file, backend not
+    installed, a file the backend cannot read)."""
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 16):
+        raise UsageError(f"--n-ctx must be an integer >= 16, got {n_ctx!r}")
+    if n_ctx is not None and backend != "llamacpp":
+        raise UsageError("--n-ctx applies to the llamacpp backend only (transformers uses the model's own context)")
+    if model is not None and not Path(model).exists():
+        raise UsageError(f"no model at {model}")
+    try:
+        from . import models
+
+        if backend == "llamacpp":
+            if model is not None and Path(model).is_dir():
+                raise UsageError(f"{model} is a directory: the llamacpp backend needs a .gguf file")
+            from .provider.llamacpp_provider import LlamacppProvider
+
+            options = {} if n_ctx is None else {"n_ctx": n_ctx}
+            if threads is not None:
+                options.update(n_threads=threads, n_threads_batch=threads)
+            llm = models.load_llamacpp(model, **options)
+            return LlamacppProvider(llm, None, "cpu")
+        from .provider.transformers_provider import TransformersProvider
+
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        hf_model, tokenizer = models.load_transformers(model)
+        return TransformersProvider(hf_model, tokenizer, "cpu")
+    except UsageError:
+        raise
+    except ImportError as error:
+        raise UsageError(f"the {backend} backend is not available ({error})") from None
+    except (OSError, ValueError, RuntimeError) as error:  # unreadable model file, bad GGUF, ...
+        raise UsageError(f"cannot load the model with {backend}: {error}") from None
+
+
+def model_name(model: Optional[str]) -> str:
+    """A short id for the model (file or folder name without extension)."""
+    if model is None:
+        try:
+            from .models import default_model_path
+
+            return default_model_path().stem
+        except Exception:  # the embedded model's package is missing
+            return "gemma-3-270m-q4_k_m"
+    path = Path(model)
+    return path.stem if path.is_file() else path.name
+
+
+# --------------------------------------------------------------------------------------------
+# chat template
+# --------------------------------------------------------------------------------------------
+def chat_template(provider: BaseProvider) -> Optional[str]:
+    """The model's own chat template (GGUF metadata or transformers tokenizer), if it has one."""
+    llm = getattr(provider, "llm", None)
+    if llm is not None:
+        return (getattr(llm, "metadata", None) or {}).get("tokenizer.chat_template") or None
+    tokenizer = getattr(provider, "tokenizer", None)
+    return getattr(tokenizer, "chat_template", None) or None
+
+
+def _gemma_prompt(messages: Sequence[Dict[str, str]]) -> str:
+    """Gemma's turn format. Gemma has no system role: system text opens the next user turn."""
+    parts, pending_system = [], []
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if role in ("system", "developer"):
+            pending_system.append(content)
+            continue
+        if role == "user" and pending_system:
+            content = "\n\n".join(pending_system + [content])
+            pending_system = []
+        parts.append(GEMMA_TURN.format(role="model" if role == "assistant" else "user", content=content))
+    if pending_system:  # system text with no user turn after it
+        parts.append(GEMMA_TURN.format(role="user", content="\n\n".join(pending_system)))
+    return "".join(parts) + GEMMA_GENERATION_PROMPT
+
+
+def chat_prompt_tokens(provider: BaseProvider, messages: Sequence[Dict[str, str]]) -> List[int]:
+    """Token ids of ``messages`` (dicts with "role" and "content" strings) in the model's chat
+    format, ending with the start of the assistant's turn.
+
+    Uses the model's chat template when it has one, else the Gemma format
+    ``<start_of_turn>user\\n...<end_of_turn>\\n<start_of_turn>model\\n`` (preceded by BOS)."""
+    template = chat_template(provider)
+    if template is None:
+        return provider.encode(_gemma_prompt(messages), add_special_tokens=True)
+    tokenizer = getattr(provider, "tokenizer", None)
+    if tokenizer is not None:
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        bos = tokenizer.bos_token
+    else:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        llm = provider.llm
+
+        def raise_exception(message):
+            raise ValueError(message)
+
+        special = lambda token: llm.detokenize([token], special=True).decode("utf-8", "replace")  # noqa: E731
+        bos, eos = special(llm.token_bos()), special(llm.token_eos())
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        text = env.from_string(template).render(
+            messages=list(messages), add_generation_prompt=True, bos_token=bos, eos_token=eos,
+            raise_exception=raise_exception,
+        )
+    tokens = provider.encode(text, add_special_tokens=False)
+    if bos and not text.startswith(bos):  # the template leaves BOS to the tokenizer
+        tokens = provider.encode(text, add_special_tokens=True)
+    return tokens
+
+
+# --------------------------------------------------------------------------------------------
+# strategies
+# --------------------------------------------------------------------------------------------
+def read_slops(path: str) -> list:
+    """Phrases from a JSON file (a list of strings, or of [phrase, multiplier] pairs) or a text
+    file with one phrase per line (blank lines and lines starting with # are skipped)."""
+    text = _read_text(path, "slop file")
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{path} is not valid JSON: {error}") from None
+        for item in data:
+            ok = isinstance(item, str) or (
+                isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], (int, float)) and not isinstance(item[1], bool)
+            )
+            if not ok:
+                raise UsageError(f"{path}: expected a JSON list of strings or of [phrase, multiplier] pairs, found {item!r}")
+        return data
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def read_regexes(path: str) -> List[str]:
+    """Regular expressions from a JSON list, or one per line; a line may be quoted ("...", as a
+    JSON string or with regex backslashes left as they are) and end with a comma. Blank lines and
+    lines starting with # are skipped."""
+    text = _read_text(path, "regex file")
+    if text.lstrip().startswith("["):
+        try:
+            patterns = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{path} is not valid JSON: {error}") from None
+    else:
+        patterns = []
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            quoted = line.rstrip(",").rstrip()
+            if len(quoted) >= 2 and quoted[0] == quoted[-1] == '"':
+                try:
+                    line = json.loads(quoted)
+                except json.JSONDecodeError:  # e.g. "\s": keep the backslashes, they are regex escapes
+                    line = quoted[1:-1].replace('\\"', '"')
+            patterns.append(line)
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise UsageError(f"{path}: expected a list of regular expressions")
+    return check_regexes(patterns)
+
+
+def check_regexes(patterns: Sequence[str]) -> List[str]:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise UsageError(f"invalid regular expression {pattern!r}: {error}") from None
+    return list(patterns)
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"cannot read {what} {path}: {error}") from None
+
+
+def strategy_class(name: str):
+    """The strategy class behind a CLI / API name (None for "none")."""
+    if name == "none":
+        return None
+    if name == "antislop":
+        from .strategy.antislop_strategy import AntiSlopStrategy as cls
+    elif name == "creative":
+        from .strategy.creative_writing_strategy import CreativeWritingStrategy as cls
+    elif name == "adaptive":
+        from .strategy.adaptive_temperature_strategy import AdaptiveTemperatureStrategy as cls
+    elif name == "replace":
+        from .strategy.replace_strategy import ReplaceStrategy as cls
+    elif name == "debug":
+        from .strategy.debug_strategy import DebugStrategy as cls
+    elif name == "human":
+        from .strategy.human_guidance_strategy import HumanGuidanceStrategy as cls
+    else:
+        raise UsageError(f"unknown strategy {name!r}: choose one of {', '.join(STRATEGIES)}")
+    return cls
+
+
+def strategy_parameters(name: str) -> Dict[str, inspect.Parameter]:
+    """The keyword parameters a strategy's constructor takes (without ``provider``)."""
+    cls = strategy_class(name)
+    if cls is None:
+        return {}
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {
+        key: p for key, p in params.items()
+        if key not in ("self", "provider") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+
+
+def make_strategy(name: str, provider: BaseProvider, **params) -> BaseStrategy:
+    """Build the strategy ``name`` ("none", "antislop", ...) with constructor keyword ``params``.
+    Raises UsageError for an unknown name, unknown parameter or a value the constructor rejects."""
+    cls = strategy_class(name)
+    if cls is None:
+        if params:
+            raise UsageError(f"strategy 'none' takes no parameters, got {', '.join(sorted(params))}")
+        return BaseStrategy()
+    try:
+        signature = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        signature = {}
+    known = strategy_parameters(name)
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in signature.values())
+    unknown = [] if takes_any else sorted(set(params) - set(known))
+    if unknown:
+        raise UsageError(
+            f"strategy {name!r} has no parameter {unknown[0]!r}"
+            + (f" (it takes: {', '.join(known)})" if known else " (it takes none)")
+        )
+    try:
+        return cls(provider, **params) if "provider" in signature else cls(**params)
+    except (TypeError, ValueError, re.error) as error:
+        raise UsageError(f"strategy {name!r}: {error}") from None
+
+
+def chain(strategies: Sequence[BaseStrategy]) -> BaseStrategy:
+    """One strategy from several (a ChainStrategy when there is more than one)."""
+    strategies = [s for s in strategies if type(s) is not BaseStrategy] or [BaseStrategy()]
+    if len(strategies) == 1:
+        return strategies[0]
+    from .strategy.chain_strategy import ChainStrategy
+
+    try:
+        return ChainStrategy(strategies)
+    except TypeError as error:
+        raise UsageError(f"cannot combine strategies: {error}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# argument parsing
+# --------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors as one line ``error: ...`` (plus a hint) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _add_model_args(parser):
+    group = parser.add_argument_group("model")
+    group.add_argument("--backend", choices=BACKENDS, default="llamacpp", help="model backend (default: llamacpp)")
+    group.add_argument(
+        "--model", metavar="PATH",
+        help="a .gguf file (llamacpp or transformers) or a local transformers model folder "
+        "(default: the embedded Gemma 3 270M)",
+    )
+    group.add_argument("--n-ctx", type=_positive_int, metavar="N", help="context size for llamacpp (default: 8192)")
+    group.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads (default: all cores)")
+
+
+def _add_generation_args(parser, human: bool = False):
+    parser.add_argument("prompt", nargs="?", help="the prompt (default: read from stdin)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    parser.add_argument("--system", metavar="TEXT", help="system message (implies --chat)")
+    _add_model_args(parser)
+
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--temperature", type=_number, default=1.0, help="0 is greedy (default: 1.0)")
+    group.add_argument("--top-k", type=_non_negative_int, default=50, help="0 turns it off (default: 50)")
+    group.add_argument("--top-p", type=_number, help="nucleus sampling, in (0, 1] (default: off)")
+    group.add_argument("--min-p", type=_number, help="in [0, 1] (default: off)")
+    group.add_argument("--seed", type=int, help="random seed, for reproducible output")
+    group.add_argument("--max-new-tokens", type=_non_negative_int, default=256, help="(default: 256)")
+    group.add_argument("--max-length", type=_positive_int, help="limit on prompt + generated tokens")
+
+    if not human:
+        group = parser.add_argument_group("strategy")
+        group.add_argument("--strategy", choices=STRATEGIES, default="none", help="(default: none; 'antislop' if --slops/--ban/--regex is given)")
+    group = parser.add_argument_group("antislop (bans phrases and patterns; combines with any --strategy)")
+    group.add_argument("--slops", metavar="FILE", action="append", default=[],
+                       help="JSON list of phrases or of [phrase, multiplier] pairs, or a text file with one phrase per line")
+    group.add_argument("--ban", metavar="PHRASE", action="append", default=[], help="a phrase to ban (repeatable)")
+    group.add_argument("--regex-file", metavar="FILE", action="append", default=[], help="regular expressions to ban, one per line")
+    group.add_argument("--regex", metavar="PATTERN", action="append", default=[], help="a regular expression to ban (repeatable)")
+    group.add_argument("--adjustment-strength", type=_number, metavar="X", help="how strongly slop multipliers apply")
+    group.add_argument("--keep-index-buffer", type=_non_negative_int, metavar="N", help="tokens held back before they are final (default: 5)")
+    group.add_argument("--case-sensitive", action="store_true", help="match phrases case-sensitively")
+    group.add_argument("--whole-words", action="store_true", help="match phrases only as whole words")
+    if not human:
+        group = parser.add_argument_group("creative")
+        group.add_argument("--top-p-flat", type=_number, metavar="P", help="(default: 0.65)")
+        group.add_argument("--top-k-threshold-flat", type=_positive_int, metavar="K", help="(default: 9)")
+        group.add_argument("--eos-penalty", type=_number, metavar="X", help="(default: 0.8)")
+        group = parser.add_argument_group("replace")
+        group.add_argument("--find", metavar="TEXT", action="append", default=[], help="text to replace (repeatable, pairs with --replace)")
+        group.add_argument("--replace", metavar="TEXT", action="append", default=[], help="its replacement")
+        group = parser.add_argument_group("debug")
+        group.add_argument("--debug-top-n", type=_positive_int, metavar="N", help="candidates shown per step (default: 2)")
+    group = parser.add_argument_group("human")
+    group.add_argument("--human-top-k", type=_positive_int, metavar="K", help="choices offered at each step (default: 3)")
+    group.add_argument("--min-autopass", type=_number, metavar="P", help="accept a token without asking when its probability is at least P (default: 1.0)")
+
+    group = parser.add_argument_group("output")
+    group.add_argument("--show-backtracking", action="store_true",
+                       help="show rewound text (struck out, on stderr) and a summary at the end")
+    group.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="colour the rewinds (default: auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="backtrack-sampler",
+        description="Generate text with sampling strategies that can rewind (backtrack) what they wrote, "
+        "or serve them over an OpenAI-compatible API.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    generate = commands.add_parser("generate", help="generate text from a prompt, streamed to stdout",
+                                   description="Generate text from a prompt and stream it to stdout.")
+    _add_generation_args(generate)
+
+    human = commands.add_parser("human", help="choose the tokens yourself (HumanGuidanceStrategy)",
+                                description="Generate with HumanGuidanceStrategy: pick the next token in the terminal.")
+    _add_generation_args(human, human=True)
+
+    serve = commands.add_parser("serve", help="start the OpenAI-compatible HTTP server",
+                                description="Serve /v1/completions, /v1/chat/completions, /v1/models and /health.")
+    serve.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1)")
+    serve.add_argument("--port", type=_port, default=8000, help="(default: 8000)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $BACKTRACK_SAMPLER_API_KEY, else no key)")
+    serve.add_argument("--model-name", help="the model id the API reports (default: the model file's name)")
+    _add_model_args(serve)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# generate / human
+# --------------------------------------------------------------------------------------------
+def _read_prompt(args, stdin: TextIO) -> str:
+    if args.prompt is not None and args.prompt != "-":
+        prompt = args.prompt
+    elif args.command == "human" and args.prompt is None:
+        raise UsageError("give the prompt as an argument: stdin is used for your choices")
+    elif stdin is None or (args.prompt is None and _isatty(stdin)):
+        raise UsageError("no prompt: give it as an argument or on stdin")
+    else:
+        prompt = stdin.read()
+    if not prompt.strip():
+        raise UsageError("the prompt is empty")
+    return prompt
+
+
+def _antislop_params(args) -> Optional[dict]:
+    slops: list = []
+    for path in args.slops:
+        slops.extend(read_slops(path))
+    slops.extend(args.ban)
+    regexes = check_regexes(args.regex)
+    for path in args.regex_file:
+        regexes.extend(read_regexes(path))
+    extra = {
+        "adjustment_strength": args.adjustment_strength, "keep_index_buffer": args.keep_index_buffer,
+        "case_sensitive": args.case_sensitive or None, "whole_words": args.whole_words or None,
+    }
+    extra = {key: value for key, value in extra.items() if value is not None}
+    if not slops and not regexes:
+        return extra or None
+    return {"slops": slops, **({"regexes": regexes} if regexes else {}), **extra}
+
+
+def strategy_plan(args, stderr: Optional[TextIO] = None) -> List[tuple]:
+    """``[(name, params), ...]`` for the command line, checked (files read, regexes compiled)
+    before any model is loaded. Banned phrases/patterns add an antislop strategy, chained first."""
+    name = "human" if args.command == "human" else args.strategy
+    params: Dict[str, Any] = {}
+    if name == "creative":
+        params = {"top_p_flat": args.top_p_flat, "top_k_threshold_flat": args.top_k_threshold_flat, "eos_penalty": args.eos_penalty}
+    elif name == "replace":
+        if len(args.find) != len(args.replace) or not args.find:
+            raise UsageError("--strategy replace needs --find TEXT and --replace TEXT (one --replace per --find)")
+    elif name == "debug":
+        params = {"top_n": args.debug_top_n, "file": stderr or sys.stderr}
+    elif name == "human":
+        params = {"top_k": args.human_top_k, "min_autopass": args.min_autopass}
+    params = {key: value for key, value in params.items() if value is not None}
+    if name != "replace" and (getattr(args, "find", None) or getattr(args, "replace", None)):
+        raise UsageError("--find/--replace need --strategy replace")
+
+    antislop = _antislop_params(args)
+    if antislop is not None and "slops" not in antislop and name != "antislop":
+        raise UsageError("--adjustment-strength, --keep-index-buffer, --case-sensitive and --whole-words need --slops, --ban or --regex")
+    plan: List[tuple] = []
+    if antislop is not None or name == "antislop":
+        antislop = dict(antislop or {})
+        antislop.setdefault("slops", [])
+        plan.append(("antislop", antislop))
+    if name == "replace":
+        plan.extend(("replace", {"find": f, "replace": r}) for f, r in zip(args.find, args.replace))
+    elif name not in ("antislop", "none"):
+        plan.append((name, params))
+    return plan
+
+
+def build_strategies(plan: Sequence[tuple], provider: BaseProvider) -> BaseStrategy:
+    """The strategy for a ``strategy_plan``: one, a ChainStrategy of several, or BaseStrategy."""
+    return chain([make_strategy(name, provider, **params) for name, params in plan])
+
+
+class _RewindDisplay:
+    """Writes the generated text and, at the exact place where they happened, the rewound pieces
+    (struck out in red on a colour terminal, else as ``[-rewound-]``)."""
+
+    def __init__(self, provider: BaseProvider, out: TextIO, err: TextIO, color: bool):
+        self.provider, self.out, self.err, self.color = provider, out, err, color
+        self.pending: List = []  # rewind events at positions not yet delivered
+        self.tokens: List[int] = []
+        self.start = self.done = 0
+
+    def on_rewind(self, event) -> None:
+        # a rewind to an earlier position replaces the text in which later rewinds happened
+        self.pending = [e for e in self.pending if e.position <= event.position] + [event]
+
+    def token(self, token: int) -> None:
+        self._show_rewinds(len(self.tokens))
+        self.tokens.append(token)
+        sent = self.provider.decode(self.tokens[self.start : self.done])
+        text = self.provider.decode(self.tokens[self.start :])
+        if len(text) > len(sent) and not text.endswith("\ufffd"):
+            self._write(text[len(sent) :])
+            self.start, self.done = self.done, len(self.tokens)
+
+    def finish(self) -> None:
+        rest = self.provider.decode(self.tokens[self.start :])[len(self.provider.decode(self.tokens[self.start : self.done])) :]
+        if rest:
+            self._write(rest)
+        self._show_rewinds(len(self.tokens))
+        self.pending = []
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def _show_rewinds(self, position: int) -> None:
+        while self.pending and self.pending[0].position <= position:
+            event = self.pending.pop(0)
+            if not event.text:
+                continue
+            shown = f"\x1b[9;31m{event.text}\x1b[0m" if self.color else f"[-{event.text}-]"
+            self.out.flush()
+            self.err.write(shown)
+            self.err.flush()
+
+
+def _generate(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
+    from .backtrack_sampler import BacktrackSampler
+    from .sampling import check_sampling_args
+
+    prompt = _read_prompt(args, stdin)
+    top_p = args.top_p
+    try:
+        check_sampling_args(args.temperature, args.top_k, top_p, args.min_p)
+    except ValueError as error:
+        raise UsageError(str(error).replace("top_k", "--top-k").replace("top_p", "--top-p").replace("min_p", "--min-p")
+                         .replace("temperature", "--temperature", 1)) from None
+    plan = strategy_plan(args, stderr)
+    if any(name == "human" for name, _ in plan) and not (_isatty(stdin) and _isatty(stdout)):
+        raise UsageError("the human strategy needs an interactive terminal (stdin and stdout)")
+    provider = load_provider(args.backend, args.model, args.n_ctx, args.threads)
+    strategy = build_strategies(plan, provider)
+    if args.chat or args.system:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+        prompt_input: Any = chat_prompt_tokens(provider, messages)
+    else:
+        prompt_input = prompt
+    sampler = BacktrackSampler(provider, strategy)
+    kwargs = dict(
+        max_new_tokens=args.max_new_tokens, max_length=args.max_length, temperature=args.temperature,
+        top_k=args.top_k, top_p=top_p, min_p=args.min_p, seed=args.seed,
+    )
+    try:
+        if args.show_backtracking:
+            color = args.color == "always" or (args.color == "auto" and _isatty(stderr) and not os.environ.get("NO_COLOR"))
+            display = _RewindDisplay(provider, stdout, stderr, color)
+            for token in sampler.generate(prompt_input, on_rewind=display.on_rewind, **kwargs):
+                display.token(token)
+            display.finish()
+        else:
+            for text in sampler.generate_text(prompt_input, **kwargs):
+                stdout.write(text)
+                stdout.flush()
+    except ValueError as error:  # over-long prompt, max_length too small, ...
+        raise UsageError(str(error)) from None
+    stdout.write("\n")
+    stdout.flush()
+    if args.show_backtracking:
+        s = sampler.stats
+        stderr.write(
+            f"[{s.delivered} tokens delivered, {s.rewound} rewound in {s.rewinds} rewind{'s' * (s.rewinds != 1)}, "
+            f"{s.tokens_per_second:.1f} tokens/s, {s.seconds:.1f} s, finish: {s.finish_reason}]\n"
+        )
+        stderr.flush()
+    return 0
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _serve(args) -> int:
+    try:
+        from .server import serve
+    except ImportError as error:
+        raise UsageError(f"the server needs starlette and uvicorn: pip install 'backtrack-sampler[server]' ({error})") from None
+    api_key = args.api_key if args.api_key is not None else os.environ.get("BACKTRACK_SAMPLER_API_KEY") or None
+    serve(host=args.host, port=args.port, api_key=api_key, backend=args.backend, model=args.model,
+          n_ctx=args.n_ctx, threads=args.threads, model_name=args.model_name)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None, stdin: Optional[TextIO] = None,
+         stdout: Optional[TextIO] = None, stderr: Optional[TextIO] = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 error, 2 usage error, 130 interrupted)."""
+    stdin = sys.stdin if stdin is None else stdin
+    stdout = sys.stdout if stdout is None else stdout
+    stderr = sys.stderr if stderr is None else stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+    if args.command is None:
+        parser.print_help(stderr)
+        return 2
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        return _generate(args, stdin, stdout, stderr)
+    except UsageError as error:
+        stdout.flush()
+        stderr.write(f"error: {error}\n")
+        return 1
+    except KeyboardInterrupt:
+        stdout.flush()
+        stderr.write("\ninterrupted\n")
+        return 130
+    except BrokenPipeError:  # e.g. piped into `head`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
