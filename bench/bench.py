@@ -45,7 +45,7 @@ def bare_transformers(model, prompt_tokens, n):
     out = []
     with torch.inference_mode():
         for _ in range(n):
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+            logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
             token = int(torch.argmax(logits))
             out.append(token)
             ids = torch.tensor([[token]])

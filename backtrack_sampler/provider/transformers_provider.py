@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from typing import FrozenSet, List, Sequence
 
 import numpy as np
@@ -32,6 +34,8 @@ class TransformersProvider(BaseProvider):
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.cache = DynamicCache()
+        forward = inspect.signature(model.forward).parameters  # transformers >= 5.2x names it `cache`
+        self._cache_arg = "cache" if "cache" in forward else "past_key_values"
         config = model.config.get_text_config()
         self._vocab_size = int(config.vocab_size)
         self._context_length = int(getattr(config, "max_position_embeddings", 0) or 2**31 - 1)
@@ -65,12 +69,14 @@ class TransformersProvider(BaseProvider):
     @torch.inference_mode()
     def _forward(self, tokens: List[int]) -> np.ndarray:
         input_ids = torch.tensor([tokens], device=self.device)
-        out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_arg: self.cache})
         return out.logits[0, -1].float().cpu().numpy()
 
     def _truncate(self, length: int) -> int:
         if length == 0:
             self.cache = DynamicCache()
+        forward = inspect.signature(model.forward).parameters  # transformers >= 5.2x names it `cache`
+        self._cache_arg = "cache" if "cache" in forward else "past_key_values"
         elif self.cache.get_seq_length() > length:
             self.cache.crop(length - self.cache.get_seq_length())
         return length

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import List, TextIO
+from typing import List, Optional, TextIO
 
 import numpy as np
 
@@ -15,9 +15,12 @@ class DebugStrategy(BaseStrategy):
     """Changes nothing; writes the ``top_n`` most likely next tokens and their probabilities.
 
     Copy this file to start a strategy of your own: every hook is here, doing nothing.
+    ``file``: where to write (default: ``sys.stderr`` at the time of writing).
     """
 
-    def __init__(self, provider: BaseProvider, top_n: int = 2, file: TextIO = sys.stderr):
+    def __init__(self, provider: BaseProvider, top_n: int = 2, file: Optional[TextIO] = None):
+        if top_n < 1:
+            raise ValueError(f"top_n must be >= 1, got {top_n!r}")
         self.provider = provider
         self.top_n = top_n
         self.file = file
@@ -33,10 +36,12 @@ class DebugStrategy(BaseStrategy):
         return logits
 
     def on_probs(self, probs: np.ndarray, continuation_tokens: List[int]) -> np.ndarray:
-        top = np.argpartition(probs, -self.top_n)[-self.top_n :]
-        top = top[np.argsort(-probs[top])]
-        shown = ", ".join(f"{self.provider.decode([int(t)])!r} {probs[t]:.2%}" for t in top)
-        print(f"\n[step {len(continuation_tokens)}] top {self.top_n}: {shown}", file=self.file)
+        ids = np.flatnonzero(probs > 0)  # the candidates the filters kept (no full-vocabulary sort)
+        top = ids[np.argpartition(probs[ids], -self.top_n)[-self.top_n :]] if len(ids) > self.top_n else ids
+        top = top[np.argsort(-probs[top], kind="stable")]
+        shares = probs[top] / probs[ids].sum()
+        shown = ", ".join(f"{self.provider.decode([int(t)])!r} {p:.2%}" for t, p in zip(top, shares))
+        print(f"\n[step {len(continuation_tokens)}] top {len(top)}: {shown}", file=self.file or sys.stderr)
         return probs
 
     def on_next_token(self, continuation_tokens: List[int], probs: np.ndarray) -> None:
