@@ -75,8 +75,6 @@ class TransformersProvider(BaseProvider):
     def _truncate(self, length: int) -> int:
         if length == 0:
             self.cache = DynamicCache()
-        forward = inspect.signature(model.forward).parameters  # transformers >= 5.2x names it `cache`
-        self._cache_arg = "cache" if "cache" in forward else "past_key_values"
         elif self.cache.get_seq_length() > length:
             self.cache.crop(length - self.cache.get_seq_length())
         return length
