@@ -12,6 +12,9 @@ from llama_cpp import BaseLlamaCache, Llama
 
 from .base_provider import BaseProvider, check_device
 
+if not hasattr(llama_cpp, "llama_memory_seq_rm"):
+    raise ImportError(f"LlamacppProvider needs llama-cpp-python >= 0.3.16, found {llama_cpp.__version__}")
+
 
 class LlamacppProvider(BaseProvider):
     """Wraps a ``llama_cpp.Llama``. A rewind removes KV positions (``llama_memory_seq_rm``).
@@ -33,7 +36,7 @@ class LlamacppProvider(BaseProvider):
         self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
         self._n_vocab = llm.n_vocab()
         self._n_swa = llama_cpp.llama_model_n_swa(llm.model)
-        self._swa_pruned = self._n_swa > 0 and not llm.context_params.swa_full
+        self._swa_pruned = self._n_swa > 0 and not getattr(llm.context_params, "swa_full", True)
         if self._swa_pruned:
             warnings.warn(
                 "this model uses a sliding window and its Llama was made with swa_full=False: a rewind "

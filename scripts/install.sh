@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install backtrack-sampler with every extra (both backends, the embedded model, CLI, server, tests)
+# into .venv at the repository root. Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv"
+  "${PYTHON:-python3}" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip install --disable-pip-version-check -q -c scripts/constraints.txt)
+.venv/bin/python -m pip install --disable-pip-version-check -q --upgrade pip
+# torch: the CPU build pinned in constraints.txt (an unpinned torch pulls a multi-GB CUDA build).
+"${pip[@]}" torch
+# llama-cpp-python has no binary wheel here: pip compiles it (about 10 minutes on 2 cores, once;
+# pip caches the wheel). A portable AVX2 build: llama.cpp's native build enables AMX kernels,
+# which crash (SIGSEGV) on the Xeons these machines have.
+export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF"
+export CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
+amx_check='import sys, llama_cpp; sys.exit("AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode())'
+if ! .venv/bin/python -c "$amx_check" 2>/dev/null; then
+  echo "==> building llama-cpp-python from source (about 10 minutes the first time)"
+  "${pip[@]}" --force-reinstall --no-deps llama-cpp-python 2>&1 | grep -v "still running" || true
+  if ! .venv/bin/python -c "$amx_check"; then  # a cached wheel built natively elsewhere
+    "${pip[@]}" --force-reinstall --no-deps --no-cache-dir llama-cpp-python
+  fi
+fi
+echo "==> installing backtrack-sampler[all,test]"
+"${pip[@]}" -e ".[all,test]"
