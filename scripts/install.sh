@@ -16,13 +16,13 @@ pip=(.venv/bin/python -m pip install --disable-pip-version-check -q -c scripts/c
 # which crash (SIGSEGV) on the Xeons these machines have.
 export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF"
 export CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
-amx_check='import sys, llama_cpp; sys.exit("AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode())'
-if ! .venv/bin/python -c "$amx_check" 2>/dev/null; then
+if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
   echo "==> building llama-cpp-python from source (about 10 minutes the first time)"
-  "${pip[@]}" --force-reinstall --no-deps llama-cpp-python 2>&1 | grep -v "still running" || true
-  if ! .venv/bin/python -c "$amx_check"; then  # a cached wheel built natively elsewhere
-    "${pip[@]}" --force-reinstall --no-deps --no-cache-dir llama-cpp-python
-  fi
+  "${pip[@]}" llama-cpp-python
+fi
+if ! .venv/bin/python -c 'import sys, llama_cpp; sys.exit("AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode())'; then
+  echo "==> rebuilding llama-cpp-python without AMX (a cached wheel was built natively)"
+  "${pip[@]}" --force-reinstall --no-deps --no-cache-dir llama-cpp-python
 fi
 echo "==> installing backtrack-sampler[all,test]"
 "${pip[@]}" -e ".[all,test]"
