@@ -102,6 +102,7 @@ class BacktrackSampler:
         released = 0
         backtracking = True
         strategy.reset()
+        provider.reset()  # the same call gives the same tokens: llama.cpp's numerics depend on batch shapes
         try:
             while len(tokens) < limit:
                 logits = strategy.on_logits(provider.generate(prompt_tokens + tokens), tokens)

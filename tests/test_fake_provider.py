@@ -28,13 +28,16 @@ class Checked:
     def __call__(self, tokens):
         p = self.p
         cached, evaluated, calls = p.cached_tokens, p.evaluated, p.forward_calls
+        # the logits after recent forward passes are kept: rewinding to one of those evaluates nothing
+        remembered = common_prefix(cached, tokens) == len(tokens) and len(tokens) in p._recent
+        assert all(len(cached) - k < p.KEEP_LOGITS for k in p._recent), "kept logits must stay few"
         logits = p.generate(tokens)
-        expected_new = len(tokens) - min(common_prefix(cached, tokens), len(tokens) - 1)
+        expected_new = 0 if remembered else len(tokens) - min(common_prefix(cached, tokens), len(tokens) - 1)
         assert logits.dtype == np.float32 and logits.shape == (p.vocab_size,)
         assert np.array_equal(logits, p.logits_for(tokens)), "logits differ from a fresh forward pass"
         assert p.cached_tokens == list(tokens)
         assert p.evaluated - evaluated == expected_new, "evaluated more (or fewer) tokens than the cache lacked"
-        assert p.forward_calls - calls == 1
+        assert p.forward_calls - calls == (0 if remembered else 1)
         return logits
 
 
@@ -61,12 +64,24 @@ def test_extension_by_many(fake):
     assert fake.evaluated - before == 4
 
 
-def test_same_sequence_twice_reevaluates_last_token(fake):
+def test_same_sequence_twice_evaluates_nothing(fake):
     gen = Checked(fake)
     gen([2, 5, 6, 7])
     before = fake.evaluated
     gen([2, 5, 6, 7])
-    assert fake.evaluated - before == 1
+    assert fake.evaluated - before == 0
+
+
+def test_short_rewind_evaluates_nothing_long_rewind_reevaluates_one(fake):
+    tokens = list(range(3, 30))
+    gen = Checked(fake)
+    for n in range(1, len(tokens) + 1):
+        gen(tokens[:n])
+    before = fake.evaluated
+    gen(tokens[: len(tokens) - fake.KEEP_LOGITS + 1])  # within the kept logits
+    assert fake.evaluated == before
+    gen(tokens[:5])  # further back: the last token is evaluated again
+    assert fake.evaluated == before + 1
 
 
 def test_rewind_to_prefix(fake):

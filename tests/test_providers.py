@@ -103,27 +103,33 @@ def test_greedy_generation_is_deterministic_and_terminates(provider):
     assert text == provider.decode(first) and text.strip()
 
 
-def test_llamacpp_pruned_sliding_window_falls_back_to_a_full_evaluation(tokens):
+def test_llamacpp_pruned_sliding_window_falls_back_to_a_full_evaluation(llama_provider):
     """With swa_full=False llama.cpp forgets keys outside the window; a rewind past them must
-    re-evaluate instead of silently returning wrong logits."""
+    re-evaluate instead of silently returning wrong logits (which is what happens without the check)."""
+    import llama_cpp
+
     from backtrack_sampler.models import load_llamacpp
     from backtrack_sampler.provider.llamacpp_provider import LlamacppProvider
 
-    llm = load_llamacpp(n_ctx=2048, swa_full=False, n_batch=64, n_ubatch=64)
-    with pytest.warns(UserWarning, match="swa_full"):
-        provider = LlamacppProvider(llm, None, "cpu")
-    import llama_cpp
+    def pruned_provider():
+        with pytest.warns(UserWarning, match="swa_full"):
+            return LlamacppProvider(load_llamacpp(n_ctx=2048, swa_full=False, n_batch=64, n_ubatch=64), None, "cpu")
 
-    provider.generate(tokens)
-    assert llama_cpp.llama_memory_seq_pos_min(llama_cpp.llama_get_memory(llm.ctx), 0) > 60  # pruned
-    provider.generate(tokens[:60])  # back past the window: the cache cannot serve this
-    rewound = provider.generate(tokens)
-    fresh_llm = load_llamacpp(n_ctx=2048, swa_full=True, n_batch=64, n_ubatch=64)
-    fresh = LlamacppProvider(fresh_llm, None, "cpu")
-    fresh.generate(tokens[:60])
+    tokens = llama_provider.encode(TEXT)[:1000]
+    fresh = pruned_provider()
+    fresh.generate(tokens[:200])
     expected = fresh.generate(tokens)
-    assert rewound.argmax() == expected.argmax()
-    assert np.abs(rewound - expected).max() < 1e-3
+
+    results = {}
+    for check in (True, False):
+        provider = pruned_provider()
+        provider._swa_pruned = check  # False: what a provider without the check would do
+        provider.generate(tokens)
+        assert llama_cpp.llama_memory_seq_pos_min(llama_cpp.llama_get_memory(provider.llm.ctx), 0) > 200  # pruned
+        provider.generate(tokens[:200])  # back past the window: the cache cannot serve this
+        results[check] = np.abs(provider.generate(tokens) - expected).max()
+    assert results[True] < 1e-3, results
+    assert results[False] > 0.1, results  # the test would catch a provider that trusts the cache
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:x", "gpu"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from typing import FrozenSet, List, Sequence
+from typing import Dict, FrozenSet, List, Sequence
 
 import numpy as np
 
@@ -24,12 +24,16 @@ class BaseProvider(ABC):
 
     The provider remembers which tokens its KV cache holds. ``generate(tokens)`` keeps the longest
     cached prefix of ``tokens``, drops the rest of the cache, and evaluates only the new tokens, so
-    a rewind is simply a call with a shorter sequence. After any number of rewinds the logits are
-    those of a fresh forward pass over the same tokens.
+    a rewind is simply a call with a shorter sequence; the logits of the last ``KEEP_LOGITS``
+    positions are kept, so a short rewind evaluates nothing. After any number of rewinds the
+    logits are those of a fresh forward pass over the same tokens.
     """
+
+    KEEP_LOGITS = 8  # logits kept for the last positions, so that short rewinds cost no evaluation
 
     def __init__(self) -> None:
         self._cached: List[int] = []
+        self._recent: Dict[int, np.ndarray] = {}  # sequence length -> the logits after it
 
     # --- tokenizer -------------------------------------------------------------------------
     @abstractmethod
@@ -70,7 +74,7 @@ class BaseProvider(ABC):
         (fewer than ``length`` when the backend cannot keep them, e.g. a pruned sliding window)."""
 
     def generate(self, input_ids: Sequence[int]) -> np.ndarray:
-        """Next-token logits after ``input_ids`` as a float32 array of ``vocab_size``."""
+        """Next-token logits after ``input_ids`` as a float32 array of ``vocab_size`` (yours to edit)."""
         tokens = list(input_ids)
         if not tokens:
             raise ValueError("generate() needs at least one token")
@@ -80,19 +84,29 @@ class BaseProvider(ABC):
         n = len(cached)
         if not (n < len(tokens) and tokens[:n] == cached):  # not a plain extension: find the shared prefix
             n = next((i for i, (a, b) in enumerate(zip(cached, tokens)) if a != b), min(len(cached), len(tokens)))
-            n = min(n, len(tokens) - 1)  # the last token must be evaluated to get its logits
-            n = self._truncate(n)
-            del cached[n:]
+            if n == len(tokens) and n in self._recent:  # a short rewind: these logits are known
+                self._cut(n)
+                return self._recent[n].copy()
+            self._cut(min(n, len(tokens) - 1))  # the last token must be evaluated to get its logits
+            n = len(cached)
         logits = self._forward(tokens[n:])
         cached.extend(tokens[n:])
+        self._recent[len(cached)] = logits.copy()
+        for old in [k for k in self._recent if k <= len(cached) - self.KEEP_LOGITS]:
+            del self._recent[old]
         return logits
 
     def crop_cache(self, n: int) -> None:
         """Drop the last ``n`` positions of the cache (the next ``generate`` re-evaluates them)."""
         if n < 0:
             raise ValueError(f"crop_cache takes the number of positions to drop (>= 0), got {n}")
-        keep = self._truncate(max(len(self._cached) - n, 0))
-        del self._cached[keep:]
+        self._cut(max(len(self._cached) - n, 0))
+
+    def _cut(self, length: int) -> None:
+        length = self._truncate(length)
+        del self._cached[length:]
+        for known in [k for k in self._recent if k > length]:
+            del self._recent[known]
 
     @property
     def cached_tokens(self) -> List[int]:

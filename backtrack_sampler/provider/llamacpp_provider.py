@@ -70,6 +70,7 @@ class LlamacppProvider(BaseProvider):
     def generate(self, input_ids: Sequence[int]) -> np.ndarray:
         if self.llm.n_tokens != len(self._cached):  # the Llama was used directly since our last call
             self._cached = self.llm.input_ids[: self.llm.n_tokens].tolist()
+            self._recent.clear()
         return super().generate(input_ids)
 
     def _forward(self, tokens: List[int]) -> np.ndarray:
@@ -79,8 +80,9 @@ class LlamacppProvider(BaseProvider):
 
     def _truncate(self, length: int) -> int:
         memory = llama_cpp.llama_get_memory(self.llm.ctx)
-        removed = length > 0 and llama_cpp.llama_memory_seq_rm(memory, 0, length, -1)
-        if not removed or (self._swa_pruned and llama_cpp.llama_memory_seq_pos_min(memory, 0) > max(0, length - self._n_swa)):
+        # a pruned sliding window lacks the keys that position `length` attends to (check before removing)
+        lost = self._swa_pruned and llama_cpp.llama_memory_seq_pos_min(memory, 0) > max(0, length - self._n_swa)
+        if length == 0 or lost or not llama_cpp.llama_memory_seq_rm(memory, 0, length, -1):
             llama_cpp.llama_memory_clear(memory, True)
             length = 0
         self.llm.n_tokens = length

@@ -1,6 +1,165 @@
-"""PLACEHOLDER: being written."""
+"""AntiSlopStrategy: when a banned phrase or regex shows up in the text, rewind to where it starts
+and make the token that began it less likely (or impossible) there."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Dict, Iterable, List, Optional, Union
+
+import numpy as np
+
+from ..provider.base_provider import BaseProvider
+from ._phrase_matcher import Match, TextMatcher, fold
 from .base_strategy import BaseStrategy
+
+Slops = Union[Iterable[str], Iterable[tuple], Dict[str, float]]
 
 
 class AntiSlopStrategy(BaseStrategy):
-    pass
+    """Bans phrases and regexes, matched on the decoded text however the model tokenizes them.
+
+    slops: phrases to ban: ``["a tapestry of", ...]`` (hard bans), or ``[[phrase, multiplier], ...]``
+        / ``{phrase: multiplier}`` (soft bans; multipliers in [0, 1], 0 is a hard ban).
+    keep_index_buffer: extra tokens held back before the earliest possible match, so that
+        ``on_exhausted="rewind"`` can back up that far; 0 streams with the least delay.
+    with_variants: 3.x name for case-insensitive matching; ``case_sensitive`` overrides it.
+    skip_tokens: the first ``skip_tokens`` generated tokens are final at once and never matched.
+    regexes: patterns (``re`` syntax) banned like phrases; matches are searched for in the last
+        ``regex_window`` characters, and that much text is held back while regexes are in use.
+    adjustment_strength: when a phrase with multiplier m is found, generation rewinds to its first
+        token and that token becomes m**strength times as likely there (strength * ln(m) is added
+        to its logit), then is resampled; if the model picks it again, the phrase stays. 0 turns
+        soft bans off (phrases with m > 0 are ignored); ``math.inf`` makes every phrase a hard ban
+        (logit -inf: never kept). Plain-string phrases (and regexes) are always hard bans.
+    whole_words: a match must not be glued to letters or digits on either side ("weave" then
+        bans "weave," but not "weaver").
+    max_retries: rewinds allowed at one position (with the same text before it); one more is
+        "exhausted", and so is a position where every token is banned. Then ``on_exhausted``:
+        "rewind" also bans the token before it and rewinds there (unless that token is already
+        final), "accept" keeps the match. Kept matches are reported to ``on_accept(position, reason)``.
+
+    A ban belongs to its position and the text before it: it is dropped when generation rewinds to
+    an earlier position. Each rewind sets ``rewind_reason`` (e.g. "phrase 'a tapestry of'").
+    """
+
+    def __init__(
+        self,
+        provider: BaseProvider,
+        slops: Slops,
+        keep_index_buffer: int = 5,
+        with_variants: bool = True,
+        skip_tokens: int = 0,
+        *,
+        regexes: Iterable[Union[str, re.Pattern]] = (),
+        adjustment_strength: float = 1.0,
+        case_sensitive: Optional[bool] = None,
+        whole_words: bool = False,
+        max_retries: int = 10,
+        on_exhausted: str = "rewind",
+        regex_window: int = 100,
+        on_accept: Optional[Callable[[int, str], None]] = None,
+    ):
+        if on_exhausted not in ("rewind", "accept"):
+            raise ValueError(f'on_exhausted must be "rewind" or "accept", got {on_exhausted!r}')
+        for name, value in dict(keep_index_buffer=keep_index_buffer, skip_tokens=skip_tokens,
+                                max_retries=max_retries, regex_window=regex_window).items():
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if not (isinstance(adjustment_strength, (int, float)) and adjustment_strength >= 0):
+            raise ValueError(f"adjustment_strength must be a number >= 0 (inf: hard bans), got {adjustment_strength!r}")
+        self.provider = provider
+        self.keep_index_buffer, self.skip_tokens, self.max_retries = keep_index_buffer, skip_tokens, max_retries
+        self.on_exhausted, self.on_accept = on_exhausted, on_accept
+        case_sensitive = not with_variants if case_sensitive is None else case_sensitive
+        if isinstance(regexes, (str, re.Pattern)):
+            regexes = [regexes]
+        flags = 0 if case_sensitive else re.IGNORECASE
+        self.matcher = TextMatcher(provider.decode, _penalties(slops, adjustment_strength, case_sensitive),
+                                   [_compile(r, flags) for r in regexes], case_sensitive, whole_words, regex_window)
+        self.reset()
+
+    def reset(self) -> None:
+        self.matcher.reset()
+        self._bans: Dict[int, Dict[int, float]] = {}  # position -> {token: logit penalty}
+        self._retries: Dict[int, int] = {}
+        self._keep = self.skip_tokens
+        self.rewind_reason = None
+
+    def get_keep_index(self) -> int:
+        return self._keep
+
+    def on_logits(self, logits: np.ndarray, continuation_tokens: List[int]) -> np.ndarray:
+        bans = self._bans.get(len(continuation_tokens))
+        if not bans:
+            return logits
+        banned = logits.copy()
+        banned[list(bans)] += np.fromiter(bans.values(), np.float32, len(bans))
+        if np.max(banned) == -np.inf:  # every token is banned here: exhausted, sample unbanned
+            self._retries[len(continuation_tokens)] = self.max_retries
+            return logits
+        return banned
+
+    def backtrack(self, continuation_tokens: List[int]) -> List[int]:
+        tokens = continuation_tokens
+        found = self.matcher.update(tokens, at_end=tokens[-1] in self.provider.eos_token_ids)
+        found = [m for m in found if self.matcher.token_at(m.start) >= self._keep]
+        if found:
+            tokens = self._on_match(tokens, min(found, key=lambda m: m.start))
+        hold = self.matcher.hold_token() - self.keep_index_buffer
+        self._keep = max(self._keep, min(hold, len(tokens)))
+        return tokens
+
+    def _on_match(self, tokens: List[int], match: Match) -> List[int]:
+        position = self.matcher.token_at(match.start)
+        reason = f"{'regex' if match.is_regex else 'phrase'} {match.pattern!r}"
+        penalty = -math.inf if match.is_regex else self.matcher.phrases[match.pattern]
+        if penalty > -math.inf and tokens[position] in self._bans.get(position, {}):
+            return tokens  # a soft ban already made this token less likely here: the model chose it anyway
+        while self._retries.get(position, 0) >= self.max_retries:  # exhausted here
+            if self.on_exhausted == "accept" or position - 1 < self._keep:
+                if self.on_accept:
+                    self.on_accept(position, reason)
+                return tokens
+            position, penalty = position - 1, -math.inf
+            reason += f" (exhausted at token {position + 1}; rewinding further)"
+        self._retries[position] = self._retries.get(position, 0) + 1
+        bans = self._bans.setdefault(position, {})
+        bans[tokens[position]] = penalty
+        return self._rewind(tokens, position, reason)
+
+    def _rewind(self, tokens: List[int], position: int, reason: str) -> List[int]:
+        for state in (self._bans, self._retries):  # bans after it depended on the text being replaced
+            for later in [p for p in state if p > position]:
+                del state[later]
+        self.rewind_reason = reason
+        self.matcher.rewind(position)
+        return tokens[:position]
+
+
+def _penalties(slops: Slops, strength: float, case_sensitive: bool) -> Dict[str, float]:
+    """{folded phrase: logit penalty < 0} (phrases whose penalty is 0 are left out); ValueError for bad input."""
+    items = list(slops.items() if isinstance(slops, dict) else slops) if slops is not None else []
+    if isinstance(slops, str) or not items:
+        raise ValueError("slops must be a non-empty list of phrases (or of [phrase, multiplier] pairs)")
+    penalties: Dict[str, float] = {}
+    for item in items:
+        phrase, multiplier = (item, 0.0) if isinstance(item, str) else (tuple(item) + (None, None))[:2]
+        if not isinstance(phrase, str) or not phrase:
+            raise ValueError(f"every slop phrase must be a non-empty string, got {phrase!r}")
+        if not (isinstance(multiplier, (int, float)) and 0 <= multiplier <= 1):
+            raise ValueError(f"the multiplier of {phrase!r} must be a number in [0, 1], got {multiplier!r}")
+        factor = 0.0 if isinstance(item, str) else multiplier**strength
+        penalty = math.log(factor) if factor > 0 else -math.inf
+        key = fold(phrase, case_sensitive)
+        penalties[key] = min(penalty, penalties.get(key, 0.0))
+    return {phrase: penalty for phrase, penalty in penalties.items() if penalty < 0}
+
+
+def _compile(regex: Union[str, re.Pattern], flags: int) -> re.Pattern:
+    if isinstance(regex, re.Pattern):
+        return regex
+    try:
+        return re.compile(regex, flags)
+    except (re.error, TypeError) as error:
+        raise ValueError(f"invalid regex {regex!r}: {error}") from None
