@@ -382,7 +382,7 @@ def _add_generation_args(parser, human: bool = False):
     group.add_argument("--regex-file", metavar="FILE", action="append", default=[], help="regular expressions to ban, one per line")
     group.add_argument("--regex", metavar="PATTERN", action="append", default=[], help="a regular expression to ban (repeatable)")
     group.add_argument("--adjustment-strength", type=_number, metavar="X", help="how strongly slop multipliers apply")
-    group.add_argument("--keep-index-buffer", type=_non_negative_int, metavar="N", help="tokens held back before they are final (default: 5)")
+    group.add_argument("--keep-index-buffer", type=_non_negative_int, metavar="N", help="extra tokens held back before they are final (default: 0)")
     group.add_argument("--case-sensitive", action="store_true", help="match phrases case-sensitively")
     group.add_argument("--whole-words", action="store_true", help="match phrases only as whole words")
     if not human:

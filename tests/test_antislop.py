@@ -151,7 +151,8 @@ def test_exhausted_position_rewinds_further():
 
     fp.logits_fn = logits
     accepted = []
-    strategy = AntiSlopStrategy(fp, ["tapestry"], on_accept=lambda *a: accepted.append(a))
+    # keep_index_buffer holds back the token before the match, so the exhausted position can rewind there
+    strategy = AntiSlopStrategy(fp, ["tapestry"], keep_index_buffer=2, on_accept=lambda *a: accepted.append(a))
     text, events, _ = generate(fp, strategy, max_new_tokens=3)
     assert "tapestry" not in text and text.startswith(" the")
     assert "rewinding further" in events[-1].reason and events[-1].position == 0 and not accepted

@@ -47,7 +47,7 @@ class AntiSlopStrategy(BaseStrategy):
         self,
         provider: BaseProvider,
         slops: Slops,
-        keep_index_buffer: int = 5,
+        keep_index_buffer: int = 0,
         with_variants: bool = True,
         skip_tokens: int = 0,
         *,
