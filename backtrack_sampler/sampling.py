@@ -4,7 +4,9 @@ Vocabularies have 100k+ entries (Gemma 3: 262,144), and a full sort costs more t
 model's forward pass. Every filter here first keeps only the tokens that can matter: a token whose
 logit is more than ``NEGLIGIBLE * temperature`` below the best one has a probability under
 e^-30 (~1e-13) of the best token's, which is below float32 resolution once normalised, so
-dropping it does not change the distribution. Only that small set is partitioned or sorted.
+dropping it does not change the distribution. With top-k, the k best tokens are looked for among
+those within 8 (then 16) temperatures of the best first: usually a few dozen, where the
+negligible-margin set can hold most of the vocabulary. Only the small set is partitioned or sorted.
 """
 
 from __future__ import annotations
@@ -59,7 +61,11 @@ def filter_logits(
     floor = top - NEGLIGIBLE * temperature
     if min_p:  # p_i >= min_p * p_max  <=>  logit_i >= top + T * ln(min_p)
         floor = max(floor, top + temperature * math.log(min_p))
-    ids = np.flatnonzero(logits >= floor)
+    for margin in (8, 16, NEGLIGIBLE) if top_k else (NEGLIGIBLE,):  # a small set that holds the top k
+        cut = max(floor, top - margin * temperature)
+        ids = np.flatnonzero(logits >= cut)
+        if not top_k or len(ids) >= top_k or cut == floor:
+            break
     if top_k and len(ids) > top_k:
         ids = ids[np.argpartition(logits[ids], -top_k)[-top_k:]]
     weights = np.exp((logits[ids].astype(np.float64) - top) / temperature)
