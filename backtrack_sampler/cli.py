@@ -157,15 +157,22 @@ def chat_prompt_tokens(provider: BaseProvider, messages: Sequence[Dict[str, str]
 # --------------------------------------------------------------------------------------------
 # strategies
 # --------------------------------------------------------------------------------------------
+def _json_list(text: str, path: str) -> Optional[list]:
+    """The JSON list ``text`` holds, or None when it is not JSON (a plain one-per-line file)."""
+    if not text.lstrip().startswith("["):
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{path} is not valid JSON: {error}") from None
+
+
 def read_slops(path: str) -> list:
     """Phrases from a JSON file (a list of strings, or of [phrase, multiplier] pairs) or a text
     file with one phrase per line (blank lines and lines starting with # are skipped)."""
     text = _read_text(path, "slop file")
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise UsageError(f"{path} is not valid JSON: {error}") from None
+    data = _json_list(text, path)
+    if data is not None:
         for item in data:
             ok = isinstance(item, str) or (
                 isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
@@ -182,12 +189,8 @@ def read_regexes(path: str) -> List[str]:
     JSON string or with regex backslashes left as they are) and end with a comma. Blank lines and
     lines starting with # are skipped."""
     text = _read_text(path, "regex file")
-    if text.lstrip().startswith("["):
-        try:
-            patterns = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise UsageError(f"{path} is not valid JSON: {error}") from None
-    else:
+    patterns = _json_list(text, path)
+    if patterns is None:
         patterns = []
         for number, line in enumerate(text.splitlines(), 1):
             line = line.strip()
