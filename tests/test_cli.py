@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from backtrack_sampler import cli
+from backtrack_sampler import cli, registry
 from backtrack_sampler.provider.fake_provider import FakeProvider
 from backtrack_sampler.strategy.base_strategy import BaseStrategy
 
@@ -132,24 +132,24 @@ def test_human_needs_a_terminal(fake_model):
 def test_read_slops_formats(tmp_path):
     plain = tmp_path / "slops.txt"
     plain.write_text("# comment\ntapestry\n\n a testament to \n")
-    assert cli.read_slops(str(plain)) == ["tapestry", "a testament to"]
+    assert registry.read_slops(str(plain)) == ["tapestry", "a testament to"]
     pairs = tmp_path / "slops.json"
     pairs.write_text(json.dumps([["delve", 0.1], "tapestry"]))
-    assert cli.read_slops(str(pairs)) == [["delve", 0.1], "tapestry"]
+    assert registry.read_slops(str(pairs)) == [["delve", 0.1], "tapestry"]
 
 
 def test_read_regexes_formats(tmp_path):
     quoted = tmp_path / "regexes.txt"
     quoted.write_text('"(?i)not [^.!?]{3,60} but",\n# comment\nplain\\s+pattern\n')
-    assert cli.read_regexes(str(quoted)) == ["(?i)not [^.!?]{3,60} but", "plain\\s+pattern"]
+    assert registry.read_regexes(str(quoted)) == ["(?i)not [^.!?]{3,60} but", "plain\\s+pattern"]
     listed = tmp_path / "regexes.json"
     listed.write_text('["a+", "b?"]')
-    assert cli.read_regexes(str(listed)) == ["a+", "b?"]
+    assert registry.read_regexes(str(listed)) == ["a+", "b?"]
 
 
 def test_read_the_shared_slop_lists(shared_data):
-    assert len(cli.read_slops(str(shared_data / "slop_phrase_prob_adjustments.json"))) > 100
-    assert len(cli.read_regexes(str(shared_data / "slop_regexes.txt"))) >= 3
+    assert len(registry.read_slops(str(shared_data / "slop_phrase_prob_adjustments.json"))) > 100
+    assert len(registry.read_regexes(str(shared_data / "slop_regexes.txt"))) >= 3
 
 
 # --- generation with the fake model ----------------------------------------------------------------
@@ -227,7 +227,7 @@ def test_strategy_plan_chains_antislop_first(tmp_path):
 
 @pytest.mark.parametrize("strategy", ["none", "debug", "adaptive", "creative", "antislop", "replace"])
 def test_each_strategy_runs(strategy, fake_model):
-    if cli.strategy_class(strategy) is not None and cli.strategy_class(strategy).__init__ is object.__init__ \
+    if registry.strategy_class(strategy) is not None and registry.strategy_class(strategy).__init__ is object.__init__ \
             and strategy not in ("adaptive",):
         pytest.skip(f"{strategy} is not implemented yet")
     argv = ["generate", "the cat", "--max-new-tokens", "6", "--seed", "3", "--strategy", strategy]
@@ -246,7 +246,7 @@ def test_each_strategy_runs(strategy, fake_model):
 
 
 def test_ban_removes_a_phrase(fake_model):
-    if "slops" not in cli.strategy_parameters("antislop"):
+    if "slops" not in registry.strategy_parameters("antislop"):
         pytest.skip("AntiSlopStrategy is not implemented yet")
     plain = run(["generate", "the", "--max-new-tokens", "12", "--temperature", "0"])[1]
     word = max(plain.split(), key=len)

@@ -616,3 +616,37 @@ def test_errors_leave_sampler_usable(fake):
     with pytest.raises(ValueError):
         list(sampler.generate(PROMPT, top_p=0))
     assert len(list(sampler.generate(PROMPT, max_new_tokens=5, seed=0))) == 5
+
+
+def test_second_live_generator_from_one_sampler_raises(fake):
+    sampler = BacktrackSampler(fake, BaseStrategy())
+    first = sampler.generate(PROMPT, max_new_tokens=5, seed=0)
+    next(first)
+    second = sampler.generate(PROMPT, max_new_tokens=5, seed=0)
+    with pytest.raises(RuntimeError, match="already running a generation"):
+        next(second)
+    first.close()  # once the first is closed, a new one runs
+    assert len(list(sampler.generate(PROMPT, max_new_tokens=5, seed=0))) == 5
+
+
+def test_sparse_and_dense_paths_sample_the_same_tokens(fake):
+    class Dense(BaseStrategy):  # reads probs: the sampler builds the dense array for it
+        def on_probs(self, probs, continuation_tokens):
+            return probs
+
+    assert not BaseStrategy().needs_probs and Dense().needs_probs
+    sparse = list(BacktrackSampler(fake, BaseStrategy()).generate(PROMPT, max_new_tokens=40, seed=3, top_k=0))
+    dense = list(BacktrackSampler(fake, Dense()).generate(PROMPT, max_new_tokens=40, seed=3, top_k=0))
+    assert sparse == dense and len(sparse) == 40
+
+
+def test_generation_can_be_stepped_by_hand(fake):
+    sampler = BacktrackSampler(fake, BaseStrategy())
+    expected = list(sampler.generate(PROMPT, max_new_tokens=12, seed=7))
+    generation = sampler.start(PROMPT, max_new_tokens=12, seed=7)
+    fake.reset()
+    out = []
+    while not generation.done:
+        out += generation.advance(fake.generate(generation.sequence))
+    generation.close()
+    assert out == expected and generation.stats.finish_reason == "length"

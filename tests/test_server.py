@@ -177,7 +177,7 @@ def test_stop_string_is_never_sent(client, baseline):
 
 
 def test_banned_strings_never_in_output(client, baseline):
-    from backtrack_sampler.cli import strategy_parameters
+    from backtrack_sampler.registry import strategy_parameters
 
     if "slops" not in strategy_parameters("antislop"):
         pytest.skip("AntiSlopStrategy is not implemented yet")
@@ -191,7 +191,7 @@ def test_banned_strings_never_in_output(client, baseline):
 
 
 def test_strategy_per_request(client):
-    from backtrack_sampler.cli import strategy_parameters
+    from backtrack_sampler.registry import strategy_parameters
 
     if "top_p_flat" not in strategy_parameters("creative"):
         pytest.skip("CreativeWritingStrategy is not implemented yet")
@@ -349,7 +349,7 @@ def test_stop_filter_holds_back_partial_matches():
 
 
 def test_chat_prompt_formats():
-    from backtrack_sampler.cli import _gemma_prompt, chat_prompt_tokens
+    from backtrack_sampler.chat import _gemma_prompt, chat_prompt_tokens
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
@@ -376,7 +376,7 @@ def test_chat_prompt_formats():
 
 
 def test_chat_template_from_gguf_metadata(llama_provider, monkeypatch):
-    from backtrack_sampler.cli import chat_prompt_tokens
+    from backtrack_sampler.chat import chat_prompt_tokens
 
     template = "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}" \
                "{% if add_generation_prompt %}<assistant>{% endif %}"

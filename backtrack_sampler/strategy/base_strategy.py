@@ -29,6 +29,15 @@ class BaseStrategy:
 
     rewind_reason: Optional[str] = None
 
+    @property
+    def needs_probs(self) -> bool:
+        """Whether ``on_probs`` or ``on_next_token`` read the vocabulary-sized ``probs`` array. By
+        default: whether the strategy overrides either. When False the sampler skips building that
+        array (it costs about as much as the sampling itself on a 262k vocabulary) and passes
+        ``probs=None`` to ``on_next_token``."""
+        cls = type(self)
+        return cls.on_probs is not BaseStrategy.on_probs or cls.on_next_token is not BaseStrategy.on_next_token
+
     def get_keep_index(self) -> int:
         """Number of leading continuation tokens that are final: they are streamed to the user and
         are never rewound. The default (no rewinds) makes every token final at once."""

@@ -26,6 +26,10 @@ class ChainStrategy(BaseStrategy):
             if not isinstance(strategy, BaseStrategy):
                 raise TypeError(f"ChainStrategy takes BaseStrategy instances, got {type(strategy).__name__}")
 
+    @property
+    def needs_probs(self) -> bool:
+        return any(strategy.needs_probs for strategy in self.strategies)
+
     def get_keep_index(self) -> int:
         return min(strategy.get_keep_index() for strategy in self.strategies)
 
