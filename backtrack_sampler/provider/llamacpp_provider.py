@@ -191,4 +191,6 @@ class LlamacppProvider(BaseProvider):
             llama_cpp.llama_memory_seq_rm(memory, slot, -1, -1)
             length = 0
         self._lengths[slot] = length
+        if not any(self._lengths):  # nothing cached: start over from a fresh cache, as a new context would
+            llama_cpp.llama_memory_clear(memory, True)
         return length
