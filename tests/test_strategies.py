@@ -178,6 +178,22 @@ def test_creative_writing_invariant_on_pseudo_random_logits(fake, temperature):
     assert again == out
 
 
+class NoEos(FakeProvider):
+    """A provider with no end-of-sequence token (generation ends at the token limit)."""
+
+    @property
+    def eos_token_ids(self):
+        return frozenset()
+
+
+@pytest.mark.parametrize("eos_penalty", [0.0, 0.8])
+def test_creative_writing_with_a_provider_without_eos(eos_penalty):
+    provider = NoEos(seed=2)
+    sampler = BacktrackSampler(provider, CreativeWritingStrategy(provider, eos_penalty=eos_penalty))
+    out = list(sampler.generate(BOS, max_new_tokens=12, temperature=0.8, seed=1))
+    assert len(out) == 12 and sampler.stats.finish_reason == "length"
+
+
 def test_creative_writing_rejects_bad_arguments(fake):
     for kwargs in [{"top_p_flat": 0}, {"top_p_flat": 1.5}, {"top_k_threshold_flat": 0}, {"eos_penalty": 2}]:
         with pytest.raises(ValueError):
