@@ -653,3 +653,12 @@ def test_generation_can_be_stepped_by_hand(fake):
         out += generation.advance(fake.generate(generation.sequence))
     generation.close()
     assert out == expected and generation.stats.finish_reason == "length"
+
+
+def test_negative_keep_index_releases_nothing_early(fake):
+    class Behind(BaseStrategy):  # a keep index that starts below zero
+        def get_keep_index(self):
+            return -2
+
+    out = list(BacktrackSampler(fake, Behind()).generate(PROMPT, max_new_tokens=6, seed=1))
+    assert out == list(BacktrackSampler(fake, BaseStrategy()).generate(PROMPT, max_new_tokens=6, seed=1))
