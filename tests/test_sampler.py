@@ -361,8 +361,11 @@ def test_tokens_held_back_until_keep_index_allows(fake, lag):
 def test_default_keep_index_streams_immediately(fake):
     strategy = Plain()
     gen = BacktrackSampler(fake, strategy).generate(PROMPT, max_new_tokens=10, seed=0)
+    delivered = 0
     for i, _ in enumerate(gen):
         assert strategy.next_calls == i + 1
+        delivered += 1
+    assert delivered == 10
 
 
 def test_keep_index_beyond_tokens_is_clamped(fake):
