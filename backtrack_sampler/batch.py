@@ -31,7 +31,7 @@ from .provider.base_provider import BaseProvider
 from .strategy.base_strategy import BaseStrategy
 
 TokensCallback = Callable[["BatchJob", List[int]], None]
-FinishCallback = Callable[["BatchJob"], None]
+JobCallback = Callable[["BatchJob"], None]
 
 
 class BatchJob:
@@ -45,9 +45,9 @@ class BatchJob:
     _ids = itertools.count()
 
     def __init__(self, generation: Generation, on_tokens: Optional[TokensCallback] = None,
-                 on_finish: Optional[FinishCallback] = None):
+                 on_finish: Optional[JobCallback] = None, on_start: Optional[JobCallback] = None):
         self.generation = generation
-        self.on_tokens, self.on_finish = on_tokens, on_finish
+        self.on_tokens, self.on_finish, self.on_start = on_tokens, on_finish, on_start
         self.tokens: List[int] = []
         self.error: Optional[BaseException] = None
         self.state = "queued"
@@ -106,22 +106,22 @@ class BatchScheduler:
 
     # --- joining ---------------------------------------------------------------------------------
     def submit(self, prompt: Union[str, Sequence[int]], strategy: Optional[BaseStrategy] = None, *,
-               on_tokens: Optional[TokensCallback] = None, on_finish: Optional[FinishCallback] = None,
-               **kwargs) -> BatchJob:
+               on_tokens: Optional[TokensCallback] = None, on_finish: Optional[JobCallback] = None,
+               on_start: Optional[JobCallback] = None, **kwargs) -> BatchJob:
         """Queue a generation and return its job. ``strategy``: an instance of its own (default: none);
         ``kwargs``: ``BacktrackSampler.generate``'s (``max_new_tokens``, ``temperature``, ``top_k``,
         ``top_p``, ``min_p``, ``seed``, ``on_rewind``, ...), checked now (ValueError).
-        ``on_tokens(job, tokens)`` is called with the tokens that became final, ``on_finish(job)``
-        once the job is done (from the thread that steps)."""
+        ``on_start(job)`` is called when it leaves the queue, ``on_tokens(job, tokens)`` with the
+        tokens that became final, ``on_finish(job)`` once it is done (all from the thread that steps)."""
         generation = self._sampler.start(prompt, strategy=strategy or BaseStrategy(), **kwargs)
-        return self.add(generation, on_tokens, on_finish)
+        return self.add(generation, on_tokens, on_finish, on_start)
 
     def add(self, generation: Generation, on_tokens: Optional[TokensCallback] = None,
-            on_finish: Optional[FinishCallback] = None) -> BatchJob:
+            on_finish: Optional[JobCallback] = None, on_start: Optional[JobCallback] = None) -> BatchJob:
         """Queue a ``Generation`` built elsewhere (``BacktrackSampler.start``) on this provider."""
         if generation.provider is not self.provider:
             raise ValueError("the generation was started on another provider")
-        job = BatchJob(generation, on_tokens, on_finish)
+        job = BatchJob(generation, on_tokens, on_finish, on_start)
         with self._lock:
             strategies = {id(j.generation.strategy) for j in itertools.chain(self._queue, self._running)}
             if id(generation.strategy) in strategies:
@@ -214,10 +214,15 @@ class BatchScheduler:
             for job in [j for j in self._queue if j._cancelled]:
                 self._queue.remove(job)
                 self._close(job)
+            started = []
             while self._queue and len(self._running) < self.parallel:
                 job = self._queue.popleft()
                 job.state = "running"
                 self._running.append(job)
+                started.append(job)
+        for job in started:
+            if job.on_start is not None:
+                job.on_start(job)
         for job in [j for j in self._running if j.generation.done]:  # e.g. max_new_tokens=0
             self._finish(job)
 
