@@ -158,15 +158,14 @@ class BatchScheduler:
         self._admit()
         decoding, reading = [], []
         for job in self._running:
-            if len(job.generation.sequence) - job._fed <= 1:
+            generation = job.generation
+            if len(generation.prompt) + len(generation.tokens) - job._fed <= 1:
                 decoding.append(job)
             else:
                 reading.append(job)
         if not (decoding or reading):
             return []
-        requests: Dict[BatchJob, List[int]] = {}
-        for job in decoding:
-            requests[job] = job.generation.sequence
+        requests: Dict[BatchJob, List[int]] = {job: job.generation.sequence for job in decoding}
         room = max(self.step_tokens - len(decoding), self.step_tokens // 4)
         for job in reading:  # prompts, in arrival order, within the room left
             sequence = job.generation.sequence

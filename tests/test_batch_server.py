@@ -54,7 +54,7 @@ def wait_for(predicate, seconds=60.0):
 class Streamer(threading.Thread):
     """A raw SSE completion stream in a thread; ``stop`` closes the connection (a disconnect)."""
 
-    def __init__(self, server, max_tokens=2000, **body):
+    def __init__(self, server, max_tokens=800, **body):
         super().__init__(daemon=True)
         self.url, self.body = server.url + "/v1/completions", dict(prompt="Tell me a long story.", max_tokens=max_tokens,
                                                                    stream=True, **body)
@@ -111,7 +111,7 @@ def test_disconnecting_one_running_client_frees_its_slot(slotted_llm):
         clients = [Streamer(server, seed=i) for i in range(3)]
         for c in clients:
             c.start()
-        assert wait_for(lambda: all(c.chunks > 0 for c in clients)), "the streams did not start"
+        assert wait_for(lambda: all(c.chunks > 0 for c in clients)), [c.status for c in clients]
         assert health(server)["running"] == 3
         clients[1].stop()
         assert wait_for(lambda: health(server)["running"] == 2, 20), "the slot was not freed"
