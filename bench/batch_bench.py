@@ -197,8 +197,9 @@ def numerics(steps: int) -> dict:
     diffs, kls, agree, tokens = [], [], 0, list(prompt)
     for _ in range(steps):
         a = alone_p.generate_batch({0: tokens})[0]
-        b = batch_p.generate_batch({0: tokens, **rest})[0]
-        rest = {k: v + [int(np.argmax(np.random.default_rng(k).random(8)))] for k, v in rest.items()}
+        out = batch_p.generate_batch({0: tokens, **rest})
+        b = out[0]
+        rest = {k: v + [int(np.argmax(out[k]))] for k, v in rest.items()}  # the others go on greedily
         pa, pb = np.exp(a - a.max()), np.exp(b - b.max())
         pa, pb = pa / pa.sum(), pb / pb.sum()
         diffs.append(float(np.abs(a - b).max()))

@@ -4,6 +4,8 @@ uvicorn on 127.0.0.1, the embedded model, the official openai client."""
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 
@@ -133,8 +135,10 @@ def test_full_queue_answers_429_and_recovers(slotted_llm):
         running = Streamer(server, seed=1)
         running.start()
         assert wait_for(lambda: running.chunks > 0)
-        waiting = Streamer(server, seed=2)
-        waiting.start()
+        waiting = socket.create_connection(("127.0.0.1", server.port))  # raw, to hang up while it waits
+        body = json.dumps({"prompt": "Hello", "max_tokens": 5, "stream": True}).encode()
+        waiting.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         assert wait_for(lambda: health(server)["queued"] == 1)
         refused = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 5}, timeout=TIMEOUT)
         assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
@@ -142,7 +146,7 @@ def test_full_queue_answers_429_and_recovers(slotted_llm):
         assert set(error) == {"message", "type", "param", "code"} and error["code"] == "rate_limit_exceeded"
         bad = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": -1}, timeout=TIMEOUT)
         assert bad.status_code == 400, "a bad request is refused before it could queue"
-        waiting.stop()  # a queued client that goes away leaves the queue
+        waiting.close()  # a queued client that goes away leaves the queue
         assert wait_for(lambda: health(server)["queued"] == 0, 20)
         running.stop()
         assert wait_for(lambda: health(server)["running"] == 0, 20)
