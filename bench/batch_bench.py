@@ -20,6 +20,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -56,7 +57,8 @@ class Server:
         command = [sys.executable, "-m", "backtrack_sampler.cli", "serve", "--port", str(self.port),
                    "--parallel", str(parallel), "--n-ctx", str(N_CTX), "--max-queue", "64"]
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.log = tempfile.TemporaryFile()  # not a pipe: a full pipe would block the server
+        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=self.log)
 
     def __enter__(self):
         import httpx
@@ -64,7 +66,8 @@ class Server:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.process.stderr.read().decode()[-2000:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"the server exited: {self.log.read().decode()[-2000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return self
