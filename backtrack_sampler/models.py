@@ -106,13 +106,16 @@ def resolve_model(model: Optional[str] = None, chat: bool = False) -> Path:
     entry = embedded_model(default_model(chat) if model is None else str(model))
     if entry is not None:
         return entry.path()
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"unknown model {str(model)!r}: no such file or folder, and not an embedded model name "
-            f"(one of: {', '.join(MODELS)}; aliases: {', '.join(ALIASES)})"
-        )
-    return path
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if "/" in text or os.sep in text or path.suffix.lower() == ".gguf":  # meant as a path
+        raise FileNotFoundError(f"no model at {text}")
+    raise FileNotFoundError(
+        f"unknown model {text!r}: not an embedded model's name (choose one of: {', '.join(MODELS)}; "
+        f"aliases: {', '.join(ALIASES)}) nor an existing file or folder"
+    )
 
 
 def default_model_path(chat: bool = False) -> Path:

@@ -13,5 +13,6 @@ SLOP_PHRASES = (
     "nestled", "bustling", "little did", "a glimmer of hope", "a sense of wonder", "a wave of",
     "the weight of", "heart pounding", "time stood still", "lost in thought", "embark", "realm",
     "humble abode", "delve", "palpable", "unwavering", "newfound", "ancient secrets", "forever changed",
-    "the scent of",
+    "the scent of", "a mixture of", "eyes lit up", "intently", "shimmering", "mysterious", "ethereal",
+    "a hint of", "warm, golden",
 )

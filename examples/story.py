@@ -2,7 +2,7 @@
 list of overused phrases. Every rewind is shown where it happened, struck out, and a summary line
 ends the output.
 
-    .venv/bin/python examples/story.py ["Write a story about ..."] [--max-new-tokens N] [--seed N]
+    .venv/bin/python examples/story.py ["Write a story about ..."] [--max-new-tokens N] [--seed N] [--ban PHRASE]
 """
 
 import argparse
@@ -17,11 +17,12 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("request", nargs="?", default="Write a short story about a lighthouse keeper who finds a message in a bottle.")
 parser.add_argument("--max-new-tokens", type=int, default=300)
 parser.add_argument("--seed", type=int)
+parser.add_argument("--ban", action="append", default=[], metavar="PHRASE", help="ban this phrase too (repeatable)")
 parser.add_argument("--model", default="smollm2-135m-instruct", help="an embedded model's name or a .gguf file")
 args = parser.parse_args()
 
 provider = load_provider("llamacpp", args.model)
-strategy = AntiSlopStrategy(provider, list(SLOP_PHRASES))
+strategy = AntiSlopStrategy(provider, list(SLOP_PHRASES) + args.ban)
 sampler = BacktrackSampler(provider, strategy)
 prompt = chat_prompt_tokens(provider, [{"role": "user", "content": args.request}])
 strike = (lambda text: f"\x1b[9;31m{text}\x1b[0m") if sys.stdout.isatty() else (lambda text: f"[-{text}-]")
