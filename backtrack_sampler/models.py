@@ -94,11 +94,6 @@ def embedded_model(name: str) -> Optional[EmbeddedModel]:
     return MODELS.get(ALIASES.get(key, key))
 
 
-def model_names() -> str:
-    """The embedded models' names with their descriptions, for error messages and help."""
-    return "; ".join(f"{m.name} ({m.description})" for m in MODELS.values())
-
-
 def resolve_model(model: Optional[str] = None, chat: bool = False) -> Path:
     """The file or folder behind ``model``: an embedded model's name, a path, or None for the
     default (``default_model(chat)``). FileNotFoundError names the embedded models when ``model``
@@ -146,9 +141,9 @@ def load_transformers(model_path: Optional[str] = None, cache_dir: Optional[str]
     saved under ``cache_dir`` (default ``~/.cache/backtrack_sampler``) so later loads take seconds."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if model_path and Path(model_path).is_dir():
-        return AutoModelForCausalLM.from_pretrained(model_path), AutoTokenizer.from_pretrained(model_path)
-    gguf = _gguf_path(model_path)
+    gguf = resolve_model(str(model_path) if model_path else None)
+    if gguf.is_dir():
+        return AutoModelForCausalLM.from_pretrained(gguf), AutoTokenizer.from_pretrained(gguf)
     stat = gguf.stat()
     base = Path(cache_dir or Path.home() / ".cache" / "backtrack_sampler")
     converted = base / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"

@@ -22,7 +22,9 @@ parser.add_argument("--model", default="smollm2-135m-instruct", help="an embedde
 args = parser.parse_args()
 
 provider = load_provider("llamacpp", args.model)
-strategy = AntiSlopStrategy(provider, list(SLOP_PHRASES) + args.ban)
+kept = []  # matches AntiSlop had to keep (every alternative at that position was exhausted)
+strategy = AntiSlopStrategy(provider, list(SLOP_PHRASES) + args.ban,
+                            on_accept=lambda position, reason: kept.append(reason))
 sampler = BacktrackSampler(provider, strategy)
 prompt = chat_prompt_tokens(provider, [{"role": "user", "content": args.request}])
 strike = (lambda text: f"\x1b[9;31m{text}\x1b[0m") if sys.stdout.isatty() else (lambda text: f"[-{text}-]")
@@ -58,4 +60,5 @@ show_rewinds()
 stats = sampler.stats
 avoided = sorted({e.reason.split(" ", 1)[1].strip("'") for e in stats.events if e.reason and e.reason.startswith("phrase")})
 print(f"\n\n[avoided {len(avoided)} banned phrase{'s' * (len(avoided) != 1)} ({', '.join(avoided) or 'none came up'}) "
-      f"in {stats.rewinds} rewinds; {stats.delivered} tokens at {stats.tokens_per_second:.1f} tokens/s]")
+      f"in {stats.rewinds} rewinds; {f'{len(kept)} kept for want of an alternative; ' if kept else ''}"
+      f"{stats.delivered} tokens at {stats.tokens_per_second:.1f} tokens/s]")
