@@ -626,6 +626,17 @@ def test_limits_reject_nonsense():
         Limits(max_body_byte=10)  # a typo is an error, not a silently ignored limit
 
 
+def test_readme_limits_table_matches_the_defaults():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `--([a-z-]+)` \| (\w+)", readme, re.M))
+    expected = {name.replace("_", "-"): "none" if field.default is None else f"{field.default:.12g}"
+                for name, field in Limits.model_fields.items()}
+    assert rows == expected
+
+
 def test_serve_options_become_limits(monkeypatch):
     from backtrack_sampler import cli, server
 
