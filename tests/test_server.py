@@ -14,6 +14,7 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
+from backtrack_sampler.provider.fake_provider import FakeProvider  # noqa: E402
 from backtrack_sampler.server import Engine, Limits, StopFilter, create_app  # noqa: E402
 
 pytestmark = pytest.mark.model
@@ -252,6 +253,9 @@ def test_strategy_per_request(any_client, baseline):
         ({"prompt": "hi", "seed": 1.5}, "seed"),
         ({"prompt": "hi", "stop": 3}, "stop"),
         ({"prompt": "hi", "n": 2}, "n"),
+        ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+        ({"prompt": "hi", "logit_bias": {"10": 5}}, "logit_bias"),
+        ({"prompt": "hi", "strategy": ["creative", {"name": "creative", "top_p_flat": "high"}]}, "strategy[1].top_p_flat"),
         ({"prompt": "hi", "stream": "yes"}, "stream"),
         ({"prompt": "hi", "banned_strings": [1]}, "banned_strings[0]"),
         ({"prompt": "hi", "banned_regex": "(unclosed"}, "banned_regex"),
@@ -648,6 +652,16 @@ def test_serve_options_become_limits(monkeypatch):
 
 
 # --- pieces --------------------------------------------------------------------------------------
+def test_the_guard_keeps_the_sparse_path():
+    """The server's cancel/deadline wrapper reads no probabilities unless the strategy does."""
+    from backtrack_sampler.server import _Guard
+    from backtrack_sampler.strategy.base_strategy import BaseStrategy
+    from backtrack_sampler.strategy.creative_writing_strategy import CreativeWritingStrategy
+
+    assert not BaseStrategy().needs_probs and not _Guard(BaseStrategy(), threading.Event(), 0).needs_probs
+    assert _Guard(CreativeWritingStrategy(FakeProvider()), threading.Event(), 0).needs_probs
+
+
 def test_stop_filter_holds_back_partial_matches():
     stops = StopFilter(["END", "\n\n"])
     sent = []
