@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO
 
 from .chat import chat_prompt_tokens
 from .errors import UsageError
-from .models import BACKENDS, load_provider
+from .models import BACKENDS, MODELS, default_model, load_provider
 from .provider.base_provider import BaseProvider
 from .registry import STRATEGIES, build_strategies, check_regexes, read_regexes, read_slops
 
@@ -61,13 +61,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def _add_model_args(parser):
+def _add_model_args(parser, default: str):
     group = parser.add_argument_group("model")
     group.add_argument("--backend", choices=BACKENDS, default="llamacpp", help="model backend (default: llamacpp)")
     group.add_argument(
-        "--model", metavar="PATH",
-        help="a .gguf file (llamacpp or transformers) or a local transformers model folder "
-        "(default: the embedded Gemma 3 270M)",
+        "--model", metavar="NAME|PATH",
+        help=f"an embedded model ({', '.join(MODELS)}), a .gguf file (llamacpp or transformers) "
+        f"or a local transformers model folder (default: {default})",
     )
     group.add_argument("--n-ctx", type=_positive_int, metavar="N", help="context size for llamacpp (default: 8192)")
     group.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads (default: all cores)")
@@ -77,7 +77,7 @@ def _add_generation_args(parser, human: bool = False):
     parser.add_argument("prompt", nargs="?", help="the prompt (default: read from stdin)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     parser.add_argument("--system", metavar="TEXT", help="system message (implies --chat)")
-    _add_model_args(parser)
+    _add_model_args(parser, f"{default_model(chat=True)} with --chat/--system, else {default_model()}")
 
     group = parser.add_argument_group("sampling")
     group.add_argument("--temperature", type=_number, default=1.0, help="0 is greedy (default: 1.0)")
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="generations run at once, batched (default: 4 per CPU core, at most 8)")
     serve.add_argument("--max-queue", type=_non_negative_int, metavar="N",
                        help="requests that may wait for a slot; beyond: 429 (default: 4 x --parallel)")
-    _add_model_args(serve)
+    _add_model_args(serve, default_model(chat=True))
     _add_limit_args(serve)
     return parser
 
@@ -302,9 +302,11 @@ def _generate(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     plan = strategy_plan(args, stderr)
     if any(name == "human" for name, _ in plan) and not (_isatty(stdin) and _isatty(stdout)):
         raise UsageError("the human strategy needs an interactive terminal (stdin and stdout)")
-    provider = load_provider(args.backend, args.model, args.n_ctx, args.threads)
+    chat = bool(args.chat or args.system)
+    model = args.model if args.model is not None else default_model(chat)  # chat -> the instruct model
+    provider = load_provider(args.backend, model, args.n_ctx, args.threads)
     strategy = build_strategies(plan, provider)
-    if args.chat or args.system:
+    if chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
         prompt_input: Any = chat_prompt_tokens(provider, messages)
     else:

@@ -48,7 +48,7 @@ from .backtrack_sampler import BacktrackSampler
 from .batch import BatchJob, BatchScheduler
 from .chat import chat_prompt_tokens
 from .errors import UsageError
-from .models import load_provider, provider_name
+from .models import default_model, load_provider, provider_name
 from .provider.base_provider import BaseProvider
 from .registry import chain, make_strategy
 from .schemas import APIError, ChatCompletionRequest, CompletionRequest, Limits, parse_request
@@ -646,12 +646,13 @@ def serve(host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = No
           model: Optional[str] = None, n_ctx: Optional[int] = None, threads: Optional[int] = None,
           model_name: Optional[str] = None, log_level: str = "info", limits: Optional[Limits] = None,
           parallel: Optional[int] = None, max_queue: Optional[int] = None) -> None:
-    """Load the model and serve it until interrupted (Ctrl-C). ``parallel``: generations run at
+    """Load the model (default: the embedded instruct model, for chat clients) and serve it until
+    interrupted (Ctrl-C). ``parallel``: generations run at
     once (default: ``default_parallel()``); ``max_queue``: requests that may wait (default 4 x parallel)."""
     import uvicorn
 
     parallel = default_parallel() if parallel is None else parallel
-    provider = load_provider(backend, model, n_ctx, threads, slots=parallel)
+    provider = load_provider(backend, model or default_model(chat=True), n_ctx, threads, slots=parallel)
     engine = Engine(provider, model_name, parallel, max_queue)
     try:
         uvicorn.run(create_app(engine, api_key, limits), host=host, port=port, log_level=log_level,

@@ -55,7 +55,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "backtrack_sampler.cli", "serve", "--port", str(self.port),
-                   "--parallel", str(parallel), "--n-ctx", str(N_CTX), "--max-queue", "64"]
+                   "--parallel", str(parallel), "--n-ctx", str(N_CTX), "--max-queue", "64", "--model", "gemma-3-270m"]
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.log = tempfile.TemporaryFile()  # not a pipe: a full pipe would block the server
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=self.log)
