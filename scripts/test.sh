@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 if ! command -v tmux >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   echo "==> installing tmux (the HumanGuidance terminal test drives a real terminal with it)"
-  { apt-get update -qq && apt-get install -y -qq tmux; } >/dev/null 2>&1 || echo "    tmux could not be installed: that test will be skipped"
+  { apt-get update -qq && apt-get install -y -qq tmux; } >/dev/null 2>&1 || echo "    tmux could not be installed: that test will fail"
 fi
 export HF_HUB_OFFLINE=1  # nothing may download weights
 exec .venv/bin/python -m pytest -q -ra "$@"

@@ -9,14 +9,12 @@ import socket
 import threading
 import time
 
+import httpx
+import openai
 import pytest
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("uvicorn")
-
-from backtrack_sampler.server import Engine, create_app  # noqa: E402
-from test_server import ServerThread  # noqa: E402
+from backtrack_sampler.server import Engine, create_app
+from test_server import ServerThread
 
 pytestmark = pytest.mark.model
 TIMEOUT = 300

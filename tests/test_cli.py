@@ -325,8 +325,8 @@ def test_serve_as_a_subprocess():
     import socket
     import time
 
-    httpx = pytest.importorskip("httpx")
-    pytest.importorskip("uvicorn")
+    import httpx
+
     with socket.socket() as sock:  # a free port (released just before the server takes it)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

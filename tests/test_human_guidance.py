@@ -172,8 +172,7 @@ def tmux_available():
 @pytest.fixture
 def tmux():
     """Runs commands in a private tmux server (its own socket), killed afterwards."""
-    if not tmux_available():
-        pytest.skip("tmux is not installed and could not be installed (apt-get install -y tmux)")
+    assert tmux_available(), "tmux is not installed and could not be installed: apt-get install -y tmux"
     socket = f"bt-test-{uuid.uuid4().hex[:8]}"
 
     def run(*args):

@@ -188,8 +188,8 @@ def test_antislop_bans_hold_on_its_output(smol, smol_answer):
 # --- the server, started like a user does (default model) ----------------------------------------------
 @pytest.mark.model
 def test_serve_chat_answers_in_sentences():
-    httpx = pytest.importorskip("httpx")
-    pytest.importorskip("uvicorn")
+    import httpx
+
     with socket.socket() as sock:  # a free port (released just before the server takes it)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -255,7 +255,6 @@ def test_demo_output_shape():
 # --- SmolLM2 on transformers (the GGUF de-quantizes to a LlamaForCausalLM) -----------------------------
 @pytest.mark.model
 def test_transformers_loads_it_and_agrees_with_llamacpp(smol, smol_answer):
-    pytest.importorskip("transformers")
     provider = models.load_provider("transformers", SMOL)
     assert models.provider_name(provider) == SMOL
     messages = [{"role": "user", "content": QUESTION}]

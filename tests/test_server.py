@@ -7,15 +7,13 @@ import socket
 import threading
 import time
 
+import httpx
+import openai
 import pytest
+import uvicorn
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-uvicorn = pytest.importorskip("uvicorn")
-pytest.importorskip("starlette")
-
-from backtrack_sampler.provider.fake_provider import FakeProvider  # noqa: E402
-from backtrack_sampler.server import Engine, Limits, StopFilter, create_app  # noqa: E402
+from backtrack_sampler.provider.fake_provider import FakeProvider
+from backtrack_sampler.server import Engine, Limits, StopFilter, create_app
 
 pytestmark = pytest.mark.model
 KEY = "test-key"
