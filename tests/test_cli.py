@@ -246,7 +246,7 @@ def test_each_strategy_runs(strategy, fake_model):
     if strategy == "replace":
         argv += ["--find", " the", "--replace", " a"]
     status, out, err = run(argv)
-    assert status == 0, err
+    assert status == 0 and out.strip(), err
     if strategy == "debug":
         assert "[step 0]" in err
     if strategy == "antislop":

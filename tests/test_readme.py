@@ -23,6 +23,10 @@ def test_readme_example_runs(code, tmp_path):
         assert len(done.stdout.split()) >= 20, done.stdout  # it streamed a real continuation
 
 
+def test_readme_has_runnable_examples():
+    assert BLOCKS, "no ```python block starting with an import: the example test above would run nothing"
+
+
 def test_readme_starts_with_the_two_commands():
     lines = (ROOT / "README.md").read_text().split("```bash\n", 1)[1].split("```")[0].splitlines()
     assert [line.split("#")[0].strip() for line in lines] == ["bash scripts/demo.sh", "bash scripts/test.sh"]
