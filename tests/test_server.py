@@ -103,6 +103,11 @@ def greedy(client, prompt=PROMPT, max_tokens=6, **extra):
                                       extra_body=extra or None)
 
 
+def assert_finish(finish_reason, completion_tokens, max_tokens):
+    """``length`` exactly when the token budget ran out, ``stop`` (end of turn or stop string) before it."""
+    assert finish_reason == ("length" if completion_tokens == max_tokens else "stop"), (finish_reason, completion_tokens)
+
+
 _BASELINES = {}
 
 
@@ -131,7 +136,7 @@ def test_completion(baseline):
     result = baseline
     choice = result.choices[0]
     assert isinstance(choice.text, str) and choice.text
-    assert choice.finish_reason in ("stop", "length")
+    assert_finish(choice.finish_reason, result.usage.completion_tokens, 6)
     assert result.usage.prompt_tokens > 0 and 0 < result.usage.completion_tokens <= 6
     assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
     assert result.object == "text_completion" and result.model == "gemma-test"
@@ -153,7 +158,7 @@ def test_chat_completion(any_client):
     )
     choice = result.choices[0]
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
-    assert choice.finish_reason in ("stop", "length")
+    assert_finish(choice.finish_reason, result.usage.completion_tokens, 4)
     assert result.usage.completion_tokens <= 4 and result.object == "chat.completion"
 
 
@@ -164,7 +169,8 @@ def test_streamed_chat_completion_with_usage(client):
     ))
     assert chunks[0].choices[0].delta.role == "assistant"
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
-    assert finishes[-1] in ("stop", "length") and all(f is None for f in finishes[:-1])
+    assert_finish(finishes[-1], chunks[-1].usage.completion_tokens, 4)
+    assert all(f is None for f in finishes[:-1])
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 4
 
 
@@ -340,7 +346,9 @@ def test_two_concurrent_requests_both_succeed(client):
     for thread in threads:
         thread.join(2 * TIMEOUT)
     assert not errors, errors
-    assert all(r is not None and r.choices[0].finish_reason in ("stop", "length") for r in results)
+    assert all(r is not None for r in results)
+    for r in results:
+        assert_finish(r.choices[0].finish_reason, r.usage.completion_tokens, 3)
 
 
 def test_disconnect_mid_stream_frees_the_model(server, client, engine):
@@ -359,7 +367,7 @@ def test_disconnect_mid_stream_frees_the_model(server, client, engine):
         time.sleep(0.05)
     assert not engine.busy, "the generation went on after the client disconnected"
     result = client.completions.create(model="gemma-test", prompt="Hello", max_tokens=2)
-    assert result.choices[0].finish_reason in ("stop", "length")
+    assert_finish(result.choices[0].finish_reason, result.usage.completion_tokens, 2)
     assert time.monotonic() - started < 60
 
 
@@ -482,7 +490,8 @@ def _check_hostile_answers(answers, slowest):
 
     status, body, seconds = answers["regex"]
     assert status == 200, body
-    assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["usage"]["completion_tokens"] <= 64
+    assert_finish(body["choices"][0]["finish_reason"], body["usage"]["completion_tokens"], 64)
+    assert "b" not in body["choices"][0]["text"]  # the regex ban held
     for name in ("phrase", "phrase in a strategy"):
         status, body, _ = answers[name]
         assert status == 400 and body["error"]["code"] == "string_above_max_length", (name, body)
@@ -491,7 +500,8 @@ def _check_hostile_answers(answers, slowest):
         assert status == 400 and body["error"]["code"] == "context_length_exceeded", (name, body)
         assert body["error"]["param"] == "max_tokens"
     status, body, _ = answers["normal"]
-    assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length"), body
+    assert status == 200, body
+    assert_finish(body["choices"][0]["finish_reason"], body["usage"]["completion_tokens"], 4)
 
 
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # greedy goes on counting: thousands of tokens without an EOS
@@ -651,13 +661,13 @@ def test_serve_options_become_limits(monkeypatch):
 
 # --- pieces --------------------------------------------------------------------------------------
 def test_the_guard_keeps_the_sparse_path():
-    """The server's cancel/deadline wrapper reads no probabilities unless the strategy does."""
-    from backtrack_sampler.server import _Guard
+    """The server's deadline wrapper reads no probabilities unless the strategy does."""
+    from backtrack_sampler.server import _Deadline
     from backtrack_sampler.strategy.base_strategy import BaseStrategy
     from backtrack_sampler.strategy.creative_writing_strategy import CreativeWritingStrategy
 
-    assert not BaseStrategy().needs_probs and not _Guard(BaseStrategy(), threading.Event(), 0).needs_probs
-    assert _Guard(CreativeWritingStrategy(FakeProvider()), threading.Event(), 0).needs_probs
+    assert not BaseStrategy().needs_probs and not _Deadline(BaseStrategy(), 0).needs_probs
+    assert _Deadline(CreativeWritingStrategy(FakeProvider()), 0).needs_probs
 
 
 def test_stop_filter_holds_back_partial_matches():
