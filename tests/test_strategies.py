@@ -387,9 +387,8 @@ def test_real_adaptive_temperature(provider):
     strategy = AdaptiveTemperatureStrategy()
     before = entropy(logits)
     after = entropy(strategy.on_logits(logits.copy(), []))
-    assert after <= before + 1e-9
-    if strategy.beta(before) > 1.01:
-        assert after < before
+    # the story prompt leaves the model unsure (~2.9 nats): AdaptiveTemperature sharpens it (beta ~2.2)
+    assert strategy.beta(before) > 1.5 and after < before - 1, (before, after)
     # scaling logits never changes their order, so greedy decoding is unaffected
     plain = list(BacktrackSampler(provider, BaseStrategy()).generate(PROMPT, max_new_tokens=10, temperature=0))
     adaptive = BacktrackSampler(provider, strategy)
