@@ -17,7 +17,7 @@ the place it was written), exactly as the playground page does; ``TraceWriter`` 
 
 Order within a step: ``Rewind`` (the text from ``at`` on is removed), then ``Final`` (text that is
 final now, appended to the final text), then ``Provisional`` (the whole not-yet-final tail, which
-replaces the previous one), then any ``Chosen``. The final text is the concatenation of the
+replaces the previous one; sent only when it changed), then any ``Chosen``. The final text is the concatenation of the
 ``Final`` texts; ``Done`` ends the stream.
 """
 
@@ -55,12 +55,11 @@ class Final:
 
 @dataclass
 class Provisional:
-    """The not-yet-final tail after the final text (it may still be rewound): ``tokens`` tokens,
-    decoded as ``text``. ``delivered`` counts the final tokens so far."""
+    """The not-yet-final tail after the final text (it may still be rewound), decoded as
+    ``text``; ``tokens`` tokens are not final yet. Sent when it changes."""
 
     text: str
     tokens: int
-    delivered: int
     type: str = field(default="provisional", init=False)
 
 
@@ -146,9 +145,9 @@ class EventTracker:
                 self._reported_final = released
         tail = self._tail(len(generation.tokens))
         state = (tail, len(generation.tokens) - self._done)
-        if state != self._provisional or events:
+        if state != self._provisional:
             self._provisional = state
-            events.append(Provisional(tail, len(generation.tokens) - released, released))
+            events.append(Provisional(tail, len(generation.tokens) - released))
         events.extend(self._resolve())
         if generation.done:  # close() also marks a generation that was stopped early as done
             events.extend(self._resolve(end=True))
@@ -236,7 +235,6 @@ class Transcript:
             self.strikes = [s for s in self.strikes if s.at <= at] + [Strike(at, e["text"], e["reason"], inner)]
         elif kind == "final":
             self.final += e["text"]
-            self.provisional = ""
         elif kind == "provisional":
             self.provisional = e["text"]
         elif kind == "chosen" and e["rewind"] in self.rewinds:

@@ -100,3 +100,15 @@ def candidates(provider: BaseProvider, strategy: BaseStrategy, prompt: List[int]
                 "finish_reason": finish, "rewind": rewind}
     finally:
         generation.close()
+
+
+def backtrack_payload(event, held: str = "") -> Dict[str, Any]:
+    """The ``backtrack`` object of a stream's extension chunk for ``event`` (not ``Final``: final
+    text goes in the ordinary chunks). ``held``: final text the server holds back (it might start a
+    stop string); it is shown at the start of the provisional text."""
+    from .events import event_dict
+
+    data = event_dict(event)
+    if data["type"] == "provisional" and held:
+        data["text"] = held + data["text"]
+    return data

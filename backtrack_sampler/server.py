@@ -34,6 +34,9 @@ from starlette.routing import Route
 from .backtrack_sampler import BacktrackSampler
 from .chat import chat_prompt_tokens
 from .errors import UsageError
+from .events import Done, event_dict, stream_events
+from . import playground
+from .playground import backtrack_payload
 from .models import load_provider, provider_name
 from .registry import chain, make_strategy, strategy_parameters
 from .provider.base_provider import BaseProvider
@@ -261,11 +264,21 @@ class Engine:
             sampler = BacktrackSampler(self.provider, _Guard(strategy, job.cancelled))
             stops = StopFilter(stop)
             finish = None
-            chunks = sampler.generate_text(prompt, **sampling)
+            sampling = dict(sampling)
+            backtrack = sampling.pop("include_backtrack", False)
+            chunks = stream_events(sampler, prompt, **sampling) if backtrack else sampler.generate_text(prompt, **sampling)
             try:
                 for chunk in chunks:
-                    text, hit = stops.push(chunk)
-                    if text:
+                    if backtrack:  # an event: final text goes in the usual chunks, the rest in extension chunks
+                        if chunk.type != "final":
+                            if chunk.type != "done":
+                                job.put("backtrack", backtrack_payload(chunk, stops.held))
+                            continue
+                        text, hit = stops.push(chunk.text)
+                        job.put("final", (text, {"type": "final", "text": text, "tokens": chunk.tokens}))
+                    else:
+                        text, hit = stops.push(chunk)
+                    if text and not backtrack:
                         job.put("text", text)
                     if hit:
                         finish = "stop"
@@ -277,8 +290,11 @@ class Engine:
             if finish is None:
                 rest = stops.flush()
                 if rest:
-                    job.put("text", rest)
+                    job.put("final", (rest, {"type": "final", "text": rest, "tokens": 0})) if backtrack else job.put("text", rest)
             stats = sampler.stats
+            if backtrack:
+                job.put("backtrack", event_dict(Done(finish or stats.finish_reason, stats.delivered, stats.rewound,
+                                                     stats.rewinds, stats.steps, round(stats.seconds, 4))))
             job.put("done", {
                 "finish_reason": finish or stats.finish_reason or "length",
                 "completion_tokens": stats.delivered, "rewound_tokens": stats.rewound, "rewinds": stats.rewinds,
@@ -383,8 +399,9 @@ def _common(body: dict) -> Tuple[Dict[str, Any], bool, bool, List[str], List[str
     if not isinstance(stream, bool) and stream is not None:
         raise APIError("stream must be a boolean", "stream", "invalid_type")
     options = body.get("stream_options") or {}
-    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-        raise APIError('stream_options must be an object like {"include_usage": true}', "stream_options", "invalid_type")
+    if not isinstance(options, dict) or not all(isinstance(options.get(k, False), bool) for k in ("include_usage", "include_backtrack")):
+        raise APIError('stream_options must be an object like {"include_usage": true, "include_backtrack": true}',
+                       "stream_options", "invalid_type")
     stop = _strings(body, "stop", MAX_STOP)
     banned = _strings(body, "banned_strings")
     regexes = _strings(body, "banned_regex")
@@ -472,6 +489,8 @@ def create_app(engine: Engine, api_key: Optional[str] = None) -> Starlette:
         body = await _json_body(request)
         options, stream, include_usage, stop, banned, regexes = _common(body)
         sampling = _sampling(body, None if chat else 16)
+        if stream and options.get("include_backtrack"):
+            sampling["include_backtrack"] = True
         spec = body.get("strategy")
         if chat:
             messages = _messages(body)
@@ -551,6 +570,13 @@ def create_app(engine: Engine, api_key: Optional[str] = None) -> Starlette:
                     kind, value = await job.queue.get()
                     if kind == "text":
                         yield _sse(chunk(value))
+                    elif kind == "final":  # final text with its extension object (include_backtrack)
+                        data = chunk(value[0])
+                        data["backtrack"] = value[1]
+                        yield _sse(data)
+                    elif kind == "backtrack":
+                        yield _sse({"id": ident, "object": obj, "created": created, "model": engine.name,
+                                    "choices": [], "backtrack": value})
                     elif kind == "error":
                         yield _sse({"error": {"message": value.message, "type": value.type, "param": value.param, "code": value.code}})
                         break
@@ -566,6 +592,41 @@ def create_app(engine: Engine, api_key: Optional[str] = None) -> Starlette:
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    async def candidates(request: Request) -> Response:
+        body = await _json_body(request)
+        _, _, _, _, banned, regexes = _common(body)
+        sampling = _sampling(body, None)
+        top_n = _number(body, "top_n", 5, low=1, high=playground.MAX_TOP_N, integer=True)
+        tokens = body.get("tokens", [])
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise APIError("tokens must be a list of token ids", "tokens", "invalid_type")
+        if len(tokens) > playground.MAX_CHOSEN:
+            raise APIError(f"tokens takes at most {playground.MAX_CHOSEN} token ids, got {len(tokens)}", "tokens", "invalid_value")
+        if tokens and (min(tokens) < 0 or max(tokens) >= engine.provider.vocab_size):
+            raise APIError(f"token ids must be in [0, {engine.provider.vocab_size})", "tokens", "invalid_value")
+        if "messages" in body:
+            prompt = await run_in_threadpool(engine.chat_tokens, _messages(body))
+        elif "prompt" in body:
+            prompt = await run_in_threadpool(engine.prompt_tokens, body["prompt"])
+        else:
+            raise APIError("prompt or messages is required", "prompt", "missing_required_parameter")
+        spec = body.get("strategy")
+        if not isinstance(spec, (type(None), str, dict, list)):
+            raise APIError('strategy must be a name, {"name": ..., parameters...} or a list of those', "strategy", "invalid_type")
+
+        def work():
+            with engine.lock:
+                strategy = engine.build_strategy(spec, banned, regexes)
+                engine.busy = True
+                try:
+                    return playground.candidates(
+                        engine.provider, strategy, prompt, tokens, top_n, sampling["temperature"], sampling["top_k"],
+                        sampling["top_p"], sampling["min_p"], sampling["max_new_tokens"])
+                finally:
+                    engine.busy = False
+
+        return JSONResponse(await run_in_threadpool(work))
 
     def model_card() -> dict:
         return {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "backtrack-sampler"}
@@ -601,6 +662,8 @@ def create_app(engine: Engine, api_key: Optional[str] = None) -> Starlette:
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{model:path}", model, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            Route("/v1/backtrack/candidates", candidates, methods=["POST"]),
+            *playground.routes(),
         ],
         exception_handlers={APIError: api_error, HTTPException: http_error, _ClientGone: client_gone, Exception: server_error},
     )
@@ -616,7 +679,7 @@ class _ApiKey:
         self.state = getattr(app, "state", None)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope.get("path") != "/health":
+        if scope["type"] == "http" and scope.get("path") != "/health" and not playground.public_path(scope.get("path", "")):
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 message = "invalid API key" if given else "missing API key: send 'Authorization: Bearer KEY'"

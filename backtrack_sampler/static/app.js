@@ -146,11 +146,11 @@ async function readEvents(response, signal) {
 
 function onChunk(chunk) {
   if (chunk.error) throw new ServerError(chunk.error.message, 500, chunk.error.param);
-  if (chunk.backtrack) onEvent(chunk.backtrack);
+  if (chunk.backtrack) onEvent(chunk.backtrack);  // before the text: a rewind applies first
   const choice = chunk.choices && chunk.choices[0];
   if (choice) {
     const text = choice.delta ? choice.delta.content : choice.text;
-    if (text) { ui.doc.final += text; ui.doc.prov = ""; }
+    if (text) ui.doc.final += text;
     if (choice.finish_reason) ui.stats.finish = choice.finish_reason;
   }
   queueDraw();
@@ -167,9 +167,10 @@ function onEvent(e) {
     ui.rewinds.push({ index: e.index, text: e.text, reason: e.reason, chosen: undefined });
     ui.stats.rewound += e.tokens.length;
     ui.stats.rewinds += 1;
+  } else if (e.type === "final") {
+    ui.stats.delivered += e.tokens;
   } else if (e.type === "provisional") {
     doc.prov = e.text;
-    ui.stats.delivered = e.delivered;
   } else if (e.type === "chosen") {
     const r = ui.rewinds.find((x) => x.index === e.rewind);
     if (r) r.chosen = e.text;
@@ -219,8 +220,10 @@ function textNodes(text, strikes, finalLen, struck) {
     const at = Math.min(s.at, text.length);
     piece(done, at);
     done = Math.max(done, at);
+    const lead = s.inner.length ? "" : s.text.match(/^\s*/)[0];  // a leading space reads better unstruck
+    if (lead) out.push(document.createTextNode(lead));
     const node = span("struck", "", "rewound: " + (s.reason || "no reason given"));
-    node.append(...textNodes(s.text, s.inner, 0, true));
+    node.append(...textNodes(s.text.slice(lead.length), s.inner, 0, true));
     out.push(node);
   }
   piece(done, text.length);
@@ -254,9 +257,10 @@ function drawSide() {
   if (!ui.rewinds.length) { list.replaceChildren(Object.assign(document.createElement("li"), { className: "muted empty", textContent: "none yet" })); return; }
   const items = ui.rewinds.slice(-200).reverse().map((r) => {
     const li = document.createElement("li");
-    li.append(span("why", `#${r.index + 1} · ${r.reason || "rewind"}`), span("rej", r.text || "∅"));
+    li.append(span("why", `#${r.index + 1} · ${r.reason || "rewind"}`), span("rej", r.text.trimStart() || "∅"));
     if (r.chosen !== undefined) {
-      li.append(span("arrow", "→"), r.chosen === null ? span("muted", "discarded by a later rewind") : span("cho", r.chosen || "∅"));
+      li.append(span("arrow", "→"), r.chosen === null ? span("muted", "discarded by a later rewind")
+        : span("cho", r.chosen.trimStart() || "∅"));
     }
     return li;
   });
