@@ -136,7 +136,7 @@ def test_a_banned_phrase_is_struck_out_and_absent_from_the_final_text(page, serv
 
 def test_stop_stops_the_generation_on_the_server(page, server):
     page.fill("#prompt", "Once upon a time, in a small village by the sea, there lived")
-    page.fill("#banned", "the\nand\nwas")
+    page.fill("#banned", "sea\nold\nlittle\nand\nwas")
     page.check("#use-creative")
     page.fill("#seed", "3")
     page.fill("#temperature", "0.9")
