@@ -11,17 +11,42 @@ the next token, with their probabilities after the strategy's edits and the samp
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
+from pydantic import Field, model_validator
+from typing_extensions import Annotated
 
 from .backtrack_sampler import BacktrackSampler
 from .provider.base_provider import BaseProvider
+from .schemas import ChatMessage, _error, _Request
 from .strategy.base_strategy import BaseStrategy
 
 STATIC = Path(__file__).with_name("static")
 MAX_TOP_N = 20
 MAX_CHOSEN = 1024  # tokens a candidates request may replay
+
+
+class CandidatesRequest(_Request):
+    """``POST /v1/backtrack/candidates``: ``prompt`` (a string or token ids) or ``messages``, the
+    ``tokens`` chosen so far, ``top_n`` candidates wanted, and the sampling and strategy fields of
+    the completion routes (``max_tokens`` is the token limit the choices count against)."""
+
+    prompt: Optional[Union[str, List[int]]] = None
+    messages: Optional[List[ChatMessage]] = Field(None, min_length=1)
+    tokens: List[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=MAX_CHOSEN)
+    top_n: int = Field(5, ge=1, le=MAX_TOP_N)
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> "CandidatesRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise _error("invalid_value", "give either prompt or messages")
+        if self.prompt is not None and len(self.prompt) == 0:
+            raise _error("invalid_value", "prompt is empty")
+        return self
+
+    def message_dicts(self) -> List[Dict[str, str]]:
+        return [{"role": m.role, "content": m.content or ""} for m in self.messages or []]
 
 
 def public_path(path: str) -> bool:
