@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -185,6 +186,26 @@ def test_human_guidance_accepts_clicks_and_goes_back(page, server):
     # the page's state agrees with the stateless route
     body = {"prompt": PROMPT, "tokens": [int(first)], "top_n": 4}
     assert post(server, "/v1/backtrack/candidates", body).json()["text"] == after_one
+
+
+def test_chat_mode_and_a_slop_file(page, server, tmp_path):
+    slops = tmp_path / "slop.json"
+    slops.write_text(json.dumps([["tapestry", 0.1], "a testament to"]))
+    page.set_input_files("#banned-file", str(slops))
+    expect(page.locator("#banned")).to_have_value("tapestry\na testament to")
+    expect(page.locator("#banned-count")).to_contain_text("2 phrases loaded from slop.json")
+    page.click(".seg label:has(input[value=chat])")
+    expect(page.locator("#system")).to_be_visible()
+    page.fill("#system", "Answer in one word.")
+    page.fill("#prompt", "Name a colour.")
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "6")
+    page.click("#generate")
+    expect(page.locator("#st-status")).to_have_text(re.compile("^done"), timeout=SLOW)
+    answer = post(server, "/v1/chat/completions", {
+        "messages": [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a colour."}],
+        "banned_strings": ["tapestry", "a testament to"], "temperature": 0, "max_tokens": 6}).json()
+    assert final_text(page) == answer["choices"][0]["message"]["content"] != ""
 
 
 def test_a_bad_parameter_shows_the_servers_message(page, server):

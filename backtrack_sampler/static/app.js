@@ -220,10 +220,12 @@ function textNodes(text, strikes, finalLen, struck) {
     const at = Math.min(s.at, text.length);
     piece(done, at);
     done = Math.max(done, at);
-    const lead = s.inner.length ? "" : s.text.match(/^\s*/)[0];  // a leading space reads better unstruck
+    let lead = s.text.match(/^\s*/)[0];  // a leading space reads better unstruck
+    if (s.inner.some((x) => x.at < lead.length)) lead = "";
     if (lead) out.push(document.createTextNode(lead));
     const node = span("struck", "", "rewound: " + (s.reason || "no reason given"));
-    node.append(...textNodes(s.text.slice(lead.length), s.inner, 0, true));
+    const inner = s.inner.map((x) => ({ ...x, at: x.at - lead.length }));
+    node.append(...textNodes(s.text.slice(lead.length), inner, 0, true));
     out.push(node);
   }
   piece(done, text.length);
