@@ -17,7 +17,8 @@ import numpy as np
 from pydantic import Field, model_validator
 from typing_extensions import Annotated
 
-from .backtrack_sampler import BacktrackSampler
+from .backtrack_sampler import Generation
+from .sampling import check_sampling_args
 from .provider.base_provider import BaseProvider
 from .schemas import ChatMessage, _error, _Request
 from .strategy.base_strategy import BaseStrategy
@@ -75,56 +76,86 @@ def _text_after(provider: BaseProvider, before: Sequence[int], tokens: Sequence[
     return provider.decode(context + list(tokens))[len(provider.decode(context)):]
 
 
+class CandidateSearch(Generation):
+    """A ``Generation`` that replays ``chosen`` (pushed instead of drawn, so the strategy sees
+    them, edits the logits and may rewind) and then, instead of drawing a token, records the
+    ``top_n`` candidates for the next one in ``result`` and ends. Any driver steps it like a
+    ``Generation`` (``candidates`` below; the server's scheduler).
+
+    ``result``: ``{"tokens", "text", "candidates": [{"token", "text", "probability", "eos"}],
+    "finish_reason", "rewind"}``: ``tokens`` are the chosen tokens the strategy kept (when they
+    complete a banned phrase it rewinds: ``rewind`` tells where and why, and replay stops there);
+    ``finish_reason`` is "stop" after an end-of-text token and "length" at the token limit, and
+    then there are no candidates. A strategy with no hooks needs no model call to replay (only the
+    last position is evaluated); any other costs one evaluation per chosen token.
+    """
+
+    def __init__(self, provider: BaseProvider, strategy: BaseStrategy, prompt: List[int], chosen: Sequence[int],
+                 top_n: int = 5, limit: Optional[int] = None, temperature: float = 1.0, top_k: Optional[int] = 50,
+                 top_p: Optional[float] = None, min_p: Optional[float] = None):
+        check_sampling_args(temperature, top_k, top_p, min_p)
+        room = provider.context_length - len(prompt)
+        super().__init__(provider, strategy, prompt, room if limit is None else min(limit, room),
+                         (temperature, top_k, top_p, min_p), seed=0, budget=2**62)
+        self.chosen, self.top_n = [int(t) for t in chosen], top_n
+        self.rewind: Optional[Dict[str, Any]] = None
+        self.result: Optional[Dict[str, Any]] = None
+        if type(strategy) is BaseStrategy:  # no hooks: nothing to replay through, no logits needed
+            for token in self.chosen:
+                if self.done:
+                    break
+                self.push(token, None)
+        self._settle()
+
+    def advance(self, logits: np.ndarray) -> List[int]:
+        ids, probs, dense = self.distribution(logits)
+        if self.rewind is None and len(self.tokens) < len(self.chosen):
+            final = self.push(self.chosen[len(self.tokens)], dense)
+            if self.stats.events:
+                event = self.stats.events[0]
+                self.rewind = {"position": event.position, "tokens": list(event.tokens), "reason": event.reason,
+                               "text": _text_after(self.provider, self.prompt + self.tokens[: event.position],
+                                                   event.tokens)}
+            self._settle()
+            return final
+        probs = np.asarray(probs, dtype=np.float64)
+        order = np.argsort(-probs, kind="stable")[: self.top_n]
+        total = float(probs.sum()) or 1.0
+        eos = self.provider.eos_token_ids
+        self._answer([{
+            "token": int(ids[i]), "probability": float(probs[i]) / total, "eos": int(ids[i]) in eos,
+            "text": "" if int(ids[i]) in eos else _text_after(self.provider, self.sequence, [int(ids[i])]),
+        } for i in order])
+        self.close()
+        return []
+
+    def _settle(self) -> None:
+        if self.done:  # the end-of-text token or the token limit: no candidates
+            self._answer([])
+
+    def _answer(self, options: List[Dict[str, Any]]) -> None:
+        tokens = list(self.tokens)
+        finish = self.stats.finish_reason if self.done else None
+        if finish == "stop" and self.rewind is None:
+            tokens.append(self.chosen[len(tokens)])  # the end-of-text token the user picked: "back" removes it
+        self.result = {"tokens": tokens, "text": _text_after(self.provider, self.prompt, self.tokens),
+                       "candidates": options, "finish_reason": finish, "rewind": self.rewind}
+
+
 def candidates(provider: BaseProvider, strategy: BaseStrategy, prompt: List[int], chosen: Sequence[int],
                top_n: int = 5, temperature: float = 1.0, top_k: Optional[int] = 50, top_p: Optional[float] = None,
                min_p: Optional[float] = None, max_new_tokens: Optional[int] = None) -> Dict[str, Any]:
-    """Replay ``chosen`` after ``prompt`` through ``strategy`` and return the next-token candidates.
-
-    Returns ``{"tokens", "text", "candidates": [{"token", "text", "probability", "eos"}],
-    "finish_reason", "rewind"}``: ``tokens`` are the chosen tokens the strategy kept (it may rewind
-    when they complete a banned phrase: ``rewind`` then tells where and why, and replay stops
-    there); ``finish_reason`` is "stop" after an end-of-text token and "length" at the token
-    limit, and then there are no candidates. Call it holding the model (the provider's cache is
-    used). Costs one model evaluation per chosen token when the strategy has hooks (none when it
-    has none: only the last position is evaluated, usually from the cache).
-    """
-    sampler = BacktrackSampler(provider, strategy)
-    generation = sampler.start(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, min_p=min_p, seed=0)
-    plain = type(strategy) is BaseStrategy  # no hooks: the replay needs no logits
-    rewind = None
+    """Replay ``chosen`` after ``prompt`` through ``strategy`` and return the next-token
+    candidates (``CandidateSearch.result``), driving it with ``provider.generate``; call it
+    holding the model."""
+    search = CandidateSearch(provider, strategy, prompt, chosen, top_n, max_new_tokens, temperature, top_k, top_p,
+                             min_p)
     try:
-        for token in chosen:
-            if generation.done:
-                break
-            dense = None
-            if not plain:
-                _, _, dense = generation.distribution(provider.generate(generation.sequence))
-            generation.push(int(token), dense)
-            if generation.stats.events:
-                event = generation.stats.events[0]
-                rewind = {"position": event.position, "tokens": list(event.tokens), "reason": event.reason,
-                          "text": _text_after(provider, generation.tokens[: event.position], event.tokens)}
-                break
-        tokens = list(generation.tokens)
-        finish = generation.stats.finish_reason if generation.done else None
-        if finish == "stop" and rewind is None:
-            tokens.append(int(chosen[len(tokens)]))  # the end-of-text token the user picked: "back" removes it
-        options: List[Dict[str, Any]] = []
-        if not generation.done:
-            ids, probs, _ = generation.distribution(provider.generate(generation.sequence))
-            probs = np.asarray(probs, dtype=np.float64)
-            order = np.argsort(-probs, kind="stable")[:top_n]
-            total = float(probs.sum()) or 1.0
-            eos = provider.eos_token_ids
-            options = [{
-                "token": int(ids[i]), "probability": float(probs[i]) / total, "eos": int(ids[i]) in eos,
-                "text": "" if int(ids[i]) in eos else _text_after(provider, generation.sequence, [int(ids[i])]),
-            } for i in order]
-        return {"tokens": tokens, "text": _text_after(provider, prompt, generation.tokens), "candidates": options,
-                "finish_reason": finish, "rewind": rewind}
+        while not search.done:
+            search.advance(provider.generate(search.sequence))
     finally:
-        generation.close()
+        search.close()
+    return search.result
 
 
 def backtrack_payload(event, held: str = "") -> Dict[str, Any]:
