@@ -247,6 +247,22 @@ def test_the_backtrack_stream_rebuilds_the_final_text_and_its_history(server):
     assert "country" in transcript.render()
 
 
+def test_the_backtrack_stream_honours_stop_strings(server):
+    body = {"prompt": PROMPT, "banned_strings": ["country"], "temperature": 0, "max_tokens": 24, "stream": True,
+            "stop": [" of the"]}
+    plain = "".join(chunk["choices"][0]["text"] for chunk in sse(post(server, "/v1/completions", body)))
+    chunks = sse(post(server, "/v1/completions", {**body, "stream_options": {"include_backtrack": True}}))
+    transcript = Transcript()
+    for chunk in chunks:
+        if "backtrack" in chunk:
+            transcript.apply(chunk["backtrack"])
+    text = "".join(chunk["choices"][0]["text"] for chunk in chunks if chunk["choices"])
+    assert text == plain == transcript.final == " the capital"
+    done = [chunk["backtrack"] for chunk in chunks if chunk.get("backtrack", {}).get("type") == "done"]
+    assert len(done) == 1 and done[0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
 def test_openai_clients_see_the_plain_stream_unless_they_ask(server):
     with openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, timeout=300, max_retries=0) as client:
         args = dict(model="any", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=12,
