@@ -113,6 +113,18 @@ def test_the_page_and_its_files_need_no_key_but_the_api_does(server):
     assert post(server, "/v1/backtrack/candidates", {"prompt": "x"}, key="wrong").status_code == 401
 
 
+def test_a_wrong_key_is_asked_again_with_the_servers_message(browser, server):
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(server.url + "/")
+    page.fill("#key-input", "wrong")
+    page.click("#key-save")
+    expect(page.locator("#key-dialog p")).to_contain_text("Invalid API key")
+    expect(page.locator("#key-dialog")).to_be_visible()
+    expect(page.locator("#model")).to_have_text("key needed")
+    context.close()
+
+
 def test_a_banned_phrase_is_struck_out_and_absent_from_the_final_text(page, server):
     page.fill("#prompt", PROMPT)
     page.fill("#banned", "country")

@@ -448,7 +448,13 @@ function init() {
 async function loadModel() {
   try {
     const response = await fetch("/v1/models", { headers: headers() });
-    if (response.status === 401) { $("model").textContent = "key needed"; askKey("The server needs an API key"); return; }
+    if (response.status === 401) {
+      let message = "The server needs an API key";
+      try { message = (await response.json()).error.message || message; } catch (_) { /* not JSON */ }
+      $("model").textContent = "key needed";
+      askKey(message.charAt(0).toUpperCase() + message.slice(1));
+      return;
+    }
     const data = await response.json();
     $("model").textContent = data.data[0].id;
   } catch (error) {
