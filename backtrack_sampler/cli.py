@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO
 
 from .chat import chat_prompt_tokens
 from .errors import UsageError
-from .models import BACKENDS, load_provider
+from .models import BACKENDS, MODELS, default_model, load_provider
 from .provider.base_provider import BaseProvider
 from .registry import STRATEGIES, build_strategies, check_regexes, read_regexes, read_slops
 
@@ -61,13 +61,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def _add_model_args(parser):
+def _add_model_args(parser, default: str):
     group = parser.add_argument_group("model")
     group.add_argument("--backend", choices=BACKENDS, default="llamacpp", help="model backend (default: llamacpp)")
     group.add_argument(
-        "--model", metavar="PATH",
-        help="a .gguf file (llamacpp or transformers) or a local transformers model folder "
-        "(default: the embedded Gemma 3 270M)",
+        "--model", metavar="NAME|PATH",
+        help=f"an embedded model ({', '.join(MODELS)}), a .gguf file (llamacpp or transformers) "
+        f"or a local transformers model folder (default: {default})",
     )
     group.add_argument("--n-ctx", type=_positive_int, metavar="N", help="context size for llamacpp (default: 8192)")
     group.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads (default: all cores)")
@@ -77,7 +77,7 @@ def _add_generation_args(parser, human: bool = False):
     parser.add_argument("prompt", nargs="?", help="the prompt (default: read from stdin)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     parser.add_argument("--system", metavar="TEXT", help="system message (implies --chat)")
-    _add_model_args(parser)
+    _add_model_args(parser, f"{default_model(chat=True)} with --chat/--system, else {default_model()}")
 
     group = parser.add_argument_group("sampling")
     group.add_argument("--temperature", type=_number, default=1.0, help="0 is greedy (default: 1.0)")
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, default=8000, help="(default: 8000)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $BACKTRACK_SAMPLER_API_KEY, else no key)")
     serve.add_argument("--model-name", help="the model id the API reports (default: the model file's name)")
-    _add_model_args(serve)
+    _add_model_args(serve, default_model(chat=True))
     _add_limit_args(serve)
     return parser
 
@@ -299,10 +299,11 @@ def _generate(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     if any(name == "human" for name, _ in plan) and not (_isatty(stdin) and _isatty(stdout)):
         raise UsageError("the human strategy needs an interactive terminal (stdin and stdout)")
     trace = _open_trace(args.trace)  # before the model loads: a bad path fails at once
-    provider = load_provider(args.backend, args.model, args.n_ctx, args.threads)
+    chat = bool(args.chat or args.system)
+    model = args.model if args.model is not None else default_model(chat)  # chat -> the instruct model
+    provider = load_provider(args.backend, model, args.n_ctx, args.threads)
     strategy = build_strategies(plan, provider)
-    prompt_messages = bool(args.chat or args.system)
-    if prompt_messages:
+    if chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
         prompt_input: Any = chat_prompt_tokens(provider, messages)
     else:
@@ -317,7 +318,7 @@ def _generate(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
         color = args.color == "always" or (args.color == "auto" and _isatty(stderr) and not os.environ.get("NO_COLOR"))
     display = _RewindDisplay(stdout, stderr, color)
     try:
-        writer = TraceWriter(trace, messages if prompt_messages else prompt) if trace else None
+        writer = TraceWriter(trace, messages if chat else prompt) if trace else None
         for event in stream_events(sampler, prompt_input, **kwargs):
             display.event(event)
             if writer is not None:

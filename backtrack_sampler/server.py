@@ -46,7 +46,7 @@ from .chat import chat_prompt_tokens
 from . import playground
 from .errors import UsageError
 from .events import Done, event_dict, stream_events
-from .models import load_provider, provider_name
+from .models import default_model, load_provider, provider_name
 from .provider.base_provider import BaseProvider
 from .registry import chain, make_strategy
 from .schemas import APIError, ChatCompletionRequest, CompletionRequest, Limits, parse_request
@@ -602,9 +602,9 @@ class _ApiKey:
 def serve(host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None, backend: str = "llamacpp",
           model: Optional[str] = None, n_ctx: Optional[int] = None, threads: Optional[int] = None,
           model_name: Optional[str] = None, log_level: str = "info", limits: Optional[Limits] = None) -> None:
-    """Load the model and serve it until interrupted (Ctrl-C)."""
+    """Load the model (default: the embedded instruct model, for chat clients) and serve it until interrupted."""
     import uvicorn
 
-    provider = load_provider(backend, model, n_ctx, threads)
+    provider = load_provider(backend, model or default_model(chat=True), n_ctx, threads)
     app = create_app(Engine(provider, model_name), api_key, limits)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
