@@ -14,13 +14,16 @@ A request goes through three steps, each its own piece below:
    request; any problem is a 400/413 in OpenAI's error shape;
 2. **plan** (``plan_request``, off the event loop): prompt tokens, the strategy built, sampling
    arguments, stop strings, the token and time limits: a ``Plan``; still before any waiting;
-3. **execute** (``Engine``): one generation at a time, in a worker thread, reporting text to a
-   ``Job`` the response reads.
+3. **execute** (``Engine``): a ``BatchScheduler`` stepped by one background thread runs up to
+   ``parallel`` generations at once (one backend call per step for all of them) and reports text
+   to each request's ``Job``; more wait in a bounded first-come-first-served queue (beyond it: 429
+   with ``Retry-After``). A client that disconnects, running or queued, frees its place at the
+   next step.
 
 Extra request fields: ``top_k``, ``min_p``, ``banned_strings`` (list of phrases),
 ``banned_regex`` (a pattern or a list), ``strategy`` (a name, ``{"name": ..., params...}``, or a
 list of those, chained). Start it with ``backtrack-sampler serve`` or ``serve(...)``; embed it
-with ``create_app(Engine(provider), api_key=..., limits=Limits(...))``.
+with ``create_app(Engine(provider, parallel=N), api_key=..., limits=Limits(...))``.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -41,18 +46,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .backtrack_sampler import BacktrackSampler
+from .backtrack_sampler import BacktrackSampler, Generation
+from .batch import BatchJob, BatchScheduler
 from .chat import chat_prompt_tokens
 from . import playground
 from .errors import UsageError
-from .events import Done, event_dict, stream_events
+from .events import Done, EventTracker, Final, event_dict
 from .models import default_model, load_provider, provider_name
 from .provider.base_provider import BaseProvider
 from .registry import chain, make_strategy
 from .schemas import APIError, ChatCompletionRequest, CompletionRequest, Limits, parse_request
 from .strategy.base_strategy import BaseStrategy
 
-__all__ = ["APIError", "Engine", "Limits", "Plan", "StopFilter", "create_app", "plan_request", "serve"]
+__all__ = ["APIError", "Engine", "Limits", "Plan", "QueueFull", "StopFilter", "create_app", "default_parallel",
+           "plan_request", "serve"]
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -173,12 +180,8 @@ def _make(name: str, params: Dict[str, Any], param: str, provider: BaseProvider)
 
 
 # --------------------------------------------------------------------------------------------
-# 3. execute: one generation at a time, in a worker thread, reported to a Job
+# 3. execute: every generation in one BatchScheduler, stepped by one background thread
 # --------------------------------------------------------------------------------------------
-class _Cancelled(Exception):
-    pass
-
-
 class _TimeUp(Exception):
     pass
 
@@ -187,13 +190,22 @@ class _ClientGone(Exception):
     """The client disconnected before the answer was ready."""
 
 
-class _Guard(BaseStrategy):
-    """Delegates to ``inner``; stops the generation at the next token once ``cancelled`` is set
-    or ``deadline`` (``time.monotonic()``) has passed, also while the strategy rewinds and no
-    text comes out."""
+class QueueFull(APIError):
+    """429: every slot is busy and the queue is full; ``Retry-After`` says when to try again."""
 
-    def __init__(self, inner: BaseStrategy, cancelled: threading.Event, deadline: float):
-        self.inner, self.cancelled, self.deadline = inner, cancelled, deadline
+    def __init__(self, running: int, queued: int, retry_after: int = 1):
+        super().__init__(f"the server is busy ({running} generations running, {queued} queued, the most it "
+                         "queues): retry later", None, "rate_limit_exceeded", 429, "rate_limit_error")
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class _Deadline(BaseStrategy):
+    """Delegates to ``inner``; ends the generation at the next token once ``deadline``
+    (``time.monotonic()``, set when the generation leaves the queue) has passed, also while the
+    strategy rewinds and no text comes out."""
+
+    def __init__(self, inner: BaseStrategy, seconds: float):
+        self.inner, self.seconds, self.deadline = inner, seconds, float("inf")
 
     @property
     def needs_probs(self) -> bool:
@@ -207,8 +219,6 @@ class _Guard(BaseStrategy):
         return self.inner.get_keep_index()
 
     def on_logits(self, logits, continuation_tokens):
-        if self.cancelled.is_set():
-            raise _Cancelled()
         if time.monotonic() > self.deadline:
             raise _TimeUp()
         return self.inner.on_logits(logits, continuation_tokens)
@@ -256,24 +266,28 @@ class StopFilter:
 
 
 class Job:
-    """One request's generation as the event loop sees it: the worker puts ``(kind, value)``
-    reports on ``queue``: ``("started", None)``, ``("text", str)``, then ``("done", dict)`` or
-    ``("error", APIError)``."""
+    """One request's generation as the event loop sees it: the engine's thread puts
+    ``(kind, value)`` reports on ``queue``: ``("started", None)`` when it leaves the queue,
+    ``("text", str)``, then ``("done", dict)`` or ``("error", APIError)``."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.checked = loop.time()  # when the client's connection was last checked
+        self.batch: Optional[BatchJob] = None
 
     def put(self, kind: str, value: Any = None) -> None:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
         except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self.cancelled.set()
+            self.cancel()
 
     def cancel(self) -> None:
+        """Free the slot (or the place in the queue) at the next step."""
         self.cancelled.set()
+        if self.batch is not None:
+            self.batch.cancel()
 
     async def next(self, request: Request) -> Tuple[str, Any]:
         """The next report; cancels the job if the client goes away meanwhile (checked at least
@@ -291,81 +305,195 @@ class Job:
                 pass
 
 
-class Engine:
-    """The loaded model; runs one generation at a time (a lock), each in its own worker thread,
-    so the event loop (and ``/health``) never waits for the model."""
+class _Output:
+    """A generation's final tokens as text reports to its ``Job``: whole characters only, cut
+    before any stop string (which ends the generation with finish_reason "stop"). With
+    ``plan.include_backtrack`` the text comes from the generation's events (``on_step``), and the
+    other events are reported too."""
 
-    def __init__(self, provider: BaseProvider, name: Optional[str] = None):
+    def __init__(self, provider: BaseProvider, job: Job, plan: Plan, generation: Generation):
+        self.provider, self.job, self.plan = provider, job, plan
+        self.stops = StopFilter(plan.stop)
+        self.tokens: List[int] = []
+        self.start = self.done = 0  # tokens[start:done] is sent; decoding from start keeps spacing right
+        self.stopped = False
+        self.tracker = EventTracker(generation) if plan.include_backtrack else None
+
+    def on_start(self, batch: BatchJob) -> None:
+        batch.generation.strategy.deadline = time.monotonic() + self.plan.max_seconds
+        self.job.put("started")
+
+    def on_tokens(self, batch: BatchJob, tokens: List[int]) -> None:
+        if self.stopped or self.tracker is not None:
+            return
+        self.tokens.extend(tokens)
+        decode = self.provider.decode
+        sent, text = decode(self.tokens[self.start : self.done]), decode(self.tokens[self.start :])
+        if len(text) > len(sent) and not text.endswith("\ufffd"):
+            self.start, self.done = self.done, len(self.tokens)
+            self._send(text[len(sent) :], batch)
+
+    def on_step(self, batch: BatchJob) -> None:
+        """include_backtrack: the step's events; final text goes in the ordinary chunks."""
+        if self.stopped or self.tracker is None:
+            return
+        for event in self.tracker.update():
+            if isinstance(event, Final):
+                self._send(event.text, batch, event.tokens)
+                if self.stopped:
+                    return
+            elif not isinstance(event, Done):  # the server reports its own end (stop strings, time limit)
+                self.job.put("backtrack", playground.backtrack_payload(event, self.stops.held))
+
+    def on_finish(self, batch: BatchJob) -> None:
+        if self.stopped:
+            return
+        error = batch.error
+        if error is not None and not isinstance(error, _TimeUp):  # a strategy failed mid-generation
+            self.job.put("error", APIError(f"generation failed: {type(error).__name__}: {error}", status=500,
+                                           type="server_error", code="generation_failed"))
+            return
+        if error is None and batch.stats.finish_reason is None:  # cancelled: the client went away
+            return
+        if self.tracker is not None:
+            self.on_step(batch)  # what the last step left
+        else:
+            decode = self.provider.decode
+            self._send(decode(self.tokens[self.start :])[len(decode(self.tokens[self.start : self.done])) :], batch)
+        if not self.stopped:
+            self._text(self.stops.flush(), 0)
+            self._done(batch, "length" if error is not None else batch.stats.finish_reason or "length")
+
+    def _send(self, text: str, batch: BatchJob, tokens: int = 0) -> None:
+        out, hit = self.stops.push(text)
+        self._text(out, tokens)
+        if hit:
+            self.stopped = True
+            batch.cancel()  # its slot is free at the next step
+            self._done(batch, "stop")
+
+    def _text(self, text: str, tokens: int) -> None:
+        if self.tracker is None:
+            if text:
+                self.job.put("text", text)
+        elif text or tokens:
+            self.job.put("final", {"type": "final", "text": text, "tokens": tokens})
+
+    def _done(self, batch: BatchJob, finish: str) -> None:
+        stats = batch.stats
+        if self.tracker is not None:
+            self.job.put("backtrack", event_dict(Done(finish, stats.delivered, stats.rewound, stats.rewinds,
+                                                      stats.steps, round(stats.seconds, 4))))
+        self.job.put("done", {"finish_reason": finish, "completion_tokens": stats.delivered,
+                              "rewound_tokens": stats.rewound, "rewinds": stats.rewinds})
+
+
+def default_parallel() -> int:
+    """How many generations run at once by default: 4 per CPU core, at most 8 (batching pays off
+    up to about that many sequences on a CPU)."""
+    return max(1, min(8, 4 * (os.cpu_count() or 1)))
+
+
+class Engine:
+    """The loaded model and the ``BatchScheduler`` that runs up to ``parallel`` generations at
+    once (default and maximum: ``provider.max_sequences``), one backend call per step, in one
+    background thread; up to ``max_queue`` more (default: 4 x parallel) wait first come, first
+    served, and a request beyond that gets a 429 with ``Retry-After``. The event loop (and
+    ``/health``) never waits for the model. ``close()`` stops the thread."""
+
+    def __init__(self, provider: BaseProvider, name: Optional[str] = None, parallel: Optional[int] = None,
+                 max_queue: Optional[int] = None):
         self.provider = provider
         self.name = name or provider_name(provider)
         self.created = int(time.time())
-        self.lock = threading.Lock()
-        self.busy = False
+        self.scheduler = BatchScheduler(provider, parallel)
+        self.parallel = self.scheduler.parallel
+        self.max_queue = 4 * self.parallel if max_queue is None else max_queue
+        if not isinstance(self.max_queue, int) or self.max_queue < 0:
+            raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        self._sampler = BacktrackSampler(provider, BaseStrategy())
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="backtrack-sampler-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> int:
+        return self.scheduler.running
+
+    @property
+    def queued(self) -> int:
+        return self.scheduler.queued
+
+    @property
+    def busy(self) -> bool:
+        return self.scheduler.pending
 
     def start(self, plan: Plan) -> Job:
-        """Queue ``plan`` for generation; its reports arrive on the returned ``Job``."""
+        """Queue ``plan``; its reports arrive on the returned ``Job``. Raises ``QueueFull`` (429)
+        when every slot is busy and the queue is full."""
+        if self._closed:
+            raise APIError("the server is shutting down", None, "server_shutting_down", 503, "server_error")
+        scheduler = self.scheduler
+        if scheduler.running + scheduler.queued >= self.parallel + self.max_queue:
+            raise QueueFull(scheduler.running, scheduler.queued)
         job = Job(asyncio.get_running_loop())
-        threading.Thread(target=self._run, args=(job, plan), name="backtrack-sampler-generate", daemon=True).start()
+        try:
+            generation = self._sampler.start(plan.prompt, strategy=_Deadline(plan.strategy, plan.max_seconds),
+                                             **plan.sampling)
+        except ValueError as error:
+            raise APIError(str(error), None, "invalid_value") from None
+        output = _Output(self.provider, job, plan, generation)
+        job.batch = scheduler.add(generation, output.on_tokens, output.on_finish, output.on_start,
+                                  output.on_step if plan.include_backtrack else None)
+        self._wake.set()
         return job
 
-    def _run(self, job: Job, plan: Plan) -> None:
-        while not self.lock.acquire(timeout=0.05):  # our turn, unless the request is cancelled first
-            if job.cancelled.is_set():
-                return
-        self.busy = True
-        try:
-            if not job.cancelled.is_set():
-                job.put("started")
-                self._generate(job, plan)
-        except _Cancelled:
-            pass
-        except Exception as error:  # a strategy failed mid-generation
-            job.put("error", APIError(f"generation failed: {type(error).__name__}: {error}", status=500,
-                                      type="server_error", code="generation_failed"))
-        finally:
-            self.busy = False
-            self.lock.release()
+    async def finish(self, generation: Generation) -> BatchJob:
+        """Run ``generation`` (e.g. a ``playground.CandidateSearch``) in the scheduler to its end
+        and return its job; cancelled if the caller is (e.g. its client went away)."""
+        if self._closed:
+            raise APIError("the server is shutting down", None, "server_shutting_down", 503, "server_error")
+        scheduler = self.scheduler
+        if scheduler.running + scheduler.queued >= self.parallel + self.max_queue:
+            raise QueueFull(scheduler.running, scheduler.queued)
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future = loop.create_future()
 
-    def _generate(self, job: Job, plan: Plan) -> None:
-        guard = _Guard(plan.strategy, job.cancelled, time.monotonic() + plan.max_seconds)
-        sampler = BacktrackSampler(self.provider, guard)
-        stops = StopFilter(plan.stop)
-        finish = None
-        events = plan.include_backtrack
-        chunks = stream_events(sampler, plan.prompt, **plan.sampling) if events else \
-            sampler.generate_text(plan.prompt, **plan.sampling)
+        def on_finish(batch: BatchJob) -> None:
+            try:
+                loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(batch))
+            except RuntimeError:  # the event loop is closed
+                pass
+
+        batch = scheduler.add(generation, on_finish=on_finish)
+        self._wake.set()
         try:
-            for chunk in chunks:
-                if events:  # final text goes in the ordinary chunks (with its event), the rest in extension chunks
-                    if chunk.type != "final":
-                        if chunk.type != "done":
-                            job.put("backtrack", playground.backtrack_payload(chunk, stops.held))
-                        continue
-                    text, hit = stops.push(chunk.text)
-                    job.put("final", {"type": "final", "text": text, "tokens": chunk.tokens})
-                else:
-                    text, hit = stops.push(chunk)
-                    if text:
-                        job.put("text", text)
-                if hit:
-                    finish = "stop"
-                    break
-                if job.cancelled.is_set():
-                    raise _Cancelled()
-        except _TimeUp:
-            finish = "length"
+            return await finished
         finally:
-            chunks.close()
-        if finish != "stop":
-            rest = stops.flush()
-            if rest:
-                job.put("final", {"type": "final", "text": rest, "tokens": 0}) if events else job.put("text", rest)
-        stats = sampler.stats
-        if events:
-            job.put("backtrack", event_dict(Done(finish or stats.finish_reason or "length", stats.delivered,
-                                                 stats.rewound, stats.rewinds, stats.steps, round(stats.seconds, 4))))
-        job.put("done", {"finish_reason": finish or stats.finish_reason or "length", "completion_tokens": stats.delivered,
-                         "rewound_tokens": stats.rewound, "rewinds": stats.rewinds})
+            batch.cancel()  # a no-op once done
+
+    def close(self) -> None:
+        """Cancel every generation and stop the background thread."""
+        self._closed = True
+        self.scheduler.cancel_all()
+        self._wake.set()
+        self._thread.join(30)
+
+    def _loop(self) -> None:
+        scheduler = self.scheduler
+        while True:
+            if scheduler.pending:
+                try:
+                    scheduler.step()
+                except Exception:  # a bug, not a request's fault (those end their own job): keep serving
+                    traceback.print_exc()
+                    scheduler.cancel_all()
+            elif self._closed:
+                return
+            else:
+                self._wake.wait(0.5)
+                self._wake.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,13 +636,16 @@ async def model(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """Answers at once, whatever the model is doing (it never touches the generation lock)."""
-    engine = request.app.state.engine
-    return JSONResponse({"status": "ok", "model": engine.name, "busy": engine.busy})
+    """Answers at once, whatever the model is doing: how many generations run and wait."""
+    engine: Engine = request.app.state.engine
+    return JSONResponse({"status": "ok", "model": engine.name, "busy": engine.busy, "running": engine.running,
+                         "queued": engine.queued, "parallel": engine.parallel, "max_queue": engine.max_queue})
 
 
 async def _api_error(request: Request, error: APIError) -> Response:
-    return error_response(error)
+    response = error_response(error)
+    response.headers.update(getattr(error, "headers", {}))
+    return response
 
 
 async def _http_error(request: Request, error: HTTPException) -> Response:
@@ -531,30 +662,27 @@ async def _server_error(request: Request, error: Exception) -> Response:
 
 
 async def backtrack_candidates(request: Request) -> Response:
-    """The playground's human guidance: the next-token candidates after the chosen tokens."""
+    """The playground's human guidance: the next-token candidates after the chosen tokens (a
+    ``playground.CandidateSearch`` run by the engine's scheduler like any generation)."""
     engine: Engine = request.app.state.engine
     limits: Limits = request.app.state.limits
     body = parse_request(playground.CandidatesRequest, await read_body(request, limits.max_body_bytes), limits)
 
-    def work() -> dict:
+    def plan() -> playground.CandidateSearch:
         provider = engine.provider
-        if body.messages is not None:
-            prompt = _chat_tokens(provider, body)
-        else:
-            prompt = _prompt_tokens(provider, body.prompt)
+        prompt = _chat_tokens(provider, body) if body.messages is not None else _prompt_tokens(provider, body.prompt)
         if body.tokens and max(body.tokens) >= provider.vocab_size:
             raise APIError(f"token ids must be in [0, {provider.vocab_size})", "tokens", "invalid_value")
-        strategy = build_strategy(provider, body)
-        limit = _token_limit(provider, len(prompt), body, limits)
-        with engine.lock:
-            engine.busy = True
-            try:
-                return playground.candidates(provider, strategy, prompt, body.tokens, body.top_n,
-                                             max_new_tokens=limit, **{k: v for k, v in body.sampling().items() if k != "seed"})
-            finally:
-                engine.busy = False
+        sampling = {key: value for key, value in body.sampling().items() if key != "seed"}
+        return playground.CandidateSearch(provider, build_strategy(provider, body), prompt, body.tokens, body.top_n,
+                                          _token_limit(provider, len(prompt), body, limits), **sampling)
 
-    return JSONResponse(await run_in_threadpool(work))
+    search = await run_in_threadpool(plan)
+    batch = await engine.finish(search)
+    if batch.error is not None:
+        raise APIError(f"generation failed: {type(batch.error).__name__}: {batch.error}", status=500,
+                       type="server_error", code="generation_failed")
+    return JSONResponse(search.result)
 
 
 ROUTES = [
@@ -601,10 +729,18 @@ class _ApiKey:
 
 def serve(host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None, backend: str = "llamacpp",
           model: Optional[str] = None, n_ctx: Optional[int] = None, threads: Optional[int] = None,
-          model_name: Optional[str] = None, log_level: str = "info", limits: Optional[Limits] = None) -> None:
-    """Load the model (default: the embedded instruct model, for chat clients) and serve it until interrupted."""
+          model_name: Optional[str] = None, log_level: str = "info", limits: Optional[Limits] = None,
+          parallel: Optional[int] = None, max_queue: Optional[int] = None) -> None:
+    """Load the model (default: the embedded instruct model, for chat clients) and serve it until
+    interrupted (Ctrl-C). ``parallel``: generations run at
+    once (default: ``default_parallel()``); ``max_queue``: requests that may wait (default 4 x parallel)."""
     import uvicorn
 
-    provider = load_provider(backend, model or default_model(chat=True), n_ctx, threads)
-    app = create_app(Engine(provider, model_name), api_key, limits)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    parallel = default_parallel() if parallel is None else parallel
+    provider = load_provider(backend, model or default_model(chat=True), n_ctx, threads, slots=parallel)
+    engine = Engine(provider, model_name, parallel, max_queue)
+    try:
+        uvicorn.run(create_app(engine, api_key, limits), host=host, port=port, log_level=log_level,
+                    timeout_graceful_shutdown=5)
+    finally:
+        engine.close()
