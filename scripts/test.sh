@@ -7,5 +7,6 @@ if ! command -v tmux >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)"
   echo "==> installing tmux (the HumanGuidance terminal test drives a real terminal with it)"
   { apt-get update -qq && apt-get install -y -qq tmux; } >/dev/null 2>&1 || echo "    tmux could not be installed: that test will be skipped"
 fi
+bash scripts/build_llama_server.sh >/dev/null  # the engine tests run a real llama-server (built once, cached)
 export HF_HUB_OFFLINE=1  # nothing may download weights
 exec .venv/bin/python -m pytest -q -ra "$@"
