@@ -71,6 +71,14 @@ def _add_model_args(parser):
     )
     group.add_argument("--n-ctx", type=_positive_int, metavar="N", help="context size for llamacpp (default: 8192)")
     group.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads (default: all cores)")
+    group = parser.add_argument_group("serving engine (the model runs there; see README 'Serving engines')")
+    group.add_argument("--engine", metavar="URL", help="a running llama-server, vLLM or SGLang, e.g. http://127.0.0.1:8080")
+    group.add_argument("--engine-type", choices=("llama-server", "vllm", "sglang"), default="llama-server",
+                       help="its API (default: llama-server)")
+    group.add_argument("--tokenizer", metavar="PATH", help="the served model's tokenizer: a .gguf file or a tokenizer "
+                       "folder (default: --model, else the embedded model's)")
+    group.add_argument("--engine-timeout", type=_number, metavar="S", default=60.0,
+                       help="seconds to wait for the engine (default: 60)")
 
 
 def _add_generation_args(parser, human: bool = False):
@@ -277,7 +285,7 @@ def _generate(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     plan = strategy_plan(args, stderr)
     if any(name == "human" for name, _ in plan) and not (_isatty(stdin) and _isatty(stdout)):
         raise UsageError("the human strategy needs an interactive terminal (stdin and stdout)")
-    provider = load_provider(args.backend, args.model, args.n_ctx, args.threads)
+    provider = _load(args)
     strategy = build_strategies(plan, provider)
     if args.chat or args.system:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
@@ -289,6 +297,11 @@ def _generate(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
         max_new_tokens=args.max_new_tokens, max_length=args.max_length, temperature=args.temperature,
         top_k=args.top_k, top_p=top_p, min_p=args.min_p, seed=args.seed,
     )
+    engine_errors: tuple = ()
+    if getattr(args, "engine", None):
+        from .engine import EngineError
+
+        engine_errors = (EngineError,)
     try:
         if args.show_backtracking:
             color = args.color == "always" or (args.color == "auto" and _isatty(stderr) and not os.environ.get("NO_COLOR"))
@@ -302,6 +315,8 @@ def _generate(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
                 stdout.flush()
     except ValueError as error:  # over-long prompt, max_length too small, ...
         raise UsageError(str(error)) from None
+    except engine_errors as error:  # the engine failed or went away
+        raise UsageError(str(error)) from None
     stdout.write("\n")
     stdout.flush()
     if args.show_backtracking:
@@ -312,6 +327,16 @@ def _generate(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
         )
         stderr.flush()
     return 0
+
+
+def _load(args) -> BaseProvider:
+    """The model: loaded here (``--backend``, ``--model``), or served by an engine (``--engine``)."""
+    if not getattr(args, "engine", None):
+        return load_provider(args.backend, args.model, args.n_ctx, args.threads)
+    from .engine import load_engine_provider
+
+    return load_engine_provider(args.engine, args.engine_type, args.tokenizer or args.model, args.n_ctx,
+                                args.engine_timeout)
 
 
 def _isatty(stream) -> bool:

@@ -14,7 +14,7 @@ from .apis import APIS, Finish, Step
 from .client import EngineClient, EngineStats
 from .errors import EngineError
 from .loop import EngineLoop, accept
-from .provider import ENGINE_TYPES, EngineProvider, connect
+from .provider import ENGINE_TYPES, EngineProvider, connect, load_engine_provider
 
 __all__ = ["APIS", "ENGINE_TYPES", "EngineClient", "EngineError", "EngineLoop", "EngineProvider", "EngineStats",
-           "Finish", "Step", "accept", "connect"]
+           "Finish", "Step", "accept", "connect", "load_engine_provider"]

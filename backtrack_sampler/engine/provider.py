@@ -85,6 +85,9 @@ class EngineProvider(BaseProvider):
         self.engine_type = engine_type
         self.client = EngineClient(url, engine_type, timeout, transport)
         self._tok = self._tokenizer(tokenizer)
+        # what chat templates and model names are read from (chat.py, models.provider_name)
+        self.llm = getattr(self._tok, "llm", None) or getattr(getattr(self._tok, "p", None), "llm", None)
+        self.tokenizer = getattr(self._tok, "tok", None) or getattr(getattr(self._tok, "p", None), "tokenizer", None)
         info = self._engine_info()
         self.model = model or info.get("model")
         self._context = context_length or info.get("n_ctx") or 8192
@@ -193,3 +196,17 @@ def connect(url: str, engine_type: str = "llama-server", tokenizer: Union[str, P
             **options) -> EngineProvider:
     """An ``EngineProvider`` for the engine at ``url`` (see its arguments)."""
     return EngineProvider(url, engine_type, tokenizer, **options)
+
+
+def load_engine_provider(url: str, engine_type: str = "llama-server", tokenizer: Optional[str] = None,
+                         n_ctx: Optional[int] = None, timeout: float = 60.0) -> EngineProvider:
+    """``EngineProvider`` for the command line and the server: anything the user can fix (a bad
+    URL or type, a missing tokenizer, an unreachable engine) raises UsageError."""
+    from ..errors import UsageError
+
+    try:
+        return EngineProvider(url, engine_type, tokenizer, context_length=n_ctx, timeout=timeout)
+    except (ValueError, FileNotFoundError, EngineError) as error:
+        raise UsageError(str(error)) from None
+    except ImportError as error:
+        raise UsageError(f"the engine provider needs httpx: pip install 'backtrack-sampler[engine]' ({error})") from None
