@@ -157,8 +157,10 @@ class Generation:
             self.strategy.reset()
 
     def _release(self, keep: int) -> List[int]:
+        if keep <= self.released:  # a keep index may lag behind (or be negative)
+            return []
         final = self.tokens[self.released : keep]
-        self.released = self.stats.delivered = max(self.released, keep)
+        self.released = self.stats.delivered = keep
         return final
 
     def _finish(self, reason: str) -> List[int]:

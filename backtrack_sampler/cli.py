@@ -155,7 +155,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $BACKTRACK_SAMPLER_API_KEY, else no key)")
     serve.add_argument("--model-name", help="the model id the API reports (default: the model file's name)")
     _add_model_args(serve)
+    _add_limit_args(serve)
     return parser
+
+
+def _add_limit_args(parser) -> None:
+    """One option per field of the server's ``Limits`` (``--max-body-bytes`` ...)."""
+    try:
+        from .schemas import Limits
+    except ImportError:  # no pydantic: `serve` says what to install when it runs
+        return
+    group = parser.add_argument_group("limits (a request beyond one gets a 400, or 413 for the body, at once)")
+    for name, field in Limits.model_fields.items():
+        parse = _positive_number if field.annotation is float else _positive_int
+        default = "" if field.default is None else f" (default: {field.default})"
+        group.add_argument("--" + name.replace("_", "-"), type=parse, metavar="N", help=f"{field.description}{default}")
+
+
+def _positive_number(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,12 +369,13 @@ def _isatty(stream) -> bool:
 
 def _serve(args) -> int:
     try:
-        from .server import serve
+        from .server import Limits, serve
     except ImportError as error:
-        raise UsageError(f"the server needs starlette and uvicorn: pip install 'backtrack-sampler[server]' ({error})") from None
+        raise UsageError(f"the server needs starlette, uvicorn and pydantic: pip install 'backtrack-sampler[server]' ({error})") from None
     api_key = args.api_key if args.api_key is not None else os.environ.get("BACKTRACK_SAMPLER_API_KEY") or None
+    limits = Limits(**{name: getattr(args, name) for name in Limits.model_fields if getattr(args, name) is not None})
     serve(host=args.host, port=args.port, api_key=api_key, backend=args.backend, model=args.model,
-          n_ctx=args.n_ctx, threads=args.threads, model_name=args.model_name)
+          n_ctx=args.n_ctx, threads=args.threads, model_name=args.model_name, limits=limits)
     return 0
 
 

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .errors import UsageError
 from .provider.base_provider import BaseProvider
+from .strategy._regex import compile_regex
 from .strategy.base_strategy import BaseStrategy
 
 STRATEGIES = ("none", "antislop", "creative", "adaptive", "replace", "debug", "human")
@@ -68,11 +69,13 @@ def read_regexes(path: str) -> List[str]:
 
 
 def check_regexes(patterns: Sequence[str]) -> List[str]:
+    """``patterns`` as a list, once each compiles with ``compile_regex`` (RE2, linear time);
+    UsageError naming the pattern and the problem (e.g. an unsupported backreference) otherwise."""
     for pattern in patterns:
         try:
-            re.compile(pattern)
-        except re.error as error:
-            raise UsageError(f"invalid regular expression {pattern!r}: {error}") from None
+            compile_regex(pattern)
+        except ValueError as error:
+            raise UsageError(f"bad regular expression: {error}") from None
     return list(patterns)
 
 

@@ -30,6 +30,7 @@ DATA = ROOT.parent / "shared" / "data" / "antislop"
 from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy  # noqa: E402
 from backtrack_sampler.models import load_llamacpp  # noqa: E402
 from backtrack_sampler.provider.llamacpp_provider import LlamacppProvider  # noqa: E402
+from backtrack_sampler.registry import read_regexes  # noqa: E402
 
 TOPICS = [
     "a lighthouse keeper who finds a message in a bottle", "a dragon who is afraid of heights",
@@ -49,9 +50,13 @@ def chat(text: str) -> str:
     return f"<start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n"
 
 
-def read_regexes() -> list:
-    lines = (DATA / "slop_regexes.txt").read_text().splitlines()
-    return [line.strip().rstrip(",").strip('"') for line in lines if line.strip()]
+def check_data() -> None:
+    """Exit with a clear message when the third-party slop lists are not beside the repository."""
+    files = ["slop_phrase_prob_adjustments_full_list.json", "slop_phrase_prob_adjustments.json", "slop_regexes.txt"]
+    missing = [name for name in files if not (DATA / name).is_file()]
+    if missing:
+        sys.exit(f"antislop_bench: the slop lists are absent: {', '.join(missing)} not found in {DATA} "
+                 "(this benchmark reads the shared/ folder beside the repository; the tests do not need it)")
 
 
 def run(sampler, prompt, tokens, seed):
@@ -92,6 +97,7 @@ def main() -> None:
     parser.add_argument("--substrings", action="store_true", help="50k list: match inside words too (whole_words=False)")
     parser.add_argument("--skip-quality", action="store_true")
     args = parser.parse_args()
+    check_data()
     quick = args.quick
     tokens = args.tokens or (100 if quick else 300)
     repeats = args.repeats or (1 if quick else 3)
@@ -104,7 +110,7 @@ def main() -> None:
     # (b) setup: load time of the big list
     started = time.perf_counter()
     full = json.loads((DATA / "slop_phrase_prob_adjustments_full_list.json").read_text())
-    regexes = read_regexes()
+    regexes = read_regexes(str(DATA / "slop_regexes.txt"))
     antislop = AntiSlopStrategy(provider, full, regexes=regexes, adjustment_strength=args.strength,
                                 whole_words=not args.substrings)
     load_seconds = time.perf_counter() - started
@@ -136,7 +142,7 @@ def main() -> None:
           f"{sum(s.rewinds for s in slop_runs):8d} {slop_tps / base_tps:6.2f}")
     print(f"    ratio of steps/s (pure strategy overhead, rewound tokens counted): {slop_steps / base_steps:.2f}")
     print(f"    load time of the 50,046-phrase list + regexes: {load_seconds:.2f} s "
-          f"({len(antislop.matcher.phrases)} phrases active, {len(antislop.matcher.prefixes)} prefixes); "
+          f"({len(antislop.matcher.phrases)} phrases active, regexes on RE2); "
           f"whole_words={not args.substrings}, adjustment_strength={args.strength}")
     print(f"    detection cost per token (decode + match + hold-back, replayed): {cost * 1e6:.0f} us with 50,046 "
           f"phrases, {small_cost * 1e6:.0f} us with 100; a model step without strategy: {1e6 / base_steps:.0f} us "

@@ -1,5 +1,7 @@
 """Shared fixtures. The real-model fixtures load the embedded Gemma 3 270M once per test session."""
 
+import json
+import random
 from pathlib import Path
 
 import pytest
@@ -7,7 +9,54 @@ import pytest
 from backtrack_sampler.provider.fake_provider import FakeProvider
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data" / "antislop"  # third-party slop lists: read, never copy
+
+# Test data is built here, from the repository alone (the third-party lists in ../shared are for bench/).
+WORDS = (
+    "the a of and it was not but on sat cat dog mat rug ran away quickly tapestry light bright dark night "
+    "sun moon star sky sea wind rain fire stone tree river city road house door window heart mind soul voice "
+    "eyes hand time world life story dream shadow silence whisper journey moment sense testament symphony "
+    "delve weave echo glimmer shiver spark breath gaze smile tears warmth chill hope fear love loss wonder "
+    "ancient vast quiet gentle fierce soft cold warm deep old new small great little strange golden silver "
+    "could would should might must will can did had has have is are were be been being to in at by for with "
+    "from into over under through between across beyond within without about around upon after before"
+).split()
+SLOPS = [  # phrases of the kind AntiSlop lists hold (written for these tests)
+    "a tapestry of", "a testament to", "delve into", "a symphony of", "shivers down", "barely above a whisper",
+    "a sense of", "it's important to note", "in the realm of", "a dance of", "the weight of", "palpable",
+    "unwavering", "a beacon of", "the air was thick", "her heart pounded", "eyes sparkling", "little did",
+]
+
+
+def make_phrases(count: int, seed: int = 0) -> list:
+    """``count`` distinct phrases of 1 to 4 words, as [phrase, multiplier] pairs (like a slop list)."""
+    rng, seen, pairs = random.Random(seed), set(), []
+    for phrase in SLOPS:
+        seen.add(phrase)
+        pairs.append([phrase, round(rng.uniform(0.05, 0.9), 3)])
+    while len(pairs) < count:
+        phrase = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
+        if phrase not in seen:
+            seen.add(phrase)
+            pairs.append([phrase, round(rng.uniform(0.05, 0.9), 3)])
+    return pairs
+
+
+@pytest.fixture(scope="session")
+def many_phrases():
+    """50,000 generated [phrase, multiplier] pairs, the size of the big public slop list."""
+    return make_phrases(50_000)
+
+
+@pytest.fixture
+def slop_files(tmp_path):
+    """A slop list (JSON pairs), a plain phrase file and a regex file (quoted lines), written to tmp_path."""
+    pairs = tmp_path / "slops.json"
+    pairs.write_text(json.dumps(make_phrases(500)))
+    plain = tmp_path / "slops.txt"
+    plain.write_text("# one phrase per line\n" + "\n".join(SLOPS) + "\n")
+    regexes = tmp_path / "regexes.txt"
+    regexes.write_text('"(?i)not [^.!?]{3,60} but",\n"(?i)each(?:\\s*\\w+\\s*|\\s*)a",\n"(?i)every(?:\\s*\\w+\\s*|\\s*)a"\n')
+    return {"pairs": pairs, "plain": plain, "regexes": regexes}
 
 
 @pytest.fixture
@@ -50,9 +99,3 @@ def provider(request):
     """Each real-model provider in turn (the same session-wide instances)."""
     return request.getfixturevalue(f"{request.param}_provider")
 
-
-@pytest.fixture
-def shared_data():
-    if not SHARED.is_dir():
-        pytest.fail(f"test data missing: {SHARED} (the shared/ folder beside the repository)")
-    return SHARED

@@ -1,14 +1,19 @@
 """AntiSlopStrategy: scripted FakeProvider tests (fast) and real-model tests (-m model)."""
 
-import json
 import math
+import os
 import re
+import subprocess
+import sys
+import tracemalloc
 
 import numpy as np
 import pytest
 
 from backtrack_sampler import AntiSlopStrategy, BacktrackSampler
 from backtrack_sampler.provider.fake_provider import FakeProvider
+from backtrack_sampler.strategy._phrase_matcher import Match, TextMatcher
+from conftest import ROOT, SLOPS
 
 
 def scripted(text, extra=(), vocab=None):
@@ -163,19 +168,22 @@ def test_exhausted_position_rewinds_further():
 
 
 def test_max_retries_bounds_the_retries_at_one_position():
-    fp = FakeProvider(seed=3)  # random logits: "t" can be written many ways
-    strategy = AntiSlopStrategy(fp, ["a"], max_retries=2, on_exhausted="accept", keep_index_buffer=0)
+    fp = scripted(" a.", extra=[" cat", " mat", " rug"])  # every choice at position 0 contains "a"
+    accepted = []
+    strategy = AntiSlopStrategy(fp, ["a"], max_retries=2, on_exhausted="accept", on_accept=lambda *a: accepted.append(a))
     text, events, stats = generate(fp, strategy, max_new_tokens=40)
-    positions = [e.position for e in events]
-    assert all(positions.count(p) <= 2 for p in positions)
-    assert stats.delivered == 40 or stats.finish_reason == "stop"
+    assert [(e.position, e.text) for e in events] == [(0, " a"), (0, " cat")]  # two retries, then exhausted
+    assert text == " mat." and accepted == [(0, "phrase 'a'")] and stats.finish_reason == "stop"
 
 
 def test_never_stalls_with_random_model_and_many_bans():
     fp = FakeProvider(seed=1)
-    strategy = AntiSlopStrategy(fp, ["the", "a", "e", "cat", "o"], max_retries=3)
-    text, _, stats = generate(fp, strategy, max_new_tokens=50, max_rewound_tokens=10_000)
-    assert stats.finish_reason in ("stop", "length")
+    accepted = []
+    banned = ["the", "a", "e", "cat", "o"]
+    strategy = AntiSlopStrategy(fp, banned, max_retries=3, on_accept=lambda *a: accepted.append(a))
+    text, events, stats = generate(fp, strategy, max_new_tokens=50, max_rewound_tokens=10_000)
+    assert stats.delivered == 50 and stats.finish_reason == "length" and events
+    assert not accepted and not [p for p in banned if p in text.lower()], text
 
 
 def test_keep_index_holds_back_only_possible_matches():
@@ -228,10 +236,12 @@ def test_multibyte_characters_split_over_tokens():
 
 def test_errors_are_clear():
     fp = FakeProvider()
-    with pytest.raises(ValueError, match="non-empty list"):
+    with pytest.raises(ValueError, match="something to ban"):
         AntiSlopStrategy(fp, [])
-    with pytest.raises(ValueError, match="non-empty list"):
-        AntiSlopStrategy(fp, {})
+    with pytest.raises(ValueError, match="something to ban"):
+        AntiSlopStrategy(fp, {}, regexes=[])
+    with pytest.raises(ValueError, match="not a string"):
+        AntiSlopStrategy(fp, "tapestry")
     with pytest.raises(ValueError, match="invalid regex"):
         AntiSlopStrategy(fp, ["x"], regexes=["(unclosed"])
     with pytest.raises(ValueError, match=r"multiplier .* \[0, 1\]"):
@@ -244,31 +254,125 @@ def test_errors_are_clear():
         AntiSlopStrategy(fp, ["x"], on_exhausted="stop")
 
 
-def test_loads_the_full_list_fast_and_cost_per_token_does_not_grow(shared_data):
-    import time
+# --- regexes: RE2, bounded time ------------------------------------------------------------------
+def test_regex_only_ban():
+    fp = scripted(" it was not dark, but bright.", extra=[" rug"])
+    for slops in ([], None, {}):
+        text, events, _ = generate(fp, AntiSlopStrategy(fp, slops, regexes=[r"not [^.!?]{3,60} but"]))
+        assert "not dark, but" not in text and events[0].reason == "regex 'not [^.!?]{3,60} but'", text
+    text, events, _ = generate(fp, AntiSlopStrategy(fp, [], regexes=r"DARK"))  # one pattern; case-insensitive
+    assert "dark" not in text and events[0].text == " dark"
 
-    full = json.loads((shared_data / "slop_phrase_prob_adjustments_full_list.json").read_text())
+
+def test_unsupported_regex_features_are_named():
+    fp = FakeProvider()
+    for pattern, feature in [(r"(\w+) \1", "backreference"), (r"(?<=not )dark", "lookbehind"),
+                             (r"dark(?!ness)", "negative lookahead"), (r"(?>a+)b", "atomic group"), (r"a\Z", r"\\z")]:
+        with pytest.raises(ValueError, match=f"regex .* uses .*{feature}.*RE2.* not support"):
+            AntiSlopStrategy(fp, [], regexes=[pattern])
+
+
+def test_regex_context_before_the_window():
+    # \b and ^ see the character before the searched window, as Python's re does with a start position
+    fp = scripted(" the cat sat on the mat.", extra=[" rug"])
+    text, events, _ = generate(fp, AntiSlopStrategy(fp, [], regexes=[r"\bat\b", r"^ mat"], regex_window=3))
+    assert not events and text == " the cat sat on the mat."
+
+
+def test_precompiled_python_pattern_is_used_as_it_is():
+    fp = scripted(" it was not dark, but bright.", extra=[" rug"])
+    pattern = re.compile(r"(?<=not )dark")  # a lookbehind: fine in Python's re, rejected as a string
+    text, events, _ = generate(fp, AntiSlopStrategy(fp, [], regexes=[pattern]))
+    assert "not dark" not in text and events[0].reason == "regex '(?<=not )dark'"
+
+
+def test_pathological_regex_finishes_in_bounded_time():
+    # (\s*a\s*)*b over "a a a ...": Python's re backtracks exponentially (never finishes); RE2 is linear
+    code = (
+        "from backtrack_sampler import AntiSlopStrategy\n"
+        "from backtrack_sampler.provider.fake_provider import FakeProvider\n"
+        "fp = FakeProvider()\n"
+        "strategy = AntiSlopStrategy(fp, ['zzz'], regexes=[r'(\\s*a\\s*)*b'])\n"
+        "tokens = fp.encode('a ' * 50, add_special_tokens=False)\n"
+        "for n in range(1, len(tokens) + 1):\n"
+        "    assert strategy.backtrack(tokens[:n]) == tokens[:n]\n"
+        "print(len(strategy.matcher.text))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0 and result.stdout.split() == ["100"], result.stderr
+
+
+# --- phrase matcher: memory and work ---------------------------------------------------------------
+def chunked(text, size=1000):
+    """A decode function over tokens that are ``size``-character chunks of ``text`` (and the tokens)."""
+    chunks = [text[i : i + size] for i in range(0, len(text), size)]
+    return (lambda tokens: "".join(chunks[t] for t in tokens)), list(range(len(chunks)))
+
+
+def test_a_200000_character_phrase_needs_linear_memory_and_still_matches():
+    rng = np.random.default_rng(0)
+    phrase = "".join(rng.choice(list("abcdefghij "), 200_000))
+    tracemalloc.start()
+    try:
+        matcher = AntiSlopStrategy(FakeProvider(), [phrase]).matcher
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * len(phrase)  # a folded copy; the old set of every prefix needed len**2 / 2 = 20 GB
+    decode, tokens = chunked("x " + phrase.upper() + " y")
+    matcher.decode = decode
+    found = []
+    for n in range(1, len(tokens) + 1):
+        found += matcher.update(tokens[:n])
+        assert len(matcher.live[-1]) <= 20  # starts still alive: only where the phrase could begin
+    assert found == [Match(2, 2 + len(phrase), phrase, False)]
+
+
+class CountingList(list):
+    """A list that counts how often an item is read."""
+
+    reads = 0
+
+    def __getitem__(self, index):
+        CountingList.reads += 1
+        return super().__getitem__(index)
+
+
+def reads_per_character(phrases, text, whole_words):
+    matcher = TextMatcher(lambda tokens: text[: tokens[-1] + 1] if tokens else "", {p: -math.inf for p in phrases},
+                          [], whole_words=whole_words)
+    matcher.sorted = CountingList(matcher.sorted)
+    CountingList.reads = 0
+    for n in range(1, len(text) + 1):
+        matcher.update(list(range(n)))
+    return CountingList.reads / len(text)
+
+
+@pytest.mark.parametrize("whole_words", [False, True])
+def test_cost_per_character_does_not_grow_with_the_number_of_phrases(many_phrases, whole_words):
+    phrases = [p for p, _ in many_phrases]
     fp = FakeProvider(seed=5)
-    started = time.perf_counter()
-    big = AntiSlopStrategy(fp, full, whole_words=True)
-    assert time.perf_counter() - started < 5
-    small = AntiSlopStrategy(fp, full[:50], whole_words=True)
-    tokens = [int(t) for t in np.random.default_rng(0).integers(3, fp.vocab_size, 2000)]
+    text = fp.decode([int(t) for t in np.random.default_rng(0).integers(3, 30, 400)])  # words of the phrases
+    big, small = reads_per_character(phrases, text, whole_words), reads_per_character(phrases[:50], text, whole_words)
+    # a binary search per live start: log2(50,000) ~ 16 reads, not 50,000 (or 1,000 times the 50-phrase cost)
+    assert big < 60 and big < 10 * small + 10, (big, small)
 
-    def feed(strategy):
-        strategy.reset()
-        started = time.perf_counter()
-        for n in range(1, len(tokens) + 1):
-            strategy.matcher.update(tokens[:n])
-        return time.perf_counter() - started
 
-    assert feed(big) < 3 * feed(small) + 0.05
+def test_the_generated_50000_phrase_list_builds_with_linear_memory(many_phrases):
+    total = sum(len(p) for p, _ in many_phrases)
+    tracemalloc.start()
+    try:
+        strategy = AntiSlopStrategy(FakeProvider(), many_phrases, whole_words=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(strategy.matcher.phrases) == len(many_phrases) and peak < 200 * len(many_phrases) + 4 * total
 
 
 @pytest.mark.model
-def test_real_model_never_outputs_banned_phrases(provider, shared_data):
-    phrases = [p for p, _ in json.loads((shared_data / "slop_phrase_prob_adjustments.json").read_text())]
-    banned = phrases + ["the", "sun"]
+def test_real_model_never_outputs_banned_phrases(provider, many_phrases):
+    banned = SLOPS + ["the", "sun"]
     for prompt, temperature in (("Facts about the sun: The sun is a", 0),  # greedy: writes " the" soon
                                 ("Once upon a time, in a land of tapestries,", 1.0)):
         sampler = BacktrackSampler(provider, AntiSlopStrategy(provider, banned))
@@ -280,3 +384,17 @@ def test_real_model_never_outputs_banned_phrases(provider, shared_data):
         assert all(e.reason.startswith("phrase '") and e.reason[8:-1] in e.text.lower() for e in events)
         if temperature == 0:
             assert events, text
+    # the 50,000-phrase list (soft bans, whole words) on the real model: it runs and honours its hard bans
+    sampler = BacktrackSampler(provider, AntiSlopStrategy(provider, many_phrases + ["the"], whole_words=True))
+    text = "".join(sampler.generate_text("The sun is", max_new_tokens=20, temperature=0))
+    assert sampler.stats.delivered == 20 or sampler.stats.finish_reason == "stop"
+    assert not re.search(r"\bthe\b", text.lower()), text
+
+
+@pytest.mark.model
+def test_real_model_regex_only_ban(provider):
+    sampler = BacktrackSampler(provider, AntiSlopStrategy(provider, [], regexes=[r"\bthe\b"]))
+    events = []
+    text = "".join(sampler.generate_text("Facts about the sun: The sun is a", max_new_tokens=30, temperature=0,
+                                         on_rewind=events.append))
+    assert events and not re.search(r"\bthe\b", text, re.IGNORECASE), text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -147,9 +148,19 @@ def test_read_regexes_formats(tmp_path):
     assert registry.read_regexes(str(listed)) == ["a+", "b?"]
 
 
-def test_read_the_shared_slop_lists(shared_data):
-    assert len(registry.read_slops(str(shared_data / "slop_phrase_prob_adjustments.json"))) > 100
-    assert len(registry.read_regexes(str(shared_data / "slop_regexes.txt"))) >= 3
+def test_read_slop_and_regex_lists(slop_files):
+    pairs = registry.read_slops(str(slop_files["pairs"]))
+    assert len(pairs) == 500 and pairs[0] == ["a tapestry of", pairs[0][1]] and 0 < pairs[0][1] < 1
+    assert registry.read_slops(str(slop_files["plain"]))[:2] == ["a tapestry of", "a testament to"]
+    assert registry.read_regexes(str(slop_files["regexes"])) == [
+        "(?i)not [^.!?]{3,60} but", r"(?i)each(?:\s*\w+\s*|\s*)a", r"(?i)every(?:\s*\w+\s*|\s*)a"]
+
+
+def test_regexes_a_linear_time_engine_cannot_run_are_one_line_errors(tmp_path, fake_model):
+    assert_one_line_error(*run(["generate", "hi", "--regex", r"(\w+) \1"])[::2], "backreference", "RE2")
+    lookbehind = tmp_path / "regexes.txt"
+    lookbehind.write_text("(?<=not )dark\n")
+    assert_one_line_error(*run(["generate", "hi", "--regex-file", str(lookbehind)])[::2], "lookbehind")
 
 
 # --- generation with the fake model ----------------------------------------------------------------
@@ -227,9 +238,6 @@ def test_strategy_plan_chains_antislop_first(tmp_path):
 
 @pytest.mark.parametrize("strategy", ["none", "debug", "adaptive", "creative", "antislop", "replace"])
 def test_each_strategy_runs(strategy, fake_model):
-    if registry.strategy_class(strategy) is not None and registry.strategy_class(strategy).__init__ is object.__init__ \
-            and strategy not in ("adaptive",):
-        pytest.skip(f"{strategy} is not implemented yet")
     argv = ["generate", "the cat", "--max-new-tokens", "6", "--seed", "3", "--strategy", strategy]
     if strategy == "antislop":
         argv += ["--ban", " dog", "--show-backtracking"]
@@ -246,8 +254,6 @@ def test_each_strategy_runs(strategy, fake_model):
 
 
 def test_ban_removes_a_phrase(fake_model):
-    if "slops" not in registry.strategy_parameters("antislop"):
-        pytest.skip("AntiSlopStrategy is not implemented yet")
     plain = run(["generate", "the", "--max-new-tokens", "12", "--temperature", "0"])[1]
     word = max(plain.split(), key=len)
     status, out, err = run(["generate", "the", "--max-new-tokens", "12", "--temperature", "0", "--ban", word,
@@ -256,7 +262,26 @@ def test_ban_removes_a_phrase(fake_model):
     assert "rewound" in err
 
 
+def test_regex_alone_is_an_antislop_ban(fake_model):
+    args = cli.build_parser().parse_args(["generate", "x", "--regex", "a+b"])
+    assert cli.strategy_plan(args) == [("antislop", {"slops": [], "regexes": ["a+b"]})]
+
+
 # --- the real model ----------------------------------------------------------------------------------
+@pytest.mark.model
+def test_regex_alone_on_the_real_model(capsys):
+    argv = ["generate", "Facts about the sun: The sun is a", "--max-new-tokens", "20", "--temperature", "0",
+            "--n-ctx", "256", "--show-backtracking", "--color", "never"]
+    assert cli.main(argv) == 0
+    plain = capsys.readouterr().out
+    assert re.search(r"\bthe\b", plain, re.IGNORECASE), plain  # greedy writes "the": the ban has work to do
+    status = cli.main(argv + ["--regex", r"(?i)\bthe\b"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert not re.search(r"\bthe\b", captured.out, re.IGNORECASE), captured.out
+    assert re.search(r"tokens delivered, [1-9]\d* rewound in [1-9]", captured.err), captured.err
+
+
 @pytest.mark.model
 def test_generate_on_the_real_model_in_process(capsys):
     status = cli.main(["generate", "The capital of France is", "--max-new-tokens", "3", "--temperature", "0",

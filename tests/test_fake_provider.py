@@ -267,3 +267,9 @@ def test_check_device_accepts(device, expected):
 def test_check_device_rejects(device):
     with pytest.raises(ValueError):
         check_device(device)
+
+
+def test_text_starting_with_bos_gets_one_bos():
+    fake = FakeProvider()
+    assert fake.encode("<bos> the cat") == fake.encode(" the cat") == [2, fake.ids[" the"], fake.ids[" cat"]]
+    assert fake.encode("<bos> the cat", add_special_tokens=False) == [2, fake.ids[" the"], fake.ids[" cat"]]

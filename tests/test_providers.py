@@ -148,3 +148,36 @@ def test_prompt_longer_than_context_is_a_clear_error(llama_provider):
     too_long = [2] + [496] * llama_provider.context_length
     with pytest.raises(ValueError, match="context"):
         next(sampler.generate(too_long, max_new_tokens=5))
+
+
+CHAT = "<start_of_turn>user\nWrite a haiku.<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_text_that_starts_with_bos_gets_one_bos(provider):
+    bos = provider.encode("Hi")[0]
+    plain = provider.encode(CHAT)
+    assert plain[0] == bos and plain[1] != bos
+    assert provider.encode("<bos>" + CHAT) == plain  # a rendered chat template already holds BOS: not [bos, bos, ...]
+    assert provider.encode("<bos>" + CHAT, add_special_tokens=False) == plain
+    sampler = BacktrackSampler(provider, BaseStrategy())
+    list(sampler.generate("<bos>" + CHAT, max_new_tokens=1, temperature=0))
+    assert provider.cached_tokens[:len(plain)] == plain
+
+
+def test_llamacpp_notices_a_direct_evaluation_of_the_same_length(llama_provider, llm):
+    first = llama_provider.encode("The capital of France is Paris. The capital of Italy is")
+    other = llama_provider.encode("My favourite animals are cats, dogs, owls and small brown foxes in the")
+    other = (other * 2)[: len(first)]
+    assert len(other) == len(first) and other != first
+    llama_provider.reset()
+    llama_provider.generate(first)
+    expected = llama_provider.generate(first + [first[-1]])
+    llama_provider.reset()
+    llama_provider.generate(first)
+    llm.n_tokens = 0  # use the Llama directly: a different sequence of the same length
+    llm.eval(other)
+    assert llm.n_tokens == len(first)
+    got = llama_provider.generate(first + [first[-1]])
+    assert np.abs(got - expected).max() < _tolerance(llama_provider) and got.argmax() == expected.argmax()
+    assert llama_provider.cached_tokens == first + [first[-1]]
+    llama_provider.reset()

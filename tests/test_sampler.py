@@ -361,8 +361,11 @@ def test_tokens_held_back_until_keep_index_allows(fake, lag):
 def test_default_keep_index_streams_immediately(fake):
     strategy = Plain()
     gen = BacktrackSampler(fake, strategy).generate(PROMPT, max_new_tokens=10, seed=0)
+    delivered = 0
     for i, _ in enumerate(gen):
         assert strategy.next_calls == i + 1
+        delivered += 1
+    assert delivered == 10
 
 
 def test_keep_index_beyond_tokens_is_clamped(fake):
@@ -650,3 +653,12 @@ def test_generation_can_be_stepped_by_hand(fake):
         out += generation.advance(fake.generate(generation.sequence))
     generation.close()
     assert out == expected and generation.stats.finish_reason == "length"
+
+
+def test_negative_keep_index_releases_nothing_early(fake):
+    class Behind(BaseStrategy):  # a keep index that starts below zero
+        def get_keep_index(self):
+            return -2
+
+    out = list(BacktrackSampler(fake, Behind()).generate(PROMPT, max_new_tokens=6, seed=1))
+    assert out == list(BacktrackSampler(fake, BaseStrategy()).generate(PROMPT, max_new_tokens=6, seed=1))

@@ -178,6 +178,22 @@ def test_creative_writing_invariant_on_pseudo_random_logits(fake, temperature):
     assert again == out
 
 
+class NoEos(FakeProvider):
+    """A provider with no end-of-sequence token (generation ends at the token limit)."""
+
+    @property
+    def eos_token_ids(self):
+        return frozenset()
+
+
+@pytest.mark.parametrize("eos_penalty", [0.0, 0.8])
+def test_creative_writing_with_a_provider_without_eos(eos_penalty):
+    provider = NoEos(seed=2)
+    sampler = BacktrackSampler(provider, CreativeWritingStrategy(provider, eos_penalty=eos_penalty))
+    out = list(sampler.generate(BOS, max_new_tokens=12, temperature=0.8, seed=1))
+    assert len(out) == 12 and sampler.stats.finish_reason == "length"
+
+
 def test_creative_writing_rejects_bad_arguments(fake):
     for kwargs in [{"top_p_flat": 0}, {"top_p_flat": 1.5}, {"top_k_threshold_flat": 0}, {"eos_penalty": 2}]:
         with pytest.raises(ValueError):
@@ -359,7 +375,7 @@ def test_real_chain_of_creative_writing_and_adaptive_temperature(provider):
         return list(sampler.generate(PROMPT, max_new_tokens=20, seed=7, temperature=0.8)), sampler.stats
 
     out, stats = run()
-    assert stats.finish_reason in ("stop", "length") and stats.delivered == len(out) <= 20
+    assert stats.delivered == len(out) <= 20 and stats.finish_reason == ("length" if len(out) == 20 else "stop")
     assert stats.steps == len(out) + stats.rewound + (stats.finish_reason == "stop")
     assert provider.decode(out).strip()
     assert run()[0] == out  # same seed, same text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from typing import Dict, FrozenSet, List, Sequence
+from typing import Dict, FrozenSet, List, Optional, Sequence
 
 import numpy as np
 
@@ -17,6 +17,13 @@ def check_device(device) -> str:
     if not _DEVICE.fullmatch(name):
         raise ValueError(f"unknown device {device!r}: expected 'cpu', 'cuda', 'cuda:N', 'mps', ...")
     return name
+
+
+def without_double_bos(tokens: List[int], bos: Optional[int]) -> List[int]:
+    """``tokens`` less their first token when it is a BOS followed by another BOS: the tokenizer
+    added one to a text that already started with the BOS token's text (e.g. a rendered chat
+    template "<bos><start_of_turn>...")."""
+    return tokens[1:] if bos is not None and len(tokens) >= 2 and tokens[0] == tokens[1] == bos else tokens
 
 
 class BaseProvider(ABC):
@@ -38,7 +45,8 @@ class BaseProvider(ABC):
     # --- tokenizer -------------------------------------------------------------------------
     @abstractmethod
     def encode(self, text: str, add_special_tokens: bool = True) -> List[int]:
-        """Token ids of ``text`` (with the BOS token when ``add_special_tokens``)."""
+        """Token ids of ``text`` (with the BOS token when ``add_special_tokens``, unless ``text``
+        already starts with the BOS token's text: one BOS, never two)."""
 
     @abstractmethod
     def decode(self, tokens: Sequence[int]) -> str:

@@ -8,7 +8,7 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-from .base_provider import BaseProvider
+from .base_provider import BaseProvider, without_double_bos
 
 DEFAULT_VOCAB = ["<pad>", "<eos>", "<bos>"] + [
     " the", " a", " cat", " dog", " sat", " on", " mat", " rug", " and", " ran", " away", " quickly",
@@ -49,7 +49,7 @@ class FakeProvider(BaseProvider):
                     break
             else:
                 raise ValueError(f"FakeProvider cannot encode {text[i]!r}")
-        return tokens
+        return without_double_bos(tokens, self.ids["<bos>"]) if add_special_tokens else tokens
 
     def decode(self, tokens: Sequence[int]) -> str:
         return "".join(self.vocab[t] for t in tokens if not self.vocab[t].startswith("<"))

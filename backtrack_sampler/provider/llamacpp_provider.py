@@ -10,7 +10,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import BaseLlamaCache, Llama
 
-from .base_provider import BaseProvider, check_device
+from .base_provider import BaseProvider, check_device, without_double_bos
 
 if not hasattr(llama_cpp, "llama_memory_seq_rm"):
     raise ImportError(f"LlamacppProvider needs llama-cpp-python >= 0.3.16, found {llama_cpp.__version__}")
@@ -47,7 +47,8 @@ class LlamacppProvider(BaseProvider):
         self._eos = frozenset(i for i in ids if i >= 0)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> List[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=True)
+        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=True)
+        return without_double_bos(tokens, self.llm.token_bos()) if add_special_tokens else tokens
 
     def decode(self, tokens: Sequence[int]) -> str:
         return self.llm.detokenize(list(tokens)).decode("utf-8", errors="replace")
@@ -68,8 +69,9 @@ class LlamacppProvider(BaseProvider):
         return self.llm.n_ctx()
 
     def generate(self, input_ids: Sequence[int]) -> np.ndarray:
-        if self.llm.n_tokens != len(self._cached):  # the Llama was used directly since our last call
-            self._cached = self.llm.input_ids[: self.llm.n_tokens].tolist()
+        n = self.llm.n_tokens
+        if n != len(self._cached) or self.llm.input_ids[:n].tolist() != self._cached:  # the Llama was used directly
+            self._cached = self.llm.input_ids[:n].tolist()
             self._recent.clear()
         return super().generate(input_ids)
 

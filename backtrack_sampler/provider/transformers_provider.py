@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .base_provider import BaseProvider, check_device
+from .base_provider import BaseProvider, check_device, without_double_bos
 
 
 END_OF_TURN = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")  # chat models' end markers
@@ -46,7 +46,8 @@ class TransformersProvider(BaseProvider):
         self._eos = frozenset(eos + ends + [tokenizer.eos_token_id]) - {None}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> List[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        tokens = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return without_double_bos(tokens, self.tokenizer.bos_token_id) if add_special_tokens else tokens
 
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)

@@ -1,17 +1,21 @@
 """TextMatcher: finds phrases and regexes in the decoded text of a growing, rewindable token list.
 
-Phrases are matched with a set of all their prefixes: a "live" start is a character position s
-such that text[s:] is still the beginning of some phrase. Each new character extends the live
-starts (a set lookup each) and may open a new one, so the cost per character depends on how many
-phrases are half-typed at the end of the text (a handful), never on how many phrases there are.
-The live starts after every character are kept, so a rewind just truncates lists.
+Phrases are kept in one sorted list (memory and set-up linear in their total length). A "live"
+start is a character position s such that text[s:] is still the beginning of some phrase; it is
+kept with the range [lo, hi) of the sorted list that shares that beginning. Each new character
+narrows the range of every live start (a binary search on one character of the phrases in the
+range) and may open a new start (a dict lookup of its first character), so the cost per character
+is O(live starts x log(phrases)): it depends on how many phrases are half-typed at the end of the
+text (a handful), not on how many phrases there are or how long they are. The live starts after
+every character are kept, so a rewind just truncates lists.
 """
 
 from __future__ import annotations
 
-import re
-from bisect import bisect_right
-from typing import Callable, Dict, List, NamedTuple, Sequence
+from bisect import bisect_left, bisect_right
+from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
+
+from ._regex import CompiledRegex
 
 MAX_CHAR_TOKENS = 4  # a character is at most 4 UTF-8 bytes, so at most 4 byte-tokens
 
@@ -44,10 +48,15 @@ class TextMatcher:
     or by ``update(tokens, at_end=True)`` when the text ends there.
     """
 
-    def __init__(self, decode: Callable[[Sequence[int]], str], phrases: Dict[str, float], regexes: Sequence[re.Pattern],
-                 case_sensitive: bool = False, whole_words: bool = False, regex_window: int = 100):
+    def __init__(self, decode: Callable[[Sequence[int]], str], phrases: Dict[str, float],
+                 regexes: Sequence[CompiledRegex], case_sensitive: bool = False, whole_words: bool = False,
+                 regex_window: int = 100):
         self.decode, self.phrases, self.regexes = decode, phrases, list(regexes)
-        self.prefixes = {phrase[:i] for phrase in phrases for i in range(1, len(phrase) + 1)}
+        self.sorted = sorted(phrases)  # phrases sharing a beginning are neighbours
+        self.first: Dict[str, Tuple[int, int]] = {}  # first character -> its range in self.sorted
+        for index, phrase in enumerate(self.sorted):
+            lo, _ = self.first.get(phrase[0], (index, index))
+            self.first[phrase[0]] = (lo, index + 1)
         self.case_sensitive, self.whole_words, self.regex_window = case_sensitive, whole_words, regex_window
         self.reset()
 
@@ -55,7 +64,9 @@ class TextMatcher:
         self.tokens: List[int] = []
         self.text = self.folded = ""
         self.ends: List[int] = []
-        self.live: List[tuple] = [()]  # live[k]: the live starts after the first k characters
+        # live[k]: the live starts after the first k characters, as (start, lo, hi): text[start:k]
+        # begins every phrase in self.sorted[lo:hi] and no other
+        self.live: List[Tuple[Tuple[int, int, int], ...]] = [()]
 
     def token_at(self, char: int) -> int:
         """Index of the token whose text holds character ``char`` (len(ends) past the end)."""
@@ -63,7 +74,7 @@ class TextMatcher:
 
     def hold_token(self) -> int:
         """The first token that could still be part of a match: text before it is safe."""
-        char = min(self.live[-1], default=len(self.text))
+        char = min((start for start, _, _ in self.live[-1]), default=len(self.text))
         if self.regexes:
             char = min(char, len(self.text) - self.regex_window)
         return self.token_at(max(char, 0))
@@ -96,26 +107,39 @@ class TextMatcher:
         return self._scan(start, at_end) + self._search_regexes(start)
 
     def _scan(self, start: int, at_end: bool) -> List[Match]:
-        text, prefixes, phrases, whole = self.folded, self.prefixes, self.phrases, self.whole_words
+        text, whole, phrases = self.folded, self.whole_words, self.sorted
         found = []
         for i in range(start, len(text) + at_end):
             live = self.live[i]
             edge = i == 0 or i == len(text) or not (_word(text[i - 1]) and _word(text[i]))
             if whole and edge:  # a whole-word match is confirmed by the boundary after it
-                found += [Match(s, i, text[s:i], False) for s in live if text[s:i] in phrases]
+                found += [Match(s, i, phrases[lo], False) for s, lo, _ in live if len(phrases[lo]) == i - s]
             if i == len(text):
                 break
-            live = tuple(s for s in (*live, i) if text[s : i + 1] in prefixes and (s < i or edge or not whole))
+            char, extended = text[i], []
+            for s, lo, hi in live:
+                depth = i - s  # the phrases in [lo, hi) agree on their first `depth` characters
+                lo = bisect_left(phrases, char, lo, hi, key=lambda p: p[depth : depth + 1])
+                if lo < hi and len(phrases[lo]) > depth and phrases[lo][depth] == char:
+                    extended.append((s, lo, bisect_right(phrases, char, lo, hi, key=lambda p: p[depth : depth + 1])))
+            if char in self.first and (edge or not whole):
+                extended.append((i, *self.first[char]))
+            live = tuple(extended)
             self.live.append(live)
             if not whole:
-                found += [Match(s, i + 1, text[s : i + 1], False) for s in live if text[s : i + 1] in phrases]
+                found += [Match(s, i + 1, phrases[lo], False) for s, lo, _ in live if len(phrases[lo]) == i + 1 - s]
         return found
 
     def _search_regexes(self, start: int) -> List[Match]:
+        """Matches that end in the new text (from ``start`` on) and begin within the window. Only
+        the window (and one character before it, for ``\\b``) is handed to the regex engine."""
         found = []
-        for regex in self.regexes:  # only matches that end in the new text, within the window
-            for m in regex.finditer(self.text, max(start - self.regex_window, 0)):
-                if m.end() > start and m.end() > m.start():
-                    found.append(Match(m.start(), m.end(), regex.pattern, True))
+        lo = max(start - self.regex_window, 0)
+        context = max(lo - 1, 0)
+        window = self.text[context:]
+        for regex in self.regexes:
+            for m in regex.finditer(window, lo - context):
+                if m.end() + context > start and m.end() > m.start():
+                    found.append(Match(m.start() + context, m.end() + context, regex.pattern, True))
                     break
         return found

@@ -4,13 +4,13 @@ and make the token that began it less likely (or impossible) there."""
 from __future__ import annotations
 
 import math
-import re
 from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import numpy as np
 
 from ..provider.base_provider import BaseProvider
 from ._phrase_matcher import Match, TextMatcher, fold
+from ._regex import CompiledRegex, compile_regex
 from .base_strategy import BaseStrategy
 
 Slops = Union[Iterable[str], Iterable[tuple], Dict[str, float]]
@@ -20,13 +20,18 @@ class AntiSlopStrategy(BaseStrategy):
     """Bans phrases and regexes, matched on the decoded text however the model tokenizes them.
 
     slops: phrases to ban: ``["a tapestry of", ...]`` (hard bans), or ``[[phrase, multiplier], ...]``
-        / ``{phrase: multiplier}`` (soft bans; multipliers in [0, 1], 0 is a hard ban).
+        / ``{phrase: multiplier}`` (soft bans; multipliers in [0, 1], 0 is a hard ban). May be empty
+        (or None) when ``regexes`` are given.
     keep_index_buffer: extra tokens held back before the earliest possible match, so that
         ``on_exhausted="rewind"`` can back up that far; 0 streams with the least delay.
     with_variants: 3.x name for case-insensitive matching; ``case_sensitive`` overrides it.
     skip_tokens: the first ``skip_tokens`` generated tokens are final at once and never matched.
-    regexes: patterns (``re`` syntax) banned like phrases; matches are searched for in the last
+    regexes: patterns banned like phrases (hard bans); matches are searched for in the last
         ``regex_window`` characters, and that much text is held back while regexes are in use.
+        Pattern strings run on RE2 (``compile_regex``): linear time, so a search costs
+        O(regex_window) whatever the pattern; backreferences and lookarounds are rejected with a
+        ValueError naming the feature. A precompiled ``re.Pattern`` is used as it is, by Python's
+        ``re``, whose time is not bounded: pass those only for patterns you trust.
     adjustment_strength: when a phrase with multiplier m is found, generation rewinds to its first
         token and that token becomes m**strength times as likely there (strength * ln(m) is added
         to its logit), then is resampled; if the model picks it again, the phrase stays. 0 turns
@@ -46,12 +51,12 @@ class AntiSlopStrategy(BaseStrategy):
     def __init__(
         self,
         provider: BaseProvider,
-        slops: Slops,
+        slops: Optional[Slops],
         keep_index_buffer: int = 0,
         with_variants: bool = True,
         skip_tokens: int = 0,
         *,
-        regexes: Iterable[Union[str, re.Pattern]] = (),
+        regexes: Iterable[Union[str, CompiledRegex]] = (),
         adjustment_strength: float = 1.0,
         case_sensitive: Optional[bool] = None,
         whole_words: bool = False,
@@ -72,11 +77,14 @@ class AntiSlopStrategy(BaseStrategy):
         self.keep_index_buffer, self.skip_tokens, self.max_retries = keep_index_buffer, skip_tokens, max_retries
         self.on_exhausted, self.on_accept = on_exhausted, on_accept
         case_sensitive = not with_variants if case_sensitive is None else case_sensitive
-        if isinstance(regexes, (str, re.Pattern)):
+        if isinstance(regexes, str) or hasattr(regexes, "finditer"):
             regexes = [regexes]
-        flags = 0 if case_sensitive else re.IGNORECASE
-        self.matcher = TextMatcher(provider.decode, _penalties(slops, adjustment_strength, case_sensitive),
-                                   [_compile(r, flags) for r in regexes], case_sensitive, whole_words, regex_window)
+        compiled = [r if not isinstance(r, str) else compile_regex(r, case_sensitive) for r in regexes]
+        items = _items(slops)
+        if not items and not compiled:
+            raise ValueError("AntiSlopStrategy needs something to ban: a non-empty list of phrases (slops) or regexes")
+        phrases = _penalties(items, adjustment_strength, case_sensitive)
+        self.matcher = TextMatcher(provider.decode, phrases, compiled, case_sensitive, whole_words, regex_window)
         self.reset()
 
     def reset(self) -> None:
@@ -137,11 +145,14 @@ class AntiSlopStrategy(BaseStrategy):
         return tokens[:position]
 
 
-def _penalties(slops: Slops, strength: float, case_sensitive: bool) -> Dict[str, float]:
+def _items(slops: Optional[Slops]) -> list:
+    if isinstance(slops, str):
+        raise ValueError("slops must be a list of phrases (or of [phrase, multiplier] pairs), not a string")
+    return list(slops.items() if isinstance(slops, dict) else slops) if slops is not None else []
+
+
+def _penalties(items: list, strength: float, case_sensitive: bool) -> Dict[str, float]:
     """{folded phrase: logit penalty < 0} (phrases whose penalty is 0 are left out); ValueError for bad input."""
-    items = list(slops.items() if isinstance(slops, dict) else slops) if slops is not None else []
-    if isinstance(slops, str) or not items:
-        raise ValueError("slops must be a non-empty list of phrases (or of [phrase, multiplier] pairs)")
     penalties: Dict[str, float] = {}
     for item in items:
         phrase, multiplier = (item, 0.0) if isinstance(item, str) else (tuple(item) + (None, None))[:2]
@@ -155,11 +166,3 @@ def _penalties(slops: Slops, strength: float, case_sensitive: bool) -> Dict[str,
         penalties[key] = min(penalty, penalties.get(key, 0.0))
     return {phrase: penalty for phrase, penalty in penalties.items() if penalty < 0}
 
-
-def _compile(regex: Union[str, re.Pattern], flags: int) -> re.Pattern:
-    if isinstance(regex, re.Pattern):
-        return regex
-    try:
-        return re.compile(regex, flags)
-    except (re.error, TypeError) as error:
-        raise ValueError(f"invalid regex {regex!r}: {error}") from None

@@ -48,7 +48,7 @@ class CreativeWritingStrategy(BaseStrategy):
             raise ValueError(f"top_k_threshold_flat must be >= 1, got {top_k_threshold_flat!r}")
         if not 0 <= eos_penalty <= 1:
             raise ValueError(f"eos_penalty must be in [0, 1], got {eos_penalty!r}")
-        self.eos_ids = np.array(sorted(provider.eos_token_ids))
+        self.eos_ids = np.array(sorted(provider.eos_token_ids), dtype=np.intp)  # may be empty
         self.top_p_flat = top_p_flat
         self.top_k_threshold_flat = top_k_threshold_flat
         self.eos_penalty = eos_penalty

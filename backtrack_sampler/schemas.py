@@ -1,0 +1,426 @@
+"""The server's request schemas (pydantic v2), its limits, and OpenAI's error shape.
+
+``CompletionRequest`` and ``ChatCompletionRequest`` hold the OpenAI fields the server supports
+plus its own (``top_k``, ``min_p``, ``banned_strings``, ``banned_regex``, ``strategy``). Parse a
+body with ``parse_request(model, raw, limits)``: every problem, pydantic's or a limit's, comes back
+as one ``APIError`` in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``).
+This module knows nothing about HTTP or the model; the server turns a parsed request into tokens
+and a strategy.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Any, ClassVar, Dict, List, Literal, Optional, Type, TypeVar, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from .registry import strategy_parameters
+from .sampling import check_sampling_args
+
+STRATEGIES = ("none", "antislop", "creative", "adaptive", "replace")  # per request ("debug"/"human" need a terminal)
+NOT_FROM_JSON = {"provider", "file", "choose", "on_accept"}  # constructor parameters that take objects
+MAX_STRATEGIES = 8  # strategies in one request's chain
+
+
+class Limits(BaseModel):
+    """What one request may ask for. Each is a ``serve`` option (``--max-body-bytes`` ...) and a
+    ``create_app(engine, limits=Limits(...))`` argument; a request beyond one gets a 400 (413 for
+    the body size) in OpenAI's error shape before it waits for the model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_body_bytes: int = Field(4 * 2**20, gt=0, description="request body size in bytes (413 beyond it)")
+    max_banned_strings: int = Field(10_000, gt=0, description="banned_strings per request (also a strategy's slops/find)")
+    max_banned_string_chars: int = Field(200, gt=0, description="characters in one banned string")
+    max_regexes: int = Field(32, gt=0, description="banned_regex patterns per request")
+    max_regex_chars: int = Field(500, gt=0, description="characters in one pattern")
+    max_stop: int = Field(16, gt=0, description="stop strings per request")
+    max_stop_chars: int = Field(500, gt=0, description="characters in one stop string")
+    max_messages: int = Field(1000, gt=0, description="messages in one chat request")
+    max_message_chars: int = Field(200_000, gt=0, description="characters in one message")
+    max_tokens: Optional[int] = Field(None, gt=0, description="largest max_tokens (default: the room the context "
+                                      "leaves after the prompt; beyond that room: context_length_exceeded)")
+    max_seconds: float = Field(300.0, gt=0, description="wall-clock seconds one generation may run, from when it "
+                               'starts; then it ends with finish_reason "length"')
+
+
+class APIError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with ``status``."""
+
+    def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 status: int = 400, type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.code, self.status, self.type = message, param, code, status, type
+
+    def body(self) -> Dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# pydantic's error types -> OpenAI's error codes (custom errors below use OpenAI's codes as their type)
+_CODES = {
+    "missing": "missing_required_parameter",
+    "extra_forbidden": "unknown_parameter",
+    "json_invalid": "invalid_json",
+    "too_long": "array_above_max_length",
+    "string_too_long": "string_above_max_length",
+    "too_short": "invalid_value",
+    "string_too_short": "invalid_value",
+}
+
+
+_OURS = {"invalid_value", "invalid_type", "unsupported_value", "array_above_max_length", "string_above_max_length",
+         "integer_above_max_value"}  # the codes of the errors raised below
+
+
+def _code(kind: str) -> str:
+    if kind in _CODES or kind in _OURS:
+        return _CODES.get(kind, kind)
+    return "invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value"
+
+
+def validation_error(error: ValidationError) -> APIError:
+    """The one mapping from pydantic's errors to OpenAI's shape: the first error, its field as
+    ``param`` (``messages[0].role``), a code in OpenAI's vocabulary."""
+    first = error.errors(include_url=False)[0]
+    param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]).lstrip(".") or None
+    message = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    if param and first["type"] not in _OURS | {"missing"} and isinstance(value, (str, int, float)) and len(repr(value)) <= 60:
+        message += f", got {value!r}"
+    return APIError(f"{param}: {message}" if param else message, param, _code(first["type"]))
+
+
+R = TypeVar("R", bound="_Request")
+
+
+def parse_request(model: Type[R], raw: bytes, limits: Limits) -> R:
+    """``raw`` (a JSON body) as a ``model``, checked against ``limits``; raises ``APIError``."""
+    try:
+        return model.model_validate_json(raw, context={"limits": limits})
+    except ValidationError as error:
+        raise validation_error(error) from None
+
+
+# --------------------------------------------------------------------------------------------
+# field checks
+# --------------------------------------------------------------------------------------------
+def _error(code: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError(code, message.replace("{", "{{").replace("}", "}}"))
+
+
+def _limits(info: ValidationInfo) -> Limits:
+    return (info.context or {}).get("limits") or Limits()
+
+
+def _check_strings(values: List[str], what: str, max_count: int, max_chars: int) -> List[str]:
+    if len(values) > max_count:
+        raise _error("array_above_max_length", f"at most {max_count} {what} per request, got {len(values)}")
+    for i, value in enumerate(values):
+        if not value:
+            raise _error("invalid_value", f"{what} must not be empty (item {i})")
+        if len(value) > max_chars:
+            raise _error("string_above_max_length",
+                         f"{what} are at most {max_chars} characters long, item {i} has {len(value)}")
+    return values
+
+
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def check_regex(pattern: str) -> None:
+    """Raises ``PydanticCustomError`` when ``pattern`` cannot be used as a banned regex (the one
+    place a request's patterns are compiled before generation)."""
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise _error("invalid_value", f"invalid regular expression {pattern!r}: {error}") from None
+
+
+def _phrases(value: Any) -> List[str]:
+    """The phrases in a strategy's ``slops``/``find`` value (strings or [phrase, multiplier] pairs)."""
+    items = [value] if isinstance(value, str) else list(value.keys()) if isinstance(value, dict) else value
+    if not isinstance(items, list):
+        return []
+    return [item[0] if isinstance(item, list) and item else item for item in items if isinstance(item, (str, list))]
+
+
+# --------------------------------------------------------------------------------------------
+# strategies
+# --------------------------------------------------------------------------------------------
+def _json_type(default: Any) -> Any:
+    if isinstance(default, bool):
+        return bool
+    for kind in (int, float, str):
+        if isinstance(default, kind):
+            return kind
+    return Any
+
+
+@lru_cache(maxsize=None)
+def strategy_params_model(name: str) -> Type[BaseModel]:
+    """A pydantic model of the JSON parameters strategy ``name`` takes (typed by their defaults;
+    the constructor checks the values)."""
+    fields = {}
+    for key, param in strategy_parameters(name).items():
+        if key in NOT_FROM_JSON:
+            continue
+        required = param.default is param.empty
+        fields[key] = (Any, ...) if required else (_json_type(param.default), param.default)
+    config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    return create_model(f"{name.capitalize()}Params", __config__=config, **fields)
+
+
+class StrategySpec(BaseModel):
+    """One strategy of a request: ``{"name": "creative", "top_p_flat": 0.6}`` (a bare name is
+    ``{"name": name}``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: Literal[STRATEGIES]  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _params(self, info: ValidationInfo) -> "StrategySpec":
+        params = strategy_params_model(self.name).model_validate(self.model_extra or {})
+        limits = _limits(info)
+        for key in ("slops", "find"):
+            if key in params.model_fields_set:
+                _check_strings(_phrases(getattr(params, key)), key, limits.max_banned_strings,
+                               limits.max_banned_string_chars)
+        if "regexes" in params.model_fields_set:
+            regexes = _one_or_many(getattr(params, "regexes"))
+            if isinstance(regexes, list) and all(isinstance(p, str) for p in regexes):
+                for pattern in _check_strings(regexes, "regexes", limits.max_regexes, limits.max_regex_chars):
+                    check_regex(pattern)
+        return self
+
+    @property
+    def params(self) -> Dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+# --------------------------------------------------------------------------------------------
+# requests
+# --------------------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    """Fields both endpoints take. Unknown fields are ignored (as OpenAI-compatible servers do);
+    known ones we cannot honour are rejected."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+    model: Optional[str] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    max_tokens: Optional[int] = Field(None, ge=0)
+    temperature: Optional[float] = Field(1.0, ge=0)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(50, ge=0, description="0 turns it off")
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    seed: Optional[int] = None
+    n: Optional[int] = 1
+    stop: Optional[List[str]] = None
+    banned_strings: Optional[List[str]] = None
+    banned_regex: Optional[List[str]] = None
+    strategy: Optional[List[StrategySpec]] = None
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    logit_bias: Optional[Dict[str, float]] = None
+
+    @field_validator("stop", "banned_strings", "banned_regex", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return _one_or_many(value)
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _strategy_list(cls, value: Any) -> Any:
+        items = value if isinstance(value, list) else [] if value is None else [value]
+        if not all(isinstance(item, (str, dict)) for item in items):
+            raise _error("invalid_type", 'strategy must be a name, {"name": ..., parameters...} or a list of those')
+        if len(items) > MAX_STRATEGIES:
+            raise _error("array_above_max_length", f"at most {MAX_STRATEGIES} strategies per request")
+        return None if value is None else [{"name": item} if isinstance(item, str) else item for item in items]
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: Optional[List[str]], info: ValidationInfo) -> Optional[List[str]]:
+        limits = _limits(info)
+        return value and _check_strings(value, "stop strings", limits.max_stop, limits.max_stop_chars)
+
+    @field_validator("banned_strings")
+    @classmethod
+    def _banned(cls, value: Optional[List[str]], info: ValidationInfo) -> Optional[List[str]]:
+        limits = _limits(info)
+        return value and _check_strings(value, "banned strings", limits.max_banned_strings, limits.max_banned_string_chars)
+
+    @field_validator("banned_regex")
+    @classmethod
+    def _regexes(cls, value: Optional[List[str]], info: ValidationInfo) -> Optional[List[str]]:
+        if value:
+            limits = _limits(info)
+            for pattern in _check_strings(value, "patterns", limits.max_regexes, limits.max_regex_chars):
+                check_regex(pattern)
+        return value
+
+    @field_validator("max_tokens", "max_completion_tokens", check_fields=False)
+    @classmethod
+    def _max_tokens(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        cap = _limits(info).max_tokens
+        if value is not None and cap is not None and value > cap:
+            raise _error("integer_above_max_value", f"{info.field_name} is at most {cap} on this server, got {value}")
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _n(cls, value: Optional[int]) -> Optional[int]:
+        if value not in (None, 1):
+            raise _error("unsupported_value", "only n=1 is supported")
+        return value
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, value: Optional[float], info: ValidationInfo) -> Optional[float]:
+        if value:
+            raise _error("unsupported_value", f"{info.field_name} is not supported (use banned_strings or a strategy)")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, value: Optional[Dict[str, float]]) -> Optional[Dict[str, float]]:
+        if value:
+            raise _error("unsupported_value", "logit_bias is not supported (use banned_strings or a strategy)")
+        return value
+
+    @model_validator(mode="after")
+    def _sampling_args(self) -> "_Request":
+        try:
+            check_sampling_args(self.temperature if self.temperature is not None else 1.0, self.top_k, self.top_p, self.min_p)
+        except ValueError as error:
+            raise _error("invalid_value", str(error)) from None
+        return self
+
+    # what the server reads ---------------------------------------------------------------------
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling(self) -> Dict[str, Any]:
+        """Keyword arguments for ``BacktrackSampler.generate`` (without the token limit)."""
+        return {"temperature": 1.0 if self.temperature is None else self.temperature, "top_k": self.top_k,
+                "top_p": self.top_p, "min_p": self.min_p, "seed": self.seed}
+
+    default_max_tokens: ClassVar[Optional[int]] = None  # when max_tokens is not given (None: as many as fit)
+
+    def token_limit(self) -> Optional[int]:
+        """The max_tokens the request gave (None: not given)."""
+        return self.max_tokens
+
+
+class CompletionRequest(_Request):
+    """``POST /v1/completions``: ``prompt`` is a string or a list of token ids (a batch of one of
+    either is accepted too); ``max_tokens`` defaults to 16, as OpenAI's does."""
+
+    prompt: Union[str, List[int]]
+    echo: Optional[bool] = None
+    logprobs: Optional[int] = None
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+
+    @field_validator("prompt", mode="plain")
+    @classmethod
+    def _prompt(cls, value: Any) -> Union[str, List[int]]:
+        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+            value = value[0]  # a batch of one
+        if isinstance(value, str):
+            if not value:
+                raise _error("invalid_value", "prompt is empty")
+            return value
+        if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+            return value
+        if isinstance(value, list) and len(value) > 1 and all(isinstance(p, (str, list)) for p in value):
+            raise _error("unsupported_value", "only one prompt per request is supported")
+        raise _error("invalid_type", "prompt must be a non-empty string or a list of token ids")
+
+    @field_validator("echo", "logprobs", "suffix")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in (None, False, 0, ""):
+            raise _error("unsupported_value", f"{info.field_name} is not supported")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value: Optional[int]) -> Optional[int]:
+        if value not in (None, 1):
+            raise _error("unsupported_value", "only best_of=1 is supported")
+        return value
+
+    default_max_tokens: ClassVar[Optional[int]] = 16
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """A message; ``content`` is a string or a list of text parts (joined)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Optional[str] = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, list):
+            parts = []
+            for part in value:
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise _error("invalid_value", "only text content parts are supported")
+                parts.append(part["text"])
+            value = "".join(parts)
+        if isinstance(value, str) and len(value) > _limits(info).max_message_chars:
+            cap = _limits(info).max_message_chars
+            raise _error("string_above_max_length", f"a message is at most {cap} characters long, got {len(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _content(self) -> "ChatMessage":
+        if self.content is None:
+            if self.role != "assistant":
+                raise _error("invalid_type", "content must be a string or a list of text parts")
+            self.content = ""
+        return self
+
+
+class ChatCompletionRequest(_Request):
+    """``POST /v1/chat/completions``: ``messages`` rendered with the model's chat template;
+    ``max_completion_tokens`` is ``max_tokens``' newer name."""
+
+    messages: List[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=0)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _count(cls, value: Any, info: ValidationInfo) -> Any:
+        cap = _limits(info).max_messages
+        if isinstance(value, list) and len(value) > cap:
+            raise _error("array_above_max_length", f"at most {cap} messages per request, got {len(value)}")
+        return value
+
+    def token_limit(self) -> Optional[int]:
+        return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
+
+    def message_dicts(self) -> List[Dict[str, str]]:
+        return [{"role": m.role, "content": m.content or ""} for m in self.messages]
