@@ -12,7 +12,7 @@ from typing import FrozenSet, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..provider.base_provider import BaseProvider
+from ..provider.base_provider import BaseProvider, without_double_bos
 from .client import EngineClient
 from .errors import EngineError
 from .loop import EngineLoop
@@ -32,7 +32,8 @@ class _GGUFTokenizer:
         self.eos, self.eos_ids, self.size = self.llm.token_eos(), frozenset(i for i in ids if i >= 0), self.llm.n_vocab()
 
     def encode(self, text: str, add_special_tokens: bool) -> List[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=True)
+        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=True)
+        return without_double_bos(tokens, self.llm.token_bos()) if add_special_tokens else tokens
 
     def decode(self, tokens: Sequence[int]) -> str:
         return self.llm.detokenize(list(tokens)).decode("utf-8", errors="replace")
@@ -54,7 +55,8 @@ class _HFTokenizer:
         self.size = len(tokenizer)
 
     def encode(self, text: str, add_special_tokens: bool) -> List[int]:
-        return self.tok.encode(text, add_special_tokens=add_special_tokens)
+        tokens = self.tok.encode(text, add_special_tokens=add_special_tokens)
+        return without_double_bos(tokens, self.tok.bos_token_id) if add_special_tokens else tokens
 
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tok.decode(list(tokens), skip_special_tokens=True)
