@@ -56,24 +56,35 @@ class EngineClient:
         self.stats.requests += 1
         self.stats.prompt_tokens += len(body.get("prompt") or body.get("input_ids") or ())
         with self._errors():
-            with self.http.stream("POST", self.api.path, json=body) as response:
+            response = self._send(self.http.build_request("POST", self.api.path, json=body), stream=True)
+            try:
                 if response.status_code >= 400:
                     response.read()
                     raise EngineError(self._http_error(response))
                 yield self._count(self.api.events(self._sse(response), sampling))
+            finally:
+                response.close()
+
+    def _send(self, request: httpx.Request, stream: bool = False) -> httpx.Response:
+        """Send ``request``; once more on a fresh connection when a pooled keep-alive connection
+        turns out to be closed by the engine before it answered (nothing was processed then)."""
+        try:
+            return self.http.send(request, stream=stream)
+        except httpx.RemoteProtocolError:
+            return self.http.send(request, stream=stream)
 
     def post(self, path: str, body: dict) -> dict:
         """A non-streamed POST; returns the JSON answer."""
         self.stats.requests += 1
         with self._errors():
-            response = self.http.post(path, json=body)
+            response = self._send(self.http.build_request("POST", path, json=body))
             if response.status_code >= 400:
                 raise EngineError(self._http_error(response))
             return response.json()
 
     def get(self, path: str) -> dict:
         with self._errors():
-            response = self.http.get(path)
+            response = self._send(self.http.build_request("GET", path))
             if response.status_code >= 400:
                 raise EngineError(self._http_error(response))
             return response.json()
