@@ -30,6 +30,7 @@ import numpy as np
 
 from ..backtrack_sampler import Generation
 from ..sampling import filter_logits, sample
+from ..strategy.base_strategy import BaseStrategy
 from .apis import Finish, LlamaServerAPI, Step
 from .client import EngineClient
 from .errors import EngineError
@@ -164,7 +165,11 @@ class EngineLoop:
         generation.sampling = local_sampling(step.kind, user)
         try:
             try:
-                ids, probs, dense = generation.distribution(self._logits(step, user[0]))
+                if self._compact(generation):  # the strategy reads no logits: skip the vocabulary-sized array
+                    ids, probs, dense = generation.distribution(step_logits(step, user[0]).astype(np.float32))
+                    ids = step.ids[ids]
+                else:
+                    ids, probs, dense = generation.distribution(self._logits(step, user[0]))
             except ValueError:
                 if step.kind != "opaque":
                     raise
@@ -177,6 +182,13 @@ class EngineLoop:
         yield from generation.push(token, dense)
         self._forget(known, generation)
         return token == step.token and len(generation.tokens) == position + 1 and not generation.done
+
+    @staticmethod
+    def _compact(generation: Generation) -> bool:
+        """Whether the strategy neither edits logits nor reads probabilities, so that the candidates
+        alone (a K-long array) can stand for the logits."""
+        strategy = generation.strategy
+        return type(strategy).on_logits is BaseStrategy.on_logits and not strategy.needs_probs
 
     def _logits(self, step: Step, temperature: float) -> np.ndarray:
         logits = np.full(self.vocab_size, -np.inf, dtype=np.float32)
