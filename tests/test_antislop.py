@@ -275,8 +275,10 @@ def test_unsupported_regex_features_are_named():
 def test_regex_context_before_the_window():
     # \b and ^ see the character before the searched window, as Python's re does with a start position
     fp = scripted(" the cat sat on the mat.", extra=[" rug"])
-    text, events, _ = generate(fp, AntiSlopStrategy(fp, [], regexes=[r"\bat\b", r"^ mat"], regex_window=3))
-    assert not events and text == " the cat sat on the mat."
+    for pattern in (r"\bat sat", r"^at sat"):  # the window starts at the "a" of " cat" when " sat" comes
+        assert not re.search(pattern, " the cat sat on the mat.")
+        text, events, _ = generate(fp, AntiSlopStrategy(fp, [], regexes=[pattern], regex_window=2))
+        assert not events and text == " the cat sat on the mat.", pattern
 
 
 def test_precompiled_python_pattern_is_used_as_it_is():
@@ -329,6 +331,26 @@ def test_a_200000_character_phrase_needs_linear_memory_and_still_matches():
     assert found == [Match(2, 2 + len(phrase), phrase, False)]
 
 
+@pytest.mark.parametrize("whole_words", [False, True])
+def test_matcher_finds_exactly_the_occurrences_a_brute_force_search_finds(whole_words):
+    rng = np.random.default_rng(7)
+    for trial in range(30):
+        phrases = {"".join(rng.choice(list("ab c"), rng.integers(1, 6))) for _ in range(20)}
+        phrases = {p for p in phrases if p.strip()}
+        text = "".join(rng.choice(list("ab cA"), 80))
+        matcher = TextMatcher(lambda tokens: "".join(text[t] for t in tokens), {p: -math.inf for p in phrases}, [],
+                              whole_words=whole_words)
+        found = []
+        for n in range(1, len(text) + 1):
+            found += matcher.update(list(range(n)), at_end=n == len(text))
+        low = text.lower()
+        edge = lambda i: i in (0, len(low)) or not (low[i - 1].isalnum() and low[i].isalnum())  # noqa: E731
+        expected = {(s, e) for s in range(len(low)) for e in range(s + 1, len(low) + 1)
+                    if low[s:e] in phrases and (not whole_words or (edge(s) and edge(e)))}
+        assert sorted((m.start, m.end) for m in found) == sorted(expected), (trial, phrases, text)
+        assert all(m.pattern == low[m.start : m.end] for m in found)
+
+
 class CountingList(list):
     """A list that counts how often an item is read."""
 
@@ -340,8 +362,8 @@ class CountingList(list):
 
 
 def reads_per_character(phrases, text, whole_words):
-    matcher = TextMatcher(lambda tokens: text[: tokens[-1] + 1] if tokens else "", {p: -math.inf for p in phrases},
-                          [], whole_words=whole_words)
+    matcher = TextMatcher(lambda tokens: "".join(text[t] for t in tokens), {p: -math.inf for p in phrases}, [],
+                          whole_words=whole_words)
     matcher.sorted = CountingList(matcher.sorted)
     CountingList.reads = 0
     for n in range(1, len(text) + 1):

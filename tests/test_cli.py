@@ -310,7 +310,7 @@ def test_console_script_error_is_one_line():
     result = subprocess.run([str(EXE), "generate", "hi", "--model", "/no/such/file.gguf"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [f"error: no model at /no/such/file.gguf"]
+    assert result.stderr.strip().splitlines() == ["error: no model at /no/such/file.gguf"]
 
 
 def test_serve_with_a_missing_model_is_one_line_error():

@@ -14,7 +14,7 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
-from backtrack_sampler.server import Engine, StopFilter, create_app  # noqa: E402
+from backtrack_sampler.server import Engine, Limits, StopFilter, create_app  # noqa: E402
 
 pytestmark = pytest.mark.model
 KEY = "test-key"
@@ -57,10 +57,28 @@ def server(engine):
         yield running
 
 
+def openai_client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, timeout=TIMEOUT, max_retries=0)
+
+
 @pytest.fixture(scope="module")
 def client(server):
-    with openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, timeout=TIMEOUT, max_retries=0) as c:
+    with openai_client(server) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def hf_client(transformers_provider):
+    """An OpenAI client of a server running the transformers provider."""
+    with ServerThread(create_app(Engine(transformers_provider, "gemma-test"), api_key=KEY)) as running:
+        with openai_client(running) as c:
+            yield c
+
+
+@pytest.fixture(params=["llama", "transformers"])
+def any_client(request):
+    """The client of the llama.cpp server, then of the transformers one."""
+    return request.getfixturevalue("client" if request.param == "llama" else "hf_client")
 
 
 def post(server, path, body=None, key=KEY, **kwargs):
@@ -86,10 +104,15 @@ def greedy(client, prompt=PROMPT, max_tokens=6, **extra):
                                       extra_body=extra or None)
 
 
-@pytest.fixture(scope="module")
-def baseline(client):
-    """The greedy completion of PROMPT (6 tokens), computed once."""
-    return greedy(client)
+_BASELINES = {}
+
+
+@pytest.fixture
+def baseline(any_client):
+    """The greedy completion of PROMPT (6 tokens), computed once per server."""
+    if any_client not in _BASELINES:
+        _BASELINES[any_client] = greedy(any_client)
+    return _BASELINES[any_client]
 
 
 # --- routes -------------------------------------------------------------------------------------
@@ -115,17 +138,17 @@ def test_completion(baseline):
     assert result.object == "text_completion" and result.model == "gemma-test"
 
 
-def test_streamed_completion_matches_the_plain_one(client, baseline):
+def test_streamed_completion_matches_the_plain_one(any_client, baseline):
     plain = baseline.choices[0]
-    chunks = list(client.completions.create(model="gemma-test", prompt=PROMPT, max_tokens=6,
+    chunks = list(any_client.completions.create(model="gemma-test", prompt=PROMPT, max_tokens=6,
                                             temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == plain.text
     assert chunks[-1].choices[0].finish_reason == plain.finish_reason
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
 
 
-def test_chat_completion(client):
-    result = client.chat.completions.create(
+def test_chat_completion(any_client):
+    result = any_client.chat.completions.create(
         model="gemma-test", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}],
         max_tokens=4, temperature=0,
     )
@@ -157,15 +180,14 @@ def test_raw_stream_ends_with_done(server):
     assert lines[-1] == "data: [DONE]"
 
 
-def test_stop_string_is_never_sent(client, baseline):
+def test_stop_string_is_never_sent(any_client, baseline):
     text = baseline.choices[0].text
     words = text.split()
-    if len(words) < 2:
-        pytest.skip(f"greedy output too short to pick a stop string from: {text!r}")
+    assert len(words) >= 2, f"greedy output too short to pick a stop string from: {text!r}"
     stop = words[1][:3]  # a piece of the second word
     expected = text[: text.index(stop)]
     for stream in (False, True):
-        result = client.completions.create(model="gemma-test", prompt=PROMPT, max_tokens=6,
+        result = any_client.completions.create(model="gemma-test", prompt=PROMPT, max_tokens=6,
                                            temperature=0, stop=[stop, "zzzz-never"], stream=stream)
         if stream:
             chunks = list(result)
@@ -176,19 +198,27 @@ def test_stop_string_is_never_sent(client, baseline):
         assert finish == "stop"
 
 
-def test_banned_strings_never_in_output(client, baseline):
+def test_banned_strings_never_in_output(any_client, baseline):
     text = baseline.choices[0].text
     word = max(text.split(), key=len).strip(".,;:!?")
     for stream in (False, True):
-        result = client.completions.create(model="gemma-test", prompt=PROMPT, max_tokens=6,
-                                           temperature=0, stream=stream, extra_body={"banned_strings": [word]})
+        result = any_client.completions.create(model="gemma-test", prompt=PROMPT, max_tokens=6, temperature=0,
+                                               stream=stream, extra_body={"banned_strings": [word]})
         out = "".join(c.choices[0].text for c in result) if stream else result.choices[0].text
-        assert word.lower() not in out.lower(), (word, out)
+        assert out and word.lower() not in out.lower(), (word, out)
+        if not stream:
+            assert result.backtrack["rewinds"] >= 1  # the greedy text had the word: it was rewound
 
 
-def test_strategy_per_request(client):
-    result = greedy(client, max_tokens=4, strategy={"name": "creative", "top_p_flat": 0.6})
-    assert result.choices[0].finish_reason in ("stop", "length")
+def test_strategy_per_request(any_client, baseline):
+    """A chain of strategies from the request: replace a word of the greedy text, then adaptive
+    temperature (greedy: it keeps the most likely token)."""
+    word = max(baseline.choices[0].text.split(), key=len).strip(".,;:!?")
+    spec = [{"name": "replace", "find": word, "replace": " ZEBRA"}, "adaptive"]
+    out = greedy(any_client, max_tokens=12, strategy=spec).choices[0].text
+    assert word not in out and "ZEBRA" in out, (word, baseline.choices[0].text, out)
+    creative = greedy(any_client, max_tokens=4, strategy={"name": "creative", "top_p_flat": 0.6})
+    assert creative.choices[0].text and creative.usage.completion_tokens <= 4
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -323,6 +353,221 @@ def test_non_streaming_client_that_gives_up_frees_the_model(server, client, engi
         time.sleep(0.05)
     assert not engine.busy
     assert client.completions.create(model="gemma-test", prompt="Hi", max_tokens=1).choices
+
+
+# --- hostile requests and limits -------------------------------------------------------------------
+HOSTILE_REGEX = {"prompt": "a a a a a a a a a a a a", "banned_regex": ["(\\s*a\\s*)*b"], "banned_strings": ["zebra"],
+                 "temperature": 0, "max_tokens": 24}
+
+
+class Requests:
+    """POSTs sent from threads at once, each answer kept with how long it took."""
+
+    def __init__(self, server):
+        self.server, self.threads, self.answers = server, [], {}
+
+    def send(self, name, path, body):
+        def run():
+            started = time.monotonic()
+            try:
+                response = post(self.server, path, body)
+                self.answers[name] = (response.status_code, response.json(), time.monotonic() - started)
+            except Exception as error:  # reported by the test
+                self.answers[name] = (None, repr(error), time.monotonic() - started)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def running(self):
+        return any(thread.is_alive() for thread in self.threads)
+
+
+def slowest_health_check(server, requests, deadline=4 * TIMEOUT):
+    """Polls /health until every request has its answer; returns the slowest /health answer (s)."""
+    slowest, started = 0.0, time.monotonic()
+    with httpx.Client(timeout=TIMEOUT) as http:
+        while requests.running():
+            assert time.monotonic() - started < deadline, "the requests got no answer"
+            asked = time.monotonic()
+            assert http.get(server.url + "/health").status_code == 200
+            slowest = max(slowest, time.monotonic() - asked)
+            time.sleep(0.05)
+    return slowest
+
+
+def test_hostile_requests_get_prompt_answers_and_the_server_stays_responsive(server):
+    """Issue #7: a catastrophic-backtracking regex, a 200,000-character phrase and max_tokens=10**9
+    each get an answer, /health stays fast, and a normal request sent alongside completes."""
+    requests = Requests(server)
+    requests.send("regex", "/v1/completions", HOSTILE_REGEX)
+    requests.send("phrase", "/v1/completions", {"prompt": "Hello", "banned_strings": ["x" * 200_000], "max_tokens": 4})
+    requests.send("phrase in a strategy", "/v1/completions",
+                  {"prompt": "Hello", "strategy": {"name": "antislop", "slops": ["x" * 200_000]}})
+    requests.send("max_tokens", "/v1/completions", {"prompt": "Hello", "max_tokens": 10**9})
+    requests.send("chat max_tokens", "/v1/chat/completions",
+                  {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 10**9})
+    requests.send("normal", "/v1/completions", {"prompt": PROMPT, "max_tokens": 4, "temperature": 0})
+    slowest = slowest_health_check(server, requests)
+    answers = requests.answers
+    assert slowest < 0.5, f"/health took {slowest:.2f} s"
+
+    status, body, seconds = answers["regex"]
+    assert status == 200, body
+    assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["usage"]["completion_tokens"] <= 24
+    for name in ("phrase", "phrase in a strategy"):
+        status, body, _ = answers[name]
+        assert status == 400 and body["error"]["code"] == "string_above_max_length", (name, body)
+    for name in ("max_tokens", "chat max_tokens"):
+        status, body, _ = answers[name]
+        assert status == 400 and body["error"]["code"] == "context_length_exceeded", (name, body)
+        assert body["error"]["param"] == "max_tokens"
+    status, body, _ = answers["normal"]
+    assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length"), body
+
+
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # greedy goes on counting: thousands of tokens without an EOS
+
+
+@pytest.fixture(scope="class")
+def busy_model(server, engine):
+    """The model busy with a long streamed generation while the tests of a class run (hung up after)."""
+    body = {"prompt": COUNTING, "max_tokens": 3000, "stream": True, "temperature": 0}
+    with httpx.Client(timeout=TIMEOUT) as raw:
+        with raw.stream("POST", server.url + "/v1/completions", json=body,
+                        headers={"Authorization": f"Bearer {KEY}"}) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()  # kept: an abandoned iterator closes the connection when collected
+            for line in lines:
+                if line.startswith("data: {"):
+                    break  # generating
+            assert engine.busy
+            yield engine
+    deadline = time.monotonic() + 30
+    while engine.busy:  # the generation stops once we hung up
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+TIGHT = Limits(max_body_bytes=4000, max_banned_strings=3, max_banned_string_chars=10, max_regexes=2,
+               max_regex_chars=20, max_stop=2, max_stop_chars=5, max_messages=3, max_message_chars=50, max_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def tight_server(engine):
+    """A second server on the same model (and so the same generation lock) with small limits."""
+    with ServerThread(create_app(engine, api_key=KEY, limits=TIGHT)) as running:
+        yield running
+
+
+USER = {"role": "user", "content": "hi"}
+
+
+class TestLimitsWhileTheModelIsBusy:
+    """Requests beyond a limit, sent while another request holds the model, are answered at once."""
+
+    @pytest.mark.parametrize(
+        "path, body, param, code",
+        [
+            ("completions", {"prompt": "hi", "banned_strings": ["a", "b", "c", "d"]}, "banned_strings", "array_above_max_length"),
+            ("completions", {"prompt": "hi", "banned_strings": ["x" * 11]}, "banned_strings", "string_above_max_length"),
+            ("completions", {"prompt": "hi", "strategy": {"name": "antislop", "slops": ["a", "b", "c", "d"]}},
+             "strategy[0]", "array_above_max_length"),
+            ("completions", {"prompt": "hi", "strategy": {"name": "replace", "find": "x" * 11, "replace": "y"}},
+             "strategy[0]", "string_above_max_length"),
+            ("completions", {"prompt": "hi", "banned_regex": ["a", "b", "c"]}, "banned_regex", "array_above_max_length"),
+            ("completions", {"prompt": "hi", "banned_regex": ["a" * 21]}, "banned_regex", "string_above_max_length"),
+            ("completions", {"prompt": "hi", "strategy": {"name": "antislop", "slops": ["a"], "regexes": ["a", "b", "c"]}},
+             "strategy[0]", "array_above_max_length"),
+            ("completions", {"prompt": "hi", "stop": ["a", "b", "c"]}, "stop", "array_above_max_length"),
+            ("completions", {"prompt": "hi", "stop": "abcdef"}, "stop", "string_above_max_length"),
+            ("completions", {"prompt": "hi", "max_tokens": 9}, "max_tokens", "integer_above_max_value"),
+            ("completions", {"prompt": "hi", "max_tokens": 10**9}, "max_tokens", "integer_above_max_value"),
+            ("chat/completions", {"messages": [USER] * 4}, "messages", "array_above_max_length"),
+            ("chat/completions", {"messages": [{"role": "user", "content": "x" * 51}]}, "messages[0].content",
+             "string_above_max_length"),
+            ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "x" * 51}]}]},
+             "messages[0].content", "string_above_max_length"),
+            ("chat/completions", {"messages": [USER], "max_completion_tokens": 9}, "max_completion_tokens",
+             "integer_above_max_value"),
+        ],
+    )
+    def test_each_limit_answers_at_once_in_openais_shape(self, tight_server, busy_model, path, body, param, code):
+        """While the model is busy with another request, a request beyond a limit is answered at once
+        (it does not wait for the model): 400 in OpenAI's error shape naming the field."""
+        error = assert_error(post(tight_server, "/v1/" + path, body), 400, param)
+        assert error["code"] == code, error
+        assert busy_model.busy  # answered while the other generation still runs
+
+
+    def test_body_size_limit_is_413_before_the_body_is_read(self, tight_server, busy_model):
+        body = {"prompt": "x" * 5000}
+        error = assert_error(post(tight_server, "/v1/completions", body), 413)
+        assert error["code"] == "request_too_large" and "4000" in error["message"]
+
+        def chunks():  # no Content-Length: the limit is found while the body streams in
+            yield b'{"prompt": "'
+            for _ in range(100):
+                yield b"x" * 100
+            yield b'"}'
+
+        response = httpx.post(tight_server.url + "/v1/completions", content=chunks(), timeout=TIMEOUT,
+                              headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        assert assert_error(response, 413)["code"] == "request_too_large"
+        assert busy_model.busy
+
+
+def test_max_tokens_above_the_context_room(server, engine):
+    room = engine.provider.context_length - len(engine.provider.encode("Hello", add_special_tokens=True))
+    error = assert_error(post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": room + 1}), 400, "max_tokens")
+    assert error["code"] == "context_length_exceeded" and str(engine.provider.context_length) in error["message"]
+
+
+def test_limits_within_the_tight_server_are_accepted(tight_server):
+    body = {"prompt": PROMPT, "max_tokens": 8, "banned_strings": ["a" * 10, "b", "c"], "banned_regex": ["q+z", "zz"],
+            "stop": ["abcde", "\n\n"], "temperature": 0}
+    response = post(tight_server, "/v1/completions", body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] <= 8
+    chat = post(tight_server, "/v1/chat/completions", {"messages": [USER] * 3, "max_tokens": 2})
+    assert chat.status_code == 200, chat.text
+
+
+def test_wall_clock_limit_ends_the_generation_with_length(engine):
+    """max_seconds: the generation stops after that long (finish_reason "length"), streamed or not;
+    max_tokens may be all the room the context leaves."""
+    limit, prompt = 1.0, COUNTING
+    room = engine.provider.context_length - len(engine.provider.encode(prompt, add_special_tokens=True))
+    with ServerThread(create_app(engine, limits=Limits(max_seconds=limit))) as running:
+        body = {"prompt": prompt, "max_tokens": room, "temperature": 0}
+        started = time.monotonic()
+        result = httpx.post(running.url + "/v1/completions", json=body, timeout=TIMEOUT).json()
+        seconds = time.monotonic() - started
+        assert result["choices"][0]["finish_reason"] == "length", result
+        assert result["usage"]["completion_tokens"] < room
+        assert seconds < limit + 30, seconds  # not the thousands of tokens asked for (minutes)
+        with openai.OpenAI(base_url=running.url + "/v1", api_key="none", timeout=TIMEOUT, max_retries=0) as c:
+            chunks = list(c.completions.create(model="m", stream=True, **body))
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_limits_reject_nonsense():
+    with pytest.raises(ValueError):
+        Limits(max_tokens=0)
+    with pytest.raises(ValueError):
+        Limits(max_seconds=-1)
+    with pytest.raises(ValueError):
+        Limits(max_body_byte=10)  # a typo is an error, not a silently ignored limit
+
+
+def test_serve_options_become_limits(monkeypatch):
+    from backtrack_sampler import cli, server
+
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda **kwargs: seen.update(kwargs))
+    assert cli.main(["serve", "--max-tokens", "64", "--max-seconds", "2.5", "--max-banned-strings", "7"]) == 0
+    assert seen["limits"] == Limits(max_tokens=64, max_seconds=2.5, max_banned_strings=7)
+    assert cli.main(["serve", "--max-regexes", "0"]) == 2
 
 
 # --- pieces --------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ digits), the end of the text is ``\\z`` (Python's ``\\Z``), and a repetition cou
 
 from __future__ import annotations
 
-from typing import Any, Iterator, List, Optional, Protocol, Union
+from typing import Any, Iterator, List, Optional, Protocol
 
 try:  # Python 3.11+
     from re import _parser as _sre_parse  # type: ignore[attr-defined]
@@ -96,5 +96,3 @@ def _unsupported_feature(pattern: str) -> Optional[str]:
             stack.extend(item)
     return None
 
-
-Regex = Union[str, CompiledRegex]
