@@ -374,8 +374,9 @@ def _serve(args) -> int:
         raise UsageError(f"the server needs starlette, uvicorn and pydantic: pip install 'backtrack-sampler[server]' ({error})") from None
     api_key = args.api_key if args.api_key is not None else os.environ.get("BACKTRACK_SAMPLER_API_KEY") or None
     limits = Limits(**{name: getattr(args, name) for name in Limits.model_fields if getattr(args, name) is not None})
+    provider = _load(args) if args.engine else None  # --engine: a proxy in front of a serving engine
     serve(host=args.host, port=args.port, api_key=api_key, backend=args.backend, model=args.model,
-          n_ctx=args.n_ctx, threads=args.threads, model_name=args.model_name, limits=limits)
+          n_ctx=args.n_ctx, threads=args.threads, model_name=args.model_name, limits=limits, provider=provider)
     return 0
 
 

@@ -286,6 +286,16 @@ class Job:
                 pass
 
 
+class _NoLock:
+    """The lock of an engine-served model: every generation runs at once."""
+
+    def acquire(self, timeout: float = -1) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+
 class Engine:
     """The loaded model; runs one generation at a time (a lock), each in its own worker thread,
     so the event loop (and ``/health``) never waits for the model."""
@@ -294,7 +304,8 @@ class Engine:
         self.provider = provider
         self.name = name or provider_name(provider)
         self.created = int(time.time())
-        self.lock = threading.Lock()
+        # a serving engine (engine.EngineProvider) batches concurrent generations itself: no lock
+        self.lock = _NoLock() if hasattr(provider, "drive") else threading.Lock()
         self.busy = False
 
     def start(self, plan: Plan) -> Job:
@@ -314,9 +325,10 @@ class Engine:
                 self._generate(job, plan)
         except _Cancelled:
             pass
-        except Exception as error:  # a strategy failed mid-generation
-            job.put("error", APIError(f"generation failed: {type(error).__name__}: {error}", status=500,
-                                      type="server_error", code="generation_failed"))
+        except Exception as error:  # a strategy failed mid-generation, or the serving engine did
+            status = getattr(error, "http_status", 500)  # engine.EngineError: 502
+            job.put("error", APIError(f"generation failed: {type(error).__name__}: {error}", status=status,
+                                      type="server_error", code="engine_error" if status == 502 else "generation_failed"))
         finally:
             self.busy = False
             self.lock.release()
@@ -550,10 +562,12 @@ class _ApiKey:
 
 def serve(host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None, backend: str = "llamacpp",
           model: Optional[str] = None, n_ctx: Optional[int] = None, threads: Optional[int] = None,
-          model_name: Optional[str] = None, log_level: str = "info", limits: Optional[Limits] = None) -> None:
-    """Load the model and serve it until interrupted (Ctrl-C)."""
+          model_name: Optional[str] = None, log_level: str = "info", limits: Optional[Limits] = None,
+          provider: Optional[BaseProvider] = None) -> None:
+    """Load the model (or use ``provider``, e.g. an ``engine.EngineProvider``) and serve it until
+    interrupted (Ctrl-C)."""
     import uvicorn
 
-    provider = load_provider(backend, model, n_ctx, threads)
+    provider = provider or load_provider(backend, model, n_ctx, threads)
     app = create_app(Engine(provider, model_name), api_key, limits)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

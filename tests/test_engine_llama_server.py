@@ -215,3 +215,64 @@ def test_command_line_generate_through_the_engine(server, gguf):
     status = main(["generate", "hi", "--engine", f"http://127.0.0.1:{port}", "--tokenizer", gguf],
                   stdout=io.StringIO(), stderr=err)
     assert status == 1 and "error: cannot reach llama-server" in err.getvalue()
+
+
+def test_serve_engine_runs_concurrent_requests_concurrently(server, gguf):
+    """`backtrack-sampler serve --engine URL` (a real process): 4 streamed requests are all under
+    way at once (each got its first text while the others were still open), and bans hold."""
+    import sys
+    import threading
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proxy = subprocess.Popen([sys.executable, "-m", "backtrack_sampler.cli", "serve", "--engine", server.url,
+                              "--tokenizer", gguf, "--port", str(port)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proxy.poll() is None, proxy.stderr.read().decode()[-3000:]
+            try:
+                if httpx.get(base + "/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "serve --engine did not start"
+            time.sleep(0.3)
+        all_open = threading.Barrier(4, timeout=120)
+        texts, errors = [""] * 4, []
+
+        def client(i: int) -> None:
+            try:
+                body = {"model": "x", "prompt": "Once upon a time", "max_tokens": 40, "seed": i, "stream": True,
+                        "banned_strings": [" the", " and"]}
+                with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as response:
+                    assert response.status_code == 200, response.read()
+                    waited = False
+                    for line in response.iter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        texts[i] += httpx.Response(200, content=line[6:]).json()["choices"][0]["text"]
+                        if texts[i] and not waited:
+                            all_open.wait()  # every client has text while every stream is open
+                            waited = True
+                    assert waited
+            except Exception as error:  # reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(180)
+        assert not errors, errors
+        for text in texts:
+            assert text and " the " not in f"{text} " and " and " not in f"{text} ", text
+    finally:
+        proxy.terminate()
+        try:
+            proxy.wait(10)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
