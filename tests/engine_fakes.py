@@ -100,6 +100,8 @@ class FakeEngine:
         self.fail = False
         self.stall = 0.0
         self.stream_error = False
+        self.gap_at: Optional[int] = None  # llama-server: the token at this index of a stream is not sent
+        self.opaque_single = False  # llama-server: a one-token answer comes without probabilities
         self.requests: List[dict] = []
         self.decoded = 0
         engine = self
@@ -219,7 +221,8 @@ class FakeEngine:
         cached = max(prompt - 1, 0)
         if self.engine_type == "llama-server":
             entry = llama_entry(token, post if temperature > 0 else pre, temperature > 0)
-            self._send(handler, llama_partial(token, entry, len(out), prompt, cached))
+            if len(out) - 1 != self.gap_at:  # (server-context.cpp:1826-1859: incomplete UTF-8 is not sent)
+                self._send(handler, llama_partial(token, entry, len(out), prompt, cached))
             if done:
                 self._send(handler, llama_final(out, "eos" if reason == "stop" else "limit", prompt, cached))
         elif self.engine_type == "vllm":  # processed logprobs: the kept tokens, then filtered ones at -inf
@@ -244,5 +247,6 @@ class FakeEngine:
     def _single(self, prompt, sampling, k, rng) -> dict:
         token, post, pre = self._draw(list(prompt), sampling, k, rng)
         final = llama_final([token], "limit", len(prompt), 0)
-        final["completion_probabilities"] = [llama_entry(token, post if sampling[0] > 0 else pre, sampling[0] > 0)]
+        if not self.opaque_single:
+            final["completion_probabilities"] = [llama_entry(token, post if sampling[0] > 0 else pre, sampling[0] > 0)]
         return final

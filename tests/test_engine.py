@@ -132,6 +132,24 @@ def test_creative_writing_runs_through_the_engine(engine, model):
     assert provider.stats.requests > 1  # the strategy changes every step: drafts get replaced
 
 
+@pytest.mark.parametrize("opaque", [False, True])
+@pytest.mark.parametrize("gap_at", [1, 3])  # a token in the middle; the last one (EOS), then only the final event shows it
+def test_llama_server_gap_is_bridged_one_token_at_a_time(model, opaque, gap_at):
+    """llama-server does not stream a token that ends in an incomplete UTF-8 character: the loop
+    notices the jump in tokens_predicted and asks for that token alone (kept as drafted when it
+    comes without probabilities); greedy output is unchanged."""
+    fake = FakeEngine("llama-server", model.logits_for, model.vocab_size, eos=model.get_eos_token_id())
+    try:
+        fake.gap_at, fake.opaque_single = gap_at, opaque
+        provider = connect(fake, model)
+        expected, _ = _in_process(model, lambda p: NoOp(), " it was", max_new_tokens=12, temperature=0)
+        got = list(BacktrackSampler(provider, NoOp()).generate(" it was", max_new_tokens=12, temperature=0))
+        assert got == expected
+        assert any(not r["stream"] and r["n_predict"] == 1 for r in fake.requests)
+    finally:
+        fake.close()
+
+
 # ---- exactness ----------------------------------------------------------------------------
 Q = np.array([0.40, 0.25, 0.15, 0.12, 0.08])
 W = np.array([1.0, 2.0, 1.0, 0.0, 0.5])  # the strategy's reweighting: token 6 banned

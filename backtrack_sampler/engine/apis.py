@@ -154,7 +154,10 @@ class LlamaServerAPI(EngineAPI):
             if cached is None and isinstance(event.get("timings"), dict):
                 cached = event["timings"].get("cache_n")
             if event.get("stop"):
-                yield Finish("stop" if event.get("stop_type") in ("eos", "word") else "length", cached)
+                if event.get("tokens_predicted", seen) > seen:  # the last tokens were not streamed
+                    yield Finish("gap", cached)
+                else:
+                    yield Finish("stop" if event.get("stop_type") in ("eos", "word") else "length", cached)
                 return
             tokens = event.get("tokens") or []
             if not tokens:

@@ -131,21 +131,21 @@ class EngineLoop:
             n = min(n, self.chunk)
         seed = int(generation.rng.integers(2**31 - 1)) if user[0] > 0 else None
         body = self.client.api.body(generation.sequence, max(n, 1), user, k, seed, self.model)
-        got, finished = 0, False
+        name, got, finish = self.client.api.name, 0, None
         with self.client.stream(body, user) as events:
             for event in events:
                 if isinstance(event, Finish):
-                    finished = True
-                    if event.reason == "gap":
-                        yield from self._one(generation, user, k, known)
+                    finish = event
                     break
                 got += 1
                 if not (yield from self._take(generation, event, user, known)):
                     return  # replaced or rewound: closing the stream stops the engine
-        if not finished:
-            raise EngineError(f"{self.client.api.name} ended the stream without finishing the request")
-        if got == 0 and not generation.done and not known.get(len(generation.tokens)):
-            raise EngineError(f"{self.client.api.name} finished a request without generating a token")
+        if finish is None:
+            raise EngineError(f"{name} ended the stream without finishing the request")
+        if finish.reason == "gap":
+            yield from self._one(generation, user, k, known)
+        elif got == 0:
+            raise EngineError(f"{name} finished a request without generating a token (its context may be full)")
 
     def _one(self, generation: Generation, user: tuple, k: int, known: Dict[int, Step]) -> Iterator[int]:
         """After a llama-server gap: one token, not streamed (its probabilities may be missing)."""
