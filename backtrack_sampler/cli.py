@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO
 
 from .chat import chat_prompt_tokens
 from .errors import UsageError
-from .models import BACKENDS, load_provider
+from .models import BACKENDS, MODELS, default_model, load_provider
 from .provider.base_provider import BaseProvider
 from .registry import STRATEGIES, build_strategies, check_regexes, read_regexes, read_slops
 
@@ -61,13 +61,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def _add_model_args(parser):
+def _add_model_args(parser, default: str):
     group = parser.add_argument_group("model")
     group.add_argument("--backend", choices=BACKENDS, default="llamacpp", help="model backend (default: llamacpp)")
     group.add_argument(
-        "--model", metavar="PATH",
-        help="a .gguf file (llamacpp or transformers) or a local transformers model folder "
-        "(default: the embedded Gemma 3 270M)",
+        "--model", metavar="NAME|PATH",
+        help=f"an embedded model ({', '.join(MODELS)}), a .gguf file (llamacpp or transformers) "
+        f"or a local transformers model folder (default: {default})",
     )
     group.add_argument("--n-ctx", type=_positive_int, metavar="N", help="context size for llamacpp (default: 8192)")
     group.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads (default: all cores)")
@@ -85,7 +85,7 @@ def _add_generation_args(parser, human: bool = False):
     parser.add_argument("prompt", nargs="?", help="the prompt (default: read from stdin)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     parser.add_argument("--system", metavar="TEXT", help="system message (implies --chat)")
-    _add_model_args(parser)
+    _add_model_args(parser, f"{default_model(chat=True)} with --chat/--system, else {default_model()}")
 
     group = parser.add_argument_group("sampling")
     group.add_argument("--temperature", type=_number, default=1.0, help="0 is greedy (default: 1.0)")
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, default=8000, help="(default: 8000)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $BACKTRACK_SAMPLER_API_KEY, else no key)")
     serve.add_argument("--model-name", help="the model id the API reports (default: the model file's name)")
-    _add_model_args(serve)
+    _add_model_args(serve, default_model(chat=True))
     _add_limit_args(serve)
     return parser
 
@@ -306,9 +306,10 @@ def _generate(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     plan = strategy_plan(args, stderr)
     if any(name == "human" for name, _ in plan) and not (_isatty(stdin) and _isatty(stdout)):
         raise UsageError("the human strategy needs an interactive terminal (stdin and stdout)")
-    provider = _load(args)
+    chat = bool(args.chat or args.system)
+    provider = _load(args, chat)
     strategy = build_strategies(plan, provider)
-    if args.chat or args.system:
+    if chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
         prompt_input: Any = chat_prompt_tokens(provider, messages)
     else:
@@ -350,10 +351,12 @@ def _generate(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     return 0
 
 
-def _load(args) -> BaseProvider:
-    """The model: loaded here (``--backend``, ``--model``), or served by an engine (``--engine``)."""
+def _load(args, chat: bool) -> BaseProvider:
+    """The model: loaded here (``--backend``, ``--model``; the embedded instruct model for chat), or
+    served by an engine (``--engine``; the tokenizer from ``--tokenizer`` or ``--model``)."""
     if not getattr(args, "engine", None):
-        return load_provider(args.backend, args.model, args.n_ctx, args.threads)
+        model = args.model if args.model is not None else default_model(chat)  # chat -> the instruct model
+        return load_provider(args.backend, model, args.n_ctx, args.threads)
     from .engine import load_engine_provider
 
     return load_engine_provider(args.engine, args.engine_type, args.tokenizer or args.model, args.n_ctx,
@@ -374,7 +377,7 @@ def _serve(args) -> int:
         raise UsageError(f"the server needs starlette, uvicorn and pydantic: pip install 'backtrack-sampler[server]' ({error})") from None
     api_key = args.api_key if args.api_key is not None else os.environ.get("BACKTRACK_SAMPLER_API_KEY") or None
     limits = Limits(**{name: getattr(args, name) for name in Limits.model_fields if getattr(args, name) is not None})
-    provider = _load(args) if args.engine else None  # --engine: a proxy in front of a serving engine
+    provider = _load(args, chat=True) if args.engine else None  # --engine: a proxy in front of a serving engine
     serve(host=args.host, port=args.port, api_key=api_key, backend=args.backend, model=args.model,
           n_ctx=args.n_ctx, threads=args.threads, model_name=args.model_name, limits=limits, provider=provider)
     return 0

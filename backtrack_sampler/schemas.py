@@ -10,7 +10,6 @@ and a strategy.
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 from typing import Any, ClassVar, Dict, List, Literal, Optional, Type, TypeVar, Union
 
@@ -19,6 +18,7 @@ from pydantic_core import PydanticCustomError
 
 from .registry import strategy_parameters
 from .sampling import check_sampling_args
+from .strategy._regex import compile_regex
 
 STRATEGIES = ("none", "antislop", "creative", "adaptive", "replace")  # per request ("debug"/"human" need a terminal)
 NOT_FROM_JSON = {"provider", "file", "choose", "on_accept"}  # constructor parameters that take objects
@@ -132,12 +132,13 @@ def _one_or_many(value: Any) -> Any:
 
 
 def check_regex(pattern: str) -> None:
-    """Raises ``PydanticCustomError`` when ``pattern`` cannot be used as a banned regex (the one
-    place a request's patterns are compiled before generation)."""
+    """Raises ``PydanticCustomError`` when ``pattern`` cannot be used as a banned regex: the one
+    place a request's patterns are checked, with the compiler AntiSlop runs them with (RE2, linear
+    time; a backreference, lookaround ... is rejected with a message naming it)."""
     try:
-        re.compile(pattern)
-    except re.error as error:
-        raise _error("invalid_value", f"invalid regular expression {pattern!r}: {error}") from None
+        compile_regex(pattern)
+    except ValueError as error:
+        raise _error("invalid_value", str(error)) from None
 
 
 def _phrases(value: Any) -> List[str]:

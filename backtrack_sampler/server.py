@@ -42,7 +42,7 @@ from starlette.routing import Route
 from .backtrack_sampler import BacktrackSampler
 from .chat import chat_prompt_tokens
 from .errors import UsageError
-from .models import load_provider, provider_name
+from .models import default_model, load_provider, provider_name
 from .provider.base_provider import BaseProvider
 from .registry import chain, make_strategy
 from .schemas import APIError, ChatCompletionRequest, CompletionRequest, Limits, parse_request
@@ -564,10 +564,10 @@ def serve(host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = No
           model: Optional[str] = None, n_ctx: Optional[int] = None, threads: Optional[int] = None,
           model_name: Optional[str] = None, log_level: str = "info", limits: Optional[Limits] = None,
           provider: Optional[BaseProvider] = None) -> None:
-    """Load the model (or use ``provider``, e.g. an ``engine.EngineProvider``) and serve it until
-    interrupted (Ctrl-C)."""
+    """Load the model (default: the embedded instruct model, for chat clients), or use ``provider``
+    (e.g. an ``engine.EngineProvider``), and serve it until interrupted."""
     import uvicorn
 
-    provider = provider or load_provider(backend, model, n_ctx, threads)
+    provider = provider or load_provider(backend, model or default_model(chat=True), n_ctx, threads)
     app = create_app(Engine(provider, model_name), api_key, limits)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -1,30 +1,64 @@
-"""Stream a short story from the embedded Gemma 3 270M with the CreativeWriting strategy.
+"""Ask the embedded instruct model (SmolLM2 135M Instruct) for a short story while AntiSlop bans a
+list of overused phrases. Every rewind is shown where it happened, struck out, and a summary line
+ends the output.
 
-    .venv/bin/python examples/story.py ["Your story opening..."] [max_new_tokens]
+    .venv/bin/python examples/story.py ["Write a story about ..."] [--max-new-tokens N] [--seed N] [--ban PHRASE]
 """
 
+import argparse
 import sys
 
-from backtrack_sampler import BacktrackSampler, CreativeWritingStrategy
-from backtrack_sampler.models import load_llamacpp
-from backtrack_sampler.provider.llamacpp_provider import LlamacppProvider
+from backtrack_sampler import AntiSlopStrategy, BacktrackSampler
+from backtrack_sampler.chat import chat_prompt_tokens
+from backtrack_sampler.models import load_provider
+from backtrack_sampler.slop_phrases import SLOP_PHRASES
 
-opening = (
-    "The lighthouse keeper had not seen a ship in eleven years. On the night of the storm, "
-    "a small wooden boat washed onto the rocks below the tower, and inside it"
-)
-prompt = sys.argv[1] if len(sys.argv) > 1 else opening
-max_new_tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 300
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("request", nargs="?", default="Write a short story about a lighthouse keeper who finds a message in a bottle.")
+parser.add_argument("--max-new-tokens", type=int, default=300)
+parser.add_argument("--seed", type=int)
+parser.add_argument("--ban", action="append", default=[], metavar="PHRASE", help="ban this phrase too (repeatable)")
+parser.add_argument("--model", default="smollm2-135m-instruct", help="an embedded model's name or a .gguf file")
+args = parser.parse_args()
 
-provider = LlamacppProvider(load_llamacpp(), None, "cpu")
-strategy = CreativeWritingStrategy(provider, top_p_flat=0.65, top_k_threshold_flat=9, eos_penalty=0.75)
+provider = load_provider("llamacpp", args.model)
+kept = []  # matches AntiSlop had to keep (every alternative at that position was exhausted)
+strategy = AntiSlopStrategy(provider, list(SLOP_PHRASES) + args.ban,
+                            on_accept=lambda position, reason: kept.append(reason))
 sampler = BacktrackSampler(provider, strategy)
+prompt = chat_prompt_tokens(provider, [{"role": "user", "content": args.request}])
+strike = (lambda text: f"\x1b[9;31m{text}\x1b[0m") if sys.stdout.isatty() else (lambda text: f"[-{text}-]")
 
-print(prompt, end="", flush=True)
-for text in sampler.generate_text(prompt, max_new_tokens=max_new_tokens, temperature=1):
-    print(text, end="", flush=True)
+# The sampler streams only final tokens; a rewind event (at `position`) arrives while the text
+# before it may still be held back. So rewinds wait here until the text reaches their position.
+tokens, shown, pending = [], "", []
+
+
+def on_rewind(event):
+    global pending  # a rewind to an earlier position discards the later rewinds' context
+    pending = [e for e in pending if e.position <= event.position] + [event]
+
+
+def show_rewinds():
+    while pending and pending[0].position <= len(tokens):
+        event = pending.pop(0)
+        print(strike(event.text), end="", flush=True)
+
+
+print(f"> {args.request}\n")
+for token in sampler.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=0.8, min_p=0.05,
+                              seed=args.seed, on_rewind=on_rewind):
+    show_rewinds()
+    tokens.append(token)
+    text = provider.decode(tokens)
+    if not text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+print(provider.decode(tokens)[len(shown):], end="")
+show_rewinds()
+
 stats = sampler.stats
-print(
-    f"\n\n[{stats.delivered} tokens delivered, {stats.rewound} rewound in {stats.rewinds} rewinds, "
-    f"{stats.tokens_per_second:.1f} tokens/s]"
-)
+avoided = sorted({e.reason.split(" ", 1)[1].strip("'") for e in stats.events if e.reason and e.reason.startswith("phrase")})
+print(f"\n\n[avoided {len(avoided)} banned phrase{'s' * (len(avoided) != 1)} ({', '.join(avoided) or 'none came up'}) "
+      f"in {stats.rewinds} rewinds; {f'{len(kept)} kept for want of an alternative; ' if kept else ''}"
+      f"{stats.delivered} tokens at {stats.tokens_per_second:.1f} tokens/s]")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install, then stream a short story from the embedded Gemma 3 270M with a backtracking strategy.
+# Install, then ask the embedded instruct model (SmolLM2 135M) for a short story with AntiSlop banning
+# a built-in list of overused phrases: rewinds are shown struck out, a summary line ends the output.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh

