@@ -76,7 +76,7 @@ def _add_model_args(parser, default: str):
     group.add_argument("--engine-type", choices=("llama-server", "vllm", "sglang"), default="llama-server",
                        help="its API (default: llama-server)")
     group.add_argument("--tokenizer", metavar="PATH", help="the served model's tokenizer: a .gguf file or a tokenizer "
-                       "folder (default: --model, else the embedded model's)")
+                       "folder, or an embedded model name (default: --model, else gemma-3-270m)")
     group.add_argument("--engine-timeout", type=_number, metavar="S", default=60.0,
                        help="seconds to wait for the engine (default: 60)")
 
