@@ -74,7 +74,7 @@ def start_llama_server(slots: int) -> tuple:
     port = free_port()
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen([binary, "-m", str(default_model_path()), "--host", "127.0.0.1", "--port", str(port),
-                             "-np", str(slots), "-c", str(2048 * slots), "-t", str(os.cpu_count() or 2), "--no-webui"],
+                             "-np", str(slots), "-c", str(2048 * slots), "-t", str(os.cpu_count() or 2), "--no-webui", "--swa-full"],
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc, "llama-server")

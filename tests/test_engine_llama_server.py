@@ -42,7 +42,7 @@ class LlamaServer:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [binary, "-m", model, "--host", "127.0.0.1", "--port", str(self.port), "-np", str(slots),
-             "-c", str(n_ctx), "-t", str(os.cpu_count() or 2), "--no-webui", "--no-warmup"],
+             "-c", str(n_ctx), "-t", str(os.cpu_count() or 2), "--no-webui", "--no-warmup", "--swa-full"],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
