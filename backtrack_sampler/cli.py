@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, default=8000, help="(default: 8000)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $BACKTRACK_SAMPLER_API_KEY, else no key)")
     serve.add_argument("--model-name", help="the model id the API reports (default: the model file's name)")
+    serve.add_argument("--parallel", type=_positive_int, metavar="N",
+                       help="generations run at once, batched (default: 4 per CPU core, at most 8)")
+    serve.add_argument("--max-queue", type=_non_negative_int, metavar="N",
+                       help="requests that may wait for a slot; beyond: 429 (default: 4 x --parallel)")
     _add_model_args(serve, default_model(chat=True))
     _add_limit_args(serve)
     return parser
@@ -379,7 +383,8 @@ def _serve(args) -> int:
     limits = Limits(**{name: getattr(args, name) for name in Limits.model_fields if getattr(args, name) is not None})
     provider = _load(args, chat=True) if args.engine else None  # --engine: a proxy in front of a serving engine
     serve(host=args.host, port=args.port, api_key=api_key, backend=args.backend, model=args.model,
-          n_ctx=args.n_ctx, threads=args.threads, model_name=args.model_name, limits=limits, provider=provider)
+          n_ctx=args.n_ctx, threads=args.threads, model_name=args.model_name, limits=limits,
+          parallel=args.parallel, max_queue=args.max_queue, provider=provider)
     return 0
 
 

@@ -163,11 +163,13 @@ def load_transformers(model_path: Optional[str] = None, cache_dir: Optional[str]
 
 # --------------------------------------------------------------------------------------------
 def load_provider(
-    backend: str = "llamacpp", model: Optional[str] = None, n_ctx: Optional[int] = None, threads: Optional[int] = None
+    backend: str = "llamacpp", model: Optional[str] = None, n_ctx: Optional[int] = None, threads: Optional[int] = None,
+    slots: int = 1,
 ) -> BaseProvider:
     """Load ``model`` with ``backend`` and wrap it in a provider. ``model`` is an embedded model's
     name (``MODELS``: ``"gemma-3-270m"``, ``"smollm2-135m-instruct"``), a ``.gguf`` file or a
-    transformers model folder; None means ``DEFAULT_MODEL`` (Gemma 3 270M).
+    transformers model folder; None means ``DEFAULT_MODEL`` (Gemma 3 270M). ``slots``: the sequences its
+    ``generate_batch`` holds at once.
 
     Raises UsageError for anything the user can fix (unknown backend or model name, missing file or
     model package, backend not installed, a file the backend cannot read)."""
@@ -192,7 +194,7 @@ def load_provider(
             if threads is not None:
                 options.update(n_threads=threads, n_threads_batch=threads)
             llm = load_llamacpp(model, **options)
-            return LlamacppProvider(llm, None, "cpu")
+            return LlamacppProvider(llm, None, "cpu", slots=slots)
         from .provider.transformers_provider import TransformersProvider
 
         if threads is not None:
@@ -200,7 +202,7 @@ def load_provider(
 
             torch.set_num_threads(threads)
         hf_model, tokenizer = load_transformers(model)
-        return TransformersProvider(hf_model, tokenizer, "cpu")
+        return TransformersProvider(hf_model, tokenizer, "cpu", slots=slots)
     except UsageError:
         raise
     except ImportError as error:

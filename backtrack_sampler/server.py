@@ -12,13 +12,16 @@ A request goes through three steps, each its own piece below:
    request; any problem is a 400/413 in OpenAI's error shape;
 2. **plan** (``plan_request``, off the event loop): prompt tokens, the strategy built, sampling
    arguments, stop strings, the token and time limits: a ``Plan``; still before any waiting;
-3. **execute** (``Engine``): one generation at a time, in a worker thread, reporting text to a
-   ``Job`` the response reads.
+3. **execute** (``Engine``): a ``BatchScheduler`` stepped by one background thread runs up to
+   ``parallel`` generations at once (one backend call per step for all of them) and reports text
+   to each request's ``Job``; more wait in a bounded first-come-first-served queue (beyond it: 429
+   with ``Retry-After``). A client that disconnects, running or queued, frees its place at the
+   next step.
 
 Extra request fields: ``top_k``, ``min_p``, ``banned_strings`` (list of phrases),
 ``banned_regex`` (a pattern or a list), ``strategy`` (a name, ``{"name": ..., params...}``, or a
 list of those, chained). Start it with ``backtrack-sampler serve`` or ``serve(...)``; embed it
-with ``create_app(Engine(provider), api_key=..., limits=Limits(...))``.
+with ``create_app(Engine(provider, parallel=N), api_key=..., limits=Limits(...))``.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -40,6 +45,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .backtrack_sampler import BacktrackSampler
+from .batch import BatchJob, BatchScheduler
 from .chat import chat_prompt_tokens
 from .errors import UsageError
 from .models import default_model, load_provider, provider_name
@@ -48,7 +54,8 @@ from .registry import chain, make_strategy
 from .schemas import APIError, ChatCompletionRequest, CompletionRequest, Limits, parse_request
 from .strategy.base_strategy import BaseStrategy
 
-__all__ = ["APIError", "Engine", "Limits", "Plan", "StopFilter", "create_app", "plan_request", "serve"]
+__all__ = ["APIError", "Engine", "Limits", "Plan", "QueueFull", "StopFilter", "create_app", "default_parallel",
+           "plan_request", "serve"]
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -168,12 +175,8 @@ def _make(name: str, params: Dict[str, Any], param: str, provider: BaseProvider)
 
 
 # --------------------------------------------------------------------------------------------
-# 3. execute: one generation at a time, in a worker thread, reported to a Job
+# 3. execute: every generation in one BatchScheduler, stepped by one background thread
 # --------------------------------------------------------------------------------------------
-class _Cancelled(Exception):
-    pass
-
-
 class _TimeUp(Exception):
     pass
 
@@ -182,13 +185,22 @@ class _ClientGone(Exception):
     """The client disconnected before the answer was ready."""
 
 
-class _Guard(BaseStrategy):
-    """Delegates to ``inner``; stops the generation at the next token once ``cancelled`` is set
-    or ``deadline`` (``time.monotonic()``) has passed, also while the strategy rewinds and no
-    text comes out."""
+class QueueFull(APIError):
+    """429: every slot is busy and the queue is full; ``Retry-After`` says when to try again."""
 
-    def __init__(self, inner: BaseStrategy, cancelled: threading.Event, deadline: float):
-        self.inner, self.cancelled, self.deadline = inner, cancelled, deadline
+    def __init__(self, running: int, queued: int, retry_after: int = 1):
+        super().__init__(f"the server is busy ({running} generations running, {queued} queued, the most it "
+                         "queues): retry later", None, "rate_limit_exceeded", 429, "rate_limit_error")
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class _Deadline(BaseStrategy):
+    """Delegates to ``inner``; ends the generation at the next token once ``deadline``
+    (``time.monotonic()``, set when the generation leaves the queue) has passed, also while the
+    strategy rewinds and no text comes out."""
+
+    def __init__(self, inner: BaseStrategy, seconds: float):
+        self.inner, self.seconds, self.deadline = inner, seconds, float("inf")
 
     @property
     def needs_probs(self) -> bool:
@@ -202,8 +214,6 @@ class _Guard(BaseStrategy):
         return self.inner.get_keep_index()
 
     def on_logits(self, logits, continuation_tokens):
-        if self.cancelled.is_set():
-            raise _Cancelled()
         if time.monotonic() > self.deadline:
             raise _TimeUp()
         return self.inner.on_logits(logits, continuation_tokens)
@@ -251,24 +261,28 @@ class StopFilter:
 
 
 class Job:
-    """One request's generation as the event loop sees it: the worker puts ``(kind, value)``
-    reports on ``queue``: ``("started", None)``, ``("text", str)``, then ``("done", dict)`` or
-    ``("error", APIError)``."""
+    """One request's generation as the event loop sees it: the engine's thread puts
+    ``(kind, value)`` reports on ``queue``: ``("started", None)`` when it leaves the queue,
+    ``("text", str)``, then ``("done", dict)`` or ``("error", APIError)``."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.checked = loop.time()  # when the client's connection was last checked
+        self.batch: Optional[BatchJob] = None
 
     def put(self, kind: str, value: Any = None) -> None:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
         except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self.cancelled.set()
+            self.cancel()
 
     def cancel(self) -> None:
+        """Free the slot (or the place in the queue) at the next step."""
         self.cancelled.set()
+        if self.batch is not None:
+            self.batch.cancel()
 
     async def next(self, request: Request) -> Tuple[str, Any]:
         """The next report; cancels the job if the client goes away meanwhile (checked at least
@@ -286,80 +300,151 @@ class Job:
                 pass
 
 
-class _NoLock:
-    """The lock of an engine-served model: every generation runs at once."""
+class _Output:
+    """A generation's final tokens as text reports to its ``Job``: whole characters only, cut
+    before any stop string (which ends the generation with finish_reason "stop")."""
 
-    def acquire(self, timeout: float = -1) -> bool:
-        return True
+    def __init__(self, provider: BaseProvider, job: Job, plan: Plan):
+        self.provider, self.job, self.plan = provider, job, plan
+        self.stops = StopFilter(plan.stop)
+        self.tokens: List[int] = []
+        self.start = self.done = 0  # tokens[start:done] is sent; decoding from start keeps spacing right
+        self.stopped = False
 
-    def release(self) -> None:
-        pass
+    def on_start(self, batch: BatchJob) -> None:
+        batch.generation.strategy.deadline = time.monotonic() + self.plan.max_seconds
+        self.job.put("started")
+
+    def on_tokens(self, batch: BatchJob, tokens: List[int]) -> None:
+        if self.stopped:
+            return
+        self.tokens.extend(tokens)
+        decode = self.provider.decode
+        sent, text = decode(self.tokens[self.start : self.done]), decode(self.tokens[self.start :])
+        if len(text) > len(sent) and not text.endswith("\ufffd"):
+            self.start, self.done = self.done, len(self.tokens)
+            self._send(text[len(sent) :], batch)
+
+    def on_finish(self, batch: BatchJob) -> None:
+        if self.stopped:
+            return
+        error = batch.error
+        if error is not None and not isinstance(error, _TimeUp):  # a strategy failed mid-generation
+            status = getattr(error, "http_status", 500)  # engine.EngineError (the serving engine failed): 502
+            self.job.put("error", APIError(f"generation failed: {type(error).__name__}: {error}", status=status,
+                                           type="server_error", code="engine_error" if status == 502 else "generation_failed"))
+            return
+        if error is None and batch.stats.finish_reason is None:  # cancelled: the client went away
+            return
+        decode = self.provider.decode
+        self._send(decode(self.tokens[self.start :])[len(decode(self.tokens[self.start : self.done])) :], batch)
+        if not self.stopped:
+            rest = self.stops.flush()
+            if rest:
+                self.job.put("text", rest)
+            self._done(batch, "length" if error is not None else batch.stats.finish_reason or "length")
+
+    def _send(self, text: str, batch: BatchJob) -> None:
+        out, hit = self.stops.push(text)
+        if out:
+            self.job.put("text", out)
+        if hit:
+            self.stopped = True
+            batch.cancel()  # its slot is free at the next step
+            self._done(batch, "stop")
+
+    def _done(self, batch: BatchJob, finish: str) -> None:
+        stats = batch.stats
+        self.job.put("done", {"finish_reason": finish, "completion_tokens": stats.delivered,
+                              "rewound_tokens": stats.rewound, "rewinds": stats.rewinds})
+
+
+def default_parallel() -> int:
+    """How many generations run at once by default: 4 per CPU core, at most 8 (batching pays off
+    up to about that many sequences on a CPU)."""
+    return max(1, min(8, 4 * (os.cpu_count() or 1)))
 
 
 class Engine:
-    """The loaded model; runs one generation at a time (a lock), each in its own worker thread,
-    so the event loop (and ``/health``) never waits for the model."""
+    """The loaded model and the ``BatchScheduler`` that runs up to ``parallel`` generations at
+    once (default and maximum: ``provider.max_sequences``), one backend call per step, in one
+    background thread; up to ``max_queue`` more (default: 4 x parallel) wait first come, first
+    served, and a request beyond that gets a 429 with ``Retry-After``. The event loop (and
+    ``/health``) never waits for the model. ``close()`` stops the thread."""
 
-    def __init__(self, provider: BaseProvider, name: Optional[str] = None):
+    def __init__(self, provider: BaseProvider, name: Optional[str] = None, parallel: Optional[int] = None,
+                 max_queue: Optional[int] = None):
         self.provider = provider
         self.name = name or provider_name(provider)
         self.created = int(time.time())
-        # a serving engine (engine.EngineProvider) batches concurrent generations itself: no lock
-        self.lock = _NoLock() if hasattr(provider, "drive") else threading.Lock()
-        self.busy = False
+        if hasattr(provider, "drive"):  # a serving engine (engine.EngineProvider) batches the generations itself
+            from .engine.scheduler import EngineScheduler
+
+            self.scheduler: BatchScheduler = EngineScheduler(provider, parallel)
+        else:
+            self.scheduler = BatchScheduler(provider, parallel)
+        self.parallel = self.scheduler.parallel
+        self.max_queue = 4 * self.parallel if max_queue is None else max_queue
+        if not isinstance(self.max_queue, int) or self.max_queue < 0:
+            raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        self._sampler = BacktrackSampler(provider, BaseStrategy())
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="backtrack-sampler-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> int:
+        return self.scheduler.running
+
+    @property
+    def queued(self) -> int:
+        return self.scheduler.queued
+
+    @property
+    def busy(self) -> bool:
+        return self.scheduler.pending
 
     def start(self, plan: Plan) -> Job:
-        """Queue ``plan`` for generation; its reports arrive on the returned ``Job``."""
+        """Queue ``plan``; its reports arrive on the returned ``Job``. Raises ``QueueFull`` (429)
+        when every slot is busy and the queue is full."""
+        if self._closed:
+            raise APIError("the server is shutting down", None, "server_shutting_down", 503, "server_error")
+        scheduler = self.scheduler
+        if scheduler.running + scheduler.queued >= self.parallel + self.max_queue:
+            raise QueueFull(scheduler.running, scheduler.queued)
         job = Job(asyncio.get_running_loop())
-        threading.Thread(target=self._run, args=(job, plan), name="backtrack-sampler-generate", daemon=True).start()
+        output = _Output(self.provider, job, plan)
+        try:
+            generation = self._sampler.start(plan.prompt, strategy=_Deadline(plan.strategy, plan.max_seconds),
+                                             **plan.sampling)
+        except ValueError as error:
+            raise APIError(str(error), None, "invalid_value") from None
+        job.batch = scheduler.add(generation, output.on_tokens, output.on_finish, output.on_start)
+        self._wake.set()
         return job
 
-    def _run(self, job: Job, plan: Plan) -> None:
-        while not self.lock.acquire(timeout=0.05):  # our turn, unless the request is cancelled first
-            if job.cancelled.is_set():
-                return
-        self.busy = True
-        try:
-            if not job.cancelled.is_set():
-                job.put("started")
-                self._generate(job, plan)
-        except _Cancelled:
-            pass
-        except Exception as error:  # a strategy failed mid-generation, or the serving engine did
-            status = getattr(error, "http_status", 500)  # engine.EngineError: 502
-            job.put("error", APIError(f"generation failed: {type(error).__name__}: {error}", status=status,
-                                      type="server_error", code="engine_error" if status == 502 else "generation_failed"))
-        finally:
-            self.busy = False
-            self.lock.release()
+    def close(self) -> None:
+        """Cancel every generation and stop the background thread."""
+        self._closed = True
+        self.scheduler.cancel_all()
+        self._wake.set()
+        self._thread.join(30)
 
-    def _generate(self, job: Job, plan: Plan) -> None:
-        guard = _Guard(plan.strategy, job.cancelled, time.monotonic() + plan.max_seconds)
-        sampler = BacktrackSampler(self.provider, guard)
-        stops = StopFilter(plan.stop)
-        finish = None
-        chunks = sampler.generate_text(plan.prompt, **plan.sampling)
-        try:
-            for chunk in chunks:
-                text, hit = stops.push(chunk)
-                if text:
-                    job.put("text", text)
-                if hit:
-                    finish = "stop"
-                    break
-                if job.cancelled.is_set():
-                    raise _Cancelled()
-        except _TimeUp:
-            finish = "length"
-        finally:
-            chunks.close()
-        if finish != "stop":
-            rest = stops.flush()
-            if rest:
-                job.put("text", rest)
-        stats = sampler.stats
-        job.put("done", {"finish_reason": finish or stats.finish_reason or "length", "completion_tokens": stats.delivered,
-                         "rewound_tokens": stats.rewound, "rewinds": stats.rewinds})
+    def _loop(self) -> None:
+        scheduler = self.scheduler
+        while True:
+            if scheduler.pending:
+                try:
+                    scheduler.step()
+                except Exception:  # a bug, not a request's fault (those end their own job): keep serving
+                    traceback.print_exc()
+                    scheduler.cancel_all()
+            elif self._closed:
+                return
+            else:
+                self._wake.wait(0.5)
+                self._wake.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,13 +583,16 @@ async def model(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """Answers at once, whatever the model is doing (it never touches the generation lock)."""
-    engine = request.app.state.engine
-    return JSONResponse({"status": "ok", "model": engine.name, "busy": engine.busy})
+    """Answers at once, whatever the model is doing: how many generations run and wait."""
+    engine: Engine = request.app.state.engine
+    return JSONResponse({"status": "ok", "model": engine.name, "busy": engine.busy, "running": engine.running,
+                         "queued": engine.queued, "parallel": engine.parallel, "max_queue": engine.max_queue})
 
 
 async def _api_error(request: Request, error: APIError) -> Response:
-    return error_response(error)
+    response = error_response(error)
+    response.headers.update(getattr(error, "headers", {}))
+    return response
 
 
 async def _http_error(request: Request, error: HTTPException) -> Response:
@@ -563,11 +651,20 @@ class _ApiKey:
 def serve(host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None, backend: str = "llamacpp",
           model: Optional[str] = None, n_ctx: Optional[int] = None, threads: Optional[int] = None,
           model_name: Optional[str] = None, log_level: str = "info", limits: Optional[Limits] = None,
+          parallel: Optional[int] = None, max_queue: Optional[int] = None,
           provider: Optional[BaseProvider] = None) -> None:
     """Load the model (default: the embedded instruct model, for chat clients), or use ``provider``
-    (e.g. an ``engine.EngineProvider``), and serve it until interrupted."""
+    (e.g. an ``engine.EngineProvider``), and serve it until interrupted (Ctrl-C). ``parallel``:
+    generations run at once (default: ``default_parallel()``; with an engine provider, its
+    ``max_sequences``); ``max_queue``: requests that may wait (default 4 x parallel)."""
     import uvicorn
 
-    provider = provider or load_provider(backend, model or default_model(chat=True), n_ctx, threads)
-    app = create_app(Engine(provider, model_name), api_key, limits)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    if provider is None:
+        parallel = default_parallel() if parallel is None else parallel
+        provider = load_provider(backend, model or default_model(chat=True), n_ctx, threads, slots=parallel)
+    engine = Engine(provider, model_name, parallel, max_queue)
+    try:
+        uvicorn.run(create_app(engine, api_key, limits), host=host, port=port, log_level=log_level,
+                    timeout_graceful_shutdown=5)
+    finally:
+        engine.close()

@@ -73,6 +73,8 @@ def test_no_command_shows_usage(capsys):
         (["generate", "hi", "--backend", "onnx"], ["--backend"]),
         (["generate", "hi", "--strategy", "magic"], ["--strategy"]),
         (["serve", "--port", "99999"], ["--port"]),
+        (["serve", "--parallel", "0"], ["--parallel"]),
+        (["serve", "--max-queue", "-1"], ["--max-queue"]),
     ],
 )
 def test_bad_arguments(argv, words, capsys):

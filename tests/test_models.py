@@ -126,10 +126,12 @@ def test_cli_default_model(argv, expected, monkeypatch):
 
 
 def test_serve_defaults_to_the_instruct_model(monkeypatch):
-    server = pytest.importorskip("backtrack_sampler.server")
-    uvicorn = pytest.importorskip("uvicorn")
+    import uvicorn
+
+    from backtrack_sampler import server
+
     seen = []
-    monkeypatch.setattr(server, "load_provider", lambda backend, model, *rest: seen.append(model) or FakeProvider())
+    monkeypatch.setattr(server, "load_provider", lambda backend, model, *rest, **options: seen.append(model) or FakeProvider())
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.append(kwargs["port"]))
     assert cli.main(["serve", "--port", "1234"]) == 0
     assert seen == [SMOL, 1234]

@@ -163,6 +163,12 @@ class EngineProvider(BaseProvider):
         return self.loop.drive(generation)
 
     @property
+    def max_sequences(self) -> int:
+        """Generations a server runs at once on this provider (the engine queues what its own
+        slots cannot hold)."""
+        return 64
+
+    @property
     def stats(self):
         """Requests, tokens received and prefix-cache hits so far (``EngineStats``)."""
         return self.client.stats

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from typing import Dict, FrozenSet, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, FrozenSet, Hashable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -26,6 +27,15 @@ def without_double_bos(tokens: List[int], bos: Optional[int]) -> List[int]:
     return tokens[1:] if bos is not None and len(tokens) >= 2 and tokens[0] == tokens[1] == bos else tokens
 
 
+@dataclass
+class _Sequence:
+    """One cached sequence of ``generate_batch``: its backend slot, cached tokens and recent logits."""
+
+    slot: int
+    cached: List[int]
+    recent: Dict[int, np.ndarray]
+
+
 class BaseProvider(ABC):
     """Wraps a model backend. Subclasses implement the tokenizer, ``_forward`` and ``_truncate``.
 
@@ -41,6 +51,8 @@ class BaseProvider(ABC):
     def __init__(self) -> None:
         self._cached: List[int] = []
         self._recent: Dict[int, np.ndarray] = {}  # sequence length -> the logits after it
+        self._batch: Dict[Hashable, _Sequence] = {}  # generate_batch's sequences by key
+        self._free: Optional[List[int]] = None  # free slots (made on first use)
 
     # --- tokenizer -------------------------------------------------------------------------
     @abstractmethod
@@ -83,26 +95,116 @@ class BaseProvider(ABC):
 
     def generate(self, input_ids: Sequence[int]) -> np.ndarray:
         """Next-token logits after ``input_ids`` as a float32 array of ``vocab_size`` (yours to edit)."""
+        tokens = self._checked(input_ids)
+        known, n = self._reuse(self._cached, self._recent, tokens, self._cut)
+        if known is not None:
+            return known
+        logits = self._forward(tokens[n:])
+        self._remember(self._cached, self._recent, tokens[n:], logits)
+        return logits
+
+    # --- several sequences at once ------------------------------------------------------------
+    @property
+    def max_sequences(self) -> int:
+        """How many sequences ``generate_batch`` can hold at once (each key takes one until
+        ``release``). The base implementation has one: the cache of ``generate`` itself."""
+        return 1
+
+    def generate_batch(self, requests: Mapping[Hashable, Sequence[int]]) -> Dict[Hashable, np.ndarray]:
+        """Next-token logits for several sequences in one backend call: ``{key: input_ids}`` ->
+        ``{key: logits}``. Each key is a sequence with its own cache, kept exactly like the cache
+        of ``generate`` (longest cached prefix, recent logits, rewind = a shorter ``input_ids``)
+        until ``release(key)``. A new key takes a free slot; more than ``max_sequences`` live keys
+        raise RuntimeError."""
+        answers: Dict[Hashable, np.ndarray] = {}
+        work = []
+        for key, input_ids in requests.items():
+            tokens = self._checked(input_ids)
+            seq = self._batch_sequence(key)
+            known, n = self._reuse(seq.cached, seq.recent, tokens, lambda length, seq=seq: self._cut_sequence(seq, length))
+            if known is not None:
+                answers[key] = known
+            else:
+                work.append((key, seq, tokens[n:]))
+        if work:
+            results = self._forward_batch([(seq.slot, new) for _, seq, new in work])
+            for (key, seq, new), logits in zip(work, results):
+                self._remember(seq.cached, seq.recent, new, logits)
+                answers[key] = logits
+        return {key: answers[key] for key in requests}
+
+    def release(self, key: Hashable) -> None:
+        """Forget the sequence ``key`` of ``generate_batch`` and free its slot (a no-op for an
+        unknown key)."""
+        seq = self._batch.pop(key, None)
+        if seq is not None:
+            self._cut_sequence(seq, 0)
+            self._free.append(seq.slot)
+
+    @property
+    def batch_keys(self) -> List[Hashable]:
+        """The keys of ``generate_batch`` that hold a slot."""
+        return list(self._batch)
+
+    def _forward_batch(self, work: List[Tuple[int, List[int]]]) -> List[np.ndarray]:
+        """Append each ``tokens`` to the cache of ``slot`` and return each one's last logits, in
+        one backend call where the backend allows. Base: the single cache of ``generate``."""
+        return [self._forward(tokens) for _, tokens in work]
+
+    def _truncate_slot(self, slot: int, length: int) -> int:
+        """``_truncate`` for the cache of ``slot``. Base: the single cache of ``generate``."""
+        return self._truncate(length)
+
+    def _batch_sequence(self, key: Hashable) -> "_Sequence":
+        seq = self._batch.get(key)
+        if seq is None:
+            if self._free is None:
+                self._free = list(range(self.max_sequences - 1, -1, -1))
+            if not self._free:
+                raise RuntimeError(f"{type(self).__name__} holds {self.max_sequences} sequences at most: "
+                                   "release() one first")
+            slot = self._free.pop()
+            if type(self)._forward_batch is BaseProvider._forward_batch:  # the batch shares generate()'s cache
+                seq = _Sequence(slot, self._cached, self._recent)
+            else:
+                seq = _Sequence(slot, [], {})
+            self._batch[key] = seq
+        return seq
+
+    def _cut_sequence(self, seq: "_Sequence", length: int) -> None:
+        length = self._truncate_slot(seq.slot, length)
+        del seq.cached[length:]
+        for known in [k for k in seq.recent if k > length]:
+            del seq.recent[known]
+
+    # --- the cache bookkeeping shared by generate and generate_batch -------------------------
+    def _checked(self, input_ids: Sequence[int]) -> List[int]:
         tokens = list(input_ids)
         if not tokens:
             raise ValueError("generate() needs at least one token")
         if len(tokens) > self.context_length:
             raise ValueError(f"{len(tokens)} tokens do not fit in the context of {self.context_length}")
-        cached = self._cached
+        return tokens
+
+    @staticmethod
+    def _reuse(cached: List[int], recent: Dict[int, np.ndarray], tokens: List[int], cut) -> Tuple[Optional[np.ndarray], int]:
+        """Keep the longest cached prefix of ``tokens`` (``cut(length)`` drops the rest): returns
+        ``(known logits, _)`` for a short rewind, else ``(None, n)`` with ``tokens[n:]`` to evaluate."""
         n = len(cached)
         if not (n < len(tokens) and tokens[:n] == cached):  # not a plain extension: find the shared prefix
             n = next((i for i, (a, b) in enumerate(zip(cached, tokens)) if a != b), min(len(cached), len(tokens)))
-            if n == len(tokens) and n in self._recent:  # a short rewind: these logits are known
-                self._cut(n)
-                return self._recent[n].copy()
-            self._cut(min(n, len(tokens) - 1))  # the last token must be evaluated to get its logits
+            if n == len(tokens) and n in recent:  # a short rewind: these logits are known
+                cut(n)
+                return recent[n].copy(), n
+            cut(min(n, len(tokens) - 1))  # the last token must be evaluated to get its logits
             n = len(cached)
-        logits = self._forward(tokens[n:])
-        cached.extend(tokens[n:])
-        self._recent[len(cached)] = logits.copy()
-        for old in [k for k in self._recent if k <= len(cached) - self.KEEP_LOGITS]:
-            del self._recent[old]
-        return logits
+        return None, n
+
+    def _remember(self, cached: List[int], recent: Dict[int, np.ndarray], new: List[int], logits: np.ndarray) -> None:
+        cached.extend(new)
+        recent[len(cached)] = logits.copy()
+        for old in [k for k in recent if k <= len(cached) - self.KEEP_LOGITS]:
+            del recent[old]
 
     def crop_cache(self, n: int) -> None:
         """Drop the last ``n`` positions of the cache (the next ``generate`` re-evaluates them)."""

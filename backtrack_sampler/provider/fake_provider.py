@@ -4,7 +4,7 @@ depend only on the token sequence. It needs numpy alone."""
 from __future__ import annotations
 
 import zlib
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -20,7 +20,8 @@ DEFAULT_VOCAB = ["<pad>", "<eos>", "<bos>"] + [
 class FakeProvider(BaseProvider):
     """Deterministic stand-in for a model. ``logits_fn(tokens) -> logits`` overrides the default
     pseudo-random logits (which depend on the whole sequence, so cache bugs show up).
-    ``forward_calls`` and ``evaluated`` count the calls and the tokens evaluated."""
+    ``forward_calls`` and ``evaluated`` count the calls and the tokens evaluated (both paths);
+    ``batch_calls`` counts ``generate_batch``'s backend calls. ``slots``: its ``max_sequences``."""
 
     def __init__(
         self,
@@ -29,14 +30,16 @@ class FakeProvider(BaseProvider):
         context_length: int = 4096,
         logits_fn: Optional[Callable[[List[int]], np.ndarray]] = None,
         scale: float = 3.0,
+        slots: int = 8,
     ):
         super().__init__()
         self.vocab = list(vocab or DEFAULT_VOCAB)
         self.ids = {piece: i for i, piece in enumerate(self.vocab)}
         self.seed, self.scale, self.logits_fn = seed, scale, logits_fn
         self._context = context_length
-        self._sequence: List[int] = []
-        self.forward_calls = self.evaluated = 0
+        self._sequence_tokens: List[int] = []
+        self._slot_tokens: List[List[int]] = [[] for _ in range(slots)]
+        self.forward_calls = self.evaluated = self.batch_calls = 0
 
     def encode(self, text: str, add_special_tokens: bool = True) -> List[int]:
         tokens, i = [self.ids["<bos>"]] if add_special_tokens else [], 0
@@ -75,9 +78,26 @@ class FakeProvider(BaseProvider):
     def _forward(self, tokens: List[int]) -> np.ndarray:
         self.forward_calls += 1
         self.evaluated += len(tokens)
-        self._sequence.extend(tokens)
-        return self.logits_for(self._sequence)
+        self._sequence_tokens.extend(tokens)
+        return self.logits_for(self._sequence_tokens)
 
     def _truncate(self, length: int) -> int:
-        del self._sequence[length:]
+        del self._sequence_tokens[length:]
+        return length
+
+    @property
+    def max_sequences(self) -> int:
+        return len(self._slot_tokens)
+
+    def _forward_batch(self, work: List[Tuple[int, List[int]]]) -> List[np.ndarray]:
+        self.batch_calls += 1
+        self.evaluated += sum(len(tokens) for _, tokens in work)
+        results = []
+        for slot, tokens in work:
+            self._slot_tokens[slot].extend(tokens)
+            results.append(self.logits_for(self._slot_tokens[slot]))
+        return results
+
+    def _truncate_slot(self, slot: int, length: int) -> int:
+        del self._slot_tokens[slot][length:]
         return length
