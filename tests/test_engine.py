@@ -252,3 +252,32 @@ def test_bad_arguments():
         EngineProvider("http://127.0.0.1:1", "tgi", tokenizer=FakeProvider())
     with pytest.raises(ValueError, match="must start with http"):
         EngineProvider("127.0.0.1:8080", "vllm", tokenizer=FakeProvider())
+
+
+# ---- the OpenAI-compatible server in front of an engine -------------------------------------
+def test_server_in_front_of_an_engine_streams_and_reports_engine_failures(model):
+    """create_app(Engine(EngineProvider)) on a real uvicorn: completions come from the engine with
+    the bans held, and an engine failure answers 502 with code "engine_error"."""
+    from backtrack_sampler.server import Engine, create_app
+    from test_server import ServerThread
+
+    fake = FakeEngine("vllm", model.logits_for, model.vocab_size, eos=model.get_eos_token_id())
+    engine = Engine(connect(fake, model, timeout=5))
+    try:
+        with ServerThread(create_app(engine)) as server:
+            import httpx
+
+            body = {"model": "x", "prompt": " it was", "max_tokens": 20, "seed": 1, "top_k": 8,
+                    "banned_strings": [" the", " a"]}
+            answer = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+            assert answer.status_code == 200, answer.text
+            text = answer.json()["choices"][0]["text"]
+            assert text and " the" not in text.lower() and " a" not in text.lower(), text
+            assert all(isinstance(t, int) for t in fake.requests[-1]["prompt"])
+            fake.fail = True
+            answer = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+            assert answer.status_code == 502 and answer.json()["error"]["code"] == "engine_error", answer.text
+            assert "fake engine failure" in answer.json()["error"]["message"]
+    finally:
+        engine.close()
+        fake.close()
