@@ -281,3 +281,21 @@ def test_server_in_front_of_an_engine_streams_and_reports_engine_failures(model)
     finally:
         engine.close()
         fake.close()
+
+
+def test_a_vocabulary_mismatch_is_a_clear_error(model):
+    """An engine serving another model (larger vocabulary) is caught: at connection for
+    llama-server (/v1/models n_vocab), at the first token id out of range for the others."""
+    def wider(tokens):
+        logits = np.zeros(model.vocab_size + 10, dtype=np.float32)
+        logits[model.vocab_size + 5] = 10.0
+        return logits
+
+    for engine_type in ("llama-server", "vllm"):
+        fake = FakeEngine(engine_type, wider, model.vocab_size + 10, eos=model.get_eos_token_id())
+        try:
+            with pytest.raises(EngineError, match="tokenizer"):
+                provider = connect(fake, model)
+                list(BacktrackSampler(provider, NoOp()).generate(" it was", max_new_tokens=5, temperature=0))
+        finally:
+            fake.close()

@@ -42,7 +42,7 @@ class LlamaServer:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [binary, "-m", model, "--host", "127.0.0.1", "--port", str(self.port), "-np", str(slots),
-             "-c", str(n_ctx), "-t", str(os.cpu_count() or 2), "--no-webui", "--no-warmup", "--swa-full"],
+             "-c", str(n_ctx), "-t", str(os.cpu_count() or 2), "--no-webui", "--no-warmup", "--swa-full", "-fa", "off"],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -125,10 +125,13 @@ class Margins(BaseStrategy):
             self.inner.reset()
 
 
-# Prompts whose greedy continuations (30 tokens, with and without the ban) have no near-tie: the
-# two best logits differ by more than 0.02 at every step (checked below, in-process), so llama.cpp's
-# batch-shape-dependent rounding (about 1e-3 here) cannot flip a choice.
-CASES = [("def fibonacci(n):\n", "return"), ("The quick brown fox", " dog"), ("Water boils at", " 100")]
+# A prompt whose greedy continuation (30 tokens, with and without the ban) has no near-tie: the two
+# best logits differ by more than 0.1 at every step (checked below, in-process), so llama.cpp's
+# batch-shape-dependent rounding cannot flip a choice. (Prompts with gaps of only 0.02-0.03, e.g.
+# "Water boils at" with " 100" banned, diverged in some runs: after a rewind the server may evaluate
+# a different number of tokens in one batch than the in-process provider.) The server runs with
+# -fa off, like the in-process Llama.
+CASES = [("def fibonacci(n):\n", "return")]
 
 
 def test_greedy_with_bans_equals_in_process(engine, llama_provider):
@@ -137,7 +140,7 @@ def test_greedy_with_bans_equals_in_process(engine, llama_provider):
             margins = Margins(AntiSlopStrategy(llama_provider, phrases) if phrases else None)
             local = BacktrackSampler(llama_provider, margins)
             expected = list(local.generate(prompt, max_new_tokens=30, temperature=0))
-            assert min(margins.gaps) > 0.02, (prompt, phrases, min(margins.gaps))
+            assert min(margins.gaps) > 0.1, (prompt, phrases, min(margins.gaps))
             remote = BacktrackSampler(engine, AntiSlopStrategy(engine, phrases) if phrases else Margins())
             got = list(remote.generate(prompt, max_new_tokens=30, temperature=0))
             assert got == expected, (prompt, phrases, engine.decode(got), llama_provider.decode(expected))

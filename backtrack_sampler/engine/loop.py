@@ -160,6 +160,9 @@ class EngineLoop:
 
     def _take(self, generation: Generation, step: Step, user: tuple, known: Dict[int, Step]) -> Iterator[int]:
         """Accept or replace one drafted token; returns whether the stream can go on."""
+        if int(step.ids.max()) >= self.vocab_size or int(step.ids.min()) < 0:
+            raise EngineError(f"{self.client.api.name} sent token id {int(step.ids.max())}, outside the local "
+                              f"tokenizer's {self.vocab_size} tokens: pass the tokenizer of the model it serves")
         position = len(generation.tokens)
         known[position] = step
         generation.sampling = local_sampling(step.kind, user)
