@@ -45,9 +45,10 @@ class BatchJob:
     _ids = itertools.count()
 
     def __init__(self, generation: Generation, on_tokens: Optional[TokensCallback] = None,
-                 on_finish: Optional[JobCallback] = None, on_start: Optional[JobCallback] = None):
+                 on_finish: Optional[JobCallback] = None, on_start: Optional[JobCallback] = None,
+                 on_step: Optional[JobCallback] = None):
         self.generation = generation
-        self.on_tokens, self.on_finish, self.on_start = on_tokens, on_finish, on_start
+        self.on_tokens, self.on_finish, self.on_start, self.on_step = on_tokens, on_finish, on_start, on_step
         self.tokens: List[int] = []
         self.error: Optional[BaseException] = None
         self.state = "queued"
@@ -117,11 +118,14 @@ class BatchScheduler:
         return self.add(generation, on_tokens, on_finish, on_start)
 
     def add(self, generation: Generation, on_tokens: Optional[TokensCallback] = None,
-            on_finish: Optional[JobCallback] = None, on_start: Optional[JobCallback] = None) -> BatchJob:
-        """Queue a ``Generation`` built elsewhere (``BacktrackSampler.start``) on this provider."""
+            on_finish: Optional[JobCallback] = None, on_start: Optional[JobCallback] = None,
+            on_step: Optional[JobCallback] = None) -> BatchJob:
+        """Queue a ``Generation`` built elsewhere (``BacktrackSampler.start``) on this provider.
+        ``on_step(job)`` (optional) is called after every token it advances by (e.g. to follow
+        its provisional tokens and rewinds with ``events.EventTracker``)."""
         if generation.provider is not self.provider:
             raise ValueError("the generation was started on another provider")
-        job = BatchJob(generation, on_tokens, on_finish, on_start)
+        job = BatchJob(generation, on_tokens, on_finish, on_start, on_step)
         with self._lock:
             strategies = {id(j.generation.strategy) for j in itertools.chain(self._queue, self._running)}
             if id(generation.strategy) in strategies:
@@ -194,6 +198,8 @@ class BatchScheduler:
                     delivered.append((job, tokens))
                     if job.on_tokens is not None:
                         job.on_tokens(job, tokens)
+                if job.on_step is not None:
+                    job.on_step(job)
             except Exception as error:  # the strategy (or the callback) failed: only this job ends
                 job.error = error
                 self._finish(job)

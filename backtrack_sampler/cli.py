@@ -127,6 +127,9 @@ def _add_generation_args(parser, human: bool = False):
     group.add_argument("--show-backtracking", action="store_true",
                        help="show rewound text (struck out, on stderr) and a summary at the end")
     group.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="colour the rewinds (default: auto)")
+    group.add_argument("--trace", metavar="FILE",
+                       help="write every rewind as a JSON line: the text before it, the rejected and the chosen "
+                       "continuation, and the reason (see the README)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,52 +255,49 @@ def strategy_plan(args, stderr: Optional[TextIO] = None) -> List[tuple]:
 
 
 class _RewindDisplay:
-    """Writes the generated text and, at the exact place where they happened, the rewound pieces
-    (struck out in red on a colour terminal, else as ``[-rewound-]``)."""
+    """Writes the final text and, at the exact place where they happened, the rewound pieces
+    (struck out in red on a colour terminal, else as ``[-rewound-]``), from the generation's events."""
 
-    def __init__(self, provider: BaseProvider, out: TextIO, err: TextIO, color: bool):
-        self.provider, self.out, self.err, self.color = provider, out, err, color
-        self.pending: List = []  # rewind events at positions not yet delivered
-        self.tokens: List[int] = []
-        self.start = self.done = 0
+    def __init__(self, out: TextIO, err: TextIO, color: Optional[bool]):
+        self.out, self.err, self.color = out, err, color  # color None: rewinds are not shown
+        self.pending: List = []  # Rewind events after the text written so far
+        self.written = 0  # characters of final text written
 
-    def on_rewind(self, event) -> None:
-        # a rewind to an earlier position replaces the text in which later rewinds happened
-        self.pending = [e for e in self.pending if e.position <= event.position] + [event]
+    def event(self, event) -> None:
+        from .events import Done, Final, Rewind
 
-    def token(self, token: int) -> None:
-        self._show_rewinds(len(self.tokens))
-        self.tokens.append(token)
-        sent = self.provider.decode(self.tokens[self.start : self.done])
-        text = self.provider.decode(self.tokens[self.start :])
-        if len(text) > len(sent) and not text.endswith("\ufffd"):
-            self._write(text[len(sent) :])
-            self.start, self.done = self.done, len(self.tokens)
-
-    def finish(self) -> None:
-        rest = self.provider.decode(self.tokens[self.start :])[len(self.provider.decode(self.tokens[self.start : self.done])) :]
-        if rest:
-            self._write(rest)
-        self._show_rewinds(len(self.tokens))
-        self.pending = []
+        if isinstance(event, Rewind) and self.color is not None:
+            # a rewind to an earlier position replaces the text in which later rewinds happened
+            self.pending = [e for e in self.pending if e.at <= event.at] + [event]
+        elif isinstance(event, Final):
+            text, start = event.text, self.written
+            self.written += len(text)
+            while self.pending and self.pending[0].at <= self.written:
+                rewind = self.pending.pop(0)
+                self._write(text[: rewind.at - start])
+                text, start = text[rewind.at - start :], rewind.at
+                self._strike(rewind.text)
+            self._write(text)
+        elif isinstance(event, Done):
+            for rewind in self.pending:
+                self._strike(rewind.text)
+            self.pending = []
 
     def _write(self, text: str) -> None:
-        self.out.write(text)
-        self.out.flush()
-
-    def _show_rewinds(self, position: int) -> None:
-        while self.pending and self.pending[0].position <= position:
-            event = self.pending.pop(0)
-            if not event.text:
-                continue
-            shown = f"\x1b[9;31m{event.text}\x1b[0m" if self.color else f"[-{event.text}-]"
+        if text:
+            self.out.write(text)
             self.out.flush()
-            self.err.write(shown)
+
+    def _strike(self, text: str) -> None:
+        if text:
+            self.out.flush()
+            self.err.write(f"\x1b[9;31m{text}\x1b[0m" if self.color else f"[-{text}-]")
             self.err.flush()
 
 
 def _generate(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     from .backtrack_sampler import BacktrackSampler
+    from .events import TraceWriter, stream_events
     from .sampling import check_sampling_args
 
     prompt = _read_prompt(args, stdin)
@@ -310,6 +310,7 @@ def _generate(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     plan = strategy_plan(args, stderr)
     if any(name == "human" for name, _ in plan) and not (_isatty(stdin) and _isatty(stdout)):
         raise UsageError("the human strategy needs an interactive terminal (stdin and stdout)")
+    trace = _open_trace(args.trace)  # before the model loads: a bad path fails at once
     chat = bool(args.chat or args.system)
     provider = _load(args, chat)
     strategy = build_strategies(plan, provider)
@@ -328,21 +329,23 @@ def _generate(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
         from .engine import EngineError
 
         engine_errors = (EngineError,)
+    color = None
+    if args.show_backtracking:
+        color = args.color == "always" or (args.color == "auto" and _isatty(stderr) and not os.environ.get("NO_COLOR"))
+    display = _RewindDisplay(stdout, stderr, color)
     try:
-        if args.show_backtracking:
-            color = args.color == "always" or (args.color == "auto" and _isatty(stderr) and not os.environ.get("NO_COLOR"))
-            display = _RewindDisplay(provider, stdout, stderr, color)
-            for token in sampler.generate(prompt_input, on_rewind=display.on_rewind, **kwargs):
-                display.token(token)
-            display.finish()
-        else:
-            for text in sampler.generate_text(prompt_input, **kwargs):
-                stdout.write(text)
-                stdout.flush()
+        writer = TraceWriter(trace, messages if chat else prompt) if trace else None
+        for event in stream_events(sampler, prompt_input, **kwargs):
+            display.event(event)
+            if writer is not None:
+                writer.write(event)
     except ValueError as error:  # over-long prompt, max_length too small, ...
         raise UsageError(str(error)) from None
     except engine_errors as error:  # the engine failed or went away
         raise UsageError(str(error)) from None
+    finally:
+        if trace is not None:
+            trace.close()
     stdout.write("\n")
     stdout.flush()
     if args.show_backtracking:
@@ -365,6 +368,13 @@ def _load(args, chat: bool) -> BaseProvider:
 
     return load_engine_provider(args.engine, args.engine_type, args.tokenizer or args.model, args.n_ctx,
                                 args.engine_timeout)
+def _open_trace(path: Optional[str]) -> Optional[TextIO]:
+    if path is None:
+        return None
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as error:
+        raise UsageError(f"cannot write the trace file {path}: {error.strerror or error}") from None
 
 
 def _isatty(stream) -> bool:

@@ -209,6 +209,7 @@ class StrategySpec(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True)
     include_usage: bool = False
+    include_backtrack: bool = False  # extension: provisional text and every rewind (README: live events)
 
 
 class _Request(BaseModel):
@@ -312,6 +313,10 @@ class _Request(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def include_backtrack(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_backtrack)
 
     def sampling(self) -> Dict[str, Any]:
         """Keyword arguments for ``BacktrackSampler.generate`` (without the token limit)."""

@@ -1,10 +1,12 @@
 """An OpenAI-compatible HTTP server (Starlette + uvicorn) for BacktrackSampler.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /v1/models/{id}``, ``GET /health``. One model is loaded at start. Streams are Server-Sent
-Events in OpenAI's shape ending with ``data: [DONE]``; they carry only final text (the sampler
-never yields text it may still rewind). A client that disconnects stops its generation at the
-next token.
+``GET /v1/models/{id}``, ``GET /health``, and the playground: ``GET /`` (a page, see
+``playground``) and ``POST /v1/backtrack/candidates`` (its human-guidance mode). One model is
+loaded at start. Streams are Server-Sent Events in OpenAI's shape ending with ``data: [DONE]``;
+they carry only final text (the sampler never yields text it may still rewind), plus, with
+``stream_options: {"include_backtrack": true}``, extension chunks with the generation's events
+(``events``). A client that disconnects stops its generation at the next token.
 
 A request goes through three steps, each its own piece below:
 
@@ -44,10 +46,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .backtrack_sampler import BacktrackSampler
+from .backtrack_sampler import BacktrackSampler, Generation
 from .batch import BatchJob, BatchScheduler
 from .chat import chat_prompt_tokens
+from . import playground
 from .errors import UsageError
+from .events import Done, EventTracker, Final, event_dict
 from .models import default_model, load_provider, provider_name
 from .provider.base_provider import BaseProvider
 from .registry import chain, make_strategy
@@ -96,6 +100,7 @@ class Plan:
     max_seconds: float  # wall-clock limit of the generation: then it ends with finish_reason "length"
     stream: bool = False
     include_usage: bool = False
+    include_backtrack: bool = False  # stream the generation's events too (stream_options extension)
 
 
 def plan_request(provider: BaseProvider, request: Union[CompletionRequest, ChatCompletionRequest],
@@ -106,7 +111,7 @@ def plan_request(provider: BaseProvider, request: Union[CompletionRequest, ChatC
     prompt = _chat_tokens(provider, request) if chat else _prompt_tokens(provider, request.prompt)
     sampling = dict(request.sampling(), max_new_tokens=_token_limit(provider, len(prompt), request, limits))
     return Plan(chat, prompt, build_strategy(provider, request), sampling, request.stop or [], limits.max_seconds,
-                bool(request.stream), request.include_usage)
+                bool(request.stream), request.include_usage, request.include_backtrack)
 
 
 def _prompt_tokens(provider: BaseProvider, prompt: Union[str, List[int]]) -> List[int]:
@@ -302,21 +307,24 @@ class Job:
 
 class _Output:
     """A generation's final tokens as text reports to its ``Job``: whole characters only, cut
-    before any stop string (which ends the generation with finish_reason "stop")."""
+    before any stop string (which ends the generation with finish_reason "stop"). With
+    ``plan.include_backtrack`` the text comes from the generation's events (``on_step``), and the
+    other events are reported too."""
 
-    def __init__(self, provider: BaseProvider, job: Job, plan: Plan):
+    def __init__(self, provider: BaseProvider, job: Job, plan: Plan, generation: Generation):
         self.provider, self.job, self.plan = provider, job, plan
         self.stops = StopFilter(plan.stop)
         self.tokens: List[int] = []
         self.start = self.done = 0  # tokens[start:done] is sent; decoding from start keeps spacing right
         self.stopped = False
+        self.tracker = EventTracker(generation) if plan.include_backtrack else None
 
     def on_start(self, batch: BatchJob) -> None:
         batch.generation.strategy.deadline = time.monotonic() + self.plan.max_seconds
         self.job.put("started")
 
     def on_tokens(self, batch: BatchJob, tokens: List[int]) -> None:
-        if self.stopped:
+        if self.stopped or self.tracker is not None:
             return
         self.tokens.extend(tokens)
         decode = self.provider.decode
@@ -324,6 +332,18 @@ class _Output:
         if len(text) > len(sent) and not text.endswith("\ufffd"):
             self.start, self.done = self.done, len(self.tokens)
             self._send(text[len(sent) :], batch)
+
+    def on_step(self, batch: BatchJob) -> None:
+        """include_backtrack: the step's events; final text goes in the ordinary chunks."""
+        if self.stopped or self.tracker is None:
+            return
+        for event in self.tracker.update():
+            if isinstance(event, Final):
+                self._send(event.text, batch, event.tokens)
+                if self.stopped:
+                    return
+            elif not isinstance(event, Done):  # the server reports its own end (stop strings, time limit)
+                self.job.put("backtrack", playground.backtrack_payload(event, self.stops.held))
 
     def on_finish(self, batch: BatchJob) -> None:
         if self.stopped:
@@ -336,25 +356,35 @@ class _Output:
             return
         if error is None and batch.stats.finish_reason is None:  # cancelled: the client went away
             return
-        decode = self.provider.decode
-        self._send(decode(self.tokens[self.start :])[len(decode(self.tokens[self.start : self.done])) :], batch)
+        if self.tracker is not None:
+            self.on_step(batch)  # what the last step left
+        else:
+            decode = self.provider.decode
+            self._send(decode(self.tokens[self.start :])[len(decode(self.tokens[self.start : self.done])) :], batch)
         if not self.stopped:
-            rest = self.stops.flush()
-            if rest:
-                self.job.put("text", rest)
+            self._text(self.stops.flush(), 0)
             self._done(batch, "length" if error is not None else batch.stats.finish_reason or "length")
 
-    def _send(self, text: str, batch: BatchJob) -> None:
+    def _send(self, text: str, batch: BatchJob, tokens: int = 0) -> None:
         out, hit = self.stops.push(text)
-        if out:
-            self.job.put("text", out)
+        self._text(out, tokens)
         if hit:
             self.stopped = True
             batch.cancel()  # its slot is free at the next step
             self._done(batch, "stop")
 
+    def _text(self, text: str, tokens: int) -> None:
+        if self.tracker is None:
+            if text:
+                self.job.put("text", text)
+        elif text or tokens:
+            self.job.put("final", {"type": "final", "text": text, "tokens": tokens})
+
     def _done(self, batch: BatchJob, finish: str) -> None:
         stats = batch.stats
+        if self.tracker is not None:
+            self.job.put("backtrack", event_dict(Done(finish, stats.delivered, stats.rewound, stats.rewinds,
+                                                      stats.steps, round(stats.seconds, 4))))
         self.job.put("done", {"finish_reason": finish, "completion_tokens": stats.delivered,
                               "rewound_tokens": stats.rewound, "rewinds": stats.rewinds})
 
@@ -414,15 +444,40 @@ class Engine:
         if scheduler.running + scheduler.queued >= self.parallel + self.max_queue:
             raise QueueFull(scheduler.running, scheduler.queued)
         job = Job(asyncio.get_running_loop())
-        output = _Output(self.provider, job, plan)
         try:
             generation = self._sampler.start(plan.prompt, strategy=_Deadline(plan.strategy, plan.max_seconds),
                                              **plan.sampling)
         except ValueError as error:
             raise APIError(str(error), None, "invalid_value") from None
-        job.batch = scheduler.add(generation, output.on_tokens, output.on_finish, output.on_start)
+        output = _Output(self.provider, job, plan, generation)
+        job.batch = scheduler.add(generation, output.on_tokens, output.on_finish, output.on_start,
+                                  output.on_step if plan.include_backtrack else None)
         self._wake.set()
         return job
+
+    async def finish(self, generation: Generation) -> BatchJob:
+        """Run ``generation`` (e.g. a ``playground.CandidateSearch``) in the scheduler to its end
+        and return its job; cancelled if the caller is (e.g. its client went away)."""
+        if self._closed:
+            raise APIError("the server is shutting down", None, "server_shutting_down", 503, "server_error")
+        scheduler = self.scheduler
+        if scheduler.running + scheduler.queued >= self.parallel + self.max_queue:
+            raise QueueFull(scheduler.running, scheduler.queued)
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future = loop.create_future()
+
+        def on_finish(batch: BatchJob) -> None:
+            try:
+                loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(batch))
+            except RuntimeError:  # the event loop is closed
+                pass
+
+        batch = scheduler.add(generation, on_finish=on_finish)
+        self._wake.set()
+        try:
+            return await finished
+        finally:
+            batch.cancel()  # a no-op once done
 
     def close(self) -> None:
         """Cancel every generation and stop the background thread."""
@@ -523,6 +578,10 @@ def _streamed_answer(job: Job, reply: _Reply) -> StreamingResponse:
                 kind, value = await job.queue.get()
                 if kind == "text":
                     yield _sse(reply.chunk(value))
+                elif kind == "final":  # include_backtrack: final text, with its event
+                    yield _sse({**reply.chunk(value["text"]), "backtrack": value})
+                elif kind == "backtrack":  # include_backtrack: provisional text, rewinds, ...
+                    yield _sse({**reply._head(reply.chunk_object), "choices": [], "backtrack": value})
                 elif kind == "error":
                     yield _sse(value.body())
                     break
@@ -608,7 +667,32 @@ async def _server_error(request: Request, error: Exception) -> Response:
     return error_response(APIError(f"internal error: {type(error).__name__}: {error}", status=500, type="server_error"))
 
 
+async def backtrack_candidates(request: Request) -> Response:
+    """The playground's human guidance: the next-token candidates after the chosen tokens (a
+    ``playground.CandidateSearch`` run by the engine's scheduler like any generation)."""
+    engine: Engine = request.app.state.engine
+    limits: Limits = request.app.state.limits
+    body = parse_request(playground.CandidatesRequest, await read_body(request, limits.max_body_bytes), limits)
+
+    def plan() -> playground.CandidateSearch:
+        provider = engine.provider
+        prompt = _chat_tokens(provider, body) if body.messages is not None else _prompt_tokens(provider, body.prompt)
+        if body.tokens and max(body.tokens) >= provider.vocab_size:
+            raise APIError(f"token ids must be in [0, {provider.vocab_size})", "tokens", "invalid_value")
+        sampling = {key: value for key, value in body.sampling().items() if key != "seed"}
+        return playground.CandidateSearch(provider, build_strategy(provider, body), prompt, body.tokens, body.top_n,
+                                          _token_limit(provider, len(prompt), body, limits), **sampling)
+
+    search = await run_in_threadpool(plan)
+    batch = await engine.finish(search)
+    if batch.error is not None:
+        raise APIError(f"generation failed: {type(batch.error).__name__}: {batch.error}", status=500,
+                       type="server_error", code="generation_failed")
+    return JSONResponse(search.result)
+
+
 ROUTES = [
+    Route("/v1/backtrack/candidates", backtrack_candidates, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/models", models, methods=["GET"]),
@@ -622,7 +706,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, limits: Optional[L
     ``Authorization: Bearer KEY`` on every route except ``/health``; ``limits``: what one request
     may ask for (default: ``Limits()``)."""
     app = Starlette(
-        routes=list(ROUTES),
+        routes=list(ROUTES) + playground.routes(),
         exception_handlers={APIError: _api_error, HTTPException: _http_error, _ClientGone: _client_gone,
                             Exception: _server_error},
     )
@@ -632,14 +716,15 @@ def create_app(engine: Engine, api_key: Optional[str] = None, limits: Optional[L
 
 
 class _ApiKey:
-    """ASGI middleware: ``Authorization: Bearer KEY`` on every HTTP route except /health."""
+    """ASGI middleware: ``Authorization: Bearer KEY`` on every HTTP route except /health and the
+    playground's page and files (the page asks for the key)."""
 
     def __init__(self, app, api_key: str):
         self.app, self.expected = app, f"Bearer {api_key}".encode()
         self.state = getattr(app, "state", None)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope.get("path") != "/health":
+        if scope["type"] == "http" and scope.get("path") != "/health" and not playground.public_path(scope.get("path", "")):
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 message = "invalid API key" if given else "missing API key: send 'Authorization: Bearer KEY'"

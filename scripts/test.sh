@@ -7,6 +7,11 @@ if ! command -v tmux >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)"
   echo "==> installing tmux (the HumanGuidance terminal test drives a real terminal with it)"
   { apt-get update -qq && apt-get install -y -qq tmux; } >/dev/null 2>&1 || echo "    tmux could not be installed: that test will be skipped"
 fi
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "==> installing chromium (the playground tests drive the page in headless Chromium)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+    || echo "    chromium could not be installed: the playground tests will fail"
+fi
 bash scripts/build_llama_server.sh >/dev/null  # the engine tests run a real llama-server (built once, cached)
 export HF_HUB_OFFLINE=1  # nothing may download weights
 exec .venv/bin/python -m pytest -q -ra "$@"

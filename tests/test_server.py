@@ -653,13 +653,13 @@ def test_serve_options_become_limits(monkeypatch):
 
 # --- pieces --------------------------------------------------------------------------------------
 def test_the_guard_keeps_the_sparse_path():
-    """The server's cancel/deadline wrapper reads no probabilities unless the strategy does."""
-    from backtrack_sampler.server import _Guard
+    """The server's deadline wrapper reads no probabilities unless the strategy does."""
+    from backtrack_sampler.server import _Deadline
     from backtrack_sampler.strategy.base_strategy import BaseStrategy
     from backtrack_sampler.strategy.creative_writing_strategy import CreativeWritingStrategy
 
-    assert not BaseStrategy().needs_probs and not _Guard(BaseStrategy(), threading.Event(), 0).needs_probs
-    assert _Guard(CreativeWritingStrategy(FakeProvider()), threading.Event(), 0).needs_probs
+    assert not BaseStrategy().needs_probs and not _Deadline(BaseStrategy(), 0).needs_probs
+    assert _Deadline(CreativeWritingStrategy(FakeProvider()), 0).needs_probs
 
 
 def test_stop_filter_holds_back_partial_matches():

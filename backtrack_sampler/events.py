@@ -1,0 +1,281 @@
+"""Live events of a generation, for UIs, traces and streams: what is final, what is still
+provisional, every rewind, and what was finally chosen where a rewind happened.
+
+The events are derived from a ``Generation``'s state after each step (its ``tokens``, ``released``
+keep index and ``stats.events``), so any driver can produce them with an ``EventTracker``::
+
+    tracker = EventTracker(generation)
+    while not generation.done:
+        generation.advance(provider.generate(generation.sequence))
+        for event in tracker.update():
+            ...
+
+``stream_events(sampler, prompt, **generate_kwargs)`` is that loop for one ``BacktrackSampler``.
+``Transcript`` rebuilds the text from the events (the final text and every struck-out attempt, at
+the place it was written), exactly as the playground page does; ``TraceWriter`` writes the
+``generate --trace`` JSON lines (one record per rewind: prefix, rejected, chosen, reason).
+
+Order within a step: ``Rewind`` (the text from ``at`` on is removed), then ``Final`` (text that is
+final now, appended to the final text), then ``Provisional`` (the whole not-yet-final tail, which
+replaces the previous one; sent only when it changed), then any ``Chosen``. The final text is the concatenation of the
+``Final`` texts; ``Done`` ends the stream.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Union
+
+from .backtrack_sampler import BacktrackSampler, Generation
+
+
+@dataclass
+class Rewind:
+    """The continuation was cut back to ``position`` tokens (``at`` characters of continuation
+    text), removing ``text`` (``tokens``) for ``reason``. ``index`` numbers the rewinds from 0."""
+
+    index: int
+    position: int
+    at: int
+    text: str
+    tokens: List[int]
+    reason: Optional[str]
+    type: str = field(default="rewind", init=False)
+
+
+@dataclass
+class Final:
+    """``text`` is final now (append it to the final text); ``tokens`` tokens became final."""
+
+    text: str
+    tokens: int
+    type: str = field(default="final", init=False)
+
+
+@dataclass
+class Provisional:
+    """The not-yet-final tail after the final text (it may still be rewound), decoded as
+    ``text``; ``tokens`` tokens are not final yet. Sent when it changes."""
+
+    text: str
+    tokens: int
+    type: str = field(default="provisional", init=False)
+
+
+@dataclass
+class Chosen:
+    """What the generation finally wrote where rewind ``rewind`` happened: as many tokens as were
+    rejected (fewer if it ended first). ``text`` is None when a later rewind to an earlier
+    position discarded the text before that rewind (no final continuation has that prefix)."""
+
+    rewind: int
+    text: Optional[str]
+    tokens: List[int]
+    type: str = field(default="chosen", init=False)
+
+
+@dataclass
+class Done:
+    """The generation ended: ``finish_reason`` "stop", "length", or None when it was stopped."""
+
+    finish_reason: Optional[str]
+    delivered: int
+    rewound: int
+    rewinds: int
+    steps: int
+    seconds: float
+    type: str = field(default="done", init=False)
+
+
+Event = Union[Rewind, Final, Provisional, Chosen, Done]
+
+
+def event_dict(event: Event) -> Dict[str, Any]:
+    """The event as a JSON-ready dict with its ``type`` first."""
+    data = asdict(event)
+    return {"type": data.pop("type"), **data}
+
+
+class EventTracker:
+    """Turns a ``Generation``'s state into events; call ``update()`` after every step (and once
+    more after the generation is done or closed: it then adds ``Done``)."""
+
+    def __init__(self, generation: Generation):
+        self.generation = generation
+        self.decode = generation.provider.decode
+        self._start = self._done = 0  # text of tokens[:_done] is sent; decoding from _start keeps spacing right
+        self._sent = 0  # characters of final text sent
+        self._rewinds = 0  # rewinds seen in generation.stats.events
+        self._provisional: Optional[tuple] = None
+        self._pending: List[tuple] = []  # (index, position, count) of rewinds whose chosen text is not known
+        self._finished = False
+        self._reported_final = 0
+
+    def _tail(self, end: int) -> str:
+        """Text of ``tokens[_done:end]`` in the context of the text before it."""
+        tokens = self.generation.tokens
+        return self.decode(tokens[self._start : end])[len(self.decode(tokens[self._start : self._done])) :]
+
+    def _in_context(self, tokens: Sequence[int], position: int) -> str:
+        before = self.generation.tokens[max(position - 1, 0) : position]
+        return self.decode(list(before) + list(tokens))[len(self.decode(before)) :]
+
+    def update(self) -> List[Event]:
+        """The events since the last call."""
+        if self._finished:
+            return []
+        generation = self.generation
+        events: List[Event] = []
+        for record in generation.stats.events[self._rewinds :]:
+            index = self._rewinds
+            self._rewinds += 1
+            position = record.position
+            events.append(Rewind(index, position, self._sent + len(self._tail(position)),
+                                 self._in_context(record.tokens, position), list(record.tokens), record.reason))
+            events.extend(self._resolve(superseded_before=position))
+            self._pending.append((index, position, len(record.tokens)))
+        released = generation.released
+        if released > self._done:
+            text = self.decode(generation.tokens[self._start : released])
+            if generation.done or not text.endswith("\ufffd"):  # hold a character split across tokens
+                delta = self._tail(released)
+                self._start, self._done, self._sent = self._done, released, self._sent + len(delta)
+                events.append(Final(delta, released - self._reported_final))
+                self._reported_final = released
+        tail = self._tail(len(generation.tokens))
+        state = (tail, len(generation.tokens) - self._done)
+        if state != self._provisional:
+            self._provisional = state
+            events.append(Provisional(tail, len(generation.tokens) - released))
+        events.extend(self._resolve())
+        if generation.done:  # close() also marks a generation that was stopped early as done
+            events.extend(self._resolve(end=True))
+            stats = generation.stats
+            events.append(Done(stats.finish_reason, stats.delivered, stats.rewound, stats.rewinds, stats.steps,
+                               round(stats.seconds, 4)))
+            self._finished = True
+        return events
+
+    def _resolve(self, superseded_before: Optional[int] = None, end: bool = False) -> List[Chosen]:
+        """Chosen events for the pending rewinds whose outcome is known."""
+        tokens, released = self.generation.tokens, self.generation.released
+        events, pending = [], []
+        for index, position, count in self._pending:
+            if superseded_before is not None:
+                if superseded_before < position:
+                    events.append(Chosen(index, None, []))
+                else:
+                    pending.append((index, position, count))
+            elif released >= position + count or (end and released > position):
+                chosen = tokens[position : min(position + count, released)]
+                events.append(Chosen(index, self._in_context(chosen, position), list(chosen)))
+            elif end:
+                events.append(Chosen(index, None if released < position else "", []))
+            else:
+                pending.append((index, position, count))
+        self._pending = pending
+        return events
+
+
+def stream_events(sampler: BacktrackSampler, prompt, **kwargs) -> Iterator[Event]:
+    """Generate with ``sampler`` (the arguments of ``BacktrackSampler.generate``) and yield the
+    events of every step; the last one is ``Done``. ``sampler.stats`` describes the run."""
+    generation = sampler.start(prompt, **kwargs)
+    tracker = EventTracker(generation)
+    provider = sampler.provider
+    if sampler._active:
+        raise RuntimeError("this BacktrackSampler is already running a generation")
+    sampler._active, sampler.stats = True, generation.stats
+    try:
+        provider.reset()  # the same call gives the same tokens (as generate does)
+        while not generation.done:
+            generation.advance(provider.generate(generation.sequence))
+            yield from tracker.update()
+    finally:
+        generation.close(generation.stats.finish_reason)
+        sampler._active = False
+    yield from tracker.update()
+
+
+@dataclass
+class Strike:
+    """Text that was written and then rewound, at ``at`` characters into the continuation (or
+    into the strike it is nested in); ``inner`` holds the attempts rewound inside it before."""
+
+    at: int
+    text: str
+    reason: Optional[str]
+    inner: List["Strike"] = field(default_factory=list)
+
+
+class Transcript:
+    """Rebuilds a generation from its events: ``final`` text, ``provisional`` tail, and
+    ``strikes`` (every rewound attempt where it was written). ``apply`` takes events or their
+    dicts (as sent by the server's stream)."""
+
+    def __init__(self) -> None:
+        self.final = ""
+        self.provisional = ""
+        self.strikes: List[Strike] = []
+        self.rewinds: Dict[int, Dict[str, Any]] = {}
+
+    @property
+    def text(self) -> str:
+        return self.final + self.provisional
+
+    def apply(self, event: Union[Event, Dict[str, Any]]) -> None:
+        e = event if isinstance(event, dict) else event_dict(event)
+        kind = e["type"]
+        if kind == "rewind":
+            at = e["at"]
+            self.rewinds[e["index"]] = {"prefix": self.text[:at], **e}
+            self.provisional = self.provisional[: max(at - len(self.final), 0)]
+            inner = [Strike(s.at - at, s.text, s.reason, s.inner) for s in self.strikes if s.at > at]
+            self.strikes = [s for s in self.strikes if s.at <= at] + [Strike(at, e["text"], e["reason"], inner)]
+        elif kind == "final":
+            self.final += e["text"]
+        elif kind == "provisional":
+            self.provisional = e["text"]
+        elif kind == "chosen" and e["rewind"] in self.rewinds:
+            self.rewinds[e["rewind"]]["chosen"] = e["text"]
+
+    def render(self, strike=lambda text, reason: f"[-{text}-]") -> str:
+        """The text with every rewound attempt shown in place, ``strike(text, reason)`` each."""
+
+        def show(text: str, strikes: List[Strike]) -> str:
+            out, done = [], 0
+            for s in strikes:
+                out.append(text[done : s.at])
+                done = max(done, s.at)
+                inner = show(s.text, s.inner)
+                out.append(strike(inner, s.reason))
+            out.append(text[done:])
+            return "".join(out)
+
+        return show(self.text, self.strikes)
+
+
+class TraceWriter:
+    """Writes ``generate --trace`` JSON lines to ``file``: one ``rewind`` record per rewind, once
+    its chosen continuation is known, then an ``end`` record. See the README for the format."""
+
+    def __init__(self, file: IO[str], prompt: Union[str, List[Dict[str, str]]]):
+        self.file, self.prompt = file, prompt
+        self.transcript = Transcript()
+
+    def write(self, event: Event) -> None:
+        self.transcript.apply(event)
+        if isinstance(event, Chosen):
+            r = self.transcript.rewinds.pop(event.rewind)
+            self._line({
+                "type": "rewind", "index": r["index"], "prompt": self.prompt, "prefix": r["prefix"],
+                "rejected": r["text"], "chosen": event.text, "reason": r["reason"], "position": r["position"],
+                "rejected_tokens": r["tokens"], "chosen_tokens": event.tokens,
+            })
+        elif isinstance(event, Done):
+            self._line({"type": "end", "text": self.transcript.final, **{k: v for k, v in event_dict(event).items() if k != "type"}})
+
+    def _line(self, record: Dict[str, Any]) -> None:
+        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.file.flush()
