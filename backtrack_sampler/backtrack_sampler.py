@@ -277,6 +277,9 @@ class BacktrackSampler:
         provider = self.provider
         try:
             provider.reset()  # the same call gives the same tokens: llama.cpp's numerics depend on batch shapes
+            drive = getattr(provider, "drive", None)  # a serving engine drafts tokens itself (engine.EngineProvider)
+            if drive is not None:
+                yield from drive(generation)
             while not generation.done:
                 yield from generation.advance(provider.generate(generation.sequence))
         finally:

@@ -71,6 +71,14 @@ def _add_model_args(parser, default: str):
     )
     group.add_argument("--n-ctx", type=_positive_int, metavar="N", help="context size for llamacpp (default: 8192)")
     group.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads (default: all cores)")
+    group = parser.add_argument_group("serving engine (the model runs there; see README 'Serving engines')")
+    group.add_argument("--engine", metavar="URL", help="a running llama-server, vLLM or SGLang, e.g. http://127.0.0.1:8080")
+    group.add_argument("--engine-type", choices=("llama-server", "vllm", "sglang"), default="llama-server",
+                       help="its API (default: llama-server)")
+    group.add_argument("--tokenizer", metavar="PATH", help="the served model's tokenizer: a .gguf file or a tokenizer "
+                       "folder, or an embedded model name (default: --model, else gemma-3-270m)")
+    group.add_argument("--engine-timeout", type=_number, metavar="S", default=60.0,
+                       help="seconds to wait for the engine (default: 60)")
 
 
 def _add_generation_args(parser, human: bool = False):
@@ -304,8 +312,7 @@ def _generate(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
         raise UsageError("the human strategy needs an interactive terminal (stdin and stdout)")
     trace = _open_trace(args.trace)  # before the model loads: a bad path fails at once
     chat = bool(args.chat or args.system)
-    model = args.model if args.model is not None else default_model(chat)  # chat -> the instruct model
-    provider = load_provider(args.backend, model, args.n_ctx, args.threads)
+    provider = _load(args, chat)
     strategy = build_strategies(plan, provider)
     if chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
@@ -317,6 +324,11 @@ def _generate(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
         max_new_tokens=args.max_new_tokens, max_length=args.max_length, temperature=args.temperature,
         top_k=args.top_k, top_p=top_p, min_p=args.min_p, seed=args.seed,
     )
+    engine_errors: tuple = ()
+    if getattr(args, "engine", None):
+        from .engine import EngineError
+
+        engine_errors = (EngineError,)
     color = None
     if args.show_backtracking:
         color = args.color == "always" or (args.color == "auto" and _isatty(stderr) and not os.environ.get("NO_COLOR"))
@@ -328,6 +340,8 @@ def _generate(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
             if writer is not None:
                 writer.write(event)
     except ValueError as error:  # over-long prompt, max_length too small, ...
+        raise UsageError(str(error)) from None
+    except engine_errors as error:  # the engine failed or went away
         raise UsageError(str(error)) from None
     finally:
         if trace is not None:
@@ -344,6 +358,16 @@ def _generate(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     return 0
 
 
+def _load(args, chat: bool) -> BaseProvider:
+    """The model: loaded here (``--backend``, ``--model``; the embedded instruct model for chat), or
+    served by an engine (``--engine``; the tokenizer from ``--tokenizer`` or ``--model``)."""
+    if not getattr(args, "engine", None):
+        model = args.model if args.model is not None else default_model(chat)  # chat -> the instruct model
+        return load_provider(args.backend, model, args.n_ctx, args.threads)
+    from .engine import load_engine_provider
+
+    return load_engine_provider(args.engine, args.engine_type, args.tokenizer or args.model, args.n_ctx,
+                                args.engine_timeout)
 def _open_trace(path: Optional[str]) -> Optional[TextIO]:
     if path is None:
         return None
@@ -367,9 +391,10 @@ def _serve(args) -> int:
         raise UsageError(f"the server needs starlette, uvicorn and pydantic: pip install 'backtrack-sampler[server]' ({error})") from None
     api_key = args.api_key if args.api_key is not None else os.environ.get("BACKTRACK_SAMPLER_API_KEY") or None
     limits = Limits(**{name: getattr(args, name) for name in Limits.model_fields if getattr(args, name) is not None})
+    provider = _load(args, chat=True) if args.engine else None  # --engine: a proxy in front of a serving engine
     serve(host=args.host, port=args.port, api_key=api_key, backend=args.backend, model=args.model,
           n_ctx=args.n_ctx, threads=args.threads, model_name=args.model_name, limits=limits,
-          parallel=args.parallel, max_queue=args.max_queue)
+          parallel=args.parallel, max_queue=args.max_queue, provider=provider)
     return 0
 
 

@@ -189,6 +189,10 @@ def stream_events(sampler: BacktrackSampler, prompt, **kwargs) -> Iterator[Event
     sampler._active, sampler.stats = True, generation.stats
     try:
         provider.reset()  # the same call gives the same tokens (as generate does)
+        drive = getattr(provider, "drive", None)  # a serving engine drafts tokens itself (engine.EngineProvider)
+        if drive is not None:
+            for _ in drive(generation):
+                yield from tracker.update()
         while not generation.done:
             generation.advance(provider.generate(generation.sequence))
             yield from tracker.update()

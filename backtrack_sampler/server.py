@@ -350,8 +350,9 @@ class _Output:
             return
         error = batch.error
         if error is not None and not isinstance(error, _TimeUp):  # a strategy failed mid-generation
-            self.job.put("error", APIError(f"generation failed: {type(error).__name__}: {error}", status=500,
-                                           type="server_error", code="generation_failed"))
+            status = getattr(error, "http_status", 500)  # engine.EngineError (the serving engine failed): 502
+            self.job.put("error", APIError(f"generation failed: {type(error).__name__}: {error}", status=status,
+                                           type="server_error", code="engine_error" if status == 502 else "generation_failed"))
             return
         if error is None and batch.stats.finish_reason is None:  # cancelled: the client went away
             return
@@ -406,7 +407,12 @@ class Engine:
         self.provider = provider
         self.name = name or provider_name(provider)
         self.created = int(time.time())
-        self.scheduler = BatchScheduler(provider, parallel)
+        if hasattr(provider, "drive"):  # a serving engine (engine.EngineProvider) batches the generations itself
+            from .engine.scheduler import EngineScheduler
+
+            self.scheduler: BatchScheduler = EngineScheduler(provider, parallel)
+        else:
+            self.scheduler = BatchScheduler(provider, parallel)
         self.parallel = self.scheduler.parallel
         self.max_queue = 4 * self.parallel if max_queue is None else max_queue
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
@@ -730,14 +736,17 @@ class _ApiKey:
 def serve(host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None, backend: str = "llamacpp",
           model: Optional[str] = None, n_ctx: Optional[int] = None, threads: Optional[int] = None,
           model_name: Optional[str] = None, log_level: str = "info", limits: Optional[Limits] = None,
-          parallel: Optional[int] = None, max_queue: Optional[int] = None) -> None:
-    """Load the model (default: the embedded instruct model, for chat clients) and serve it until
-    interrupted (Ctrl-C). ``parallel``: generations run at
-    once (default: ``default_parallel()``); ``max_queue``: requests that may wait (default 4 x parallel)."""
+          parallel: Optional[int] = None, max_queue: Optional[int] = None,
+          provider: Optional[BaseProvider] = None) -> None:
+    """Load the model (default: the embedded instruct model, for chat clients), or use ``provider``
+    (e.g. an ``engine.EngineProvider``), and serve it until interrupted (Ctrl-C). ``parallel``:
+    generations run at once (default: ``default_parallel()``; with an engine provider, its
+    ``max_sequences``); ``max_queue``: requests that may wait (default 4 x parallel)."""
     import uvicorn
 
-    parallel = default_parallel() if parallel is None else parallel
-    provider = load_provider(backend, model or default_model(chat=True), n_ctx, threads, slots=parallel)
+    if provider is None:
+        parallel = default_parallel() if parallel is None else parallel
+        provider = load_provider(backend, model or default_model(chat=True), n_ctx, threads, slots=parallel)
     engine = Engine(provider, model_name, parallel, max_queue)
     try:
         uvicorn.run(create_app(engine, api_key, limits), host=host, port=port, log_level=log_level,

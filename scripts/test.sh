@@ -12,5 +12,6 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
     || echo "    chromium could not be installed: the playground tests will fail"
 fi
+bash scripts/build_llama_server.sh >/dev/null  # the engine tests run a real llama-server (built once, cached)
 export HF_HUB_OFFLINE=1  # nothing may download weights
 exec .venv/bin/python -m pytest -q -ra "$@"
