@@ -77,7 +77,8 @@ def test_each_job_equals_its_single_sequence_run():
 def test_one_backend_call_per_step_and_work_counts():
     fake = FakeProvider()
     scheduler = BatchScheduler(fake, parallel=3)
-    jobs = [scheduler.submit(p, max_new_tokens=10, seed=0) for p in PROMPTS[:3]]
+    for p in PROMPTS[:3]:
+        scheduler.submit(p, max_new_tokens=10, seed=0)
     calls = 0
     while scheduler.pending:
         before = fake.evaluated

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from backtrack_sampler.server import Engine, create_app
-from test_server import ServerThread
+from serving import ServerThread
 
 pytestmark = pytest.mark.model
 TIMEOUT = 300

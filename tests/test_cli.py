@@ -322,41 +322,15 @@ def test_serve_with_a_missing_model_is_one_line_error():
 
 @pytest.mark.model
 def test_serve_as_a_subprocess():
-    import socket
-    import time
-
     import httpx
 
-    with socket.socket() as sock:  # a free port (released just before the server takes it)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [str(EXE), "serve", "--port", str(port), "--api-key", "secret", "--n-ctx", "256", "--threads", "1",
-         "--model-name", "tiny"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+    from serving import serve_subprocess
+
+    args = ["--api-key", "secret", "--n-ctx", "256", "--threads", "1", "--model-name", "tiny"]
+    with serve_subprocess(args) as url:
         assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
         models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer secret"}, timeout=10).json()
         assert models["data"][0]["id"] == "tiny"
         result = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer secret"}, timeout=120,
                             json={"prompt": "Hello", "max_tokens": 2, "temperature": 0}).json()
         assert result["usage"]["completion_tokens"] <= 2
-    finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)

@@ -259,7 +259,7 @@ def test_server_in_front_of_an_engine_streams_and_reports_engine_failures(model)
     """create_app(Engine(EngineProvider)) on a real uvicorn: completions come from the engine with
     the bans held, and an engine failure answers 502 with code "engine_error"."""
     from backtrack_sampler.server import Engine, create_app
-    from test_server import ServerThread
+    from serving import ServerThread
 
     fake = FakeEngine("vllm", model.logits_for, model.vocab_size, eos=model.get_eos_token_id())
     engine = Engine(connect(fake, model, timeout=5))

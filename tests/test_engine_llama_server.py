@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from serving import serve_subprocess
 
 from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, CreativeWritingStrategy, ReplaceStrategy
 from backtrack_sampler.engine import EngineError, EngineProvider
@@ -223,27 +224,9 @@ def test_command_line_generate_through_the_engine(server, gguf):
 def test_serve_engine_runs_concurrent_requests_concurrently(server, gguf):
     """`backtrack-sampler serve --engine URL` (a real process): 4 streamed requests are all under
     way at once (each got its first text while the others were still open), and bans hold."""
-    import sys
     import threading
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proxy = subprocess.Popen([sys.executable, "-m", "backtrack_sampler.cli", "serve", "--engine", server.url,
-                              "--tokenizer", gguf, "--port", str(port)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proxy.poll() is None, proxy.stderr.read().decode()[-3000:]
-            try:
-                if httpx.get(base + "/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "serve --engine did not start"
-            time.sleep(0.3)
+    with serve_subprocess(["--engine", server.url, "--tokenizer", gguf], ready_path="/v1/models") as base:
         all_open = threading.Barrier(4, timeout=120)
         texts, errors = [""] * 4, []
 
@@ -273,9 +256,3 @@ def test_serve_engine_runs_concurrent_requests_concurrently(server, gguf):
         assert not errors, errors
         for text in texts:
             assert text and " the " not in f"{text} " and " and " not in f"{text} ", text
-    finally:
-        proxy.terminate()
-        try:
-            proxy.wait(10)
-        except subprocess.TimeoutExpired:
-            proxy.kill()

@@ -8,13 +8,11 @@ from __future__ import annotations
 import io
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
+from serving import serve_subprocess
 
 from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy, cli, models
 from backtrack_sampler.chat import chat_prompt_tokens
@@ -190,27 +188,7 @@ def test_antislop_bans_hold_on_its_output(smol, smol_answer):
 def test_serve_chat_answers_in_sentences():
     import httpx
 
-    with socket.socket() as sock:  # a free port (released just before the server takes it)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "backtrack_sampler.cli", "serve", "--port", str(port), "--n-ctx", "1024",
-         "--threads", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+    with serve_subprocess(["--n-ctx", "1024", "--threads", "2"]) as url:
         assert httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"] == SMOL
         body = {"model": SMOL, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 120,
                 "temperature": 0, "banned_strings": ["tapestry"]}
@@ -219,13 +197,6 @@ def test_serve_chat_answers_in_sentences():
         assert result["model"] == SMOL and result["choices"][0]["finish_reason"] == "stop"
         assert_sentences(answer, QUESTION)
         assert "tapestry" not in answer.lower()
-    finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
 
 
 # --- the demo (README's first command runs examples/story.py) -------------------------------------------

@@ -11,19 +11,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from playwright.sync_api import expect, sync_playwright
 
 from backtrack_sampler.events import Transcript
 from backtrack_sampler.server import Engine, create_app
+from serving import ServerThread
 
 pytestmark = pytest.mark.model
 KEY = "playground-key"
@@ -32,30 +30,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 SLOW = 240_000  # ms: the shared test machine can be slow
 PROMPT = "The capital of France is"  # greedy: " the capital of the country of France. It is the largest ..."
-
-
-class ServerThread:
-    """uvicorn in a daemon thread on an ephemeral 127.0.0.1 port."""
-
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3))
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")

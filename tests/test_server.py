@@ -10,7 +10,7 @@ import time
 import httpx
 import openai
 import pytest
-import uvicorn
+from serving import ServerThread
 
 from backtrack_sampler.provider.fake_provider import FakeProvider
 from backtrack_sampler.server import Engine, Limits, StopFilter, create_app
@@ -18,31 +18,6 @@ from backtrack_sampler.server import Engine, Limits, StopFilter, create_app
 pytestmark = pytest.mark.model
 KEY = "test-key"
 TIMEOUT = 120  # seconds, per request: the shared CI machine can be slow
-
-
-class ServerThread:
-    """uvicorn in a daemon thread on an ephemeral 127.0.0.1 port."""
-
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3))
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")

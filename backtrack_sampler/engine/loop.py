@@ -23,8 +23,7 @@ unchanged.
 
 from __future__ import annotations
 
-import math
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 

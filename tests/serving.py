@@ -1,0 +1,81 @@
+"""Test helpers that run servers on 127.0.0.1: uvicorn in a thread, or ``backtrack-sampler serve``
+as a subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, List
+
+import httpx
+import uvicorn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ServerThread:
+    """uvicorn in a daemon thread on an ephemeral 127.0.0.1 port."""
+
+    def __init__(self, app):
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+
+def free_port() -> int:
+    """A free port on 127.0.0.1 (released just before the server takes it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_subprocess(args: List[str], ready_path: str = "/health", timeout: float = 120) -> Iterator[str]:
+    """``backtrack-sampler serve ARGS --port P`` in a subprocess of this checkout; yields its URL once
+    ``ready_path`` answers 200, and stops it afterwards. Fails with the server's output if it dies."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "backtrack_sampler.cli", "serve", *args, "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert process.poll() is None, process.stdout.read()[-3000:]
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + ready_path, timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
