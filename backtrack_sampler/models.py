@@ -158,6 +158,7 @@ def load_transformers(model_path: Optional[str] = None, cache_dir: Optional[str]
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     partial.rename(converted)
+    model.name_or_path = model.config.name_or_path = str(converted)  # as a later load from the cache names it
     return model, tokenizer
 
 

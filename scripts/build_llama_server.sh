@@ -46,7 +46,7 @@ gen=()
 command -v ninja >/dev/null && gen=(-G Ninja)
 echo "==> configuring llama.cpp ($src)" >&2
 cmake -S "$src" -B "$work/build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
-  -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
+  -DLLAMA_CURL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
   "${flags[@]}" >&2 || die "cmake configure failed"
 echo "==> building llama-server (about 5-10 minutes on 2 cores, once)" >&2
 cmake --build "$work/build" --config Release --target llama-server -j "$(nproc)" >&2 || die "cmake build failed"

@@ -23,6 +23,7 @@ class ServerThread:
     """uvicorn in a daemon thread on an ephemeral 127.0.0.1 port."""
 
     def __init__(self, app):
+        self.app = app
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3))
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -42,6 +43,9 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(15)
         self.sock.close()
+        engine = getattr(getattr(self.app, "state", None), "engine", None)
+        if engine is not None:  # stop its generations: the next test's server may share the provider
+            engine.close()
 
 
 def free_port() -> int:

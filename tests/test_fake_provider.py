@@ -273,3 +273,32 @@ def test_text_starting_with_bos_gets_one_bos():
     fake = FakeProvider()
     assert fake.encode("<bos> the cat") == fake.encode(" the cat") == [2, fake.ids[" the"], fake.ids[" cat"]]
     assert fake.encode("<bos> the cat", add_special_tokens=False) == [2, fake.ids[" the"], fake.ids[" cat"]]
+
+
+def test_two_threads_sharing_a_provider_each_get_their_own_logits():
+    """The cache is shared state: concurrent calls take turns (a lock) instead of mixing sequences."""
+    import threading
+    import time
+
+    class Slow(FakeProvider):
+        def _forward(self, tokens):
+            self._sequence_tokens.extend(tokens[:1])
+            time.sleep(0.002)  # another thread would get in here without the lock
+            return super()._forward(tokens[1:]) if len(tokens) > 1 else self.logits_for(self._sequence_tokens)
+
+    provider = Slow()
+    sequences = [[2, 3 + i, 4, 5, 6 + i] for i in range(4)]
+    wrong = []
+
+    def run(tokens):
+        for n in range(2, len(tokens) + 1):
+            for _ in range(5):
+                if not np.array_equal(provider.generate(tokens[:n]), provider.logits_for(tokens[:n])):
+                    wrong.append(tokens[:n])
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in sequences]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not wrong and all(not t.is_alive() for t in threads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, Hashable, List, Mapping, Optional, Sequence, Tuple
@@ -44,6 +45,9 @@ class BaseProvider(ABC):
     a rewind is simply a call with a shorter sequence; the logits of the last ``KEEP_LOGITS``
     positions are kept, so a short rewind evaluates nothing. After any number of rewinds the
     logits are those of a fresh forward pass over the same tokens.
+
+    Thread-safe: one call at a time uses the backend (a lock), so two drivers sharing a provider
+    (say, a server and a script) get the right logits, one after the other, never a mixed cache.
     """
 
     KEEP_LOGITS = 8  # logits kept for the last positions, so that short rewinds cost no evaluation
@@ -53,6 +57,7 @@ class BaseProvider(ABC):
         self._recent: Dict[int, np.ndarray] = {}  # sequence length -> the logits after it
         self._batch: Dict[Hashable, _Sequence] = {}  # generate_batch's sequences by key
         self._free: Optional[List[int]] = None  # free slots (made on first use)
+        self._lock = threading.RLock()  # one call at a time: the cache is shared state
 
     # --- tokenizer -------------------------------------------------------------------------
     @abstractmethod
@@ -96,12 +101,13 @@ class BaseProvider(ABC):
     def generate(self, input_ids: Sequence[int]) -> np.ndarray:
         """Next-token logits after ``input_ids`` as a float32 array of ``vocab_size`` (yours to edit)."""
         tokens = self._checked(input_ids)
-        known, n = self._reuse(self._cached, self._recent, tokens, self._cut)
-        if known is not None:
-            return known
-        logits = self._forward(tokens[n:])
-        self._remember(self._cached, self._recent, tokens[n:], logits)
-        return logits
+        with self._lock:
+            known, n = self._reuse(self._cached, self._recent, tokens, self._cut)
+            if known is not None:
+                return known
+            logits = self._forward(tokens[n:])
+            self._remember(self._cached, self._recent, tokens[n:], logits)
+            return logits
 
     # --- several sequences at once ------------------------------------------------------------
     @property
@@ -116,6 +122,10 @@ class BaseProvider(ABC):
         of ``generate`` (longest cached prefix, recent logits, rewind = a shorter ``input_ids``)
         until ``release(key)``. A new key takes a free slot; more than ``max_sequences`` live keys
         raise RuntimeError."""
+        with self._lock:
+            return self._generate_batch(requests)
+
+    def _generate_batch(self, requests: Mapping[Hashable, Sequence[int]]) -> Dict[Hashable, np.ndarray]:
         answers: Dict[Hashable, np.ndarray] = {}
         work = []
         for key, input_ids in requests.items():
@@ -136,10 +146,11 @@ class BaseProvider(ABC):
     def release(self, key: Hashable) -> None:
         """Forget the sequence ``key`` of ``generate_batch`` and free its slot (a no-op for an
         unknown key)."""
-        seq = self._batch.pop(key, None)
-        if seq is not None:
-            self._cut_sequence(seq, 0)
-            self._free.append(seq.slot)
+        with self._lock:
+            seq = self._batch.pop(key, None)
+            if seq is not None:
+                self._cut_sequence(seq, 0)
+                self._free.append(seq.slot)
 
     @property
     def batch_keys(self) -> List[Hashable]:
@@ -165,6 +176,7 @@ class BaseProvider(ABC):
                                    "release() one first")
             slot = self._free.pop()
             if type(self)._forward_batch is BaseProvider._forward_batch:  # the batch shares generate()'s cache
+                self._cut(0)  # a new sequence starts from an empty cache, as in a slot of its own (same call, same tokens)
                 seq = _Sequence(slot, self._cached, self._recent)
             else:
                 seq = _Sequence(slot, [], {})
@@ -210,7 +222,8 @@ class BaseProvider(ABC):
         """Drop the last ``n`` positions of the cache (the next ``generate`` re-evaluates them)."""
         if n < 0:
             raise ValueError(f"crop_cache takes the number of positions to drop (>= 0), got {n}")
-        self._cut(max(len(self._cached) - n, 0))
+        with self._lock:
+            self._cut(max(len(self._cached) - n, 0))
 
     def _cut(self, length: int) -> None:
         length = self._truncate(length)

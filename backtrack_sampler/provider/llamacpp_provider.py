@@ -114,11 +114,12 @@ class LlamacppProvider(BaseProvider):
         return self.llm.n_ctx()
 
     def generate(self, input_ids: Sequence[int]) -> np.ndarray:
-        n = self.llm.n_tokens
-        if n != len(self._cached) or self.llm.input_ids[:n].tolist() != self._cached:  # the Llama was used directly
-            self._cached[:] = self.llm.input_ids[:n].tolist()  # in place: slots=1 batches share this list
-            self._recent.clear()
-        return super().generate(input_ids)
+        with self._lock:
+            n = self.llm.n_tokens
+            if n != len(self._cached) or self.llm.input_ids[:n].tolist() != self._cached:  # the Llama was used directly
+                self._cached[:] = self.llm.input_ids[:n].tolist()  # in place: slots=1 batches share this list
+                self._recent.clear()
+            return super().generate(input_ids)
 
     def _forward(self, tokens: List[int]) -> np.ndarray:
         self.llm.eval(tokens)
