@@ -199,6 +199,39 @@ def test_acceptance_is_exact_chi_square():
         fake.close()
 
 
+def test_a_soft_banned_token_chosen_again_keeps_the_stream_chi_square():
+    """A soft ban of a one-token phrase: the loop chooses again at that position, locally; when it
+    picks the same token, the engine's stream goes on (no new request). The tokens still follow
+    in-process AntiSlop: draw from q; on " cat" draw again with its weight times m, then keep it."""
+    model = FakeProvider()
+    m, cat = 0.8, model.ids[" cat"]
+
+    def logits_fn(tokens):
+        logits = np.full(model.vocab_size, -np.inf, dtype=np.float32)
+        logits[IDS] = np.log(Q)
+        return logits
+
+    fake = FakeEngine("llama-server", logits_fn, model.vocab_size, eos=model.get_eos_token_id())
+    try:
+        provider = EngineProvider(fake.url, "llama-server", tokenizer=model)
+        counts, rewinds = np.zeros(len(IDS)), 0
+        for seed in range(60):
+            sampler = BacktrackSampler(provider, AntiSlopStrategy(provider, [["cat", m]]))
+            for token in sampler.generate(" it", max_new_tokens=50, seed=seed, top_k=None):
+                counts[token - 3] += 1
+            rewinds += sampler.stats.rewinds
+        n, c = counts.sum(), cat - 3
+        again = Q * np.where(IDS == cat, m, 1.0)
+        again /= again.sum()
+        target = Q * (IDS != cat) + Q[c] * again  # one redraw after a " cat"
+        assert n == 3000 and rewinds > 300
+        assert _chi_square(counts, n * target) < 18.47, counts  # df = 4: P(chi2 > 18.47) = 0.001
+        # every kept " cat" was chosen again after its rewind, and its stream went on
+        assert provider.stats.requests - 60 <= rewinds - counts[c], (provider.stats.requests, rewinds, counts)
+    finally:
+        fake.close()
+
+
 def test_accept_function_distribution_and_determinism():
     rng = np.random.default_rng(0)
     q = (np.array([1, 2, 3]), np.array([0.5, 0.3, 0.2]))

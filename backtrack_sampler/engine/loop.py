@@ -114,14 +114,18 @@ class EngineLoop:
             position = len(generation.tokens)
             step = known.get(position)
             if step is not None:  # rewound to a position we have candidates for: choose locally
-                generation.sampling = local_sampling(step.kind, user)
-                try:
-                    yield from generation.advance(self._logits(step, user[0]))
-                finally:
-                    generation.sampling = user
-                self._forget(known, generation)
+                yield from self._choose(generation, step, user, known)
                 continue
             yield from self._request(generation, user, k, known)
+
+    def _choose(self, generation: Generation, step: Step, user: tuple, known: Dict[int, Step]) -> Iterator[int]:
+        """Draw the token at ``step``'s position locally, from the candidates received for it."""
+        generation.sampling = local_sampling(step.kind, user)
+        try:
+            yield from generation.advance(self._logits(step, user[0]))
+        finally:
+            generation.sampling = user
+        self._forget(known, generation)
 
     # --------------------------------------------------------------------------------------
     def _request(self, generation: Generation, user: tuple, k: int, known: Dict[int, Step]) -> Iterator[int]:
@@ -183,7 +187,11 @@ class EngineLoop:
             dense = np.zeros(self.vocab_size, np.float32)
         yield from generation.push(token, dense)
         self._forget(known, generation)
-        return token == step.token and len(generation.tokens) == position + 1 and not generation.done
+        if token == step.token and len(generation.tokens) == position and not generation.done:
+            # the strategy took back just this token (e.g. a soft-banned word): choose again here; when
+            # the new choice is the same token, the engine's stream after it is still valid
+            yield from self._choose(generation, step, user, known)
+        return generation.tokens[position:] == [step.token] and not generation.done
 
     @staticmethod
     def _compact(generation: Generation) -> bool:
