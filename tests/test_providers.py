@@ -181,3 +181,17 @@ def test_llamacpp_notices_a_direct_evaluation_of_the_same_length(llama_provider,
     assert np.abs(got - expected).max() < _tolerance(llama_provider) and got.argmax() == expected.argmax()
     assert llama_provider.cached_tokens == first + [first[-1]]
     llama_provider.reset()
+
+
+def test_batch_of_one_after_generate_sees_only_its_own_tokens(provider, tokens):
+    """With one slot, generate_batch and generate use the same backend cache: a batch sequence
+    that starts after a generation must not be evaluated on top of that generation's tokens."""
+    prompt = tokens[:12]
+    provider.reset()
+    fresh = provider.generate(prompt)
+    provider.generate(tokens[:40])  # another sequence now fills the cache
+    got = provider.generate_batch({"job": prompt})["job"]
+    provider.release("job")
+    assert np.array_equal(got, fresh), np.abs(got - fresh).max()
+    assert provider.generate(tokens[:40]).shape == fresh.shape and provider.cached_tokens == tokens[:40]
+    provider.reset()

@@ -166,6 +166,11 @@ class BaseProvider(ABC):
         """``_truncate`` for the cache of ``slot``. Base: the single cache of ``generate``."""
         return self._truncate(length)
 
+    def _shares_generate_cache(self) -> bool:
+        """Whether ``_forward_batch`` evaluates in the cache of ``generate`` (a backend with one
+        cache): then both keep one record of what it holds."""
+        return type(self)._forward_batch is BaseProvider._forward_batch
+
     def _batch_sequence(self, key: Hashable) -> "_Sequence":
         seq = self._batch.get(key)
         if seq is None:
@@ -175,7 +180,7 @@ class BaseProvider(ABC):
                 raise RuntimeError(f"{type(self).__name__} holds {self.max_sequences} sequences at most: "
                                    "release() one first")
             slot = self._free.pop()
-            if type(self)._forward_batch is BaseProvider._forward_batch:  # the batch shares generate()'s cache
+            if self._shares_generate_cache():
                 self._cut(0)  # a new sequence starts from an empty cache, as in a slot of its own (same call, same tokens)
                 seq = _Sequence(slot, self._cached, self._recent)
             else:

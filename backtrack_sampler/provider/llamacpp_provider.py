@@ -185,6 +185,9 @@ class LlamacppProvider(BaseProvider):
         for index, row in rows:
             results[index] = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, row), shape=(self._n_vocab,)).copy()
 
+    def _shares_generate_cache(self) -> bool:
+        return self._slots == 1  # one sequence: the cache of generate()
+
     def _truncate_slot(self, slot: int, length: int) -> int:
         if self._slots == 1:
             return self._truncate(length)

@@ -106,6 +106,9 @@ class TransformersProvider(BaseProvider):
             return super()._forward_batch(work)
         return [self._run(tokens, self._caches[slot]) for slot, tokens in work]
 
+    def _shares_generate_cache(self) -> bool:
+        return self._slots == 1  # one sequence: the cache of generate()
+
     def _truncate_slot(self, slot: int, length: int) -> int:
         if self._slots == 1:
             return self._truncate(length)
