@@ -127,3 +127,27 @@ def test_scheduler_greedy_equals_the_single_sequence_driver_on_transformers(tran
         sampler = BacktrackSampler(provider, AntiSlopStrategy(provider, ["the"], whole_words=True))
         assert job.tokens == list(sampler.generate(prompt, max_new_tokens=12, temperature=0))
     assert provider.batch_keys == []
+
+
+def test_batch_rows_go_in_sequence_order_whatever_the_slots(small_llm, monkeypatch):
+    """llama.cpp splits a batch whose sequences are out of order into one decode per sequence:
+    keys that hold slots in reverse order must still be sent as one batch in slot order, each
+    with its own logits."""
+    provider = slotted(small_llm, 4)
+    prompts = {key: provider.encode(text) for key, text in
+               zip("abcd", ("The sea", "A cat sat on", "Once upon a time", "In the morning"))}
+    alone = {}
+    for key, prompt in prompts.items():
+        alone[key] = provider.generate_batch({key: prompt})[key]
+        provider.release(key)
+    for key in "dcba":  # slots handed out in reverse: d holds slot 0, a slot 3
+        provider.generate_batch({key: prompts[key][:1]})
+    orders = []
+    decode = provider._decode
+    monkeypatch.setattr(provider, "_decode", lambda ctx, n, rows, results: (orders.append(provider._seq[:n].tolist()),
+                                                                              decode(ctx, n, rows, results)))
+    got = provider.generate_batch(prompts)  # keys in the order a, b, c, d: slots 3, 2, 1, 0
+    assert len(orders) == 1 and orders[0] == sorted(orders[0]), orders
+    for key in prompts:
+        assert got[key].argmax() == alone[key].argmax(), key
+        provider.release(key)

@@ -150,7 +150,10 @@ class LlamacppProvider(BaseProvider):
         before = [self._lengths[slot] for slot, _ in work]
         n = 0
         try:
-            for index, (slot, tokens) in enumerate(work):
+            # rows in sequence-id order: llama.cpp splits a batch whose sequences come out of order
+            # into one decode per sequence (seen: 8 sequences 2.7x slower)
+            for index in sorted(range(len(work)), key=lambda i: work[i][0]):
+                slot, tokens = work[index]
                 start, position = 0, self._lengths[slot]
                 while start < len(tokens):
                     take = min(len(tokens) - start, limit - n)
