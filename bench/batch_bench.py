@@ -147,7 +147,8 @@ def late_arrival(url: str, tokens: int) -> tuple:
 
 
 def raw_batched(n: int, steps: int, threads: int) -> float:
-    """Tokens/s of a bare llama.cpp loop: n sequences, one llama_decode per step, greedy argmax."""
+    """Tokens/s of a bare llama.cpp loop: n sequences, their prompts in one llama_decode, then one
+    llama_decode per step, greedy argmax (timed from the prompts, like the clients' rounds)."""
     import llama_cpp
     from llama_cpp._internals import LlamaContext
 
@@ -175,8 +176,8 @@ def raw_batched(n: int, steps: int, threads: int) -> float:
         return [int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, r), shape=(n_vocab,))))
                 for r in rows]
 
+    start = time.perf_counter()  # the prompts too: the server's clock runs from the requests
     next_tokens = decode([(s, 0, prompt) for s in range(n)])
-    start = time.perf_counter()
     for step in range(steps):
         next_tokens = decode([(s, len(prompt) + step, [t]) for s, t in enumerate(next_tokens)])
     seconds = time.perf_counter() - start
