@@ -165,6 +165,17 @@ class Reweight(BaseStrategy):
         return logits
 
 
+def fixed_engine(model: FakeProvider) -> FakeEngine:
+    """A fake llama-server whose next-token distribution is Q on tokens 3..7 at every position."""
+
+    def logits_fn(tokens):
+        logits = np.full(model.vocab_size, -np.inf, dtype=np.float32)
+        logits[IDS] = np.log(Q)
+        return logits
+
+    return FakeEngine("llama-server", logits_fn, model.vocab_size, eos=model.get_eos_token_id())
+
+
 def _chi_square(counts: np.ndarray, expected: np.ndarray) -> float:
     keep = expected > 0
     return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
@@ -174,12 +185,7 @@ def test_acceptance_is_exact_chi_square():
     """Draws through the loop follow p' = q * W (normalised), not the engine's q. Seeded: deterministic."""
     model = FakeProvider()
 
-    def logits_fn(tokens):
-        logits = np.full(model.vocab_size, -np.inf, dtype=np.float32)
-        logits[IDS] = np.log(Q)
-        return logits
-
-    fake = FakeEngine("llama-server", logits_fn, model.vocab_size, eos=model.get_eos_token_id())
+    fake = fixed_engine(model)
     try:
         provider = EngineProvider(fake.url, "llama-server", tokenizer=model)
         counts = np.zeros(len(IDS))
@@ -206,12 +212,7 @@ def test_a_soft_banned_token_chosen_again_keeps_the_stream_chi_square():
     model = FakeProvider()
     m, cat = 0.8, model.ids[" cat"]
 
-    def logits_fn(tokens):
-        logits = np.full(model.vocab_size, -np.inf, dtype=np.float32)
-        logits[IDS] = np.log(Q)
-        return logits
-
-    fake = FakeEngine("llama-server", logits_fn, model.vocab_size, eos=model.get_eos_token_id())
+    fake = fixed_engine(model)
     try:
         provider = EngineProvider(fake.url, "llama-server", tokenizer=model)
         counts, rewinds = np.zeros(len(IDS)), 0
