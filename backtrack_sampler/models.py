@@ -127,10 +127,12 @@ def _gguf_path(model_path) -> Path:
 
 def load_llamacpp(model_path: Optional[str] = None, n_ctx: int = 8192, **kwargs):
     """A ``llama_cpp.Llama`` for a GGUF file or an embedded model's name (default: Gemma 3 270M),
-    quiet, on every core."""
+    quiet, on every core, with flash attention (llama-server's default too; measured here: 1-3%
+    faster for one sequence, 7-13% for a batch of 8). ``kwargs`` go to ``Llama``."""
     from llama_cpp import Llama
 
     kwargs.setdefault("n_threads", os.cpu_count())
+    kwargs.setdefault("flash_attn", True)
     kwargs.setdefault("verbose", False)
     return Llama(model_path=str(_gguf_path(model_path)), n_ctx=n_ctx, **kwargs)
 

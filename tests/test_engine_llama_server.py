@@ -43,7 +43,7 @@ class LlamaServer:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [binary, "-m", model, "--host", "127.0.0.1", "--port", str(self.port), "-np", str(slots),
-             "-c", str(n_ctx), "-t", str(os.cpu_count() or 2), "--no-webui", "--no-warmup", "--swa-full", "-fa", "off"],
+             "-c", str(n_ctx), "-t", str(os.cpu_count() or 2), "--no-webui", "--no-warmup", "--swa-full", "-fa", "on"],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -131,7 +131,7 @@ class Margins(BaseStrategy):
 # batch-shape-dependent rounding cannot flip a choice. (Prompts with gaps of only 0.02-0.03, e.g.
 # "Water boils at" with " 100" banned, diverged in some runs: after a rewind the server may evaluate
 # a different number of tokens in one batch than the in-process provider.) The server runs with
-# -fa off, like the in-process Llama.
+# -fa on, like the in-process Llama (load_llamacpp enables flash attention).
 CASES = [("def fibonacci(n):\n", "return")]
 
 
