@@ -115,6 +115,29 @@ def test_bans_hold_at_temperature(engine, model):
     assert all(isinstance(t, int) for r in engine.requests for t in r.get("prompt", r.get("input_ids", [])))
 
 
+def test_a_generation_keeps_one_llama_server_slot(model):
+    """Every request of a generation asks for the same slot (its prefix stays cached there, and a
+    request after a rewind waits for the stream it replaces instead of decoding beside it); running
+    generations hold different slots; beyond the engine's slots the engine chooses (-1)."""
+    fake = FakeEngine("llama-server", model.logits_for, model.vocab_size, eos=model.get_eos_token_id())
+    try:
+        provider = connect(fake, model)  # the fake's /props: total_slots 4
+        for seed in range(5):  # one after the other: each takes slot 0 and gives it back
+            sampler = BacktrackSampler(provider, AntiSlopStrategy(provider, [" the", " a", " cat"]))
+            list(sampler.generate(" it was", max_new_tokens=30, seed=seed, top_k=8))
+        assert len(fake.requests) > 5 and {r["id_slot"] for r in fake.requests} == {0}  # rewinds asked again
+        live = [BacktrackSampler(provider, NoOp()).generate(" it", max_new_tokens=3, seed=i) for i in range(5)]
+        for tokens in live:
+            next(tokens)  # each holds its slot until it ends
+        assert [r["id_slot"] for r in fake.requests[-5:]] == [0, 1, 2, 3, -1]
+        for tokens in live:
+            tokens.close()
+        list(BacktrackSampler(provider, NoOp()).generate(" it", max_new_tokens=3, seed=9))
+        assert fake.requests[-1]["id_slot"] in (0, 1, 2, 3)  # given back
+    finally:
+        fake.close()
+
+
 def test_no_op_strategy_takes_every_draft_in_one_request(engine, model):
     provider = connect(engine, model)
     sampler = BacktrackSampler(provider, NoOp())

@@ -23,7 +23,8 @@ unchanged.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional, Tuple
+import threading
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -87,17 +88,37 @@ def accept(draft: int, q: Tuple[np.ndarray, np.ndarray], p: Tuple[np.ndarray, np
     return sample(ids[keep], residual[keep], rng)  # one candidate left: no random number drawn
 
 
+class _Slots:
+    """The engine's sequence slots (llama-server's ``total_slots``): each running generation keeps
+    one, so its requests find their prefix cached there; -1 (the engine's choice) when none is free."""
+
+    def __init__(self, count: Optional[int]):
+        self._free: List[int] = list(range((count or 0) - 1, -1, -1))
+        self._lock = threading.Lock()
+
+    def take(self) -> int:
+        with self._lock:
+            return self._free.pop() if self._free else -1
+
+    def give(self, slot: int) -> None:
+        if slot >= 0:
+            with self._lock:
+                self._free.append(slot)
+
+
 class EngineLoop:
     """Drives Generations with one engine (``client``); ``provider`` gives the vocabulary size.
 
     n_probs: K, the candidates asked for at every position (default: top_k, at least 20; 64 when
         top_k is off). chunk: most tokens per request (default: all that are left; a rejected
-        draft closes the stream early anyway).
+        draft closes the stream early anyway). slots: how many sequence slots the engine has, when
+        its API lets a request choose one (llama-server); None: the engine places every request.
     """
 
     def __init__(self, client: EngineClient, vocab_size: int, n_probs: Optional[int] = None,
-                 chunk: Optional[int] = None, model: Optional[str] = None):
+                 chunk: Optional[int] = None, model: Optional[str] = None, slots: Optional[int] = None):
         self.client, self.vocab_size, self.n_probs, self.chunk, self.model = client, vocab_size, n_probs, chunk, model
+        self.slots = _Slots(slots)
 
     def k_for(self, sampling: tuple) -> int:
         if self.n_probs:
@@ -110,13 +131,17 @@ class EngineLoop:
         user = generation.sampling
         k = self.k_for(user)
         known: Dict[int, Step] = {}  # position -> the candidates received after tokens[:position]
-        while not generation.done:
-            position = len(generation.tokens)
-            step = known.get(position)
-            if step is not None:  # rewound to a position we have candidates for: choose locally
-                yield from self._choose(generation, step, user, known)
-                continue
-            yield from self._request(generation, user, k, known)
+        slot = self.slots.take()
+        try:
+            while not generation.done:
+                position = len(generation.tokens)
+                step = known.get(position)
+                if step is not None:  # rewound to a position we have candidates for: choose locally
+                    yield from self._choose(generation, step, user, known)
+                    continue
+                yield from self._request(generation, user, k, known, slot)
+        finally:
+            self.slots.give(slot)
 
     def _choose(self, generation: Generation, step: Step, user: tuple, known: Dict[int, Step]) -> Iterator[int]:
         """Draw the token at ``step``'s position locally, from the candidates received for it."""
@@ -128,12 +153,12 @@ class EngineLoop:
         self._forget(known, generation)
 
     # --------------------------------------------------------------------------------------
-    def _request(self, generation: Generation, user: tuple, k: int, known: Dict[int, Step]) -> Iterator[int]:
+    def _request(self, generation: Generation, user: tuple, k: int, known: Dict[int, Step], slot: int) -> Iterator[int]:
         n = generation.limit - len(generation.tokens)
         if self.chunk:
             n = min(n, self.chunk)
         seed = int(generation.rng.integers(2**31 - 1)) if user[0] > 0 else None
-        body = self.client.api.body(generation.sequence, max(n, 1), user, k, seed, self.model)
+        body = self.client.api.body(generation.sequence, max(n, 1), user, k, seed, self.model, slot)
         name, got, finish = self.client.api.name, 0, None
         with self.client.stream(body, user) as events:
             for event in events:
@@ -146,17 +171,17 @@ class EngineLoop:
         if finish is None:
             raise EngineError(f"{name} ended the stream without finishing the request")
         if finish.reason == "gap":
-            yield from self._one(generation, user, k, known)
+            yield from self._one(generation, user, k, known, slot)
         elif got == 0:
             raise EngineError(f"{name} finished a request without generating a token (its context may be full)")
 
-    def _one(self, generation: Generation, user: tuple, k: int, known: Dict[int, Step]) -> Iterator[int]:
+    def _one(self, generation: Generation, user: tuple, k: int, known: Dict[int, Step], slot: int) -> Iterator[int]:
         """After a llama-server gap: one token, not streamed (its probabilities may be missing)."""
         api = self.client.api
         if not isinstance(api, LlamaServerAPI):
             raise EngineError(f"{api.name} skipped tokens in its stream")
         seed = int(generation.rng.integers(2**31 - 1)) if user[0] > 0 else None
-        body = api.body(generation.sequence, 1, user, k, seed, stream=False)
+        body = api.body(generation.sequence, 1, user, k, seed, slot=slot, stream=False)
         step = api.single(self.client.post(api.path, body), user)
         self.client.stats.steps += 1
         yield from self._take(generation, step, user, known)

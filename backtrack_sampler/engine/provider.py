@@ -95,7 +95,7 @@ class EngineProvider(BaseProvider):
         self._context = context_length or info.get("n_ctx") or 8192
         engine_vocab = info.get("n_vocab")
         self._n_vocab = vocab_size or max(self._tok.size, engine_vocab or 0)
-        self.loop = EngineLoop(self.client, self._n_vocab, n_probs, chunk, self.model)
+        self.loop = EngineLoop(self.client, self._n_vocab, n_probs, chunk, self.model, info.get("slots"))
 
     @staticmethod
     def _tokenizer(tokenizer):
@@ -119,6 +119,7 @@ class EngineProvider(BaseProvider):
         if self.engine_type == "llama-server":
             props = client.get("/props")
             info["n_ctx"] = (props.get("default_generation_settings") or {}).get("n_ctx")
+            info["slots"] = props.get("total_slots")
             models = client.get("/v1/models").get("data") or [{}]
             info["n_vocab"] = (models[0].get("meta") or {}).get("n_vocab")
             info["model"] = models[0].get("id")
