@@ -142,10 +142,13 @@ def test_batch_rows_go_in_sequence_order_whatever_the_slots(small_llm, monkeypat
         provider.release(key)
     for key in "dcba":  # slots handed out in reverse: d holds slot 0, a slot 3
         provider.generate_batch({key: prompts[key][:1]})
-    orders = []
-    decode = provider._decode
-    monkeypatch.setattr(provider, "_decode", lambda ctx, n, rows, results: (orders.append(provider._seq[:n].tolist()),
-                                                                              decode(ctx, n, rows, results)))
+    orders, decode = [], provider._decode
+
+    def recording(ctx, n, rows, results):  # the sequence id of every row of each llama_decode
+        orders.append(provider._seq[:n].tolist())
+        decode(ctx, n, rows, results)
+
+    monkeypatch.setattr(provider, "_decode", recording)
     got = provider.generate_batch(prompts)  # keys in the order a, b, c, d: slots 3, 2, 1, 0
     assert len(orders) == 1 and orders[0] == sorted(orders[0]), orders
     for key in prompts:

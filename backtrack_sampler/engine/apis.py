@@ -112,9 +112,10 @@ class LlamaServerAPI(EngineAPI):
     the slot the engine loop keeps for the generation (-1, the server's choice, when every slot is
     taken): a request after a rewind then finds its whole prefix cached, and waits in the server's
     queue only until the stream it replaces is cancelled, instead of decoding beside it in another
-    slot (measured: 0.55 -> 0.9 of the engine's speed with the 50,046-phrase list). ``timings_per_token`` reports the cached
-    prefix length (``timings.cache_n``) with the first token. Token-id prompts get no BOS from the
-    server (tokenize_mixed in server-common.cpp adds specials only to strings).
+    slot (bench/engine_bench.py, 50,046-phrase AntiSlop: 0.71-0.74 -> 0.89 of the engine's speed).
+    ``timings_per_token`` reports the cached prefix length (``timings.cache_n``) with the first
+    token. Token-id prompts get no BOS from the server (tokenize_mixed in server-common.cpp adds
+    specials only to strings).
     """
 
     name = "llama-server"
