@@ -14,7 +14,7 @@ A request goes through three steps, each its own piece below:
    request; any problem is a 400/413 in OpenAI's error shape;
 2. **plan** (``plan_request``, off the event loop): prompt tokens, the strategy built, sampling
    arguments, stop strings, the token and time limits: a ``Plan``; still before any waiting;
-3. **execute** (``Engine``): a ``BatchScheduler`` stepped by one background thread runs up to
+3. **execute** (``runner.Runner``): a ``BatchScheduler`` stepped by one background thread runs up to
    ``parallel`` generations at once (one backend call per step for all of them) and reports text
    to each request's ``Job``; more wait in a bounded first-come-first-served queue (beyond it: 429
    with ``Retry-After``). A client that disconnects, running or queued, frees its place at the
@@ -23,21 +23,16 @@ A request goes through three steps, each its own piece below:
 Extra request fields: ``top_k``, ``min_p``, ``banned_strings`` (list of phrases),
 ``banned_regex`` (a pattern or a list), ``strategy`` (a name, ``{"name": ..., params...}``, or a
 list of those, chained). Start it with ``backtrack-sampler serve`` or ``serve(...)``; embed it
-with ``create_app(Engine(provider, parallel=N), api_key=..., limits=Limits(...))``.
+with ``create_app(Runner(provider, parallel=N), api_key=..., limits=Limits(...))``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
-import os
-import threading
 import time
-import traceback
 import uuid
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Union
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -46,17 +41,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .backtrack_sampler import BacktrackSampler, Generation
-from .batch import BatchJob, BatchScheduler
 from .chat import chat_prompt_tokens
 from . import playground
 from .errors import UsageError
-from .events import Done, EventTracker, Final, event_dict
-from .models import default_model, load_provider, provider_name
+from .models import default_model, load_provider
 from .provider.base_provider import BaseProvider
 from .registry import chain, make_strategy
+from .runner import Job, Plan, QueueFull, Runner, StopFilter, _ClientGone, _Deadline, default_parallel  # noqa: F401 (re-exported)
 from .schemas import APIError, ChatCompletionRequest, CompletionRequest, Limits, parse_request
 from .strategy.base_strategy import BaseStrategy
+
+Engine = Runner  # the old name of the local runner (the remote serving engines are ``engine/``)
 
 __all__ = ["APIError", "Engine", "Limits", "Plan", "QueueFull", "StopFilter", "create_app", "default_parallel",
            "plan_request", "serve"]
@@ -88,21 +83,6 @@ async def read_body(request: Request, limit: int) -> bytes:
 # --------------------------------------------------------------------------------------------
 # 2. plan: a validated request becomes the tokens, strategy and limits of one generation
 # --------------------------------------------------------------------------------------------
-@dataclass
-class Plan:
-    """One validated request, ready to run."""
-
-    chat: bool
-    prompt: List[int]
-    strategy: BaseStrategy
-    sampling: Dict[str, Any]  # BacktrackSampler.generate's keyword arguments, max_new_tokens included
-    stop: List[str]
-    max_seconds: float  # wall-clock limit of the generation: then it ends with finish_reason "length"
-    stream: bool = False
-    include_usage: bool = False
-    include_backtrack: bool = False  # stream the generation's events too (stream_options extension)
-
-
 def plan_request(provider: BaseProvider, request: Union[CompletionRequest, ChatCompletionRequest],
                  limits: Limits) -> Plan:
     """Tokens, strategy and limits for ``request``; raises ``APIError`` (400). Blocking (it
@@ -177,329 +157,6 @@ def _make(name: str, params: Dict[str, Any], param: str, provider: BaseProvider)
         return make_strategy(name, provider, **params)
     except UsageError as error:
         raise APIError(str(error), param, "invalid_value") from None
-
-
-# --------------------------------------------------------------------------------------------
-# 3. execute: every generation in one BatchScheduler, stepped by one background thread
-# --------------------------------------------------------------------------------------------
-class _TimeUp(Exception):
-    pass
-
-
-class _ClientGone(Exception):
-    """The client disconnected before the answer was ready."""
-
-
-class QueueFull(APIError):
-    """429: every slot is busy and the queue is full; ``Retry-After`` says when to try again."""
-
-    def __init__(self, running: int, queued: int, retry_after: int = 1):
-        super().__init__(f"the server is busy ({running} generations running, {queued} queued, the most it "
-                         "queues): retry later", None, "rate_limit_exceeded", 429, "rate_limit_error")
-        self.headers = {"Retry-After": str(retry_after)}
-
-
-class _Deadline(BaseStrategy):
-    """Delegates to ``inner``; ends the generation at the next token once ``deadline``
-    (``time.monotonic()``, set when the generation leaves the queue) has passed, also while the
-    strategy rewinds and no text comes out."""
-
-    def __init__(self, inner: BaseStrategy, seconds: float):
-        self.inner, self.seconds, self.deadline = inner, seconds, float("inf")
-
-    @property
-    def needs_probs(self) -> bool:
-        return self.inner.needs_probs
-
-    @property
-    def rewind_reason(self):
-        return self.inner.rewind_reason
-
-    def get_keep_index(self):
-        return self.inner.get_keep_index()
-
-    def on_logits(self, logits, continuation_tokens):
-        if time.monotonic() > self.deadline:
-            raise _TimeUp()
-        return self.inner.on_logits(logits, continuation_tokens)
-
-    def on_probs(self, probs, continuation_tokens):
-        return self.inner.on_probs(probs, continuation_tokens)
-
-    def on_next_token(self, continuation_tokens, probs):
-        self.inner.on_next_token(continuation_tokens, probs)
-
-    def backtrack(self, continuation_tokens):
-        return self.inner.backtrack(continuation_tokens)
-
-    def reset(self):
-        self.inner.reset()
-
-
-class StopFilter:
-    """Cuts a text stream before the first stop string; holds back any tail that could be the
-    start of one, so no part of a stop string is ever sent."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self.held = ""
-
-    def push(self, text: str) -> Tuple[str, bool]:
-        """Returns ``(text to send, whether a stop string was found)``."""
-        if not self.stops:
-            return text, False
-        buffer = self.held + text
-        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.held = ""
-            return buffer[: min(hits)], True
-        keep = max(
-            (k for s in self.stops for k in range(min(len(s) - 1, len(buffer)), 0, -1) if buffer.endswith(s[:k])),
-            default=0,
-        )
-        self.held = buffer[len(buffer) - keep :]
-        return buffer[: len(buffer) - keep], False
-
-    def flush(self) -> str:
-        held, self.held = self.held, ""
-        return held
-
-
-class Job:
-    """One request's generation as the event loop sees it: the engine's thread puts
-    ``(kind, value)`` reports on ``queue``: ``("started", None)`` when it leaves the queue,
-    ``("text", str)``, then ``("done", dict)`` or ``("error", APIError)``."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self.checked = loop.time()  # when the client's connection was last checked
-        self.batch: Optional[BatchJob] = None
-
-    def put(self, kind: str, value: Any = None) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self.cancel()
-
-    def cancel(self) -> None:
-        """Free the slot (or the place in the queue) at the next step."""
-        self.cancelled.set()
-        if self.batch is not None:
-            self.batch.cancel()
-
-    async def next(self, request: Request) -> Tuple[str, Any]:
-        """The next report; cancels the job if the client goes away meanwhile (checked at least
-        every quarter second, also while reports keep coming)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            if loop.time() - self.checked >= 0.25:
-                self.checked = loop.time()
-                if await request.is_disconnected():
-                    self.cancel()
-                    raise _ClientGone()
-            try:
-                return await asyncio.wait_for(self.queue.get(), timeout=0.25)
-            except asyncio.TimeoutError:
-                pass
-
-
-class _Output:
-    """A generation's final tokens as text reports to its ``Job``: whole characters only, cut
-    before any stop string (which ends the generation with finish_reason "stop"). With
-    ``plan.include_backtrack`` the text comes from the generation's events (``on_step``), and the
-    other events are reported too."""
-
-    def __init__(self, provider: BaseProvider, job: Job, plan: Plan, generation: Generation):
-        self.provider, self.job, self.plan = provider, job, plan
-        self.stops = StopFilter(plan.stop)
-        self.tokens: List[int] = []
-        self.start = self.done = 0  # tokens[start:done] is sent; decoding from start keeps spacing right
-        self.stopped = False
-        self.tracker = EventTracker(generation) if plan.include_backtrack else None
-
-    def on_start(self, batch: BatchJob) -> None:
-        batch.generation.strategy.deadline = time.monotonic() + self.plan.max_seconds
-        self.job.put("started")
-
-    def on_tokens(self, batch: BatchJob, tokens: List[int]) -> None:
-        if self.stopped or self.tracker is not None:
-            return
-        self.tokens.extend(tokens)
-        decode = self.provider.decode
-        sent, text = decode(self.tokens[self.start : self.done]), decode(self.tokens[self.start :])
-        if len(text) > len(sent) and not text.endswith("\ufffd"):
-            self.start, self.done = self.done, len(self.tokens)
-            self._send(text[len(sent) :], batch)
-
-    def on_step(self, batch: BatchJob) -> None:
-        """include_backtrack: the step's events; final text goes in the ordinary chunks."""
-        if self.stopped or self.tracker is None:
-            return
-        for event in self.tracker.update():
-            if isinstance(event, Final):
-                self._send(event.text, batch, event.tokens)
-                if self.stopped:
-                    return
-            elif not isinstance(event, Done):  # the server reports its own end (stop strings, time limit)
-                self.job.put("backtrack", playground.backtrack_payload(event, self.stops.held))
-
-    def on_finish(self, batch: BatchJob) -> None:
-        if self.stopped:
-            return
-        error = batch.error
-        if error is not None and not isinstance(error, _TimeUp):  # a strategy failed mid-generation
-            status = getattr(error, "http_status", 500)  # engine.EngineError (the serving engine failed): 502
-            self.job.put("error", APIError(f"generation failed: {type(error).__name__}: {error}", status=status,
-                                           type="server_error", code="engine_error" if status == 502 else "generation_failed"))
-            return
-        if error is None and batch.stats.finish_reason is None:  # cancelled: the client went away
-            return
-        if self.tracker is not None:
-            self.on_step(batch)  # what the last step left
-        else:
-            decode = self.provider.decode
-            self._send(decode(self.tokens[self.start :])[len(decode(self.tokens[self.start : self.done])) :], batch)
-        if not self.stopped:
-            self._text(self.stops.flush(), 0)
-            self._done(batch, "length" if error is not None else batch.stats.finish_reason or "length")
-
-    def _send(self, text: str, batch: BatchJob, tokens: int = 0) -> None:
-        out, hit = self.stops.push(text)
-        self._text(out, tokens)
-        if hit:
-            self.stopped = True
-            batch.cancel()  # its slot is free at the next step
-            self._done(batch, "stop")
-
-    def _text(self, text: str, tokens: int) -> None:
-        if self.tracker is None:
-            if text:
-                self.job.put("text", text)
-        elif text or tokens:
-            self.job.put("final", {"type": "final", "text": text, "tokens": tokens})
-
-    def _done(self, batch: BatchJob, finish: str) -> None:
-        stats = batch.stats
-        if self.tracker is not None:
-            self.job.put("backtrack", event_dict(Done(finish, stats.delivered, stats.rewound, stats.rewinds,
-                                                      stats.steps, round(stats.seconds, 4))))
-        self.job.put("done", {"finish_reason": finish, "completion_tokens": stats.delivered,
-                              "rewound_tokens": stats.rewound, "rewinds": stats.rewinds})
-
-
-def default_parallel() -> int:
-    """How many generations run at once by default: 4 per CPU core, at most 8 (batching pays off
-    up to about that many sequences on a CPU)."""
-    return max(1, min(8, 4 * (os.cpu_count() or 1)))
-
-
-class Engine:
-    """The loaded model and the ``BatchScheduler`` that runs up to ``parallel`` generations at
-    once (default and maximum: ``provider.max_sequences``), one backend call per step, in one
-    background thread; up to ``max_queue`` more (default: 4 x parallel) wait first come, first
-    served, and a request beyond that gets a 429 with ``Retry-After``. The event loop (and
-    ``/health``) never waits for the model. ``close()`` stops the thread."""
-
-    def __init__(self, provider: BaseProvider, name: Optional[str] = None, parallel: Optional[int] = None,
-                 max_queue: Optional[int] = None):
-        self.provider = provider
-        self.name = name or provider_name(provider)
-        self.created = int(time.time())
-        if hasattr(provider, "drive"):  # a serving engine (engine.EngineProvider) batches the generations itself
-            from .engine.scheduler import EngineScheduler
-
-            self.scheduler: BatchScheduler = EngineScheduler(provider, parallel)
-        else:
-            self.scheduler = BatchScheduler(provider, parallel)
-        self.parallel = self.scheduler.parallel
-        self.max_queue = 4 * self.parallel if max_queue is None else max_queue
-        if not isinstance(self.max_queue, int) or self.max_queue < 0:
-            raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
-        self._sampler = BacktrackSampler(provider, BaseStrategy())
-        self._wake = threading.Event()
-        self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="backtrack-sampler-engine", daemon=True)
-        self._thread.start()
-
-    @property
-    def running(self) -> int:
-        return self.scheduler.running
-
-    @property
-    def queued(self) -> int:
-        return self.scheduler.queued
-
-    @property
-    def busy(self) -> bool:
-        return self.scheduler.pending
-
-    def start(self, plan: Plan) -> Job:
-        """Queue ``plan``; its reports arrive on the returned ``Job``. Raises ``QueueFull`` (429)
-        when every slot is busy and the queue is full."""
-        if self._closed:
-            raise APIError("the server is shutting down", None, "server_shutting_down", 503, "server_error")
-        scheduler = self.scheduler
-        if scheduler.running + scheduler.queued >= self.parallel + self.max_queue:
-            raise QueueFull(scheduler.running, scheduler.queued)
-        job = Job(asyncio.get_running_loop())
-        try:
-            generation = self._sampler.start(plan.prompt, strategy=_Deadline(plan.strategy, plan.max_seconds),
-                                             **plan.sampling)
-        except ValueError as error:
-            raise APIError(str(error), None, "invalid_value") from None
-        output = _Output(self.provider, job, plan, generation)
-        job.batch = scheduler.add(generation, output.on_tokens, output.on_finish, output.on_start,
-                                  output.on_step if plan.include_backtrack else None)
-        self._wake.set()
-        return job
-
-    async def finish(self, generation: Generation) -> BatchJob:
-        """Run ``generation`` (e.g. a ``playground.CandidateSearch``) in the scheduler to its end
-        and return its job; cancelled if the caller is (e.g. its client went away)."""
-        if self._closed:
-            raise APIError("the server is shutting down", None, "server_shutting_down", 503, "server_error")
-        scheduler = self.scheduler
-        if scheduler.running + scheduler.queued >= self.parallel + self.max_queue:
-            raise QueueFull(scheduler.running, scheduler.queued)
-        loop = asyncio.get_running_loop()
-        finished: asyncio.Future = loop.create_future()
-
-        def on_finish(batch: BatchJob) -> None:
-            try:
-                loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(batch))
-            except RuntimeError:  # the event loop is closed
-                pass
-
-        batch = scheduler.add(generation, on_finish=on_finish)
-        self._wake.set()
-        try:
-            return await finished
-        finally:
-            batch.cancel()  # a no-op once done
-
-    def close(self) -> None:
-        """Cancel every generation and stop the background thread."""
-        self._closed = True
-        self.scheduler.cancel_all()
-        self._wake.set()
-        self._thread.join(30)
-
-    def _loop(self) -> None:
-        scheduler = self.scheduler
-        while True:
-            if scheduler.pending:
-                try:
-                    scheduler.step()
-                except Exception:  # a bug, not a request's fault (those end their own job): keep serving
-                    traceback.print_exc()
-                    scheduler.cancel_all()
-            elif self._closed:
-                return
-            else:
-                self._wake.wait(0.5)
-                self._wake.clear()
 
 
 # --------------------------------------------------------------------------------------------
