@@ -17,7 +17,7 @@ import numpy as np
 
 from .provider.base_provider import BaseProvider
 from .sampling import filter_logits, sample
-from .strategy.base_strategy import BaseStrategy
+from .strategy.base_strategy import BaseStrategy, ConstraintError
 
 
 @dataclass
@@ -32,7 +32,8 @@ class RewindEvent:
 
 @dataclass
 class GenerationStats:
-    """What the last ``generate`` call did. ``finish_reason``: "stop" (EOS) or "length"."""
+    """What the last ``generate`` call did. ``finish_reason``: "stop" (EOS), "length", or
+    "constraint" (a hard constraint could not hold: ``constraint`` says which strategy and why)."""
 
     delivered: int = 0
     rewound: int = 0
@@ -41,6 +42,7 @@ class GenerationStats:
     seconds: float = 0.0
     finish_reason: Optional[str] = None
     events: List[RewindEvent] = field(default_factory=list)
+    constraint: Optional[str] = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -62,7 +64,14 @@ class Generation:
     of its tokens are final; ``stats`` describes the work done.
 
     limit: the most tokens to deliver; sampling: ``(temperature, top_k, top_p, min_p)``;
-    budget: rewound tokens after which rewinding is switched off (with a warning).
+    budget: rewound tokens after which rewinding is switched off (with a warning), or, for a
+    strategy that declares a hard constraint, after which the generation ends with finish_reason
+    "constraint".
+
+    A strategy's ``ConstraintError`` (from any hook) ends the generation the same way: its tokens
+    that were not final are dropped (recorded as a rewind), ``stats.constraint`` says why.
+    Every cut of the continuation, by the strategy (``backtrack``) or a driver (``rewind``), is
+    recorded as a ``RewindEvent`` and told to the strategy with ``on_rewind(position)``.
     """
 
     def __init__(self, provider: BaseProvider, strategy: BaseStrategy, prompt: List[int], limit: int,
@@ -76,7 +85,9 @@ class Generation:
         self.backtracking = True
         self.stats = GenerationStats()
         self.started = time.perf_counter()
-        self._dense = strategy.needs_probs  # build the vocabulary-sized probs array only for strategies that read it
+        caps = strategy.capabilities
+        self._hard = caps.hard
+        self._dense = caps.reads_probs  # build the vocabulary-sized probs array only for strategies that read it
         self._eos = provider.eos_token_ids
         strategy.reset()
         self._closed = False
@@ -111,7 +122,10 @@ class Generation:
     def advance(self, logits: np.ndarray) -> List[int]:
         """Sample the next token from ``logits`` (the next-token logits after ``sequence``, yours to
         edit) and return the tokens that became final."""
-        ids, probs, dense = self.distribution(logits)
+        try:
+            ids, probs, dense = self.distribution(logits)
+        except ConstraintError as error:
+            return self.fail(error)
         if self.sampling[0] == 0:
             token = int(ids[np.argmax(probs)])
         else:
@@ -123,19 +137,23 @@ class Generation:
         strategy rewind, and return the tokens that became final."""
         strategy, tokens = self.strategy, self.tokens
         tokens.append(token)
-        strategy.on_next_token(tokens, probs)
         before, released = len(tokens), self.released
-        if self.backtracking:
-            tail = tokens[released:]
-            kept = strategy.backtrack(tokens)
-            if len(kept) < released:
-                raise RuntimeError(
-                    f"{type(strategy).__name__} rewound to {len(kept)} tokens, but {released} were "
-                    "already delivered as final (its keep index)"
-                )
-            if len(kept) < before:
-                self.tokens = tokens = list(kept)
-                self._record_rewind(tail[len(tokens) - released :])
+        try:
+            strategy.on_next_token(tokens, probs)
+            if self.backtracking:
+                kept = strategy.backtrack(tokens)
+                if len(kept) < released:
+                    raise RuntimeError(
+                        f"{type(strategy).__name__} rewound to {len(kept)} tokens, but {released} were "
+                        "already delivered as final (its keep index)"
+                    )
+                if len(kept) < before:
+                    self._cut(len(kept), strategy.rewind_reason)
+                    tokens = self.tokens
+        except ConstraintError as error:
+            return self.fail(error)
+        if self.done:  # the rewind budget of a hard constraint ran out
+            return []
         if len(tokens) == before and token in self._eos:
             tokens.pop()
             return self._finish("stop")
@@ -143,6 +161,27 @@ class Generation:
         if len(tokens) >= self.limit:
             return self._finish("length")
         return self._release(keep)
+
+    def rewind(self, position: int, reason: Optional[str] = None) -> None:
+        """Cut the continuation back to its first ``position`` tokens (a driver's rewind: it is
+        recorded and told to the strategy like one of its own). ``position`` must not be before
+        the final tokens (``released``): ValueError."""
+        if not self.released <= position <= len(self.tokens):
+            raise ValueError(f"cannot rewind to {position}: {self.released} of {len(self.tokens)} tokens are final")
+        if position < len(self.tokens):
+            self._cut(position, reason)
+
+    def fail(self, error: ConstraintError) -> List[int]:
+        """End the generation because a hard constraint cannot hold (``error`` says which and
+        why): the tokens that are not final are dropped, finish_reason is "constraint"."""
+        message = str(error) or type(self.strategy).__name__
+        self.stats.constraint = message
+        if len(self.tokens) > self.released:
+            self._cut(self.released, f"constraint: {message}", count=False)
+        self.done = True
+        self.stats.finish_reason = "constraint"
+        self._stop_clock()
+        return []
 
     def close(self, finish_reason: Optional[str] = None) -> None:
         """Release the strategy (its state is reset): call once the driver has delivered the last
@@ -172,19 +211,25 @@ class Generation:
     def _stop_clock(self) -> None:
         self.stats.seconds = time.perf_counter() - self.started
 
-    def _record_rewind(self, removed: List[int]) -> None:
+    def _cut(self, position: int, reason: Optional[str], count: bool = True) -> None:
+        """Drop ``tokens[position:]``: record the rewind, tell the strategy, watch the budget."""
+        removed = self.tokens[position:]
+        self.tokens = self.tokens[:position]
         stats = self.stats
         stats.rewinds += 1
         stats.rewound += len(removed)
-        event = RewindEvent(len(self.tokens), removed, self.provider.decode(removed), self.strategy.rewind_reason)
+        event = RewindEvent(position, removed, self.provider.decode(removed), reason)
         stats.events.append(event)
+        self.strategy.on_rewind(position)
         if self.on_rewind is not None:
             self.on_rewind(event)
-        if stats.rewound >= self.budget:
+        if count and stats.rewound >= self.budget and self.backtracking:
+            name = type(self.strategy).__name__
+            message = f"{name} rewound {stats.rewound} tokens (max_rewound_tokens={self.budget})"
+            if self._hard:
+                hard = getattr(self.strategy, "hard_members", None)
+                self.fail(ConstraintError(f"{hard() if hard else name}: rewound {stats.rewound} tokens "
+                                          f"(max_rewound_tokens={self.budget}) without satisfying its constraint"))
+                return
             self.backtracking = False
-            warnings.warn(
-                f"{type(self.strategy).__name__} rewound {stats.rewound} tokens (max_rewound_tokens="
-                f"{self.budget}); rewinding is off for the rest of this generation",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            warnings.warn(f"{message}; rewinding is off for the rest of this generation", RuntimeWarning, stacklevel=5)
