@@ -333,22 +333,30 @@ def test_hard_banned_phrases_never_appear():
     assert tally.share("rewound") > 0.5, tally.counts
 
 
-def test_whole_word_bans_hold_at_the_length_limit():
-    """A whole-word ban is confirmed by the character after it, or by EOS. When the token limit ends
-    the text right after a banned word, the delivered text ends with that word, whole."""
+def test_bans_hold_when_the_token_limit_ends_the_text():
+    """When ``max_new_tokens`` ends the text, every delivered token was matched: a whole-word ban is
+    confirmed by the character after it or by EOS, so a banned word that the limit leaves at the very
+    end must not be delivered (the text ends there: it is a whole word); and the text of a token that
+    ends inside a multi-byte character (a byte-level tokenizer's " \xe2\x80") is matched too."""
     tally = Tally()
 
-    @examples(300)
-    @given(world=worlds(whole_words=True, byte_level=False, max_new_tokens=(3, 25)))
+    @st.composite
+    def cut_worlds(draw):
+        if draw(st.booleans()):
+            return draw(worlds(whole_words=True, byte_level=False, max_new_tokens=(3, 25)))
+        return draw(worlds(alphabets=("unicode",), byte_level=True, max_new_tokens=(3, 25)))
+
+    @examples(400)
+    @given(world=cut_worlds())
     def prop(world):
         model = world.model()
         run = generate(model, world.antislop(model), world)
         check_bans(world, run, end_is_edge=True)
-        tally.add(rewound=run.stats.rewinds > 0)
+        tally.add(rewound=run.stats.rewinds > 0, length=run.stats.finish_reason == "length")
 
     prop()
     print(tally)  # with -s: how many cases rewound (and other outcomes)
-    assert tally.share("rewound") > 0.3, tally.counts
+    assert tally.share("rewound") > 0.3 and tally.share("length") > 0.5, tally.counts
 
 
 def test_hard_banned_regexes_never_appear():
@@ -619,7 +627,7 @@ def test_server_stop_strings_and_bans_never_appear(fake_server):
     tally = Tally()
     text_ = st.text("ab ", min_size=1, max_size=3)
 
-    @examples(60)
+    @examples(200)
     @given(stops=st.lists(text_, min_size=1, max_size=3), bans=st.lists(text_, max_size=3),
            seed=st.integers(0, 2**16), stream=st.booleans())
     def prop(stops, bans, seed, stream):
@@ -645,19 +653,22 @@ def test_server_stop_strings_and_bans_never_appear(fake_server):
         note(f"text {text!r} finish_reason {reason!r}")
         assert not [s for s in stops if s in text], text
         assert not banned_hits(text, bans), text
-        # the same generation without stop strings, cut where a stream would have stopped
+        # the same generation without stop strings: the text is cut right before a stop string,
+        # no later than the end of the first stop string to be completed
         unstopped = dict(body, stop=None, stream=False)
         full = client.post("/v1/completions", json=unstopped).json()["choices"][0]["text"]
-        cut = min((full.find(s) for s in stops if s in full), default=-1)
+        ends = [full.find(s) + len(s) for s in stops if s in full]
+        cut = min(ends, default=-1)
         if cut >= 0:
-            assert reason == "stop" and full.startswith(text) and len(text) <= cut, (text, full)
+            assert reason == "stop" and full.startswith(text), (text, full)
+            assert len(text) < cut and any(full[len(text):].startswith(s) for s in stops), (text, full)
         else:
             assert text == full, (text, full)
         tally.add(stopped=cut >= 0)
 
     prop()
     print(tally)  # with -s: how many cases rewound (and other outcomes)
-    assert tally.share("stopped") > 0.3, tally.counts
+    assert tally.share("stopped") > 0.2, tally.counts
 
 
 # --- the issue's minimal case, on the real chat model's tokenizer -----------------------------------
