@@ -564,23 +564,25 @@ def test_the_default_app_offers_the_builtins_only(fake):
 
 
 # --- the real command line and server, as subprocesses on the embedded model ----------------------------
-COUNTING = "Count: 1, 2, 3,"
+YEAR = "The Second World War ended in"  # greedy: " 1945, and the United States was in"
 
 
 @pytest.mark.model
 def test_the_console_script_runs_a_file_strategy(files):
     assert EXE.exists(), f"{EXE} is not installed (pip install -e .)"
-    base = [str(EXE), "generate", COUNTING, "--max-new-tokens", "10", "--temperature", "0", "--n-ctx", "256",
+    base = [str(EXE), "generate", YEAR, "--max-new-tokens", "12", "--temperature", "0", "--n-ctx", "256",
             "--threads", "1"]
     plain = subprocess.run(base, capture_output=True, text=True, timeout=300)
-    assert plain.returncode == 0 and digits(plain.stdout) >= 3, plain
+    assert plain.returncode == 0 and digits(plain.stdout) >= 4, plain
     result = subprocess.run(base + ["--strategy", f"{files}/no_digits.py:NoDigits", "--strategy-args", '{"max_bans": 3}'],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() and result.stdout != plain.stdout
     never = subprocess.run(base + ["--strategy", f"{files}/no_digits.py:NoDigits"], capture_output=True, text=True,
                            timeout=300)
-    assert never.returncode == 0 and never.stdout.strip() and digits(never.stdout) == 0, never
+    assert never.returncode == 0 and re.search(r"[a-z]{3}", never.stdout) and digits(never.stdout) == 0, never
+    # three bans, then digits pass: the year is gone, a later number is written
+    assert not result.stdout.startswith(plain.stdout[:5]) and digits(result.stdout) > 0, (result.stdout, plain.stdout)
+    assert result.stdout != never.stdout
     bad = subprocess.run(base + ["--strategy", f"{files}/no_digits.py:NoDigits", "--strategy-args", '{"max_bans": "3"}'],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "parameter 'max_bans'" in bad.stderr
@@ -596,15 +598,15 @@ def test_serve_load_strategy_as_a_subprocess(files):
     with serve_subprocess(args) as url:
         listed = httpx.get(url + "/v1/backtrack/strategies", timeout=10).json()["data"]
         assert [entry["name"] for entry in listed][-1] == "NoDigits"
-        body = {"prompt": COUNTING, "max_tokens": 10, "temperature": 0}
+        body = {"prompt": YEAR, "max_tokens": 12, "temperature": 0}
         plain = httpx.post(url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
-        assert digits(plain) >= 3
+        assert digits(plain) >= 4
         with openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=120, max_retries=0) as client:
-            answer = client.completions.create(model="tiny", prompt=COUNTING, max_tokens=10, temperature=0,
+            answer = client.completions.create(model="tiny", prompt=YEAR, max_tokens=12, temperature=0,
                                                extra_body={"strategy": [{"name": "NoDigits", "max_bans": 100}]})
-            assert answer.choices[0].text.strip() and digits(answer.choices[0].text) == 0
+            assert re.search(r"[a-z]{3}", answer.choices[0].text) and digits(answer.choices[0].text) == 0
             with pytest.raises(openai.BadRequestError) as raised:
-                client.completions.create(model="tiny", prompt=COUNTING, max_tokens=4,
+                client.completions.create(model="tiny", prompt=YEAR, max_tokens=4,
                                           extra_body={"strategy": [{"name": "NoDigits", "max_bans": "lots"}]})
             assert raised.value.body["param"] == "strategy[0].max_bans"
         for name in (f"{files}/no_digits.py:NoDigits", "backtrack_sampler.strategy.debug_strategy:DebugStrategy"):
