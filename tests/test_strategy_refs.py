@@ -70,7 +70,7 @@ import numpy as np
 from backtrack_sampler import BaseStrategy
 from backtrack_sampler.text import TextView
 
-WORD_AT_END = re.compile(r"[^\\W\\d_]+$")  # the letters the text ends with
+WORD = re.compile(r"[^\\W\\d_]+")  # letters
 
 
 class MaxWordLength(BaseStrategy):
@@ -102,18 +102,23 @@ class MaxWordLength(BaseStrategy):
 
     def backtrack(self, continuation_tokens):
         self.view.update(continuation_tokens)
-        word = WORD_AT_END.search(self.view.text)
-        if word is None or len(word.group()) <= self.max_letters:
-            return continuation_tokens
-        start = max(self.view.token_at(word.start()), self.keep)  # never into final text
-        self.bans.setdefault(start, set()).add(continuation_tokens[start])
-        self.rewind_reason = f"a word longer than {self.max_letters} letters"
-        return continuation_tokens[:start]
+        text = self.view.text
+        for word in WORD.finditer(text, self.word_start(self.view.offset(self.keep))):  # the words not final
+            if len(word.group()) > self.max_letters:
+                start = max(self.view.token_at(word.start()), self.keep)  # never into final text
+                self.bans.setdefault(start, set()).add(continuation_tokens[start])
+                self.rewind_reason = f"a word longer than {self.max_letters} letters"
+                return continuation_tokens[:start]
+        return continuation_tokens
 
     def get_keep_index(self):  # the word being written may still grow: hold it back
-        word = WORD_AT_END.search(self.view.text)
-        self.keep = max(self.keep, self.view.token_at(word.start()) if word else self.view.committed)
+        self.keep = max(self.keep, self.view.token_at(self.word_start(len(self.view.text))))
         return self.keep
+
+    def word_start(self, end):  # where the word that ends at character `end` begins
+        while end and self.view.text[end - 1].isalpha():
+            end -= 1
+        return end
 '''
 
 BAN_TOKENS = '''
@@ -434,6 +439,18 @@ def test_a_hard_constraint_that_cannot_hold_is_an_error_not_a_stop(files, fake_m
     assert out == "\n"  # nothing was final: nothing is printed
     status, _, err = run(GREEDY + ["--strategy", f"{files}/give_up.py:GiveUp", "--ban", "zzz"])  # in a chain
     assert status == 3 and "(GiveUp: three tokens are too many)" in err
+
+
+def test_a_spent_rewind_budget_ends_a_hard_constraint_with_exit_status_3(files, fake_model):
+    spec = f"{files}/max_word_length.py:MaxWordLength"
+    status, out, err = run(GREEDY + ["--strategy", spec, "--strategy-args", '{"max_letters": 0}'])
+    assert status == 0 and longest_word(out) == 0, err  # the budget is large enough for no words at all
+    status, out, err = run(GREEDY + ["--strategy", spec, "--strategy-args", '{"max_letters": 0}',
+                                     "--max-rewound-tokens", "5"])
+    assert status == 3 and longest_word(out) == 0
+    assert err.strip().splitlines() == [
+        "error: the generation stopped: a hard constraint could not be held (MaxWordLength: rewound 5 tokens "
+        "(max_rewound_tokens=5) without satisfying its constraint); the text above ends before it"]
 
 
 def test_serve_loads_its_strategies_before_the_model(files, monkeypatch, on_path):
