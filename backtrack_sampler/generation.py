@@ -135,34 +135,40 @@ class Generation:
     def push(self, token: int, probs: Optional[np.ndarray] = None) -> List[int]:
         """Append ``token`` (drawn from ``probs``, the ``dense`` array of ``distribution``), let the
         strategy rewind, and return the tokens that became final."""
-        strategy, tokens = self.strategy, self.tokens
-        tokens.append(token)
-        before, released = len(tokens), self.released
+        strategy = self.strategy
+        self.tokens.append(token)
+        before = len(self.tokens)
         try:
-            strategy.on_next_token(tokens, probs)
+            strategy.on_next_token(self.tokens, probs)
             if self.backtracking:
-                tail = tokens[released:]  # a strategy may cut the list in place
-                kept = strategy.backtrack(tokens)
-                if len(kept) < released:
-                    raise RuntimeError(
-                        f"{type(strategy).__name__} rewound to {len(kept)} tokens, but {released} were "
-                        "already delivered as final (its keep index)"
-                    )
-                if len(kept) < before:
-                    self.tokens = tokens[:released] + tail  # as it was before the strategy cut it
-                    self._cut(len(kept), strategy.rewind_reason)
-                    tokens = self.tokens
+                self._ask(strategy.backtrack)
+            tokens = self.tokens
+            if not self.done and len(tokens) == before and token in self._eos:
+                tokens.pop()
+                return self._finish("stop")
+            if not self.done and len(tokens) >= self.limit and self.backtracking:
+                self._ask(strategy.on_end)  # the last look before the token limit ends it
         except ConstraintError as error:
             return self.fail(error)
         if self.done:  # the rewind budget of a hard constraint ran out
             return []
-        if len(tokens) == before and token in self._eos:
-            tokens.pop()
-            return self._finish("stop")
-        keep = min(strategy.get_keep_index(), len(tokens)) if self.backtracking else len(tokens)
+        tokens = self.tokens
         if len(tokens) >= self.limit:
             return self._finish("length")
+        keep = min(strategy.get_keep_index(), len(tokens)) if self.backtracking else len(tokens)
         return self._release(keep)
+
+    def _ask(self, hook: Callable[[List[int]], List[int]]) -> None:
+        """Let the strategy's ``backtrack`` (or ``on_end``) cut the continuation."""
+        tokens, released = self.tokens, self.released
+        tail = tokens[released:]  # a strategy may cut the list in place
+        kept = hook(tokens)
+        if len(kept) < released:
+            raise RuntimeError(f"{type(self.strategy).__name__} rewound to {len(kept)} tokens, but {released} were "
+                               "already delivered as final (its keep index)")
+        if len(kept) < released + len(tail):
+            self.tokens = tokens[:released] + tail  # as it was before the strategy cut it
+            self._cut(len(kept), self.strategy.rewind_reason)
 
     def rewind(self, position: int, reason: Optional[str] = None) -> None:
         """Cut the continuation back to its first ``position`` tokens (a driver's rewind: it is
@@ -176,7 +182,8 @@ class Generation:
     def fail(self, error: ConstraintError) -> List[int]:
         """End the generation because a hard constraint cannot hold (``error`` says which and
         why): the tokens that are not final are dropped, finish_reason is "constraint"."""
-        message = str(error) or type(self.strategy).__name__
+        name = type(self.strategy).__name__
+        message = str(error) if getattr(error, "named", False) else f"{name}: {error}" if str(error) else name
         self.stats.constraint = message
         if len(self.tokens) > self.released:
             self._cut(self.released, f"constraint: {message}", count=False)
@@ -230,8 +237,10 @@ class Generation:
             message = f"{name} rewound {stats.rewound} tokens (max_rewound_tokens={self.budget})"
             if self._hard:
                 hard = getattr(self.strategy, "hard_members", None)
-                self.fail(ConstraintError(f"{hard() if hard else name}: rewound {stats.rewound} tokens "
-                                          f"(max_rewound_tokens={self.budget}) without satisfying its constraint"))
+                error = ConstraintError(f"{hard() if hard else name}: rewound {stats.rewound} tokens "
+                                        f"(max_rewound_tokens={self.budget}) without satisfying its constraint")
+                error.named = True
+                self.fail(error)
                 return
             self.backtracking = False
             warnings.warn(f"{message}; rewinding is off for the rest of this generation", RuntimeWarning, stacklevel=5)

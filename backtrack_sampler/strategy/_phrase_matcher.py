@@ -123,8 +123,8 @@ class TextMatcher:
             self.rewind(min(same, len(tokens)))  # rewound by someone else
         start, committed = len(view.text), view.committed
         piece = view.update(tokens, at_end)
-        if view.committed == committed:
-            return []  # half a character: wait for its other bytes
+        if view.committed == committed:  # nothing new (or half a character: wait for its other bytes)
+            return self._scan(start, True) if at_end and self.whole_words else []  # the end confirms a word
         self.folded += fold(piece, self.case_sensitive)
         return self._scan(start, at_end) + self._search_regexes(start)
     def _scan(self, start: int, at_end: bool) -> List[Match]:

@@ -122,8 +122,14 @@ class AntiSlopStrategy(BaseStrategy):
         return banned
 
     def backtrack(self, continuation_tokens: List[int]) -> List[int]:
-        tokens = continuation_tokens
-        found = self.matcher.update(tokens, at_end=tokens[-1] in self.provider.eos_token_ids)
+        at_end = bool(continuation_tokens) and continuation_tokens[-1] in self.provider.eos_token_ids
+        return self._check(continuation_tokens, at_end)  # (empty: a chain's earlier member rewound it all)
+
+    def on_end(self, continuation_tokens: List[int]) -> List[int]:
+        return self._check(continuation_tokens, True)  # the text ends here: whole words and split characters too
+
+    def _check(self, tokens: List[int], at_end: bool) -> List[int]:
+        found = self.matcher.update(tokens, at_end=at_end)
         if found and self.skip_tokens:  # text of the skipped tokens is never matched
             found = [m for m in found if self.matcher.token_at(m.end - 1) >= self.skip_tokens]
         if found:

@@ -13,7 +13,10 @@ class ConstraintError(Exception):
     could still rewind to is exhausted. The generation then ends with ``finish_reason``
     ``"constraint"`` (the server's ``"content_filter"``) and ``stats.constraint`` naming the
     strategy and this message; the tokens that were not final yet are dropped, so the result never
-    contains what the strategy could not prevent. Final tokens were already delivered and stay."""
+    contains what the strategy could not prevent. Final tokens were already delivered and stay.
+    ``stats.constraint`` is "StrategyName: message" (the chain member that raised it)."""
+
+    named = False  # set once the message starts with the strategy's name
 
 
 class Capabilities(NamedTuple):
@@ -47,7 +50,7 @@ class BaseStrategy:
         continuation_tokens = backtrack(continuation_tokens)   # return a prefix to rewind
         get_keep_index()                                        # tokens before it are final
 
-    and ``on_rewind(position)`` whenever the continuation is cut back to ``position`` tokens, by
+    then ``on_end(continuation_tokens)`` (may rewind too) when the token limit is reached, and ``on_rewind(position)`` whenever the continuation is cut back to ``position`` tokens, by
     this strategy, another one of a chain, or the driver (the time limit, a stop string).
 
     ``continuation_tokens`` are the generated token ids (the prompt is not included). ``logits``
@@ -106,6 +109,12 @@ class BaseStrategy:
 
     def backtrack(self, continuation_tokens: List[int]) -> List[int]:
         """Return ``continuation_tokens`` or a prefix of it: the tokens after it are rewound."""
+        return continuation_tokens
+
+    def on_end(self, continuation_tokens: List[int]) -> List[int]:
+        """The generation reached its token limit with these tokens: the last chance to rewind
+        (return a prefix, as ``backtrack`` does; the generation then goes on). At an end-of-text
+        token there is no extra call: ``backtrack`` sees that token last."""
         return continuation_tokens
 
     def on_rewind(self, position: int) -> None:

@@ -63,11 +63,17 @@ class ChainStrategy(BaseStrategy):
                 strategy.on_next_token(continuation_tokens, probs)
 
     def backtrack(self, continuation_tokens: List[int]) -> List[int]:
+        return self._through("backtrack", continuation_tokens)
+
+    def on_end(self, continuation_tokens: List[int]) -> List[int]:
+        return self._through("on_end", continuation_tokens)
+
+    def _through(self, hook: str, continuation_tokens: List[int]) -> List[int]:
         reasons = []
         for strategy in self.strategies:
             before = len(continuation_tokens)
             with _named(strategy):
-                continuation_tokens = strategy.backtrack(continuation_tokens)
+                continuation_tokens = getattr(strategy, hook)(continuation_tokens)
             if len(continuation_tokens) < before:
                 reasons.append(f"{type(strategy).__name__}: {strategy.rewind_reason or 'rewound'}")
                 for other in self.strategies:
