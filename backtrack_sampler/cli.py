@@ -8,6 +8,7 @@ built in ``chat``, strategies come from ``registry``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, TextIO
@@ -16,7 +17,8 @@ from .chat import chat_prompt_tokens
 from .errors import UsageError
 from .models import BACKENDS, MODELS, default_model, load_provider
 from .provider.base_provider import BaseProvider
-from .registry import STRATEGIES, build_strategies, check_regexes, read_regexes, read_slops
+from .registry import (BUILTINS, StrategyCall, StrategyRegistry, build_strategies, check_regexes, read_regexes,
+                       read_slops)
 
 # --------------------------------------------------------------------------------------------
 # argument parsing
@@ -52,6 +54,24 @@ def _port(text: str) -> int:
     if value > 65535:
         raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {value}")
     return value
+
+
+class _StrategyAction(argparse.Action):
+    """``--strategy SPEC``: appends ``[SPEC, None]`` to the chain."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), (value, None)])
+
+
+class _StrategyArgsAction(argparse.Action):
+    """``--strategy-args JSON``: the JSON text of the last ``--strategy`` (parsed in ``strategy_plan``)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        chain = list(getattr(namespace, self.dest, None) or [])
+        if not chain or chain[-1][1] is not None:
+            parser.error("--strategy-args goes right after the --strategy it is for")
+        chain[-1] = (chain[-1][0], value)
+        setattr(namespace, self.dest, chain)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,8 +117,13 @@ def _add_generation_args(parser, human: bool = False):
     group.add_argument("--max-length", type=_positive_int, help="limit on prompt + generated tokens")
 
     if not human:
-        group = parser.add_argument_group("strategy")
-        group.add_argument("--strategy", choices=STRATEGIES, default="none", help="(default: none; 'antislop' if --slops/--ban/--regex is given)")
+        group = parser.add_argument_group("strategy (repeat --strategy to chain them, in order)")
+        group.add_argument("--strategy", metavar="SPEC", dest="strategies", action=_StrategyAction, default=[],
+                           help=f"a built-in ({', '.join(BUILTINS)}), package.module:Class or path/to/file.py:Class "
+                           "(default: none; antislop, chained first, when --slops/--ban/--regex is given)")
+        group.add_argument("--strategy-args", metavar="JSON", dest="strategies", action=_StrategyArgsAction,
+                           help="the parameters of the --strategy before it, a JSON object, e.g. '{\"max_bans\": 3}' "
+                           "(they win over the flags below)")
     group = parser.add_argument_group("antislop (bans phrases and patterns; combines with any --strategy)")
     group.add_argument("--slops", metavar="FILE", action="append", default=[],
                        help="JSON list of phrases or of [phrase, multiplier] pairs, or a text file with one phrase per line")
@@ -161,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="generations run at once, batched (default: 4 per CPU core, at most 8)")
     serve.add_argument("--max-queue", type=_non_negative_int, metavar="N",
                        help="requests that may wait for a slot; beyond: 429 (default: 4 x --parallel)")
+    serve.add_argument("--load-strategy", metavar="SPEC", action="append", default=[],
+                       help="offer this strategy to requests under its name (its `name` attribute, else its class "
+                       "name): package.module:Class or path/to/file.py:Class (repeatable)")
     _add_model_args(serve, default_model(chat=True))
     _add_limit_args(serve)
     return parser
@@ -221,36 +249,59 @@ def _antislop_params(args) -> Optional[dict]:
     return {"slops": slops, **({"regexes": regexes} if regexes else {}), **extra}
 
 
-def strategy_plan(args, stderr: Optional[TextIO] = None) -> List[tuple]:
-    """``[(name, params), ...]`` for the command line, checked (files read, regexes compiled)
-    before any model is loaded. Banned phrases/patterns add an antislop strategy, chained first."""
-    name = "human" if args.command == "human" else args.strategy
-    params: Dict[str, Any] = {}
-    if name == "creative":
-        params = {"top_p_flat": args.top_p_flat, "top_k_threshold_flat": args.top_k_threshold_flat, "eos_penalty": args.eos_penalty}
-    elif name == "replace":
-        if len(args.find) != len(args.replace) or not args.find:
-            raise UsageError("--strategy replace needs --find TEXT and --replace TEXT (one --replace per --find)")
-    elif name == "debug":
-        params = {"top_n": args.debug_top_n, "file": stderr or sys.stderr}
-    elif name == "human":
-        params = {"top_k": args.human_top_k, "min_autopass": args.min_autopass}
-    params = {key: value for key, value in params.items() if value is not None}
-    if name != "replace" and (getattr(args, "find", None) or getattr(args, "replace", None)):
-        raise UsageError("--find/--replace need --strategy replace")
+def _json_object(text: Optional[str], spec: str) -> Dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--strategy-args of {spec} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"--strategy-args of {spec} must be a JSON object, e.g. '{{\"top_n\": 3}}', got {text!r}")
+    return value
 
+
+def strategy_plan(args, stderr: Optional[TextIO] = None,
+                  strategies: Optional[StrategyRegistry] = None) -> List[StrategyCall]:
+    """The chain the command line asks for, each strategy resolved (files and modules imported)
+    and its parameters validated, before any model is loaded. ``--strategy`` s in order, with
+    their ``--strategy-args`` over the built-ins' flags (``--top-p-flat`` for every creative,
+    ``--find/--replace`` pairs for a replace without a ``find``, ...); banned phrases/patterns
+    go to the first antislop, else to one chained first."""
+    strategies = strategies or StrategyRegistry()
+    chain = [("human", None)] if args.command == "human" else list(args.strategies)
+    steps = [(strategies.resolve(spec), spec, _json_object(text, spec)) for spec, text in chain]
+    names = [kind.name for kind, _, _ in steps]
+    flags: Dict[str, Dict[str, Any]] = {
+        "creative": {"top_p_flat": getattr(args, "top_p_flat", None), "eos_penalty": getattr(args, "eos_penalty", None),
+                     "top_k_threshold_flat": getattr(args, "top_k_threshold_flat", None)},
+        "debug": {"top_n": getattr(args, "debug_top_n", None)},
+        "human": {"top_k": args.human_top_k, "min_autopass": args.min_autopass},
+    }
+    pairs = list(zip(getattr(args, "find", []), getattr(args, "replace", [])))
+    if (getattr(args, "find", None) or getattr(args, "replace", None)) and "replace" not in names:
+        raise UsageError("--find/--replace need --strategy replace")
+    if len(getattr(args, "find", [])) != len(getattr(args, "replace", [])):
+        raise UsageError("--strategy replace needs one --replace TEXT per --find TEXT")
     antislop = _antislop_params(args)
-    if antislop is not None and "slops" not in antislop and name != "antislop":
+    if antislop is not None and "slops" not in antislop and "antislop" not in names:
         raise UsageError("--adjustment-strength, --keep-index-buffer, --case-sensitive and --whole-words need --slops, --ban or --regex")
-    plan: List[tuple] = []
-    if antislop is not None or name == "antislop":
-        antislop = dict(antislop or {})
-        antislop.setdefault("slops", [])
-        plan.append(("antislop", antislop))
-    if name == "replace":
-        plan.extend(("replace", {"find": f, "replace": r}) for f, r in zip(args.find, args.replace))
-    elif name not in ("antislop", "none"):
-        plan.append((name, params))
+    if antislop is not None and "antislop" not in names:
+        steps.insert(0, (strategies.get("antislop"), "antislop", {}))
+    plan: List[StrategyCall] = []
+    for kind, spec, given in steps:
+        params = {key: value for key, value in flags.get(kind.name, {}).items() if value is not None}
+        if kind.name == "antislop" and not any(call.name == "antislop" for call in plan):
+            params = {"slops": [], **(antislop or {})}  # the flags' phrases go to the first antislop
+        extra = {"file": stderr or sys.stderr} if kind.name == "debug" else None
+        if kind.name == "replace" and "find" not in given:
+            if not pairs:
+                raise UsageError("--strategy replace needs --find TEXT and --replace TEXT (one --replace per --find), "
+                                 "or --strategy-args '{\"find\": ..., \"replace\": ...}'")
+            plan += [StrategyCall(kind, kind.checked({"find": f, "replace": r, **given}, f"--strategy {spec}"))
+                     for f, r in pairs]
+            continue
+        plan.append(StrategyCall(kind, kind.checked({**params, **given}, f"--strategy {spec}"), extra))
     return plan
 
 
@@ -308,7 +359,7 @@ def _generate(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
         raise UsageError(str(error).replace("top_k", "--top-k").replace("top_p", "--top-p").replace("min_p", "--min-p")
                          .replace("temperature", "--temperature", 1)) from None
     plan = strategy_plan(args, stderr)
-    if any(name == "human" for name, _ in plan) and not (_isatty(stdin) and _isatty(stdout)):
+    if any(call.name == "human" for call in plan) and not (_isatty(stdin) and _isatty(stdout)):
         raise UsageError("the human strategy needs an interactive terminal (stdin and stdout)")
     trace = _open_trace(args.trace)  # before the model loads: a bad path fails at once
     chat = bool(args.chat or args.system)
@@ -348,14 +399,33 @@ def _generate(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
             trace.close()
     stdout.write("\n")
     stdout.flush()
+    s = sampler.stats
     if args.show_backtracking:
-        s = sampler.stats
         stderr.write(
             f"[{s.delivered} tokens delivered, {s.rewound} rewound in {s.rewinds} rewind{'s' * (s.rewinds != 1)}, "
             f"{s.tokens_per_second:.1f} tokens/s, {s.seconds:.1f} s, finish: {s.finish_reason}]\n"
         )
         stderr.flush()
+    if s.finish_reason == "constraint":
+        stderr.write(f"error: the generation stopped: a hard constraint could not be held "
+                     f"({_constraint_message(strategy, s.constraint)}); the text above ends before it\n")
+        stderr.flush()
+        return CONSTRAINT_EXIT
     return 0
+
+
+CONSTRAINT_EXIT = 3  # generate's exit status when a hard constraint could not be held
+
+
+def _constraint_message(strategy, message: Optional[str]) -> str:
+    """``stats.constraint``, naming the strategy when the message does not (a chain names its member)."""
+    name = type(strategy).__name__
+    message = message or name
+    from .strategy.chain_strategy import ChainStrategy
+
+    if isinstance(strategy, ChainStrategy) or message.startswith(name):
+        return message
+    return f"{name}: {message}"
 
 
 def _load(args, chat: bool) -> BaseProvider:
@@ -391,16 +461,21 @@ def _serve(args) -> int:
         raise UsageError(f"the server needs starlette, uvicorn and pydantic: pip install 'backtrack-sampler[server]' ({error})") from None
     api_key = args.api_key if args.api_key is not None else os.environ.get("BACKTRACK_SAMPLER_API_KEY") or None
     limits = Limits(**{name: getattr(args, name) for name in Limits.model_fields if getattr(args, name) is not None})
+    strategies = StrategyRegistry()
+    for spec in args.load_strategy:  # imported and described now: a bad one fails before the model loads
+        strategies.load(spec).schema()
     provider = _load(args, chat=True) if args.engine else None  # --engine: a proxy in front of a serving engine
     serve(host=args.host, port=args.port, api_key=api_key, backend=args.backend, model=args.model,
           n_ctx=args.n_ctx, threads=args.threads, model_name=args.model_name, limits=limits,
-          parallel=args.parallel, max_queue=args.max_queue, provider=provider)
+          parallel=args.parallel, max_queue=args.max_queue, provider=provider, strategies=strategies)
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None, stdin: Optional[TextIO] = None,
          stdout: Optional[TextIO] = None, stderr: Optional[TextIO] = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 error, 2 usage error, 130 interrupted)."""
+    """Run the command line; returns the exit status (0 ok, 1 error, 2 usage error, 3 a hard
+    constraint could not be held (``generate``: the text written is what was final before it),
+    130 interrupted)."""
     stdin = sys.stdin if stdin is None else stdin
     stdout = sys.stdout if stdout is None else stdout
     stderr = sys.stderr if stderr is None else stderr

@@ -144,6 +144,7 @@ class Generation:
         try:
             strategy.on_next_token(tokens, probs)
             if self.backtracking:
+                tail = tokens[released:]  # a strategy may cut the list in place
                 kept = strategy.backtrack(tokens)
                 if len(kept) < released:
                     raise RuntimeError(
@@ -151,6 +152,7 @@ class Generation:
                         "already delivered as final (its keep index)"
                     )
                 if len(kept) < before:
+                    self.tokens = tokens[:released] + tail  # as it was before the strategy cut it
                     self._cut(len(kept), strategy.rewind_reason)
                     tokens = self.tokens
         except ConstraintError as error:

@@ -2,26 +2,26 @@
 
 ``CompletionRequest`` and ``ChatCompletionRequest`` hold the OpenAI fields the server supports
 plus its own (``top_k``, ``min_p``, ``banned_strings``, ``banned_regex``, ``strategy``). Parse a
-body with ``parse_request(model, raw, limits)``: every problem, pydantic's or a limit's, comes back
-as one ``APIError`` in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``).
+body with ``parse_request(model, raw, limits, strategies)``: every problem, pydantic's, a limit's
+or a strategy parameter's (checked by the strategy's own model, see ``registry``), comes back as
+one ``APIError`` in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``). A
+request names only strategies the ``StrategyRegistry`` offers: never a module or a file.
 This module knows nothing about HTTP or the model; the server turns a parsed request into tokens
 and a strategy.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Any, ClassVar, Dict, List, Literal, Optional, Type, TypeVar, Union
+from typing import Any, ClassVar, Dict, List, Literal, Optional, Sequence, Type, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .registry import strategy_parameters
+from .errors import UsageError
+from .registry import StrategyCall, StrategyRegistry, describe_error, is_reference
 from .sampling import check_sampling_args
 from .strategy._regex import compile_regex
 
-STRATEGIES = ("none", "antislop", "creative", "adaptive", "replace")  # per request ("debug"/"human" need a terminal)
-NOT_FROM_JSON = {"provider", "file", "choose", "on_accept"}  # constructor parameters that take objects
 MAX_STRATEGIES = 8  # strategies in one request's chain
 
 
@@ -81,27 +81,26 @@ def _code(kind: str) -> str:
     return "invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value"
 
 
-def validation_error(error: ValidationError) -> APIError:
+def validation_error(error: ValidationError, prefix: Sequence[Union[str, int]] = ()) -> APIError:
     """The one mapping from pydantic's errors to OpenAI's shape: the first error, its field as
-    ``param`` (``messages[0].role``), a code in OpenAI's vocabulary."""
-    first = error.errors(include_url=False)[0]
-    param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]).lstrip(".") or None
-    message = first["msg"].removeprefix("Value error, ")
-    value = first.get("input")
-    if param and first["type"] not in _OURS | {"missing"} and isinstance(value, (str, int, float)) and len(repr(value)) <= 60:
-        message += f", got {value!r}"
-    return APIError(f"{param}: {message}" if param else message, param, _code(first["type"]))
+    ``param`` (``messages[0].role``, under ``prefix``), a code in OpenAI's vocabulary."""
+    param, message, kind = describe_error(error, prefix, _OURS | {"missing"})
+    return APIError(f"{param}: {message}" if param else message, param, _code(kind))
 
 
 R = TypeVar("R", bound="_Request")
 
 
-def parse_request(model: Type[R], raw: bytes, limits: Limits) -> R:
-    """``raw`` (a JSON body) as a ``model``, checked against ``limits``; raises ``APIError``."""
+def parse_request(model: Type[R], raw: bytes, limits: Limits, strategies: Optional[StrategyRegistry] = None) -> R:
+    """``raw`` (a JSON body) as a ``model``, checked against ``limits``; its ``strategy`` specs
+    may name what ``strategies`` offers (default: the built-ins). Raises ``APIError``."""
+    strategies = strategies or BUILTIN_STRATEGIES
     try:
-        return model.model_validate_json(raw, context={"limits": limits})
+        request = model.model_validate_json(raw, context={"limits": limits, "strategies": strategies})
     except ValidationError as error:
         raise validation_error(error) from None
+    check_strategies(request, strategies, limits)
+    return request
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,55 +151,76 @@ def _phrases(value: Any) -> List[str]:
 # --------------------------------------------------------------------------------------------
 # strategies
 # --------------------------------------------------------------------------------------------
-def _json_type(default: Any) -> Any:
-    if isinstance(default, bool):
-        return bool
-    for kind in (int, float, str):
-        if isinstance(default, kind):
-            return kind
-    return Any
+BUILTIN_STRATEGIES = StrategyRegistry()  # what a request may name when no registry is given
 
 
-@lru_cache(maxsize=None)
-def strategy_params_model(name: str) -> Type[BaseModel]:
-    """A pydantic model of the JSON parameters strategy ``name`` takes (typed by their defaults;
-    the constructor checks the values)."""
-    fields = {}
-    for key, param in strategy_parameters(name).items():
-        if key in NOT_FROM_JSON:
-            continue
-        required = param.default is param.empty
-        fields[key] = (Any, ...) if required else (_json_type(param.default), param.default)
-    config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
-    return create_model(f"{name.capitalize()}Params", __config__=config, **fields)
+def _strategies(info: ValidationInfo) -> StrategyRegistry:
+    return (info.context or {}).get("strategies") or BUILTIN_STRATEGIES
 
 
 class StrategySpec(BaseModel):
     """One strategy of a request: ``{"name": "creative", "top_p_flat": 0.6}`` (a bare name is
-    ``{"name": name}``)."""
+    ``{"name": name}``). ``name`` must be one the server offers (a built-in or one it loaded):
+    a request never names a module or a file. Its parameters are checked by ``parse_request``
+    against the strategy's own model (``call`` then holds the strategy and its arguments)."""
 
     model_config = ConfigDict(extra="allow")
 
-    name: Literal[STRATEGIES]  # type: ignore[valid-type]
+    name: str
+    _call: Optional[StrategyCall] = PrivateAttr(None)
 
-    @model_validator(mode="after")
-    def _params(self, info: ValidationInfo) -> "StrategySpec":
-        params = strategy_params_model(self.name).model_validate(self.model_extra or {})
-        limits = _limits(info)
-        for key in ("slops", "find"):
-            if key in params.model_fields_set:
-                _check_strings(_phrases(getattr(params, key)), key, limits.max_banned_strings,
-                               limits.max_banned_string_chars)
-        if "regexes" in params.model_fields_set:
-            regexes = _one_or_many(getattr(params, "regexes"))
-            if isinstance(regexes, list) and all(isinstance(p, str) for p in regexes):
-                for pattern in _check_strings(regexes, "regexes", limits.max_regexes, limits.max_regex_chars):
-                    check_regex(pattern)
-        return self
+    @field_validator("name")
+    @classmethod
+    def _offered(cls, name: str, info: ValidationInfo) -> str:
+        strategies = _strategies(info)
+        offered = ", ".join(strategies.names(per_request=True))
+        if is_reference(name):
+            raise _error("invalid_value", f"a request names a strategy this server offers ({offered}), never a module "
+                         "or a file: start the server with --load-strategy to offer one")
+        try:
+            strategies.get(name, per_request=True)
+        except UsageError as error:
+            raise _error("invalid_value", str(error)) from None
+        return name
 
     @property
     def params(self) -> Dict[str, Any]:
+        """The parameters as the request gave them."""
         return dict(self.model_extra or {})
+
+    @property
+    def call(self) -> StrategyCall:
+        """The strategy and its validated arguments (checked now against the built-ins when the
+        request did not come through ``parse_request``)."""
+        if self._call is None:
+            kind = BUILTIN_STRATEGIES.get(self.name)
+            self._call = StrategyCall(kind, kind.validate(self.params))
+        return self._call
+
+
+def check_strategies(request: "_Request", strategies: StrategyRegistry, limits: Limits) -> None:
+    """Validate each ``request.strategy`` spec's parameters with its strategy's model (the same
+    check as the command line's) and this server's limits (``max_banned_strings`` for ``slops``
+    and ``find``, ``max_regexes`` for ``regexes``); raises ``APIError`` naming the parameter
+    (``strategy[0].max_bans``)."""
+    for i, spec in enumerate(request.strategy or []):
+        kind = strategies.get(spec.name, per_request=True)
+        try:
+            kwargs = kind.validate(spec.params)
+        except ValidationError as error:
+            param, message, code = kind.explain(error, ("strategy", i), _OURS)
+            raise APIError(f"{param}: {message}", param, _code(code)) from None
+        try:
+            for key in ("slops", "find"):
+                if key in kwargs:
+                    _check_strings(_phrases(kwargs[key]), key, limits.max_banned_strings, limits.max_banned_string_chars)
+            regexes = kwargs.get("regexes")
+            if isinstance(regexes, list) and all(isinstance(p, str) for p in regexes):
+                for pattern in _check_strings(regexes, "regexes", limits.max_regexes, limits.max_regex_chars):
+                    check_regex(pattern)
+        except PydanticCustomError as error:
+            raise APIError(f"strategy[{i}]: {error.message()}", f"strategy[{i}]", _code(error.type)) from None
+        spec._call = StrategyCall(kind, kwargs)
 
 
 # --------------------------------------------------------------------------------------------

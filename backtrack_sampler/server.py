@@ -1,8 +1,9 @@
 """An OpenAI-compatible HTTP server (Starlette + uvicorn) for BacktrackSampler.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /v1/models/{id}``, ``GET /health``, and the playground: ``GET /`` (a page, see
-``playground``) and ``POST /v1/backtrack/candidates`` (its human-guidance mode). One model is
+``GET /v1/models/{id}``, ``GET /health``, ``GET /v1/backtrack/strategies`` (the strategies a
+request may name, with the JSON Schema of their parameters), and the playground: ``GET /`` (a
+page, see ``playground``) and ``POST /v1/backtrack/candidates`` (its human-guidance mode). One model is
 loaded at start. Streams are Server-Sent Events in OpenAI's shape ending with ``data: [DONE]``;
 they carry only final text (the sampler never yields text it may still rewind), plus, with
 ``stream_options: {"include_backtrack": true}``, extension chunks with the generation's events
@@ -22,8 +23,10 @@ A request goes through three steps, each its own piece below:
 
 Extra request fields: ``top_k``, ``min_p``, ``banned_strings`` (list of phrases),
 ``banned_regex`` (a pattern or a list), ``strategy`` (a name, ``{"name": ..., params...}``, or a
-list of those, chained). Start it with ``backtrack-sampler serve`` or ``serve(...)``; embed it
-with ``create_app(Runner(provider, parallel=N), api_key=..., limits=Limits(...))``.
+list of those, chained; a name is a built-in or a strategy the server loaded: ``serve
+--load-strategy my_strategy.py:NoDigits``, ``create_app(..., strategies=[NoDigits])``; never a
+module or file path). Start it with ``backtrack-sampler serve`` or ``serve(...)``; embed it with
+``create_app(Runner(provider, parallel=N), api_key=..., limits=Limits(...), strategies=...)``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import hmac
 import json
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -46,9 +49,9 @@ from . import playground
 from .errors import UsageError
 from .models import default_model, load_provider
 from .provider.base_provider import BaseProvider
-from .registry import chain, make_strategy
+from .registry import StrategyRegistry, as_registry, chain
 from .runner import Job, Plan, QueueFull, Runner, StopFilter, _ClientGone, _Deadline, default_parallel  # noqa: F401 (re-exported)
-from .schemas import APIError, ChatCompletionRequest, CompletionRequest, Limits, parse_request
+from .schemas import BUILTIN_STRATEGIES, APIError, ChatCompletionRequest, CompletionRequest, Limits, parse_request
 from .strategy.base_strategy import BaseStrategy
 
 Engine = Runner  # the old name of the local runner (the remote serving engines are ``engine/``)
@@ -136,25 +139,26 @@ def _token_limit(provider: BaseProvider, prompt_length: int, request, limits: Li
 
 def build_strategy(provider: BaseProvider, request) -> BaseStrategy:
     """The request's strategy: AntiSlop for ``banned_strings``/``banned_regex``, then the
-    ``strategy`` specs, chained."""
+    ``strategy`` specs (validated by ``parse_request``), chained."""
     strategies = []
     if request.banned_strings or request.banned_regex:
         params: Dict[str, Any] = {"slops": request.banned_strings or []}
         if request.banned_regex:
             params["regexes"] = request.banned_regex
-        strategies.append(_make("antislop", params, "banned_strings" if request.banned_strings else "banned_regex",
-                                provider))
+        param = "banned_strings" if request.banned_strings else "banned_regex"
+        strategies.append(_built(lambda: BUILTIN_STRATEGIES.get("antislop").build(provider, params), param))
     for i, spec in enumerate(request.strategy or []):
-        strategies.append(_make(spec.name, spec.params, f"strategy[{i}]", provider))
+        strategies.append(_built(lambda: spec.call.build(provider), f"strategy[{i}]"))
     try:
         return chain(strategies)
     except UsageError as error:
         raise APIError(str(error), "strategy", "invalid_value") from None
 
 
-def _make(name: str, params: Dict[str, Any], param: str, provider: BaseProvider) -> BaseStrategy:
+def _built(build, param: str) -> BaseStrategy:
+    """``build()``, with a constructor's refusal as a 400 naming ``param``."""
     try:
-        return make_strategy(name, provider, **params)
+        return build()
     except UsageError as error:
         raise APIError(str(error), param, "invalid_value") from None
 
@@ -261,7 +265,7 @@ def _streamed_answer(job: Job, reply: _Reply) -> StreamingResponse:
 async def _generate(request: Request, schema) -> Response:
     engine: Engine = request.app.state.engine
     limits: Limits = request.app.state.limits
-    body = parse_request(schema, await read_body(request, limits.max_body_bytes), limits)
+    body = parse_request(schema, await read_body(request, limits.max_body_bytes), limits, request.app.state.strategies)
     plan = await run_in_threadpool(plan_request, engine.provider, body, limits)
     job = engine.start(plan)
     try:
@@ -329,7 +333,8 @@ async def backtrack_candidates(request: Request) -> Response:
     ``playground.CandidateSearch`` run by the engine's scheduler like any generation)."""
     engine: Engine = request.app.state.engine
     limits: Limits = request.app.state.limits
-    body = parse_request(playground.CandidatesRequest, await read_body(request, limits.max_body_bytes), limits)
+    body = parse_request(playground.CandidatesRequest, await read_body(request, limits.max_body_bytes), limits,
+                         request.app.state.strategies)
 
     def plan() -> playground.CandidateSearch:
         provider = engine.provider
@@ -348,7 +353,15 @@ async def backtrack_candidates(request: Request) -> Response:
     return JSONResponse(search.result)
 
 
+async def backtrack_strategies(request: Request) -> Response:
+    """``GET /v1/backtrack/strategies``: every strategy a request may name (the built-ins and
+    those loaded with ``--load-strategy``), each with its description, declared capabilities and
+    the JSON Schema of its parameters."""
+    return JSONResponse({"object": "list", "data": request.app.state.strategy_list})
+
+
 ROUTES = [
+    Route("/v1/backtrack/strategies", backtrack_strategies, methods=["GET"]),
     Route("/v1/backtrack/candidates", backtrack_candidates, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -358,10 +371,15 @@ ROUTES = [
 ]
 
 
-def create_app(engine: Engine, api_key: Optional[str] = None, limits: Optional[Limits] = None) -> Starlette:
+def create_app(engine: Engine, api_key: Optional[str] = None, limits: Optional[Limits] = None,
+               strategies: Union[None, StrategyRegistry, Iterable[Union[str, type]]] = None) -> Starlette:
     """The Starlette application serving ``engine``. ``api_key`` (optional) is then required as
     ``Authorization: Bearer KEY`` on every route except ``/health``; ``limits``: what one request
-    may ask for (default: ``Limits()``)."""
+    may ask for (default: ``Limits()``); ``strategies``: what a request may name, a
+    ``StrategyRegistry`` or strategy classes / references to add to the built-ins (default: the
+    built-ins). UsageError when one cannot be loaded or described."""
+    registry = as_registry(strategies)
+    strategy_list = [kind.schema() for kind in registry if kind.per_request]  # fails now, not on a request
     app = Starlette(
         routes=list(ROUTES) + playground.routes(),
         exception_handlers={APIError: _api_error, HTTPException: _http_error, _ClientGone: _client_gone,
@@ -369,6 +387,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, limits: Optional[L
     )
     app.state.engine = engine
     app.state.limits = limits or Limits()
+    app.state.strategies, app.state.strategy_list = registry, strategy_list
     return _ApiKey(app, api_key) if api_key else app
 
 
@@ -394,19 +413,23 @@ def serve(host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = No
           model: Optional[str] = None, n_ctx: Optional[int] = None, threads: Optional[int] = None,
           model_name: Optional[str] = None, log_level: str = "info", limits: Optional[Limits] = None,
           parallel: Optional[int] = None, max_queue: Optional[int] = None,
-          provider: Optional[BaseProvider] = None) -> None:
+          provider: Optional[BaseProvider] = None,
+          strategies: Union[None, StrategyRegistry, Iterable[Union[str, type]]] = None) -> None:
     """Load the model (default: the embedded instruct model, for chat clients), or use ``provider``
     (e.g. an ``engine.EngineProvider``), and serve it until interrupted (Ctrl-C). ``parallel``:
     generations run at once (default: ``default_parallel()``; with an engine provider, its
-    ``max_sequences``); ``max_queue``: requests that may wait (default 4 x parallel)."""
+    ``max_sequences``); ``max_queue``: requests that may wait (default 4 x parallel);
+    ``strategies``: what requests may name besides the built-ins (see ``create_app``)."""
     import uvicorn
+
+    strategies = as_registry(strategies)  # a strategy that cannot load fails before the model loads
 
     if provider is None:
         parallel = default_parallel() if parallel is None else parallel
         provider = load_provider(backend, model or default_model(chat=True), n_ctx, threads, slots=parallel)
     engine = Engine(provider, model_name, parallel, max_queue)
     try:
-        uvicorn.run(create_app(engine, api_key, limits), host=host, port=port, log_level=log_level,
+        uvicorn.run(create_app(engine, api_key, limits, strategies), host=host, port=port, log_level=log_level,
                     timeout_graceful_shutdown=5)
     finally:
         engine.close()

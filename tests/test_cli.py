@@ -71,7 +71,7 @@ def test_no_command_shows_usage(capsys):
         (["generate", "hi", "--temperature", "hot"], ["--temperature"]),
         (["generate", "hi", "--top-k", "-1"], ["--top-k"]),
         (["generate", "hi", "--backend", "onnx"], ["--backend"]),
-        (["generate", "hi", "--strategy", "magic"], ["--strategy"]),
+        (["generate", "hi", "--strategy-args", "{}"], ["--strategy-args", "--strategy"]),
         (["serve", "--port", "99999"], ["--port"]),
         (["serve", "--parallel", "0"], ["--parallel"]),
         (["serve", "--max-queue", "-1"], ["--max-queue"]),
@@ -121,6 +121,8 @@ def test_prompt_errors(fake_model):
 
 
 def test_strategy_option_errors(fake_model):
+    assert_one_line_error(*run(["generate", "the", "--strategy", "magic"])[::2], "unknown strategy 'magic'",
+                          "package.module:Class", "path/to/file.py:Class")
     assert_one_line_error(*run(["generate", "the", "--strategy", "replace"])[::2], "--find")
     assert_one_line_error(*run(["generate", "the", "--find", "x", "--replace", "y"])[::2], "--strategy replace")
     assert_one_line_error(*run(["generate", "the", "--whole-words"])[::2], "--ban")
@@ -233,9 +235,8 @@ def test_strategy_plan_chains_antislop_first(tmp_path):
     slops.write_text("tapestry\n")
     args = cli.build_parser().parse_args(["generate", "x", "--strategy", "creative", "--top-p-flat", "0.5",
                                           "--slops", str(slops), "--ban", "delve", "--regex", "a+b"])
-    plan = cli.strategy_plan(args)
-    assert plan[0] == ("antislop", {"slops": ["tapestry", "delve"], "regexes": ["a+b"]})
-    assert plan[1] == ("creative", {"top_p_flat": 0.5})
+    plan = [(call.name, call.kwargs) for call in cli.strategy_plan(args)]
+    assert plan == [("antislop", {"slops": ["tapestry", "delve"], "regexes": ["a+b"]}), ("creative", {"top_p_flat": 0.5})]
 
 
 @pytest.mark.parametrize("strategy", ["none", "debug", "adaptive", "creative", "antislop", "replace"])
@@ -266,7 +267,7 @@ def test_ban_removes_a_phrase(fake_model):
 
 def test_regex_alone_is_an_antislop_ban(fake_model):
     args = cli.build_parser().parse_args(["generate", "x", "--regex", "a+b"])
-    assert cli.strategy_plan(args) == [("antislop", {"slops": [], "regexes": ["a+b"]})]
+    assert [(call.name, call.kwargs) for call in cli.strategy_plan(args)] == [("antislop", {"slops": [], "regexes": ["a+b"]})]
 
 
 # --- the real model ----------------------------------------------------------------------------------

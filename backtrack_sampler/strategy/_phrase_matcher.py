@@ -15,9 +15,8 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 
+from ..text import TextView
 from ._regex import CompiledRegex
-
-MAX_CHAR_TOKENS = 4  # a character is at most 4 UTF-8 bytes, so at most 4 byte-tokens
 
 
 class Match(NamedTuple):
@@ -40,18 +39,18 @@ def _word(char: str) -> bool:
 
 
 class TextMatcher:
-    """``update(tokens)`` decodes the new tokens and returns the matches they complete.
+    """``update(tokens)`` decodes the new tokens (a ``TextView``) and returns the matches they complete.
 
     ``text`` is the text of the committed tokens; ``ends[i]`` is where token i's text ends in it
-    (tokens that together form one character share an end; a token still waiting for the rest of
-    its character is not committed yet). Whole-word matches are confirmed by the next character,
-    or by ``update(tokens, at_end=True)`` when the text ends there.
+    (see ``TextView``). Whole-word matches are confirmed by the next character, or by
+    ``update(tokens, at_end=True)`` when the text ends there.
     """
 
     def __init__(self, decode: Callable[[Sequence[int]], str], phrases: Dict[str, float],
                  regexes: Sequence[CompiledRegex], case_sensitive: bool = False, whole_words: bool = False,
                  regex_window: int = 100):
-        self.decode, self.phrases, self.regexes = decode, phrases, list(regexes)
+        self.phrases, self.regexes = phrases, list(regexes)
+        self.view = TextView(decode)
         self.sorted = sorted(phrases)  # phrases sharing a beginning are neighbours
         self.first: Dict[str, Tuple[int, int]] = {}  # first character -> its range in self.sorted
         for index, phrase in enumerate(self.sorted):
@@ -61,51 +60,73 @@ class TextMatcher:
         self.reset()
 
     def reset(self) -> None:
-        self.tokens: List[int] = []
-        self.text = self.folded = ""
-        self.ends: List[int] = []
+        self.view.reset()
+        self.folded = ""
         # live[k]: the live starts after the first k characters, as (start, lo, hi): text[start:k]
         # begins every phrase in self.sorted[lo:hi] and no other
         self.live: List[Tuple[Tuple[int, int, int], ...]] = [()]
 
+    @property
+    def text(self) -> str:
+        return self.view.text
+
+    @property
+    def decode(self) -> Callable[[Sequence[int]], str]:
+        return self.view.decode
+
+    @decode.setter
+    def decode(self, decode: Callable[[Sequence[int]], str]) -> None:
+        self.view.decode = decode
+
+    @property
+    def tokens(self) -> List[int]:
+        return self.view.tokens
+
+    @property
+    def ends(self) -> List[int]:
+        return self.view.ends
+
     def token_at(self, char: int) -> int:
         """Index of the token whose text holds character ``char`` (len(ends) past the end)."""
-        return bisect_right(self.ends, char)
+        return self.view.token_at(char)
 
-    def hold_token(self) -> int:
-        """The first token that could still be part of a match: text before it is safe."""
-        char = min((start for start, _, _ in self.live[-1]), default=len(self.text))
-        if self.regexes:
-            char = min(char, len(self.text) - self.regex_window)
-        return self.token_at(max(char, 0))
+    def hold_token(self, keep: int = 0) -> int:
+        """How many leading tokens can be final (at least ``keep``, which already are).
+
+        The tokens before K can be final when no continuation can make them part of a match
+        whatever is rewound later, and rewinds go back at most to K: so every phrase half-typed
+        (a live start) at every token boundary from K on must begin at or after K's text. Appending
+        text only adds live starts that were live at an earlier boundary, and a rewind keeps the
+        boundaries before it, so such a K stays safe. The largest such K is returned. With regexes
+        the last ``regex_window`` characters are held too."""
+        view, live = self.view, self.live
+        limit = len(view.text) - self.regex_window if self.regexes else len(view.text)
+        lowest = len(view.text)  # the earliest live start at the boundaries from k on
+        for k in range(view.committed, keep, -1):
+            at = view.offset(k)
+            for start, _, _ in live[at]:
+                lowest = min(lowest, start)
+            if lowest >= at and at <= limit:
+                return k
+        return keep
 
     def rewind(self, length: int) -> None:
         """Forget every token from ``length`` on."""
-        del self.tokens[length:]
-        while 0 < length < len(self.ends) and self.ends[length - 1] == self.ends[length]:
-            length -= 1  # cut inside a character: its first tokens go back to waiting
-        if length < len(self.ends):
-            chars = self.ends[length - 1] if length else 0
-            del self.ends[length:], self.live[chars + 1 :]
-            self.text, self.folded = self.text[:chars], self.folded[:chars]
+        chars = self.view.rewind(length)
+        del self.live[chars + 1 :]
+        self.folded = self.folded[:chars]
 
     def update(self, tokens: Sequence[int], at_end: bool = False) -> List[Match]:
-        known = len(self.tokens)
-        if len(tokens) < known or list(tokens[:known]) != self.tokens:  # rewound by someone else
-            same = next((i for i, (a, b) in enumerate(zip(self.tokens, tokens)) if a != b), len(tokens))
-            self.rewind(min(same, len(tokens)))
-        self.tokens.extend(tokens[len(self.tokens) :])
-        done, waiting = len(self.ends), len(self.tokens) - len(self.ends)
-        context = max(done - 1, 0)  # decode with one token before, so spacing comes out right
-        piece = self.decode(self.tokens[context:])[len(self.decode(self.tokens[context:done])) :]
-        if piece.endswith("\ufffd") and waiting < MAX_CHAR_TOKENS and not at_end:
+        view = self.view
+        if len(tokens) < len(view.tokens) or list(tokens[: len(view.tokens)]) != view.tokens:
+            same = next((i for i, (a, b) in enumerate(zip(view.tokens, tokens)) if a != b), len(tokens))
+            self.rewind(min(same, len(tokens)))  # rewound by someone else
+        start, committed = len(view.text), view.committed
+        piece = view.update(tokens, at_end)
+        if view.committed == committed:
             return []  # half a character: wait for its other bytes
-        start = len(self.text)
-        self.text += piece
         self.folded += fold(piece, self.case_sensitive)
-        self.ends += [len(self.text)] * waiting
         return self._scan(start, at_end) + self._search_regexes(start)
-
     def _scan(self, start: int, at_end: bool) -> List[Match]:
         text, whole, phrases = self.folded, self.whole_words, self.sorted
         found = []

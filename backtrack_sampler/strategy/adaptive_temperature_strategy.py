@@ -22,6 +22,8 @@ class AdaptiveTemperatureStrategy(BaseStrategy):
         the fit published with the paper.
     """
 
+    reads_probs = False
+
     def __init__(self, poly_coeffs: Sequence[float] = (-0.037, 0.481, -2.3, 4.917, -1.791)):
         self.poly_coeffs = tuple(float(c) for c in poly_coeffs)
         if not self.poly_coeffs:

@@ -11,7 +11,7 @@ import numpy as np
 from ..provider.base_provider import BaseProvider
 from ._phrase_matcher import Match, TextMatcher, fold
 from ._regex import CompiledRegex, compile_regex
-from .base_strategy import BaseStrategy
+from .base_strategy import BaseStrategy, ConstraintError
 
 Slops = Union[Iterable[str], Iterable[tuple], Dict[str, float]]
 
@@ -41,12 +41,24 @@ class AntiSlopStrategy(BaseStrategy):
         bans "weave," but not "weaver").
     max_retries: rewinds allowed at one position (with the same text before it); one more is
         "exhausted", and so is a position where every token is banned. Then ``on_exhausted``:
-        "rewind" also bans the token before it and rewinds there (unless that token is already
-        final), "accept" keeps the match. Kept matches are reported to ``on_accept(position, reason)``.
+        "rewind" also bans the token before it and rewinds there; when that token is already
+        final, a hard ban raises ``ConstraintError`` (the generation ends with finish_reason
+        "constraint", without the match) and a soft ban is kept. "accept" keeps the match. Kept
+        matches are reported to ``on_accept(position, reason)``.
+
+    Guarantee: with hard bans and ``on_exhausted="rewind"`` (a hard constraint,
+    ``capabilities.hard``) no banned phrase or regex match is ever in the final text. A token
+    becomes final only when no continuation can still make it part of a banned phrase, whatever is
+    rewound later (by this strategy or another one of a chain); a regex match that begins in final
+    text (its search window reaches back after a rewind) is rewound to its first token that is not
+    final, and banned there.
 
     A ban belongs to its position and the text before it: it is dropped when generation rewinds to
     an earlier position. Each rewind sets ``rewind_reason`` (e.g. "phrase 'a tapestry of'").
     """
+
+    reads_probs = False
+    edits_logits = True
 
     def __init__(
         self,
@@ -84,6 +96,7 @@ class AntiSlopStrategy(BaseStrategy):
         if not items and not compiled:
             raise ValueError("AntiSlopStrategy needs something to ban: a non-empty list of phrases (slops) or regexes")
         phrases = _penalties(items, adjustment_strength, case_sensitive)
+        self.hard_constraint = on_exhausted == "rewind" and (bool(compiled) or -math.inf in phrases.values())
         self.matcher = TextMatcher(provider.decode, phrases, compiled, case_sensitive, whole_words, regex_window)
         self.reset()
 
@@ -111,21 +124,39 @@ class AntiSlopStrategy(BaseStrategy):
     def backtrack(self, continuation_tokens: List[int]) -> List[int]:
         tokens = continuation_tokens
         found = self.matcher.update(tokens, at_end=tokens[-1] in self.provider.eos_token_ids)
-        found = [m for m in found if self.matcher.token_at(m.start) >= self._keep]
+        if found and self.skip_tokens:  # text of the skipped tokens is never matched
+            found = [m for m in found if self.matcher.token_at(m.end - 1) >= self.skip_tokens]
         if found:
             tokens = self._on_match(tokens, min(found, key=lambda m: m.start))
-        hold = self.matcher.hold_token() - self.keep_index_buffer
+        hold = self.matcher.hold_token(self._keep) - self.keep_index_buffer
         self._keep = max(self._keep, min(hold, len(tokens)))
         return tokens
 
+    def on_rewind(self, position: int) -> None:
+        if position < len(self.matcher.view.tokens):  # rewound by another strategy (or the driver)
+            self._drop_after(position)
+            self.matcher.rewind(position)
+            # below this one's keep index: the tokens before `position` stay final for this
+            # strategy (the chain's final tokens are before them); a match that begins before it
+            # is handled as one that begins in final text
+            self._keep = min(self._keep, position)
+
     def _on_match(self, tokens: List[int], match: Match) -> List[int]:
-        position = self.matcher.token_at(match.start)
+        start = self.matcher.token_at(match.start)
+        position = max(start, self._keep)  # a match that begins in final text: its first token that is not
         reason = f"{'regex' if match.is_regex else 'phrase'} {match.pattern!r}"
         penalty = -math.inf if match.is_regex else self.matcher.phrases[match.pattern]
+        hard = penalty == -math.inf
+        if start < position:
+            reason += " (it begins in final text: rewinding to its first token that is not final)"
+            penalty = -math.inf
         if penalty > -math.inf and tokens[position] in self._bans.get(position, {}):
             return tokens  # a soft ban already made this token less likely here: the model chose it anyway
         while self._retries.get(position, 0) >= self.max_retries:  # exhausted here
             if self.on_exhausted == "accept" or position - 1 < self._keep:
+                if hard and self.on_exhausted == "rewind":
+                    raise ConstraintError(f"{reason}: every position it could rewind to is exhausted "
+                                          f"(max_retries={self.max_retries}; the {self._keep} tokens before are final)")
                 if self.on_accept:
                     self.on_accept(position, reason)
                 return tokens
@@ -137,12 +168,15 @@ class AntiSlopStrategy(BaseStrategy):
         return self._rewind(tokens, position, reason)
 
     def _rewind(self, tokens: List[int], position: int, reason: str) -> List[int]:
-        for state in (self._bans, self._retries):  # bans after it depended on the text being replaced
-            for later in [p for p in state if p > position]:
-                del state[later]
+        self._drop_after(position)
         self.rewind_reason = reason
         self.matcher.rewind(position)
         return tokens[:position]
+
+    def _drop_after(self, position: int) -> None:
+        for state in (self._bans, self._retries):  # bans after it depended on the text being replaced
+            for later in [p for p in state if p > position]:
+                del state[later]
 
 
 def _items(slops: Optional[Slops]) -> list:

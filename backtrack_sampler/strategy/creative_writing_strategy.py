@@ -35,6 +35,8 @@ class CreativeWritingStrategy(BaseStrategy):
         generation then stops only at ``max_new_tokens`` / ``max_length``.
     """
 
+    reads_probs = True
+
     def __init__(
         self,
         provider: BaseProvider,

@@ -18,6 +18,8 @@ class DebugStrategy(BaseStrategy):
     ``file``: where to write (default: ``sys.stderr`` at the time of writing).
     """
 
+    reads_probs = True
+
     def __init__(self, provider: BaseProvider, top_n: int = 2, file: Optional[TextIO] = None):
         if top_n < 1:
             raise ValueError(f"top_n must be >= 1, got {top_n!r}")

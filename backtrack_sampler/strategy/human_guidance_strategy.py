@@ -34,6 +34,8 @@ class HumanGuidanceStrategy(BaseStrategy):
     an interactive terminal; without one it raises RuntimeError rather than waiting for input.
     """
 
+    reads_probs = True
+
     def __init__(
         self,
         provider: BaseProvider,

@@ -26,6 +26,8 @@ class ReplaceStrategy(AntiSlopStrategy):
     Other keyword arguments (case_sensitive, whole_words, ...) are those of AntiSlopStrategy.
     """
 
+    reads_probs = True
+
     def __init__(
         self,
         provider: BaseProvider,
@@ -44,6 +46,7 @@ class ReplaceStrategy(AntiSlopStrategy):
         find = [find] if isinstance(find, str) else list(find)
         kwargs.setdefault("case_sensitive", True)
         super().__init__(provider, find, keep_index_buffer=0, with_variants=False, skip_tokens=skip_tokens, **kwargs)
+        self.hard_constraint = False  # matches it may leave (max_replacements, max_prob) are not violations
         self.replace, self.max_replacements, self.max_prob = replace, max_replacements, max_prob
         self.max_new_tokens_for_replace = max_new_tokens_for_replace
 
@@ -68,7 +71,8 @@ class ReplaceStrategy(AntiSlopStrategy):
     def _on_match(self, tokens: List[int], match: Match) -> List[int]:
         position = self.matcher.token_at(match.start)
         if (
-            self.replaced >= self.max_replacements
+            position < self._keep  # inside a replacement (final: never matched again)
+            or self.replaced >= self.max_replacements
             or position >= self.max_new_tokens_for_replace
             or self._probs[position] > self.max_prob
         ):
