@@ -54,4 +54,4 @@ def test_seam_include_backtrack_events_stream_live_through_an_engine():
         fake.release.set()
         fake.close()
     assert live, "no event came while the engine was still generating"
-    assert got and got[-1]["backtrack"]["type"] == "done"
+    assert [c["backtrack"]["type"] for c in got if "backtrack" in c][-1] == "done"
