@@ -115,6 +115,9 @@ def _add_generation_args(parser, human: bool = False):
     group.add_argument("--seed", type=int, help="random seed, for reproducible output")
     group.add_argument("--max-new-tokens", type=_non_negative_int, default=256, help="(default: 256)")
     group.add_argument("--max-length", type=_positive_int, help="limit on prompt + generated tokens")
+    group.add_argument("--max-rewound-tokens", type=_non_negative_int, metavar="N",
+                       help="rewound tokens after which rewinding stops; a hard constraint then ends the generation "
+                       "(exit status 3) (default: 10 x --max-new-tokens + 1000)")
 
     if not human:
         group = parser.add_argument_group("strategy (repeat --strategy to chain them, in order)")
@@ -373,7 +376,7 @@ def _generate(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     sampler = BacktrackSampler(provider, strategy)
     kwargs = dict(
         max_new_tokens=args.max_new_tokens, max_length=args.max_length, temperature=args.temperature,
-        top_k=args.top_k, top_p=top_p, min_p=args.min_p, seed=args.seed,
+        top_k=args.top_k, top_p=top_p, min_p=args.min_p, seed=args.seed, max_rewound_tokens=args.max_rewound_tokens,
     )
     engine_errors: tuple = ()
     if getattr(args, "engine", None):

@@ -4,9 +4,13 @@
 (b) tokens/s with the 50,046-phrase list + the slop regexes (load time, delivered vs rewound tokens)
 (c) quality: story prompts with the 517-phrase list as a hard ban: banned phrases left in the
     outputs (plain lower-case substring search) and the model's own perplexity of the outputs.
+(d) the 2,000-pair list of issue 19 (``frequent_word_pairs``: pairs of the tokenizer's most frequent
+    words) on both embedded models: tokens/s with it vs no strategy, rewinds and rewound tokens per
+    delivered token, and banned pairs left in the outputs (substring and whole-word matching).
 
     .venv/bin/python bench/antislop_bench.py            # full: 3 speed runs x 300 tokens, 20 prompts x 300 tokens
     .venv/bin/python bench/antislop_bench.py --quick    # 1 speed run x 100 tokens, 4 prompts x 100 tokens
+    .venv/bin/python bench/antislop_bench.py --pairs-only   # (d) alone (needs no ../shared)
 
 The slop lists are read from ../shared/data/antislop (beside the repository), never copied.
 """
@@ -15,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
+import re
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import List
 
 import numpy as np
 
@@ -43,6 +50,37 @@ TOPICS = [
     "a baker who wins a contest", "a forest that moves at night",
 ]
 SPEED_PROMPT = "Write a long fantasy story about a young woman who discovers a hidden city."
+PAIRS_SEED = 19  # the seed of the 2,000-pair list (issue 19); tests/test_bans_at_scale.py uses it too
+
+
+def frequent_words(provider, count: int = 500) -> List[str]:
+    """The ``count`` most frequent words of the tokenizer, by its own order: the tokens that decode
+    to a space and lower-case letters (two or more, or "a"/"i"), in id order (BPE vocabularies put
+    frequent merges first; some are word beginnings, like " con"). Depends on the tokenizer only."""
+    context = provider.encode("x", add_special_tokens=False)[:1]
+    before = provider.decode(context)
+    words: List[str] = []
+    for token in range(provider.vocab_size):
+        piece = provider.decode(context + [token])[len(before):]  # with context: SentencePiece keeps the space
+        if re.fullmatch(r" [a-z]+", piece) and (len(piece) > 2 or piece in (" a", " i")) and piece[1:] not in words:
+            words.append(piece[1:])
+            if len(words) == count:
+                break
+    return words
+
+
+def frequent_word_pairs(provider, count: int = 2000, words: int = 500, seed: int = PAIRS_SEED) -> List[str]:
+    """``count`` distinct pairs "w1 w2" of the tokenizer's ``words`` most frequent words
+    (``frequent_words``), each word drawn with weight 1/rank (Zipf), so that a model writes them
+    often: about 30 substring hits (8 whole-word ones) per 150 tokens of unconstrained text from
+    either embedded model. Reproducible from the tokenizer and ``seed`` alone."""
+    vocabulary = frequent_words(provider, words)
+    weights = [1 / rank for rank in range(1, len(vocabulary) + 1)]
+    rng, pairs = random.Random(seed), {}
+    while len(pairs) < count:
+        first, second = rng.choices(vocabulary, weights, k=2)
+        pairs[f"{first} {second}"] = None
+    return list(pairs)
 
 
 def chat(text: str) -> str:
@@ -85,6 +123,62 @@ def perplexity(scorer, prompt_tokens, out) -> float:
     return float(np.exp(nll.mean()))
 
 
+def banned_pairs_left(text: str, pairs: List[str], whole_words: bool) -> int:
+    """Occurrences of the pairs in ``text`` (lower-cased; whole words: not glued to letters/digits)."""
+    text = text.lower()
+    found = 0
+    for pair in pairs:
+        start = text.find(pair)
+        while start >= 0:
+            end = start + len(pair)
+            glued = (start > 0 and text[start - 1].isalnum() and text[start].isalnum()) or \
+                    (end < len(text) and text[end - 1].isalnum() and text[end].isalnum())
+            found += not (whole_words and glued)
+            start = text.find(pair, start + 1)
+    return found
+
+
+def pairs_section(tokens: int, repeats: int) -> None:
+    """(d): the 2,000-pair list on both embedded models, llama.cpp in-process."""
+    from backtrack_sampler.chat import chat_prompt_tokens
+    from backtrack_sampler.models import load_provider
+
+    print(f"\n== (d) 2,000 frequent word pairs (seed {PAIRS_SEED}), llama.cpp, {repeats} run(s) x {tokens} tokens "
+          "per setting, temperature 1, top_k 50 (tok/s: median) ==")
+    print(f"{'model / setting':46} {'tok/s':>7} {'ratio':>6} {'delivered':>9} {'rewinds':>8} {'rewound':>8} "
+          f"{'rewinds/tok':>11} {'rewound/tok':>11} {'left':>5}")
+    for name in ("gemma-3-270m", "smollm2-135m-instruct"):
+        provider = load_provider("llamacpp", name, 2048, None)
+        pairs = frequent_word_pairs(provider)
+        if name.startswith("smollm2"):
+            prompt = chat_prompt_tokens(provider, [{"role": "user", "content": SPEED_PROMPT}])
+        else:
+            prompt = provider.encode(chat(SPEED_PROMPT))
+        settings = [("no strategy", None), ("AntiSlop, substrings", False), ("AntiSlop, whole words", True)]
+        runs = {label: [] for label, _ in settings}
+        left = {label: 0 for label, _ in settings}
+        list(BacktrackSampler(provider, BaseStrategy()).generate(prompt, max_new_tokens=8, seed=0))  # warm up
+        for r in range(repeats):  # alternate, so machine load hits every setting alike
+            for label, whole in settings:
+                strategy = BaseStrategy() if whole is None else AntiSlopStrategy(provider, pairs, whole_words=whole)
+                sampler = BacktrackSampler(provider, strategy)
+                provider.reset()
+                out = list(sampler.generate(prompt, max_new_tokens=tokens, temperature=1.0, top_k=50, seed=r))
+                runs[label].append(sampler.stats)
+                left[label] += banned_pairs_left(provider.decode(out), pairs, bool(whole))
+        base = statistics.median(s.tokens_per_second for s in runs["no strategy"])
+        for label, _ in settings:
+            stats = runs[label]
+            tps = statistics.median(s.tokens_per_second for s in stats)
+            delivered = sum(s.delivered for s in stats)
+            rewinds, rewound = sum(s.rewinds for s in stats), sum(s.rewound for s in stats)
+            print(f"{name + ': ' + label:46} {tps:7.2f} {tps / base:6.2f} {delivered:9d} {rewinds:8d} {rewound:8d} "
+                  f"{rewinds / max(delivered, 1):11.3f} {rewound / max(delivered, 1):11.3f} {left[label]:5d}",
+                  flush=True)
+    print("    left: banned pairs in the outputs (for 'no strategy': how often the model writes them unconstrained, "
+          "substring count)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 speed run x 100 tokens, 4 prompts x 100 tokens")
@@ -95,7 +189,12 @@ def main() -> None:
     parser.add_argument("--strength", type=float, default=1.0, help="adjustment_strength for the 50k list (default 1)")
     parser.add_argument("--substrings", action="store_true", help="50k list: match inside words too (whole_words=False)")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--pairs-only", action="store_true", help="only (d), the 2,000-pair list (no ../shared needed)")
+    parser.add_argument("--skip-pairs", action="store_true", help="leave out (d)")
     args = parser.parse_args()
+    if args.pairs_only:
+        pairs_section(args.tokens or (100 if args.quick else 300), args.repeats or (1 if args.quick else 3))
+        return
     check_data()
     quick = args.quick
     tokens = args.tokens or (100 if quick else 300)
@@ -149,6 +248,8 @@ def main() -> None:
     top = sorted(reasons.items(), key=lambda kv: -kv[1])[:8]
     print("    most frequent rewind reasons: " + ", ".join(f"{k} x{v}" for k, v in top))
 
+    if not args.skip_pairs:
+        pairs_section(tokens, repeats)
     if args.skip_quality:
         return
     phrases = [p for p, _ in json.loads((DATA / "slop_phrase_prob_adjustments.json").read_text())]

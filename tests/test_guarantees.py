@@ -91,6 +91,14 @@ class Model(FakeProvider):
         data = b"".join(self.raw[t] for t in tokens)
         return data[: len(data) - len(_pending_bytes(data))].decode("utf-8", "replace")
 
+    def committed_text(self, tokens: Sequence[int]) -> str:
+        """The text of the tokens up to the last one that ends a character: without the tokens the
+        token limit left inside an unfinished character (checked by their own test)."""
+        tokens = list(tokens)
+        while tokens and _pending_bytes(b"".join(self.raw[t] for t in tokens)):
+            tokens.pop()
+        return self.decode(tokens)
+
     def logits_for(self, tokens: Sequence[int]) -> np.ndarray:
         row = super().logits_for(tokens).copy()
         row[PAD] = row[BOS] = -np.inf
@@ -253,6 +261,7 @@ class Run:
     tokens: List[int]
     text: str  # decode(tokens)
     whole: str  # without an unfinished character at the end
+    committed: str  # without the tokens that end inside an unfinished character at the end
     stats: object
     early_rewinds: List[Tuple[int, int]]  # (rewind position, tokens already delivered) with position < delivered
     accepted: List[Tuple[int, str]]
@@ -272,8 +281,10 @@ def generate(model: FakeProvider, strategy: BaseStrategy, world: World, **kwargs
     for token in sampler.generate([BOS], max_new_tokens=world.max_new_tokens, temperature=world.temperature,
                                   seed=world.seed, on_rewind=on_rewind, **kwargs):
         delivered.append(token)
-    whole = model.whole_text(delivered) if isinstance(model, Model) else model.decode(delivered)
-    return Run(delivered, model.decode(delivered), whole, sampler.stats, early, [])
+    text = model.decode(delivered)
+    if isinstance(model, Model):
+        return Run(delivered, text, model.whole_text(delivered), model.committed_text(delivered), sampler.stats, early, [])
+    return Run(delivered, text, text, text, sampler.stats, early, [])
 
 
 class Tally:
@@ -300,15 +311,20 @@ def finish(stats) -> str:
 
 def check_bans(world: World, run: Run, phrases=None, case_sensitive=None, whole_words=None, regexes=None,
                end_is_edge: Optional[bool] = None) -> None:
-    """No banned phrase or regex in the final text. A whole-word match that ends the text counts only
-    when EOS ended it (``end_is_edge`` default; the length limit is checked in its own test)."""
+    """No banned phrase or regex in the final text. By default what the token limit may leave
+    unchecked is left out (a whole-word match that ends the text counts only when EOS ended it; the
+    tokens of an unfinished last character are not searched): ``test_bans_hold_when_the_token_limit_
+    ends_the_text`` checks that part (``end_is_edge=True``: all of the text but a cut character's U+FFFD)."""
     phrases = world.phrases if phrases is None else phrases
     cs = world.case_sensitive if case_sensitive is None else case_sensitive
     ww = world.whole_words if whole_words is None else whole_words
     if end_is_edge is None:
         end_is_edge = run.stats.finish_reason == "stop"
-    hits = banned_hits(run.whole, phrases, cs, ww, end_is_edge)
-    hits += regex_hits(run.whole, world.regexes if regexes is None else regexes, cs)
+        text = run.whole if end_is_edge else run.committed
+    else:
+        text = run.whole
+    hits = banned_hits(text, phrases, cs, ww, end_is_edge)
+    hits += regex_hits(text, world.regexes if regexes is None else regexes, cs)
     note(f"final text {run.text!r}; {run.stats.rewinds} rewinds; {finish(run.stats)}")
     assert not hits, f"banned text in the final text {run.text!r}: {hits} ({finish(run.stats)})"
 
@@ -320,7 +336,7 @@ def test_hard_banned_phrases_never_appear():
     over byte tokens."""
     tally = Tally()
 
-    @examples(1500)
+    @examples(3000)
     @given(world=worlds())
     def prop(world):
         model = world.model()
@@ -330,25 +346,33 @@ def test_hard_banned_phrases_never_appear():
 
     prop()
     print(tally)  # with -s: how many cases rewound (and other outcomes)
-    assert tally.share("rewound") > 0.5, tally.counts
+    assert tally.share("rewound") > 0.4, tally.counts
 
 
-def test_whole_word_bans_hold_at_the_length_limit():
-    """A whole-word ban is confirmed by the character after it, or by EOS. When the token limit ends
-    the text right after a banned word, the delivered text ends with that word, whole."""
+def test_bans_hold_when_the_token_limit_ends_the_text():
+    """When ``max_new_tokens`` ends the text, every delivered token was matched: a whole-word ban is
+    confirmed by the character after it or by EOS, so a banned word that the limit leaves at the very
+    end must not be delivered (the text ends there: it is a whole word); and the text of a token that
+    ends inside a multi-byte character (a byte-level tokenizer's " \xe2\x80") is matched too."""
     tally = Tally()
 
-    @examples(300)
-    @given(world=worlds(whole_words=True, byte_level=False, max_new_tokens=(3, 25)))
+    @st.composite
+    def cut_worlds(draw):
+        if draw(st.booleans()):
+            return draw(worlds(whole_words=True, byte_level=False, max_new_tokens=(3, 25)))
+        return draw(worlds(alphabets=("unicode",), byte_level=True, max_new_tokens=(3, 25)))
+
+    @examples(800)
+    @given(world=cut_worlds())
     def prop(world):
         model = world.model()
         run = generate(model, world.antislop(model), world)
         check_bans(world, run, end_is_edge=True)
-        tally.add(rewound=run.stats.rewinds > 0)
+        tally.add(rewound=run.stats.rewinds > 0, length=run.stats.finish_reason == "length")
 
     prop()
     print(tally)  # with -s: how many cases rewound (and other outcomes)
-    assert tally.share("rewound") > 0.3, tally.counts
+    assert tally.share("rewound") > 0.3 and tally.share("length") > 0.5, tally.counts
 
 
 def test_hard_banned_regexes_never_appear():
@@ -366,7 +390,7 @@ def test_hard_banned_regexes_never_appear():
             world.phrases = []  # regexes alone
         return world
 
-    @examples(600)
+    @examples(1200)
     @given(world=regex_worlds())
     def prop(world):
         model = world.model()
@@ -376,7 +400,7 @@ def test_hard_banned_regexes_never_appear():
 
     prop()
     print(tally)  # with -s: how many cases rewound (and other outcomes)
-    assert tally.share("rewound") > 0.5, tally.counts
+    assert tally.share("rewound") > 0.4, tally.counts
 
 
 class Chaos(BaseStrategy):
@@ -413,7 +437,7 @@ def test_final_tokens_are_never_rewound():
     (phrases, regexes, keep_index_buffer) and in a chain with a strategy that rewinds by itself."""
     tally = Tally()
 
-    @examples(500)
+    @examples(1000)
     @given(world=worlds(), chaos=st.booleans(), regex=st.booleans(), salt=st.integers(0, 1000))
     def prop(world, chaos, regex, salt):
         model = world.model()
@@ -429,13 +453,13 @@ def test_final_tokens_are_never_rewound():
 
     prop()
     print(tally)  # with -s: how many cases rewound (and other outcomes)
-    assert tally.share("rewound") > 0.5, tally.counts
+    assert tally.share("rewound") > 0.4, tally.counts
 
 
 def test_generate_text_equals_decode_of_generate():
     tally = Tally()
 
-    @examples(400)
+    @examples(800)
     @given(world=worlds(), chaos=st.booleans())
     def prop(world, chaos):
         model = world.model()
@@ -455,7 +479,7 @@ def test_generate_text_equals_decode_of_generate():
 
     prop()
     print(tally)  # with -s: how many cases rewound (and other outcomes)
-    assert tally.share("rewound") > 0.5, tally.counts
+    assert tally.share("rewound") > 0.4, tally.counts
 
 
 def test_chain_holds_each_members_guarantee():
@@ -469,7 +493,7 @@ def test_chain_holds_each_members_guarantee():
         other = draw(phrase_lists(ALPHABETS["case"]))
         return world, other, draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 1000))
 
-    @examples(400)
+    @examples(800)
     @given(case=chains())
     def prop(case):
         world, other, other_cs, other_ww, salt = case
@@ -485,7 +509,7 @@ def test_chain_holds_each_members_guarantee():
 
     prop()
     print(tally)  # with -s: how many cases rewound (and other outcomes)
-    assert tally.share("rewound") > 0.5, tally.counts
+    assert tally.share("rewound") > 0.4, tally.counts
 
 
 def test_batch_gives_the_single_drivers_final_text():
@@ -493,7 +517,7 @@ def test_batch_gives_the_single_drivers_final_text():
     cache slot) delivers what BacktrackSampler delivers for the same seed: the fake provider is exact."""
     tally = Tally()
 
-    @examples(200)
+    @examples(400)
     @given(world=worlds(), seeds=st.lists(st.integers(0, 2**16), min_size=1, max_size=5),
            parallel=st.integers(1, 4), step_tokens=st.sampled_from([4, 16, 256]), chaos=st.booleans())
     def prop(world, seeds, parallel, step_tokens, chaos):
@@ -520,7 +544,7 @@ def test_batch_gives_the_single_drivers_final_text():
 
     prop()
     print(tally)  # with -s: how many cases rewound (and other outcomes)
-    assert tally.share("rewound") > 0.5, tally.counts
+    assert tally.share("rewound") > 0.4, tally.counts
 
 
 def test_unholdable_bans_end_with_constraint_or_hold():
@@ -544,7 +568,7 @@ def test_unholdable_bans_end_with_constraint_or_hold():
             row[3] = -np.inf  # the safe token
             return row
 
-    @examples(500)
+    @examples(1000)
     @given(case=hopeless())
     def prop(case):
         world, retries, budget = case
@@ -560,7 +584,7 @@ def test_unholdable_bans_end_with_constraint_or_hold():
 
     prop()
     print(tally)  # with -s: how many cases rewound (and other outcomes)
-    assert tally.share("rewound") > 0.5 and tally.counts.get("constraint", 0) > 0, tally.counts
+    assert tally.share("rewound") > 0.4 and tally.share("constraint") > 0.2, tally.counts
 
 
 # --- stop strings ----------------------------------------------------------------------------------
@@ -619,7 +643,7 @@ def test_server_stop_strings_and_bans_never_appear(fake_server):
     tally = Tally()
     text_ = st.text("ab ", min_size=1, max_size=3)
 
-    @examples(60)
+    @examples(200)
     @given(stops=st.lists(text_, min_size=1, max_size=3), bans=st.lists(text_, max_size=3),
            seed=st.integers(0, 2**16), stream=st.booleans())
     def prop(stops, bans, seed, stream):
@@ -645,19 +669,22 @@ def test_server_stop_strings_and_bans_never_appear(fake_server):
         note(f"text {text!r} finish_reason {reason!r}")
         assert not [s for s in stops if s in text], text
         assert not banned_hits(text, bans), text
-        # the same generation without stop strings, cut where a stream would have stopped
+        # the same generation without stop strings: the text is cut right before a stop string,
+        # no later than the end of the first stop string to be completed
         unstopped = dict(body, stop=None, stream=False)
         full = client.post("/v1/completions", json=unstopped).json()["choices"][0]["text"]
-        cut = min((full.find(s) for s in stops if s in full), default=-1)
+        ends = [full.find(s) + len(s) for s in stops if s in full]
+        cut = min(ends, default=-1)
         if cut >= 0:
-            assert reason == "stop" and full.startswith(text) and len(text) <= cut, (text, full)
+            assert reason == "stop" and full.startswith(text), (text, full)
+            assert len(text) < cut and any(full[len(text):].startswith(s) for s in stops), (text, full)
         else:
             assert text == full, (text, full)
         tally.add(stopped=cut >= 0)
 
     prop()
     print(tally)  # with -s: how many cases rewound (and other outcomes)
-    assert tally.share("stopped") > 0.3, tally.counts
+    assert tally.share("stopped") > 0.2, tally.counts
 
 
 # --- the issue's minimal case, on the real chat model's tokenizer -----------------------------------

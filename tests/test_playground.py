@@ -32,9 +32,44 @@ SLOW = 240_000  # ms: the shared test machine can be slow
 PROMPT = "The capital of France is"  # greedy: " the capital of the country of France. It is the largest ..."
 
 
+NO_DIGITS = '''
+import numpy as np
+
+from backtrack_sampler import BaseStrategy
+
+
+class NoDigits(BaseStrategy):
+    """Never writes a digit.
+
+    max_bans: how many times it may overrule the model's first choice; then digits pass."""
+
+    edits_logits, reads_probs = True, False
+
+    def __init__(self, provider, max_bans: int = 100):
+        self.max_bans = max_bans
+        vocab = range(provider.vocab_size)
+        self.digits = np.array([t for t in vocab if any(c.isdigit() for c in provider.decode([t]))], dtype=np.intp)
+        self.reset()
+
+    def reset(self):
+        self.bans = 0
+
+    def on_logits(self, logits, continuation_tokens):
+        if self.bans < self.max_bans:
+            if np.argmax(logits) in self.digits:
+                self.bans += 1
+            logits[self.digits] = -np.inf
+        return logits
+'''
+
+
 @pytest.fixture(scope="module")
-def server(llama_provider):
-    with ServerThread(create_app(Engine(llama_provider, "gemma-test"), api_key=KEY)) as running:
+def server(llama_provider, tmp_path_factory):
+    """The playground's server, offering NoDigits (a strategy file outside the package) besides the built-ins."""
+    strategy_file = tmp_path_factory.mktemp("strategies") / "no_digits.py"
+    strategy_file.write_text(NO_DIGITS)
+    app = create_app(Engine(llama_provider, "gemma-test"), api_key=KEY, strategies=[f"{strategy_file}:NoDigits"])
+    with ServerThread(app) as running:
         yield running
 
 
@@ -75,6 +110,15 @@ def page(browser, server):
 
 def final_text(page) -> str:
     return "".join(page.locator("#output > .final").all_text_contents())
+
+
+def add_strategy(page, name):
+    """Choose ``name`` in the strategy list and add it to the chain; returns its card."""
+    page.select_option("#strategy-select", name)
+    page.click("#strategy-add")
+    card = page.locator(f'#chain > li[data-name="{name}"]').last
+    expect(card).to_be_visible()
+    return card
 
 
 # --- the page ------------------------------------------------------------------------------------------
@@ -124,7 +168,8 @@ def test_a_banned_phrase_is_struck_out_and_absent_from_the_final_text(page, serv
 def test_stop_stops_the_generation_on_the_server(page, server):
     page.fill("#prompt", "Once upon a time, in a small village by the sea, there lived")
     page.fill("#banned", "sea\nold\nlittle\nand\nwas")
-    page.check("#use-creative")
+    creative = add_strategy(page, "creative")
+    expect(creative.locator('[data-param="top_p_flat"]')).to_have_attribute("placeholder", "0.65")
     page.fill("#seed", "3")
     page.fill("#temperature", "0.9")
     page.fill("#max_tokens", "2000")  # minutes of work: only Stop can end it in time
@@ -192,6 +237,50 @@ def test_chat_mode_and_a_slop_file(page, server, tmp_path):
         "messages": [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a colour."}],
         "banned_strings": ["tapestry", "a testament to"], "temperature": 0, "max_tokens": 6}).json()
     assert final_text(page) == answer["choices"][0]["message"]["content"] != ""
+
+
+YEAR = "The Second World War ended in"  # greedy: " 1945, and the United States was in"
+
+
+def test_the_strategy_controls_come_from_the_server(page, server):
+    listed = httpx.get(server.url + "/v1/backtrack/strategies", headers={"Authorization": f"Bearer {KEY}"},
+                       timeout=10).json()["data"]
+    names = [entry["name"] for entry in listed]
+    assert names == ["none", "antislop", "creative", "adaptive", "replace", "NoDigits"]
+    assert page.locator("#strategy-select option").all_text_contents() == names[1:]
+    replace = add_strategy(page, "replace")
+    params = replace.locator("[data-param]")
+    assert [params.nth(i).get_attribute("data-param") for i in range(params.count())] == \
+        list(listed[names.index("replace")]["parameters"]["properties"])
+    assert replace.locator('[data-param="find"]').get_attribute("data-kind") == "lines"
+    assert replace.locator('[data-param="whole_words"]').get_attribute("type") == "checkbox"
+    assert replace.locator('[data-param="max_prob"]').get_attribute("type") == "number"
+    replace.locator("button[title=remove]").click()
+    expect(page.locator("#chain > li")).to_have_count(0)
+
+
+def test_a_loaded_strategy_shows_up_and_is_used(page, server):
+    plain = post(server, "/v1/completions", {"prompt": YEAR, "temperature": 0, "max_tokens": 10}).json()
+    assert sum(c.isdigit() for c in plain["choices"][0]["text"]) >= 4  # the strategy has work to do
+    card = add_strategy(page, "NoDigits")
+    expect(card).to_contain_text("Never writes a digit.")
+    max_bans = card.locator('[data-param="max_bans"]')
+    expect(max_bans).to_have_attribute("placeholder", "100")
+    page.fill("#prompt", YEAR)
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "10")
+    max_bans.fill("2.5")  # not an integer: the server says so, naming the parameter
+    page.click("#generate")
+    expect(page.locator("#error")).to_contain_text("strategy[0].max_bans", timeout=SLOW)
+    expect(max_bans).to_have_class(re.compile("invalid"))
+    max_bans.fill("1000")
+    page.click("#generate")
+    expect(page.locator("#st-status")).to_have_text(re.compile("^done"), timeout=SLOW)
+    text = final_text(page)
+    answer = post(server, "/v1/completions", {"prompt": YEAR, "temperature": 0, "max_tokens": 10,
+                                              "strategy": [{"name": "NoDigits", "max_bans": 1000}]}).json()
+    assert text == answer["choices"][0]["text"] and re.search(r"[a-z]{3}", text)
+    assert not any(c.isdigit() for c in text)
 
 
 def test_a_bad_parameter_shows_the_servers_message(page, server):
@@ -282,6 +371,8 @@ def test_candidates_replay_the_strategy_and_validate_their_input(server, llama_p
         ({"tokens": []}, None),
         ({"prompt": PROMPT, "messages": [{"role": "user", "content": "x"}]}, None),
         ({"prompt": PROMPT, "strategy": "nope"}, "strategy"),
+        ({"prompt": PROMPT, "strategy": "os.path:join"}, "strategy[0].name"),
+        ({"prompt": PROMPT, "strategy": {"name": "NoDigits", "max_bans": "3"}}, "strategy[0].max_bans"),
         ({"prompt": PROMPT, "banned_regex": ["("]}, "banned_regex"),
     ]:
         response = post(server, "/v1/backtrack/candidates", body)

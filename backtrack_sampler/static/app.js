@@ -13,6 +13,7 @@ const ui = {
   stats: null,
   human: null,        // {tokens, text, finish, busy}
   drawQueued: false,
+  strategies: {},     // name -> {name, description, parameters (a JSON Schema)} from GET /v1/backtrack/strategies
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -37,6 +38,7 @@ async function post(path, body, signal) {
       if (error && error.message) { message = error.message; param = error.param; }
     } catch (_) { /* not JSON */ }
     if (response.status === 401) askKey(message);
+    markInvalid(param);
     throw new ServerError(message, response.status, param);
   }
   return response;
@@ -63,17 +65,7 @@ function requestFields() {
   const banned = lines("banned"), regexes = lines("regexes");
   if (banned.length) body.banned_strings = banned;
   if (regexes.length) body.banned_regex = regexes;
-  const strategy = [];
-  if ($("use-creative").checked) {
-    const knobs = { name: "creative" };
-    for (const key of ["top_p_flat", "top_k_threshold_flat", "eos_penalty"]) {
-      const value = numberField(key);
-      if (value !== undefined) knobs[key] = value;
-    }
-    strategy.push(knobs);
-  }
-  if ($("use-adaptive").checked) strategy.push({ name: "adaptive" });
-  if ($("use-replace").checked) strategy.push({ name: "replace", find: $("find").value, replace: $("replace").value });
+  const strategy = chainSpecs();
   if (strategy.length) body.strategy = strategy;
   if (chat()) {
     const messages = [];
@@ -87,6 +79,139 @@ function requestFields() {
 }
 
 const chat = () => document.querySelector("input[name=kind]:checked").value === "chat";
+
+// ---------------------------------------------------------------------------------------------
+// strategies: the controls are built from the server's list (GET /v1/backtrack/strategies)
+// ---------------------------------------------------------------------------------------------
+async function loadStrategies() {
+  const select = $("strategy-select");
+  try {
+    const response = await fetch("/v1/backtrack/strategies", { headers: headers() });
+    if (!response.ok) throw new Error(response.statusText);
+    const data = (await response.json()).data;
+    ui.strategies = Object.fromEntries(data.map((s) => [s.name, s]));
+    const options = data.filter((s) => s.name !== "none").map((s) => {
+      const option = new Option(s.name, s.name);
+      option.title = s.description;
+      return option;
+    });
+    select.replaceChildren(...options);
+  } catch (_) {
+    select.replaceChildren(new Option("(no strategies: the server did not answer)", ""));
+  }
+}
+
+/** The kind of input a parameter's JSON Schema gets: bool, integer, number, string, enum, lines (a
+ *  list of strings, one per line) or json (anything else, typed as JSON). */
+function kindOf(schema) {
+  let options = schema.anyOf ? schema.anyOf.filter((s) => s.type !== "null") : [schema];
+  const strings = options.find((s) => s.type === "array" && s.items && s.items.type === "string");
+  if (options.length > 1) return strings && options.every((s) => s.type === "string" || s === strings) ? "lines" : "json";
+  const only = options[0] || {};
+  if (only.enum) return "enum";
+  if (only === strings) return "lines";
+  return { boolean: "bool", integer: "integer", number: "number", string: "string" }[only.type] || "json";
+}
+
+function firstLine(text) { return (text || "").split("\n")[0]; }
+
+function addStrategy(name) {
+  const entry = ui.strategies[name];
+  if (!entry) return;
+  const li = document.createElement("li");
+  li.className = "strategy";
+  li.dataset.name = name;
+  const head = document.createElement("div");
+  head.className = "head";
+  const remove = Object.assign(document.createElement("button"), { type: "button", textContent: "✕", title: "remove" });
+  remove.addEventListener("click", () => li.remove());
+  const about = span("muted", firstLine(entry.description), entry.description);
+  head.append(Object.assign(document.createElement("b"), { textContent: name }), about, remove);
+  const knobs = document.createElement("div");
+  knobs.className = "knobs";
+  const schema = entry.parameters || {};
+  const required = new Set(schema.required || []);
+  for (const [param, prop] of Object.entries(schema.properties || {})) knobs.append(knob(param, prop, required.has(param)));
+  li.append(head, knobs);
+  $("chain").append(li);
+}
+
+/** A labelled input for one parameter (``data-param``, ``data-kind``); the default is the placeholder. */
+function knob(param, prop, required) {
+  const kind = kindOf(prop);
+  const label = document.createElement("label");
+  label.title = prop.description || "";
+  let input;
+  if (kind === "bool") {
+    input = Object.assign(document.createElement("input"), { type: "checkbox", checked: prop.default === true });
+    label.className = "flag";
+    label.append(input, param);
+  } else {
+    if (kind === "enum") {
+      input = document.createElement("select");
+      const values = (prop.anyOf ? prop.anyOf.find((s) => s.enum) : prop).enum;
+      input.append(new Option("", ""), ...values.map((v) => new Option(String(v), JSON.stringify(v))));
+    } else if (kind === "lines" || kind === "json") {
+      input = Object.assign(document.createElement("textarea"), { rows: 2 });
+      label.className = "wide";
+    } else {
+      input = Object.assign(document.createElement("input"), { type: kind === "string" ? "text" : "number" });
+      if (kind === "integer") input.step = "1";
+      if (kind === "number") input.step = "any";
+    }
+    if (prop.default !== undefined && prop.default !== null) {
+      input.placeholder = kind === "lines" ? [].concat(prop.default).join("\n") : kind === "string" ? prop.default
+        : JSON.stringify(prop.default);
+    } else if (kind === "lines") {
+      input.placeholder = "one per line";
+    }
+    label.append(param, required ? span("req", " *", "required") : "", input);
+  }
+  input.dataset.param = param;
+  input.dataset.kind = kind;
+  if (kind === "bool") input.dataset.default = String(prop.default === true);
+  input.required = required;
+  input.addEventListener("input", () => input.classList.remove("invalid"));
+  return label;
+}
+
+/** The request's ``strategy`` list: one ``{name, ...parameters}`` per card, in order; a parameter
+ *  left empty is not sent (the strategy's default applies), the server checks the values. */
+function chainSpecs() {
+  return [...document.querySelectorAll("#chain > li")].map((li) => {
+    const spec = { name: li.dataset.name };
+    for (const input of li.querySelectorAll("[data-param]")) {
+      const value = knobValue(input);
+      if (value !== undefined) spec[input.dataset.param] = value;
+    }
+    return spec;
+  });
+}
+
+function knobValue(input) {
+  const kind = input.dataset.kind, text = input.value;
+  if (kind === "bool") return input.checked === (input.dataset.default === "true") ? undefined : input.checked;
+  if (kind === "lines") {
+    const items = text.split("\n").map((s) => s.replace(/\r$/, "")).filter((s) => s.trim() !== "");
+    return items.length || input.required ? items : undefined;
+  }
+  if (text === "") return kind === "string" && input.required ? "" : undefined;
+  if (kind === "string") return text;
+  if (kind === "integer" || kind === "number") {
+    const value = Number(text.trim());
+    return Number.isFinite(value) ? value : text; // let the server explain what is wrong with it
+  }
+  try { return JSON.parse(text); } catch (_) { return text; }  // json, enum
+}
+
+/** Marks the input a server error names (``strategy[1].top_p_flat``). */
+function markInvalid(param) {
+  const match = /^strategy\[(\d+)\](?:\.(\w+))?/.exec(param || "");
+  if (!match) return;
+  const li = document.querySelectorAll("#chain > li")[Number(match[1])];
+  const input = li && (match[2] ? li.querySelector(`[data-param="${match[2]}"]`) : null);
+  if (input) input.classList.add("invalid");
+}
 
 // ---------------------------------------------------------------------------------------------
 // streaming generation
@@ -403,12 +528,7 @@ function init() {
   for (const radio of document.querySelectorAll("input[name=kind]")) {
     radio.addEventListener("change", () => { $("system").hidden = !chat(); });
   }
-  for (const knobs of document.querySelectorAll(".knobs")) {
-    const box = $(knobs.dataset.for);
-    const sync = () => { knobs.hidden = !box.checked; };
-    box.addEventListener("change", sync);
-    sync();
-  }
+  $("strategy-add").addEventListener("click", () => addStrategy($("strategy-select").value));
   $("banned-file").addEventListener("change", async (event) => {
     const file = event.target.files[0];
     if (!file) return;
@@ -457,6 +577,7 @@ async function loadModel() {
     }
     const data = await response.json();
     $("model").textContent = data.data[0].id;
+    await loadStrategies();
   } catch (error) {
     $("model").textContent = "offline";
   }
