@@ -1,20 +1,21 @@
 """The decode loop that lets a strategy rewind the tokens it just generated.
 
-``Generation`` is one generation's state (prompt, tokens, strategy, rng, keep index, stats) and the
-one copy of the sampling and rewind logic; drivers step it. ``BacktrackSampler.generate`` drives
-one generation with ``provider.generate``; the batch scheduler and the engine loop drive many the
-same way, each asking its backend for the logits of ``generation.sequence`` and passing them to
-``generation.advance``.
+``Generation`` (generation.py) is one generation's state and the one copy of the sampling and
+rewind logic; ``driver.Scheduler`` is the one thing that steps it, for one generation or many, on
+a local provider or through a serving engine. ``BacktrackSampler.generate`` is that scheduler
+with one generation on the provider's own cache (``provider.backend()``).
 """
 
 from __future__ import annotations
 
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
+from .driver import Policy, drive
 from .generation import Generation, GenerationStats, RewindEvent
 from .provider.base_provider import BaseProvider
 from .sampling import check_sampling_args
 from .strategy.base_strategy import BaseStrategy
+from .text import TextView
 
 __all__ = ["BacktrackSampler", "Generation", "GenerationStats", "RewindEvent"]
 
@@ -67,7 +68,7 @@ class BacktrackSampler:
         """
         generation = self.start(prompt, max_length, max_new_tokens, temperature, top_k, top_p, min_p,
                                 seed=seed, on_rewind=on_rewind, max_rewound_tokens=max_rewound_tokens)
-        return self._drive(generation)  # errors above come at once
+        return self._tokens(generation)  # errors above come at once
 
     def start(
         self,
@@ -94,7 +95,11 @@ class BacktrackSampler:
         return Generation(self.provider, strategy or self.strategy, prompt_tokens, limit, sampling, seed,
                           on_rewind, budget)
 
-    def _drive(self, generation: Generation) -> Iterator[int]:
+    def run(self, generation: Generation, policy: Optional[Policy] = None) -> Iterator[List[int]]:
+        """Drive ``generation`` (from ``start``) to its end on this sampler's provider, yielding
+        after every step the tokens that became final (often none): the loop behind ``generate``
+        and ``events.stream_events``. ``policy``: what the generation does with each step
+        (default: sample). An error that ended it is raised; closing the iterator ends it early."""
         if self._active:
             raise RuntimeError(
                 "this BacktrackSampler is already running a generation (its strategy and the provider's cache "
@@ -102,31 +107,26 @@ class BacktrackSampler:
             )
         self._active = True
         self.stats = generation.stats
-        provider = self.provider
         try:
-            provider.reset()  # the same call gives the same tokens: llama.cpp's numerics depend on batch shapes
-            drive = getattr(provider, "drive", None)  # a serving engine drafts tokens itself (engine.EngineProvider)
-            if drive is not None:
-                yield from drive(generation)
-            while not generation.done:
-                yield from generation.advance(provider.generate(generation.sequence))
+            yield from drive(self.provider.backend(), generation, policy)
         finally:
-            generation.close(generation.stats.finish_reason)
             self._active = False
+
+    def _tokens(self, generation: Generation) -> Iterator[int]:
+        for tokens in self.run(generation):
+            yield from tokens
 
     def generate_text(self, prompt: Union[str, Sequence[int]], **kwargs) -> Iterator[str]:
         """Like ``generate`` (same arguments) but yields text; characters split across tokens are
         held until complete."""
         tokens: List[int] = []
-        start = done = 0  # tokens[start:done] is already sent; decoding from start keeps spacing right
+        view = TextView(self.provider.decode)
         for token in self.generate(prompt, **kwargs):
             tokens.append(token)
-            sent = self.provider.decode(tokens[start:done])
-            text = self.provider.decode(tokens[start:])
-            if len(text) > len(sent) and not text.endswith("\ufffd"):
-                yield text[len(sent) :]
-                start, done = done, len(tokens)
-        rest = self.provider.decode(tokens[start:])[len(self.provider.decode(tokens[start:done])) :]
+            piece = view.update(tokens)
+            if piece:
+                yield piece
+        rest = view.update(tokens, at_end=True)
         if rest:
             yield rest
 

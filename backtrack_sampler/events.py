@@ -2,11 +2,10 @@
 provisional, every rewind, and what was finally chosen where a rewind happened.
 
 The events are derived from a ``Generation``'s state after each step (its ``tokens``, ``released``
-keep index and ``stats.events``), so any driver can produce them with an ``EventTracker``::
+keep index and ``stats.events``), whatever backend steps it, with an ``EventTracker``::
 
     tracker = EventTracker(generation)
-    while not generation.done:
-        generation.advance(provider.generate(generation.sequence))
+    for _ in sampler.run(generation):        # or a scheduler's on_step(job) callback
         for event in tracker.update():
             ...
 
@@ -28,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Union
 
 from .backtrack_sampler import BacktrackSampler, Generation
+from .text import TextView, text_after
 
 
 @dataclass
@@ -99,13 +99,14 @@ def event_dict(event: Event) -> Dict[str, Any]:
 
 class EventTracker:
     """Turns a ``Generation``'s state into events; call ``update()`` after every step (and once
-    more after the generation is done or closed: it then adds ``Done``)."""
+    more after the generation is done or closed: it then adds ``Done``). Text is read through a
+    ``TextView`` of the final tokens (whole characters only; the tokens of a split character wait
+    in the provisional tail)."""
 
     def __init__(self, generation: Generation):
         self.generation = generation
         self.decode = generation.provider.decode
-        self._start = self._done = 0  # text of tokens[:_done] is sent; decoding from _start keeps spacing right
-        self._sent = 0  # characters of final text sent
+        self._final = TextView(self.decode)  # the final text sent
         self._rewinds = 0  # rewinds seen in generation.stats.events
         self._provisional: Optional[tuple] = None
         self._pending: List[tuple] = []  # (index, position, count) of rewinds whose chosen text is not known
@@ -113,38 +114,36 @@ class EventTracker:
         self._reported_final = 0
 
     def _tail(self, end: int) -> str:
-        """Text of ``tokens[_done:end]`` in the context of the text before it."""
-        tokens = self.generation.tokens
-        return self.decode(tokens[self._start : end])[len(self.decode(tokens[self._start : self._done])) :]
+        """Text of the tokens from the end of the final text sent to ``end``, after it."""
+        tokens, sent = self.generation.tokens, self._final.committed
+        return text_after(self.decode, tokens[:sent], tokens[sent:end])
 
     def _in_context(self, tokens: Sequence[int], position: int) -> str:
-        before = self.generation.tokens[max(position - 1, 0) : position]
-        return self.decode(list(before) + list(tokens))[len(self.decode(before)) :]
+        return text_after(self.decode, self.generation.tokens[:position], tokens)
 
     def update(self) -> List[Event]:
         """The events since the last call."""
         if self._finished:
             return []
         generation = self.generation
+        final = self._final
         events: List[Event] = []
         for record in generation.stats.events[self._rewinds :]:
             index = self._rewinds
             self._rewinds += 1
             position = record.position
-            events.append(Rewind(index, position, self._sent + len(self._tail(position)),
+            events.append(Rewind(index, position, len(final.text) + len(self._tail(position)),
                                  self._in_context(record.tokens, position), list(record.tokens), record.reason))
             events.extend(self._resolve(superseded_before=position))
             self._pending.append((index, position, len(record.tokens)))
         released = generation.released
-        if released > self._done:
-            text = self.decode(generation.tokens[self._start : released])
-            if generation.done or not text.endswith("\ufffd"):  # hold a character split across tokens
-                delta = self._tail(released)
-                self._start, self._done, self._sent = self._done, released, self._sent + len(delta)
-                events.append(Final(delta, released - self._reported_final))
-                self._reported_final = released
+        if released > final.committed:
+            delta = final.update(generation.tokens[:released], at_end=generation.done)
+            if final.committed > self._reported_final:  # (a character split across tokens waits)
+                events.append(Final(delta, final.committed - self._reported_final))
+                self._reported_final = final.committed
         tail = self._tail(len(generation.tokens))
-        state = (tail, len(generation.tokens) - self._done)
+        state = (tail, len(generation.tokens) - final.committed)
         if state != self._provisional:
             self._provisional = state
             events.append(Provisional(tail, len(generation.tokens) - released))
@@ -180,25 +179,16 @@ class EventTracker:
 
 def stream_events(sampler: BacktrackSampler, prompt, **kwargs) -> Iterator[Event]:
     """Generate with ``sampler`` (the arguments of ``BacktrackSampler.generate``) and yield the
-    events of every step; the last one is ``Done``. ``sampler.stats`` describes the run."""
+    events of every step; the last one is ``Done``. ``sampler.stats`` describes the run. It is
+    ``BacktrackSampler.run``, the one driver, with an ``EventTracker`` read after every step."""
     generation = sampler.start(prompt, **kwargs)
     tracker = EventTracker(generation)
-    provider = sampler.provider
-    if sampler._active:
-        raise RuntimeError("this BacktrackSampler is already running a generation")
-    sampler._active, sampler.stats = True, generation.stats
+    steps = sampler.run(generation)
     try:
-        provider.reset()  # the same call gives the same tokens (as generate does)
-        drive = getattr(provider, "drive", None)  # a serving engine drafts tokens itself (engine.EngineProvider)
-        if drive is not None:
-            for _ in drive(generation):
-                yield from tracker.update()
-        while not generation.done:
-            generation.advance(provider.generate(generation.sequence))
+        for _ in steps:
             yield from tracker.update()
     finally:
-        generation.close(generation.stats.finish_reason)
-        sampler._active = False
+        steps.close()
     yield from tracker.update()
 
 

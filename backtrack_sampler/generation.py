@@ -100,14 +100,17 @@ class Generation:
         """Prompt + continuation: the tokens whose next-token logits ``advance`` needs."""
         return self.prompt + self.tokens
 
-    def distribution(self, logits: np.ndarray) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    def distribution(self, logits: np.ndarray, sampling: Optional[tuple] = None
+                     ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """``(ids, probs, dense)``: the tokens the strategy and the filters allow after ``sequence``
         and their probabilities (weights, not always normalised); ``dense`` is the vocabulary-sized
-        array the strategy's ``on_probs`` returned, or None when the strategy reads no probabilities."""
+        array the strategy's ``on_probs`` returned, or None when the strategy reads no probabilities.
+        ``sampling``: the filters for this step when they are not ``self.sampling`` (a backend
+        whose logits are already filtered, e.g. a serving engine's candidates, applies fewer)."""
         strategy, tokens = self.strategy, self.tokens
         logits = strategy.on_logits(logits, tokens)
         self.stats.steps += 1
-        ids, weights = filter_logits(logits, *self.sampling)
+        ids, weights = filter_logits(logits, *(self.sampling if sampling is None else sampling))
         if not self._dense:
             order = np.argsort(ids)  # token-id order, as the dense path has: a seed draws the same token
             return ids[order], weights[order], None
@@ -119,14 +122,14 @@ class Generation:
             raise ValueError(f"{type(strategy).__name__}.on_probs left no token with probability > 0")
         return ids, probs[ids], probs
 
-    def advance(self, logits: np.ndarray) -> List[int]:
+    def advance(self, logits: np.ndarray, sampling: Optional[tuple] = None) -> List[int]:
         """Sample the next token from ``logits`` (the next-token logits after ``sequence``, yours to
-        edit) and return the tokens that became final."""
+        edit) and return the tokens that became final. ``sampling``: as for ``distribution``."""
         try:
-            ids, probs, dense = self.distribution(logits)
+            ids, probs, dense = self.distribution(logits, sampling)
         except ConstraintError as error:
             return self.fail(error)
-        if self.sampling[0] == 0:
+        if (self.sampling if sampling is None else sampling)[0] == 0:
             token = int(ids[np.argmax(probs)])
         else:
             token = sample(ids, probs, self.rng)

@@ -2,10 +2,10 @@
 execution behind ``POST /v1/backtrack/candidates`` (human guidance in the browser).
 
 The candidates call is stateless: the page sends the prompt, the strategy and the tokens chosen so
-far; the server replays those tokens through a fresh ``Generation`` (so the strategy sees them,
-edits the logits and may rewind, exactly as during generation) and returns the top candidates for
-the next token, with their probabilities after the strategy's edits and the sampling filters.
-"Back" on the page is just dropping the last token.
+far; the server replays those tokens through a fresh ``Generation`` with the ``CandidateSearch``
+policy (so the strategy sees them, edits the logits and may rewind, exactly as during generation)
+and returns the top candidates for the next token, with their probabilities after the strategy's
+edits and the sampling filters. "Back" on the page is just dropping the last token.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ import numpy as np
 from pydantic import Field, model_validator
 from typing_extensions import Annotated
 
-from .backtrack_sampler import Generation
-from .sampling import check_sampling_args
+from .driver import Policy, Proposal, drive
+from .generation import Generation
 from .provider.base_provider import BaseProvider
+from .sampling import check_sampling_args
 from .schemas import ChatMessage, _error, _Request
 from .strategy.base_strategy import BaseStrategy
+from .text import text_after
 
 STATIC = Path(__file__).with_name("static")
 MAX_TOP_N = 20
@@ -70,52 +72,50 @@ def routes() -> list:
     ]
 
 
-def _text_after(provider: BaseProvider, before: Sequence[int], tokens: Sequence[int]) -> str:
-    """Text of ``tokens`` as it reads after ``before`` (keeps a leading space a lone decode may drop)."""
-    context = list(before[-1:])
-    return provider.decode(context + list(tokens))[len(provider.decode(context)):]
-
-
-class CandidateSearch(Generation):
-    """A ``Generation`` that replays ``chosen`` (pushed instead of drawn, so the strategy sees
-    them, edits the logits and may rewind) and then, instead of drawing a token, records the
-    ``top_n`` candidates for the next one in ``result`` and ends. Any driver steps it like a
-    ``Generation`` (``candidates`` below; the server's scheduler).
+class CandidateSearch(Policy):
+    """The policy behind human guidance: its ``generation`` replays ``chosen`` (each pushed
+    instead of drawn, so the strategy sees them, edits the logits and may rewind) and then,
+    instead of drawing a token, records the ``top_n`` candidates for the next one in ``result``
+    and ends. Any driver applies it to whatever backend it runs on (``candidates`` below; the
+    server's scheduler; through a serving engine the candidates are those the engine reports, one
+    token per request).
 
     ``result``: ``{"tokens", "text", "candidates": [{"token", "text", "probability", "eos"}],
     "finish_reason", "rewind"}``: ``tokens`` are the chosen tokens the strategy kept (when they
     complete a banned phrase it rewinds: ``rewind`` tells where and why, and replay stops there);
     ``finish_reason`` is "stop" after an end-of-text token and "length" at the token limit, and
-    then there are no candidates. A strategy with no hooks needs no model call to replay (only the
-    last position is evaluated); any other costs one evaluation per chosen token.
+    then there are no candidates. A strategy that edits no logits and reads no probabilities
+    (``capabilities``) needs no model call to replay (only the last position is evaluated); any
+    other costs one evaluation per chosen token.
     """
+
+    draft_limit = 1  # a drafting backend: only the candidates at each position are read
 
     def __init__(self, provider: BaseProvider, strategy: BaseStrategy, prompt: List[int], chosen: Sequence[int],
                  top_n: int = 5, limit: Optional[int] = None, temperature: float = 1.0, top_k: Optional[int] = 50,
                  top_p: Optional[float] = None, min_p: Optional[float] = None):
         check_sampling_args(temperature, top_k, top_p, min_p)
         room = provider.context_length - len(prompt)
-        super().__init__(provider, strategy, prompt, room if limit is None else min(limit, room),
-                         (temperature, top_k, top_p, min_p), seed=0, budget=2**62)
+        self.provider = provider
+        self.generation = Generation(provider, strategy, prompt, room if limit is None else min(limit, room),
+                                     (temperature, top_k, top_p, min_p), seed=0, budget=2**62)
         self.chosen, self.top_n = [int(t) for t in chosen], top_n
         self.rewind: Optional[Dict[str, Any]] = None
         self.result: Optional[Dict[str, Any]] = None
-        if type(strategy) is BaseStrategy:  # no hooks: nothing to replay through, no logits needed
-            for token in self.chosen:
-                if self.done:
-                    break
-                self.push(token, None)
+        caps = strategy.capabilities
+        if not (caps.edits_logits or caps.reads_probs):  # replaying needs no logits: only the last position does
+            while self._replaying():
+                self._replay(None)
         self._settle()
 
-    def advance(self, logits: np.ndarray) -> List[int]:
-        ids, probs, dense = self.distribution(logits)
-        if self.rewind is None and len(self.tokens) < len(self.chosen):
-            final = self.push(self.chosen[len(self.tokens)], dense)
-            if self.stats.events:
-                event = self.stats.events[0]
-                self.rewind = {"position": event.position, "tokens": list(event.tokens), "reason": event.reason,
-                               "text": _text_after(self.provider, self.prompt + self.tokens[: event.position],
-                                                   event.tokens)}
+    @property
+    def done(self) -> bool:
+        return self.generation.done
+
+    def feed(self, generation: Generation, proposal: Proposal) -> List[int]:
+        ids, probs, dense = proposal.distribution(generation)
+        if self._replaying():
+            final = self._replay(dense)
             self._settle()
             return final
         probs = np.asarray(probs, dtype=np.float64)
@@ -124,21 +124,37 @@ class CandidateSearch(Generation):
         eos = self.provider.eos_token_ids
         self._answer([{
             "token": int(ids[i]), "probability": float(probs[i]) / total, "eos": int(ids[i]) in eos,
-            "text": "" if int(ids[i]) in eos else _text_after(self.provider, self.sequence, [int(ids[i])]),
+            "text": "" if int(ids[i]) in eos else text_after(self.provider.decode, generation.sequence, [int(ids[i])]),
         } for i in order])
-        self.close()
+        generation.close()
         return []
 
+    def _replaying(self) -> bool:
+        generation = self.generation
+        return not generation.done and self.rewind is None and len(generation.tokens) < len(self.chosen)
+
+    def _replay(self, dense: Optional[np.ndarray]) -> List[int]:
+        """Push the next chosen token; the first rewind it causes ends the replay."""
+        generation = self.generation
+        final = generation.push(self.chosen[len(generation.tokens)], dense)
+        if generation.stats.events:
+            event = generation.stats.events[0]
+            self.rewind = {"position": event.position, "tokens": list(event.tokens), "reason": event.reason,
+                           "text": text_after(self.provider.decode, generation.prompt + generation.tokens[: event.position],
+                                              event.tokens)}
+        return final
+
     def _settle(self) -> None:
-        if self.done:  # the end-of-text token or the token limit: no candidates
+        if self.generation.done:  # the end-of-text token or the token limit: no candidates
             self._answer([])
 
     def _answer(self, options: List[Dict[str, Any]]) -> None:
-        tokens = list(self.tokens)
-        finish = self.stats.finish_reason if self.done else None
+        generation = self.generation
+        tokens = list(generation.tokens)
+        finish = generation.stats.finish_reason if generation.done else None
         if finish == "stop" and self.rewind is None:
             tokens.append(self.chosen[len(tokens)])  # the end-of-text token the user picked: "back" removes it
-        self.result = {"tokens": tokens, "text": _text_after(self.provider, self.prompt, self.tokens),
+        self.result = {"tokens": tokens, "text": text_after(self.provider.decode, generation.prompt, generation.tokens),
                        "candidates": options, "finish_reason": finish, "rewind": self.rewind}
 
 
@@ -146,15 +162,12 @@ def candidates(provider: BaseProvider, strategy: BaseStrategy, prompt: List[int]
                top_n: int = 5, temperature: float = 1.0, top_k: Optional[int] = 50, top_p: Optional[float] = None,
                min_p: Optional[float] = None, max_new_tokens: Optional[int] = None) -> Dict[str, Any]:
     """Replay ``chosen`` after ``prompt`` through ``strategy`` and return the next-token
-    candidates (``CandidateSearch.result``), driving it with ``provider.generate``; call it
-    holding the model."""
+    candidates (``CandidateSearch.result``), with the one driver on ``provider.backend()`` (a
+    local model or a serving engine); call it holding the model."""
     search = CandidateSearch(provider, strategy, prompt, chosen, top_n, max_new_tokens, temperature, top_k, top_p,
                              min_p)
-    try:
-        while not search.done:
-            search.advance(provider.generate(search.sequence))
-    finally:
-        search.close()
+    for _ in drive(provider.backend(), search.generation, search):
+        pass
     return search.result
 
 

@@ -13,18 +13,20 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from starlette.requests import Request
 
 from . import playground
 from .backtrack_sampler import BacktrackSampler, Generation
 from .batch import BatchJob, BatchScheduler
+from .driver import Policy
 from .events import Done, EventTracker, Final, event_dict
 from .models import provider_name
 from .provider.base_provider import BaseProvider
 from .schemas import APIError
 from .strategy.base_strategy import BaseStrategy
+from .text import TextView
 
 
 @dataclass
@@ -42,10 +44,6 @@ class Plan:
     include_backtrack: bool = False  # stream the generation's events too (stream_options extension)
 
 
-class _TimeUp(Exception):
-    pass
-
-
 class _ClientGone(Exception):
     """The client disconnected before the answer was ready."""
 
@@ -57,43 +55,6 @@ class QueueFull(APIError):
         super().__init__(f"the server is busy ({running} generations running, {queued} queued, the most it "
                          "queues): retry later", None, "rate_limit_exceeded", 429, "rate_limit_error")
         self.headers = {"Retry-After": str(retry_after)}
-
-
-class _Deadline(BaseStrategy):
-    """Delegates to ``inner``; ends the generation at the next token once ``deadline``
-    (``time.monotonic()``, set when the generation leaves the queue) has passed, also while the
-    strategy rewinds and no text comes out."""
-
-    def __init__(self, inner: BaseStrategy, seconds: float):
-        self.inner, self.seconds, self.deadline = inner, seconds, float("inf")
-
-    @property
-    def needs_probs(self) -> bool:
-        return self.inner.needs_probs
-
-    @property
-    def rewind_reason(self):
-        return self.inner.rewind_reason
-
-    def get_keep_index(self):
-        return self.inner.get_keep_index()
-
-    def on_logits(self, logits, continuation_tokens):
-        if time.monotonic() > self.deadline:
-            raise _TimeUp()
-        return self.inner.on_logits(logits, continuation_tokens)
-
-    def on_probs(self, probs, continuation_tokens):
-        return self.inner.on_probs(probs, continuation_tokens)
-
-    def on_next_token(self, continuation_tokens, probs):
-        self.inner.on_next_token(continuation_tokens, probs)
-
-    def backtrack(self, continuation_tokens):
-        return self.inner.backtrack(continuation_tokens)
-
-    def reset(self):
-        self.inner.reset()
 
 
 class StopFilter:
@@ -174,24 +135,19 @@ class _Output:
     def __init__(self, provider: BaseProvider, job: Job, plan: Plan, generation: Generation):
         self.provider, self.job, self.plan = provider, job, plan
         self.stops = StopFilter(plan.stop)
-        self.tokens: List[int] = []
-        self.start = self.done = 0  # tokens[start:done] is sent; decoding from start keeps spacing right
+        self.view = TextView(provider.decode)  # the final tokens' text (without include_backtrack)
         self.stopped = False
         self.tracker = EventTracker(generation) if plan.include_backtrack else None
 
     def on_start(self, batch: BatchJob) -> None:
-        batch.generation.strategy.deadline = time.monotonic() + self.plan.max_seconds
         self.job.put("started")
 
     def on_tokens(self, batch: BatchJob, tokens: List[int]) -> None:
         if self.stopped or self.tracker is not None:
             return
-        self.tokens.extend(tokens)
-        decode = self.provider.decode
-        sent, text = decode(self.tokens[self.start : self.done]), decode(self.tokens[self.start :])
-        if len(text) > len(sent) and not text.endswith("\ufffd"):
-            self.start, self.done = self.done, len(self.tokens)
-            self._send(text[len(sent) :], batch)
+        piece = self.view.update(batch.tokens)
+        if piece:
+            self._send(piece, batch)
 
     def on_step(self, batch: BatchJob) -> None:
         """include_backtrack: the step's events; final text goes in the ordinary chunks."""
@@ -209,21 +165,20 @@ class _Output:
         if self.stopped:
             return
         error = batch.error
-        if error is not None and not isinstance(error, _TimeUp):  # a strategy failed mid-generation
+        if error is not None:  # a strategy failed mid-generation
             status = getattr(error, "http_status", 500)  # engine.EngineError (the serving engine failed): 502
             self.job.put("error", APIError(f"generation failed: {type(error).__name__}: {error}", status=status,
                                            type="server_error", code="engine_error" if status == 502 else "generation_failed"))
             return
-        if error is None and batch.stats.finish_reason is None:  # cancelled: the client went away
+        if batch.stats.finish_reason is None:  # cancelled: the client went away
             return
         if self.tracker is not None:
             self.on_step(batch)  # what the last step left
         else:
-            decode = self.provider.decode
-            self._send(decode(self.tokens[self.start :])[len(decode(self.tokens[self.start : self.done])) :], batch)
+            self._send(self.view.update(batch.tokens, at_end=True), batch)
         if not self.stopped:
             self._text(self.stops.flush(), 0)
-            self._done(batch, "length" if error is not None else batch.stats.finish_reason or "length")
+            self._done(batch, batch.stats.finish_reason)
 
     def _send(self, text: str, batch: BatchJob, tokens: int = 0) -> None:
         out, hit = self.stops.push(text)
@@ -256,9 +211,10 @@ def default_parallel() -> int:
 
 
 class Runner:
-    """The loaded model and the ``BatchScheduler`` that runs up to ``parallel`` generations at
-    once (default and maximum: ``provider.max_sequences``), one backend call per step, in one
-    background thread; up to ``max_queue`` more (default: 4 x parallel) wait first come, first
+    """The loaded model and the ``BatchScheduler`` (the one driver, on ``provider.backend``: a
+    local model's batch of sequences or a serving engine) that runs up to ``parallel`` generations
+    at once (default and maximum: ``provider.max_sequences``), one backend call per step, in one
+    background thread; the time limit (``Plan.max_seconds``) is the scheduler's; up to ``max_queue`` more (default: 4 x parallel) wait first come, first
     served, and a request beyond that gets a 429 with ``Retry-After``. The event loop (and
     ``/health``) never waits for the model. ``close()`` stops the thread."""
 
@@ -267,12 +223,7 @@ class Runner:
         self.provider = provider
         self.name = name or provider_name(provider)
         self.created = int(time.time())
-        if hasattr(provider, "drive"):  # a serving engine (engine.EngineProvider) batches the generations itself
-            from .engine.scheduler import EngineScheduler
-
-            self.scheduler: BatchScheduler = EngineScheduler(provider, parallel)
-        else:
-            self.scheduler = BatchScheduler(provider, parallel)
+        self.scheduler = BatchScheduler(provider, parallel)  # any provider: its backend() (an engine's too)
         self.parallel = self.scheduler.parallel
         self.max_queue = 4 * self.parallel if max_queue is None else max_queue
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
@@ -305,19 +256,19 @@ class Runner:
             raise QueueFull(scheduler.running, scheduler.queued)
         job = Job(asyncio.get_running_loop())
         try:
-            generation = self._sampler.start(plan.prompt, strategy=_Deadline(plan.strategy, plan.max_seconds),
-                                             **plan.sampling)
+            generation = self._sampler.start(plan.prompt, strategy=plan.strategy, **plan.sampling)
         except ValueError as error:
             raise APIError(str(error), None, "invalid_value") from None
         output = _Output(self.provider, job, plan, generation)
         job.batch = scheduler.add(generation, output.on_tokens, output.on_finish, output.on_start,
-                                  output.on_step if plan.include_backtrack else None)
+                                  output.on_step if plan.include_backtrack else None, max_seconds=plan.max_seconds)
         self._wake.set()
         return job
 
-    async def finish(self, generation: Generation) -> BatchJob:
-        """Run ``generation`` (e.g. a ``playground.CandidateSearch``) in the scheduler to its end
-        and return its job; cancelled if the caller is (e.g. its client went away)."""
+    async def finish(self, generation: Union[Generation, Policy]) -> BatchJob:
+        """Run ``generation``, or a policy that holds one (``playground.CandidateSearch``), in the
+        scheduler to its end and return its job; cancelled if the caller is (e.g. its client went
+        away)."""
         if self._closed:
             raise APIError("the server is shutting down", None, "server_shutting_down", 503, "server_error")
         scheduler = self.scheduler

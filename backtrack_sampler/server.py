@@ -50,7 +50,7 @@ from .errors import UsageError
 from .models import default_model, load_provider
 from .provider.base_provider import BaseProvider
 from .registry import StrategyRegistry, as_registry, chain
-from .runner import Job, Plan, QueueFull, Runner, StopFilter, _ClientGone, _Deadline, default_parallel  # noqa: F401 (re-exported)
+from .runner import Job, Plan, QueueFull, Runner, StopFilter, _ClientGone, default_parallel  # noqa: F401 (re-exported)
 from .schemas import BUILTIN_STRATEGIES, APIError, ChatCompletionRequest, CompletionRequest, Limits, parse_request
 from .strategy.base_strategy import BaseStrategy
 

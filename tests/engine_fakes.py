@@ -90,7 +90,9 @@ class FakeEngine:
     gives the next-token logits (numpy, vocabulary-sized); sampling uses backtrack_sampler's own
     filters and a rng seeded by the request's seed. Faults: after ``die_after`` tokens the
     connection is cut without a final event; ``fail`` answers HTTP 500; ``stall`` seconds of
-    silence before answering; ``stream_error`` sends an error event after the first token."""
+    silence before answering; ``stream_error`` sends an error event after the first token. Pacing:
+    ``hold_after`` tokens of a stream are sent, then it waits for ``release`` (set); ``token_delay``
+    seconds pass before each streamed token."""
 
     def __init__(self, engine_type: str, logits_fn: Callable[[List[int]], np.ndarray], vocab_size: int,
                  eos: int = 1, n_ctx: int = 4096):
@@ -102,6 +104,9 @@ class FakeEngine:
         self.stream_error = False
         self.gap_at: Optional[int] = None  # llama-server: the token at this index of a stream is not sent
         self.opaque_single = False  # llama-server: a one-token answer comes without probabilities
+        self.hold_after: Optional[int] = None  # a stream sends this many tokens, then waits for ``release``
+        self.release = threading.Event()
+        self.token_delay = 0.0  # seconds before each streamed token (a slower model)
         self.requests: List[dict] = []
         self.decoded = 0
         engine = self
@@ -182,6 +187,10 @@ class FakeEngine:
                     handler.wfile.flush()
                     handler.connection.shutdown(socket.SHUT_RDWR)  # the engine dies mid-stream
                     return
+                if self.hold_after is not None and i >= self.hold_after:
+                    self.release.wait(30)
+                if self.token_delay:
+                    time.sleep(self.token_delay)
                 if self.stream_error and i == 1:
                     self._send(handler, {"error": {"code": 500, "message": "fake error mid-stream", "type": "server_error"}})
                     return

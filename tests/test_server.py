@@ -635,14 +635,28 @@ def test_serve_options_become_limits(monkeypatch):
 
 
 # --- pieces --------------------------------------------------------------------------------------
-def test_the_guard_keeps_the_sparse_path():
-    """The server's deadline wrapper reads no probabilities unless the strategy does."""
-    from backtrack_sampler.server import _Deadline
+def test_the_time_limit_keeps_the_sparse_path():
+    """The time limit is the scheduler's (no wrapper strategy): a request's generation runs its
+    own strategy, which reads no probabilities unless it declares so."""
+    import asyncio
+
+    from backtrack_sampler.runner import Plan
     from backtrack_sampler.strategy.base_strategy import BaseStrategy
     from backtrack_sampler.strategy.creative_writing_strategy import CreativeWritingStrategy
 
-    assert not BaseStrategy().needs_probs and not _Deadline(BaseStrategy(), 0).needs_probs
-    assert _Deadline(CreativeWritingStrategy(FakeProvider()), 0).needs_probs
+    runner = Engine(FakeProvider(), parallel=1)
+
+    async def generation_of(strategy):
+        job = runner.start(Plan(False, [2, 5], strategy, {"max_new_tokens": 3, "seed": 0}, [], 1.0))
+        assert job.batch.max_seconds == 1.0
+        return job.batch.generation
+
+    try:
+        for strategy, reads in ((BaseStrategy(), False), (CreativeWritingStrategy(FakeProvider()), True)):
+            generation = asyncio.run(generation_of(strategy))
+            assert generation.strategy is strategy and generation.strategy.capabilities.reads_probs is reads
+    finally:
+        runner.close()
 
 
 def test_stop_filter_holds_back_partial_matches():

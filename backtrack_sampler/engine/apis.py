@@ -109,7 +109,7 @@ class LlamaServerAPI(EngineAPI):
     distribution the token was drawn from (``n_probs`` of them); for greedy requests the
     pre-sampling probabilities (softmax of the logits) are asked for instead, so that a strategy
     sees the alternatives. ``cache_prompt`` keeps the prefix in the slot's KV cache; ``id_slot`` is
-    the slot the engine loop keeps for the generation (-1, the server's choice, when every slot is
+    the slot the engine backend keeps for the generation (-1, the server's choice, when every slot is
     taken): a request after a rewind then finds its whole prefix cached, and waits in the server's
     queue only until the stream it replaces is cancelled, instead of decoding beside it in another
     slot (bench/engine_bench.py, 50,046-phrase AntiSlop: 0.71-0.74 -> 0.89 of the engine's speed).

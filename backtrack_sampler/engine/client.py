@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+import socket
+from typing import Callable, Iterator, Optional
 
 import httpx
 
@@ -50,14 +51,19 @@ class EngineClient:
 
     # --------------------------------------------------------------------------------------
     @contextmanager
-    def stream(self, body: dict, sampling: tuple) -> Iterator[Iterator[Event]]:
+    def stream(self, body: dict, sampling: tuple,
+               on_open: Optional[Callable[[Callable[[], None]], None]] = None) -> Iterator[Iterator[Event]]:
         """POST ``body`` with streaming; yields the engine's events. Leaving the ``with`` block
-        closes the connection, which makes the engine stop decoding this request."""
+        closes the connection, which makes the engine stop decoding this request. ``on_open``
+        (optional) is given, once the engine answered, a function that cuts the connection from
+        another thread (the read waiting in this one then ends with an EngineError)."""
         self.stats.requests += 1
         self.stats.prompt_tokens += len(body.get("prompt") or body.get("input_ids") or ())
         with self._errors():
             response = self._send(self.http.build_request("POST", self.api.path, json=body), stream=True)
             try:
+                if on_open is not None:
+                    on_open(lambda: _cut(response))
                 if response.status_code >= 400:
                     response.read()
                     raise EngineError(self._http_error(response))
@@ -135,3 +141,16 @@ class EngineClient:
             raise EngineError(f"{self.api.name} at {self.url} broke off the connection mid-answer ({error})") from None
         except httpx.HTTPError as error:
             raise EngineError(f"request to {self.api.name} at {self.url} failed: {error}") from None
+
+
+def _cut(response: httpx.Response) -> None:
+    """Shut the connection of a streamed ``response`` down (both ways): a read blocked on it in
+    another thread returns at once and the engine sees the client gone. (Closing the socket would
+    not wake the reader on Linux.) Without a socket (a test transport) nothing happens."""
+    stream = response.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already closed
+            pass

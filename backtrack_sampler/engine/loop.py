@@ -1,6 +1,9 @@
-"""The engine loop: drive one ``Generation`` with tokens drafted by a serving engine.
+"""The engine's backend: generations stepped by the one driver (``driver.Scheduler``) with tokens
+drafted by a serving engine.
 
-The engine streams tokens with the top-K candidates at every position. Each token is a *draft*:
+Each running generation has one streamed request open (a background thread reads it into a
+queue); the engine streams tokens with the top-K candidates at every position. Each token is a
+*draft*, proposed to the generation as a ``Draft`` (``EngineBackend.propose``):
 
 - the candidates become logits (vocabulary-sized, -inf outside the candidates) and go through
   ``generation.distribution`` (the strategy's hooks; the one copy of that logic), giving p';
@@ -8,11 +11,16 @@ The engine streams tokens with the top-K candidates at every position. Each toke
 - the draft x is kept with probability min(1, p'(x) / q(x)) (always when the strategy left the
   distribution alone), else a token is drawn from the residual max(0, p' - q), normalised. This is
   speculative sampling: the kept token is distributed exactly as p';
-- ``generation.push`` then lets the strategy rewind. When a token was replaced or rewound, the
-  stream is closed (the engine stops decoding it) and a new request continues from the kept
-  tokens, which the engine's prefix cache serves. After a rewind to position s the replacement is
-  drawn locally from the candidates already received for s, so the new request starts at
+- ``generation.push`` then lets the strategy rewind. When a token was replaced or rewound (the
+  generation's tokens are no longer the stream's), the stream is closed (the engine stops decoding
+  it) and a new request continues from the kept tokens, which the engine's prefix cache serves.
+  After a rewind to position s the replacement is drawn locally from the candidates already
+  received for s (proposed as ``driver.Logits``), so the new request starts at
   ``ids[:s] + [replacement]``.
+
+A policy that does not sample (``playground.CandidateSearch``) reads ``Draft.distribution`` and
+puts its own token: the stream is then left the same way, and asked for one token at a time
+(``Policy.draft_limit``).
 
 Exactness: p' and q are known on the reported candidates only. With K >= the number of tokens the
 engine's sampling keeps (e.g. top_k <= K) the output is distributed exactly as the strategy asks
@@ -23,14 +31,16 @@ unchanged.
 
 from __future__ import annotations
 
+import collections
 import threading
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..backtrack_sampler import Generation
+from ..driver import Backend, BatchJob, Failure, Logits, Proposal
+from ..generation import Generation
 from ..sampling import filter_logits, sample
-from ..strategy.base_strategy import BaseStrategy
+from ..strategy.base_strategy import ConstraintError
 from .apis import Finish, LlamaServerAPI, Step
 from .client import EngineClient
 from .errors import EngineError
@@ -106,19 +116,154 @@ class _Slots:
                 self._free.append(slot)
 
 
-class EngineLoop:
-    """Drives Generations with one engine (``client``); ``provider`` gives the vocabulary size.
+class Draft(Proposal):
+    """A token the engine drafted (``step.token``) with the candidates at its position."""
+
+    __slots__ = ("backend", "step")
+
+    def __init__(self, backend: "EngineBackend", step: Step):
+        self.backend, self.step = backend, step
+
+    def distribution(self, generation: Generation):
+        """The strategy's distribution on the candidates (token ids of the vocabulary). A
+        strategy that edits no logits and reads no probabilities is given the K candidates'
+        values alone as its logits (a K-long array), not a vocabulary-sized one."""
+        step, user = self.step, generation.sampling
+        local = local_sampling(step.kind, user)
+        caps = generation.strategy.capabilities
+        if not (caps.edits_logits or caps.reads_probs):
+            ids, probs, dense = generation.distribution(step_logits(step, user[0]).astype(np.float32), local)
+            return step.ids[ids], probs, dense
+        return generation.distribution(self.backend.logits(step, user[0]), local)
+
+    def take(self, generation: Generation) -> List[int]:
+        """Accept the draft or replace it (speculative sampling), then let the strategy rewind."""
+        step, user = self.step, generation.sampling
+        position = len(generation.tokens)
+        try:
+            try:
+                ids, probs, dense = self.distribution(generation)
+            except ValueError:
+                if step.kind != "opaque":
+                    raise
+                ids, probs, dense = np.array([step.token]), np.ones(1), None  # nothing to choose from
+        except ConstraintError as error:
+            return generation.fail(error)
+        token = accept(step.token, engine_q(step, user), (ids, probs), generation.rng)
+        if dense is None and generation.strategy.capabilities.reads_probs:
+            dense = np.zeros(self.backend.vocab_size, np.float32)
+        final = generation.push(token, dense)
+        if token == step.token and len(generation.tokens) == position and not generation.done:
+            # the strategy took back just this token (e.g. a soft-banned word): choose again here; when
+            # the new choice is the same token, the engine's stream after it is still valid
+            final = final + generation.advance(self.backend.logits(step, user[0]), local_sampling(step.kind, user))
+        return final
+
+
+_END = object()  # a stream that ended without the engine's final event
+
+
+class _Stream:
+    """One streamed request of a generation, read by a thread of its own into ``events``.
+    ``expected``: the continuation the generation has while it follows this stream (its tokens
+    when the request was made, then each draft proposed from it)."""
+
+    def __init__(self, client: EngineClient, body: dict, sampling: tuple, tokens: Sequence[int],
+                 wake: threading.Event):
+        self.expected = list(tokens)
+        self.events: Deque[object] = collections.deque()
+        self.got = 0  # drafts proposed from it
+        self.closed = False
+        self._cut = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, args=(client, body, sampling, wake), daemon=True,
+                                        name="backtrack-sampler-engine-stream")
+        self._thread.start()
+
+    def _read(self, client: EngineClient, body: dict, sampling: tuple, wake: threading.Event) -> None:
+        try:
+            with client.stream(body, sampling, on_open=self._opened) as events:
+                for event in events:
+                    if self.closed:
+                        return
+                    self.events.append(event)
+                    wake.set()
+                    if isinstance(event, Finish):
+                        return
+            self.events.append(_END)
+        except Exception as error:  # EngineError: reported to the generation, unless it left the stream
+            if not self.closed:
+                self.events.append(error)
+        finally:
+            wake.set()
+
+    def _opened(self, cut) -> None:
+        with self._lock:
+            self._cut = cut
+            closed = self.closed
+        if closed:
+            cut()
+
+    def next(self):
+        """The next event read (a Step, a Finish, an exception or _END), or None for now."""
+        return self.events.popleft() if self.events else None
+
+    def close(self) -> None:
+        """Stop reading and cut the connection: the engine stops decoding this request."""
+        with self._lock:
+            self.closed = True
+            cut = self._cut
+        if cut is not None:
+            cut()
+
+
+class _Sequence:
+    """A running generation on the engine: its slot, its open stream, and the candidates
+    received at each position (``known``) along ``path``, the tokens they were received after."""
+
+    def __init__(self, slot: int):
+        self.slot = slot
+        self.stream: Optional[_Stream] = None
+        self.known: Dict[int, Step] = {}
+        self.path: List[int] = []
+
+    def follow(self, tokens: List[int]) -> None:
+        """Forget the candidates received after tokens the generation no longer has."""
+        path, n = self.path, len(self.path)
+        same = n if n <= len(tokens) and tokens[:n] == path else next(
+            (i for i, (a, b) in enumerate(zip(path, tokens)) if a != b), min(n, len(tokens)))
+        for position in [p for p in self.known if p > same]:
+            del self.known[position]
+        self.path = list(tokens)
+
+
+class EngineBackend(Backend):
+    """Runs generations on one engine (``client``) for ``provider`` (an ``EngineProvider``: the
+    tokenizer and the vocabulary size).
 
     n_probs: K, the candidates asked for at every position (default: top_k, at least 20; 64 when
         top_k is off). chunk: most tokens per request (default: all that are left; a rejected
-        draft closes the stream early anyway). slots: how many sequence slots the engine has, when
-        its API lets a request choose one (llama-server); None: the engine places every request.
+        draft closes the stream early anyway). slots: the engine's sequence slots (a ``_Slots``
+        shared by every backend of the provider, or a count), when its API lets a request choose
+        one (llama-server); None: the engine places every request. ``propose`` waits up to
+        ``poll`` seconds for a draft when none is ready.
     """
 
-    def __init__(self, client: EngineClient, vocab_size: int, n_probs: Optional[int] = None,
-                 chunk: Optional[int] = None, model: Optional[str] = None, slots: Optional[int] = None):
-        self.client, self.vocab_size, self.n_probs, self.chunk, self.model = client, vocab_size, n_probs, chunk, model
-        self.slots = _Slots(slots)
+    poll = 0.05
+
+    def __init__(self, provider, client: EngineClient, vocab_size: int, n_probs: Optional[int] = None,
+                 chunk: Optional[int] = None, model: Optional[str] = None, slots: Union[None, int, _Slots] = None,
+                 max_sequences: int = 64):
+        self.provider, self.client, self.vocab_size = provider, client, vocab_size
+        self.n_probs, self.chunk, self.model = n_probs, chunk, model
+        self.slots = slots if isinstance(slots, _Slots) else _Slots(slots)
+        self._max_sequences = max_sequences
+        self._sequences: Dict[BatchJob, _Sequence] = {}
+        self._wake = threading.Event()
+
+    @property
+    def max_sequences(self) -> int:
+        return self._max_sequences
 
     def k_for(self, sampling: tuple) -> int:
         if self.n_probs:
@@ -126,112 +271,123 @@ class EngineLoop:
         top_k = sampling[1]
         return max(top_k, 20) if top_k else 64
 
-    def drive(self, generation: Generation) -> Iterator[int]:
-        """Yield the tokens of ``generation`` as they become final, until it is done."""
-        user = generation.sampling
-        k = self.k_for(user)
-        known: Dict[int, Step] = {}  # position -> the candidates received after tokens[:position]
-        slot = self.slots.take()
-        try:
-            while not generation.done:
-                position = len(generation.tokens)
-                step = known.get(position)
-                if step is not None:  # rewound to a position we have candidates for: choose locally
-                    yield from self._choose(generation, step, user, known)
-                    continue
-                yield from self._request(generation, user, k, known, slot)
-        finally:
-            self.slots.give(slot)
-
-    def _choose(self, generation: Generation, step: Step, user: tuple, known: Dict[int, Step]) -> Iterator[int]:
-        """Draw the token at ``step``'s position locally, from the candidates received for it."""
-        generation.sampling = local_sampling(step.kind, user)
-        try:
-            yield from generation.advance(self._logits(step, user[0]))
-        finally:
-            generation.sampling = user
-        self._forget(known, generation)
-
-    # --------------------------------------------------------------------------------------
-    def _request(self, generation: Generation, user: tuple, k: int, known: Dict[int, Step], slot: int) -> Iterator[int]:
-        n = generation.limit - len(generation.tokens)
-        if self.chunk:
-            n = min(n, self.chunk)
-        seed = int(generation.rng.integers(2**31 - 1)) if user[0] > 0 else None
-        body = self.client.api.body(generation.sequence, max(n, 1), user, k, seed, self.model, slot)
-        name, got, finish = self.client.api.name, 0, None
-        with self.client.stream(body, user) as events:
-            for event in events:
-                if isinstance(event, Finish):
-                    finish = event
-                    break
-                got += 1
-                if not (yield from self._take(generation, event, user, known)):
-                    return  # replaced or rewound: closing the stream stops the engine
-        if finish is None:
-            raise EngineError(f"{name} ended the stream without finishing the request")
-        if finish.reason == "gap":
-            yield from self._one(generation, user, k, known, slot)
-        elif got == 0:
-            raise EngineError(f"{name} finished a request without generating a token (its context may be full)")
-
-    def _one(self, generation: Generation, user: tuple, k: int, known: Dict[int, Step], slot: int) -> Iterator[int]:
-        """After a llama-server gap: one token, not streamed (its probabilities may be missing)."""
-        api = self.client.api
-        if not isinstance(api, LlamaServerAPI):
-            raise EngineError(f"{api.name} skipped tokens in its stream")
-        seed = int(generation.rng.integers(2**31 - 1)) if user[0] > 0 else None
-        body = api.body(generation.sequence, 1, user, k, seed, slot=slot, stream=False)
-        step = api.single(self.client.post(api.path, body), user)
-        self.client.stats.steps += 1
-        yield from self._take(generation, step, user, known)
-
-    def _take(self, generation: Generation, step: Step, user: tuple, known: Dict[int, Step]) -> Iterator[int]:
-        """Accept or replace one drafted token; returns whether the stream can go on."""
-        if int(step.ids.max()) >= self.vocab_size or int(step.ids.min()) < 0:
-            raise EngineError(f"{self.client.api.name} sent token id {int(step.ids.max())}, outside the local "
-                              f"tokenizer's {self.vocab_size} tokens: pass the tokenizer of the model it serves")
-        position = len(generation.tokens)
-        known[position] = step
-        generation.sampling = local_sampling(step.kind, user)
-        try:
-            try:
-                if self._compact(generation):  # the strategy reads no logits: skip the vocabulary-sized array
-                    ids, probs, dense = generation.distribution(step_logits(step, user[0]).astype(np.float32))
-                    ids = step.ids[ids]
-                else:
-                    ids, probs, dense = generation.distribution(self._logits(step, user[0]))
-            except ValueError:
-                if step.kind != "opaque":
-                    raise
-                ids, probs, dense = np.array([step.token]), np.ones(1), None  # nothing to choose from
-            token = accept(step.token, engine_q(step, user), (ids, probs), generation.rng)
-        finally:
-            generation.sampling = user
-        if dense is None and generation.strategy.needs_probs:
-            dense = np.zeros(self.vocab_size, np.float32)
-        yield from generation.push(token, dense)
-        self._forget(known, generation)
-        if token == step.token and len(generation.tokens) == position and not generation.done:
-            # the strategy took back just this token (e.g. a soft-banned word): choose again here; when
-            # the new choice is the same token, the engine's stream after it is still valid
-            yield from self._choose(generation, step, user, known)
-        return generation.tokens[position:] == [step.token] and not generation.done
-
-    @staticmethod
-    def _compact(generation: Generation) -> bool:
-        """Whether the strategy neither edits logits nor reads probabilities, so that the candidates
-        alone (a K-long array) can stand for the logits."""
-        strategy = generation.strategy
-        return type(strategy).on_logits is BaseStrategy.on_logits and not strategy.needs_probs
-
-    def _logits(self, step: Step, temperature: float) -> np.ndarray:
+    def logits(self, step: Step, temperature: float) -> np.ndarray:
+        """Vocabulary-sized logits: the candidates' values, -inf elsewhere."""
         logits = np.full(self.vocab_size, -np.inf, dtype=np.float32)
         logits[step.ids] = step_logits(step, temperature)
         return logits
 
-    @staticmethod
-    def _forget(known: Dict[int, Step], generation: Generation) -> None:
-        length = len(generation.tokens)
-        for position in [p for p in known if p > length]:
-            del known[position]
+    # --- the step protocol ---------------------------------------------------------------------
+    def admit(self, job: BatchJob) -> None:
+        self._sequences[job] = _Sequence(self.slots.take())
+
+    def release(self, job: BatchJob) -> None:
+        sequence = self._sequences.pop(job, None)
+        if sequence is not None:
+            if sequence.stream is not None:
+                sequence.stream.close()
+            self.slots.give(sequence.slot)
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def close(self) -> None:
+        for job in list(self._sequences):
+            self.release(job)
+
+    def propose(self, jobs: Sequence[BatchJob]) -> Dict[BatchJob, Proposal]:
+        """The next draft of every job whose stream has one (opening a stream for those that need
+        one); waits up to ``poll`` seconds when none has."""
+        self._wake.clear()
+        proposals = self._collect(jobs)
+        if not proposals and jobs:
+            self._wake.wait(self.poll)
+            self._wake.clear()
+            proposals = self._collect(jobs)
+        return proposals
+
+    def _collect(self, jobs: Sequence[BatchJob]) -> Dict[BatchJob, Proposal]:
+        proposals = {}
+        for job in jobs:
+            try:
+                proposal = self._next(job, self._sequences[job])
+            except Exception as error:  # e.g. a request that cannot be built
+                proposal = Failure(error)
+            if proposal is not None:
+                proposals[job] = proposal
+        return proposals
+
+    def _next(self, job: BatchJob, sequence: _Sequence) -> Optional[Proposal]:
+        generation = job.generation
+        tokens = generation.tokens
+        sequence.follow(tokens)
+        stream = sequence.stream
+        if stream is not None and tokens != stream.expected:  # a draft replaced or rewound: the stream is stale
+            stream.close()
+            sequence.stream = stream = None
+        name = self.client.api.name
+        while True:
+            if stream is None:
+                step = sequence.known.get(len(tokens))
+                if step is not None:  # rewound to a position whose candidates are known: choose there, locally
+                    user = generation.sampling
+                    return Logits(self.logits(step, user[0]), local_sampling(step.kind, user))
+                sequence.stream = stream = self._open(job, sequence)
+            event = stream.next()
+            if event is None:
+                return None
+            if isinstance(event, Step):
+                stream.got += 1
+                return self._draft(generation, sequence, stream, event)
+            sequence.stream = None
+            if isinstance(event, Finish):
+                if event.reason == "gap":
+                    return self._gap(generation, sequence)
+                if stream.got == 0:
+                    return Failure(EngineError(f"{name} finished a request without generating a token "
+                                               "(its context may be full)"))
+                stream = None  # the request is done: the next one continues from the kept tokens
+                continue
+            if event is _END:
+                return Failure(EngineError(f"{name} ended the stream without finishing the request"))
+            return Failure(event)
+
+    def _open(self, job: BatchJob, sequence: _Sequence) -> _Stream:
+        generation = job.generation
+        user = generation.sampling
+        n = generation.limit - len(generation.tokens)
+        for most in (self.chunk, job.policy.draft_limit):
+            if most:
+                n = min(n, most)
+        seed = int(generation.rng.integers(2**31 - 1)) if user[0] > 0 else None
+        body = self.client.api.body(generation.sequence, max(n, 1), user, self.k_for(user), seed, self.model,
+                                    sequence.slot)
+        return _Stream(self.client, body, user, generation.tokens, self._wake)
+
+    def _draft(self, generation: Generation, sequence: _Sequence, stream: Optional[_Stream], step: Step) -> Proposal:
+        if int(step.ids.max()) >= self.vocab_size or int(step.ids.min()) < 0:
+            return Failure(EngineError(
+                f"{self.client.api.name} sent token id {int(step.ids.max())}, outside the local tokenizer's "
+                f"{self.vocab_size} tokens: pass the tokenizer of the model it serves"))
+        sequence.known[len(generation.tokens)] = step
+        if stream is not None:
+            stream.expected.append(step.token)
+        return Draft(self, step)
+
+    def _gap(self, generation: Generation, sequence: _Sequence) -> Proposal:
+        """After a llama-server gap: one token, not streamed (its probabilities may be missing)."""
+        api = self.client.api
+        if not isinstance(api, LlamaServerAPI):
+            return Failure(EngineError(f"{api.name} skipped tokens in its stream"))
+        user = generation.sampling
+        seed = int(generation.rng.integers(2**31 - 1)) if user[0] > 0 else None
+        body = api.body(generation.sequence, 1, user, self.k_for(user), seed, slot=sequence.slot, stream=False)
+        try:
+            step = api.single(self.client.post(api.path, body), user)
+        except EngineError as error:
+            return Failure(error)
+        self.client.stats.steps += 1
+        return self._draft(generation, sequence, None, step)
+
+
+EngineLoop = EngineBackend  # its 4.0 name (it had its own drive loop; the scheduler steps it now)

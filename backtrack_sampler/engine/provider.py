@@ -1,21 +1,23 @@
-"""``EngineProvider``: a provider whose model runs in a serving engine (llama-server, vLLM, SGLang).
+"""``EngineProvider``: a model that runs in a serving engine (llama-server, vLLM, SGLang).
 
-The tokenizer is local (text is encoded once, with the BOS token, and only token ids are sent);
-``BacktrackSampler`` drives its generations with the engine loop (``loop.EngineLoop``) instead of
-asking for logits one position at a time.
+The tokenizer is local (text is encoded once, with the BOS token, and only token ids are sent) and
+is what strategies and the server use; the model is reached through the provider's backend
+(``backend()``: a ``loop.EngineBackend``, which drafts tokens for the one driver instead of
+giving logits one position at a time), so ``BacktrackSampler``, ``BatchScheduler`` and the server
+run it like any provider.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import FrozenSet, Iterator, List, Optional, Sequence, Union
+from typing import FrozenSet, List, Optional, Sequence, Union
 
 import numpy as np
 
 from ..provider.base_provider import BaseProvider, without_double_bos
 from .client import EngineClient
 from .errors import EngineError
-from .loop import EngineLoop
+from .loop import EngineBackend, _Slots
 
 ENGINE_TYPES = ("llama-server", "vllm", "sglang")
 
@@ -63,7 +65,8 @@ class _HFTokenizer:
 
 
 class EngineProvider(BaseProvider):
-    """A model served by an engine at ``url``.
+    """A model served by an engine at ``url``: the local tokenizer, and ``backend()`` for the model
+    (it has no logits of its own: ``generate`` raises).
 
     engine_type: "llama-server", "vllm" or "sglang" (the wire format).
     tokenizer: the model's tokenizer, local: a .gguf file (read vocabulary-only), a transformers
@@ -95,7 +98,8 @@ class EngineProvider(BaseProvider):
         self._context = context_length or info.get("n_ctx") or 8192
         engine_vocab = info.get("n_vocab")
         self._n_vocab = vocab_size or max(self._tok.size, engine_vocab or 0)
-        self.loop = EngineLoop(self.client, self._n_vocab, n_probs, chunk, self.model, info.get("slots"))
+        self._n_probs, self._chunk = n_probs, chunk
+        self._slots = _Slots(info.get("slots"))  # shared by every backend: a running generation keeps one
 
     @staticmethod
     def _tokenizer(tokenizer):
@@ -158,10 +162,11 @@ class EngineProvider(BaseProvider):
         return self._context
 
     # --- model -----------------------------------------------------------------------------
-    def drive(self, generation) -> Iterator[int]:
-        """Run ``generation`` on the engine (``BacktrackSampler`` calls this instead of asking for
-        logits position by position); yields the tokens that become final."""
-        return self.loop.drive(generation)
+    def backend(self, batched: bool = False, step_tokens: int = 256) -> EngineBackend:
+        """The engine's backend for the scheduler (the same for one generation or many: the engine
+        batches them itself; ``step_tokens`` does not apply)."""
+        return EngineBackend(self, self.client, self._n_vocab, self._n_probs, self._chunk, self.model, self._slots,
+                             self.max_sequences)
 
     @property
     def max_sequences(self) -> int:
@@ -180,7 +185,8 @@ class EngineProvider(BaseProvider):
 
     def _forward(self, tokens: List[int]) -> np.ndarray:
         raise NotImplementedError(
-            "an EngineProvider has no local logits: generate with BacktrackSampler (it runs the engine loop)"
+            "an EngineProvider has no local logits: its generations run on its backend() (BacktrackSampler, "
+            "BatchScheduler and the server use it)"
         )
 
     def _truncate(self, length: int) -> int:

@@ -109,6 +109,16 @@ class BaseProvider(ABC):
             self._remember(self._cached, self._recent, tokens[n:], logits)
             return logits
 
+    def backend(self, batched: bool = False, step_tokens: int = 256):
+        """The backend a ``driver.Scheduler`` steps generations on with this model:
+        ``driver.LocalBackend`` (``generate``, one generation at a time, the driver of
+        ``BacktrackSampler``) or, ``batched``, ``driver.BatchBackend`` (``generate_batch``, up to
+        ``max_sequences`` at once, prompts read ``step_tokens`` at a time). A provider whose model
+        runs elsewhere returns its own (``engine.EngineProvider``: ``engine.EngineBackend``)."""
+        from ..driver import BatchBackend, LocalBackend
+
+        return BatchBackend(self, step_tokens) if batched else LocalBackend(self)
+
     # --- several sequences at once ------------------------------------------------------------
     @property
     def max_sequences(self) -> int:

@@ -1,0 +1,445 @@
+"""The one driver of ``Generation``: a ``Scheduler`` steps every running generation through a
+``Backend``, whatever the backend is (a provider's own cache, its batch of sequences, a serving
+engine that drafts tokens), and everything else is a view or a policy on top of it:
+``BacktrackSampler.generate`` is a scheduler with one generation, ``BatchScheduler`` one with
+many, ``events.stream_events`` the same loop with an ``EventTracker`` after every step, the
+server's ``Runner`` a scheduler stepped by a background thread, ``playground.CandidateSearch`` a
+policy.
+
+The step protocol (``Scheduler.step``)::
+
+    proposals = backend.propose(running_jobs)          # {job: Proposal}, for the jobs that are ready
+    for job, proposal in proposals.items():
+        final = job.policy.feed(job.generation, proposal)   # default: proposal.take(generation)
+        job.on_tokens(job, final); job.on_step(job)        # the same callbacks for every backend
+        if job.generation.done: finish it (backend.release, generation.close, job.on_finish)
+
+A ``Proposal`` is what a backend offers one generation for its next position: ``Logits`` (the
+next-token logits; ``take`` samples from them with ``generation.advance``), an engine's drafted
+token with its top-K candidates (``take`` accepts or replaces it, see ``engine.loop``), or a
+``Failure`` (the backend could not serve it: the job ends with the error). Each gives
+``distribution(generation)`` too (the strategy's and the filters' distribution there), which a
+policy that does not sample reads instead (``CandidateSearch``). Rewinds are the generation's own
+(``push`` lets the strategy cut; ``rewind`` is the driver's); a backend follows them by comparing
+``generation.tokens`` with what it proposed.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .generation import Generation, GenerationStats
+from .provider.base_provider import BaseProvider
+
+TokensCallback = Callable[["BatchJob", List[int]], None]
+JobCallback = Callable[["BatchJob"], None]
+
+
+# --- what a backend proposes ---------------------------------------------------------------------
+class Proposal:
+    """What a backend offers one generation for its next position."""
+
+    def distribution(self, generation: Generation) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """``generation.distribution`` at this position: ``(token ids, weights, dense probs or None)``."""
+        raise NotImplementedError
+
+    def take(self, generation: Generation) -> List[int]:
+        """Put the next token in ``generation`` (drawn, or a draft accepted) and return the
+        tokens that became final."""
+        raise NotImplementedError
+
+
+class Logits(Proposal):
+    """The next-token logits after ``generation.sequence`` (vocabulary-sized, float32, the
+    strategy's to edit); ``sampling``: the filters to apply when not the generation's own."""
+
+    __slots__ = ("logits", "sampling")
+
+    def __init__(self, logits: np.ndarray, sampling: Optional[tuple] = None):
+        self.logits, self.sampling = logits, sampling
+
+    def distribution(self, generation: Generation):
+        return generation.distribution(self.logits, self.sampling)
+
+    def take(self, generation: Generation) -> List[int]:
+        return generation.advance(self.logits, self.sampling)
+
+
+class Failure(Proposal):
+    """The backend could not serve the generation: feeding it raises ``error``, which ends the job."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def distribution(self, generation: Generation):
+        raise self.error
+
+    def take(self, generation: Generation) -> List[int]:
+        raise self.error
+
+
+# --- what a job does with it ---------------------------------------------------------------------
+class Policy:
+    """How a job uses the proposals it gets. This one samples: ``proposal.take(generation)``.
+
+    draft_limit: the most tokens a drafting backend (a serving engine) should draft ahead in one
+    request (None: as many as the generation may still take)."""
+
+    draft_limit: Optional[int] = None
+
+    def feed(self, generation: Generation, proposal: Proposal) -> List[int]:
+        return proposal.take(generation)
+
+
+SAMPLE = Policy()
+
+
+# --- backends ------------------------------------------------------------------------------------
+class Backend:
+    """Where a generation's next position comes from. ``propose`` does the work; ``admit`` and
+    ``release`` bracket a job's life on the backend, ``notify`` wakes a ``propose`` that waits
+    (a new job, a cancellation), ``close`` ends everything. ``max_sequences``: jobs it can run at
+    once; ``calls``: backend calls made (model evaluations, for a local provider)."""
+
+    provider: BaseProvider
+    calls = 0
+
+    @property
+    def max_sequences(self) -> int:
+        return self.provider.max_sequences
+
+    def admit(self, job: "BatchJob") -> None:
+        pass
+
+    def propose(self, jobs: Sequence["BatchJob"]) -> Dict["BatchJob", Proposal]:
+        raise NotImplementedError
+
+    def release(self, job: "BatchJob") -> None:
+        pass
+
+    def notify(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class LocalBackend(Backend):
+    """``provider.generate``: one generation at a time, in the provider's own cache, which is
+    emptied when a generation starts (llama.cpp's numbers depend on batch shapes: the same call
+    then gives the same tokens)."""
+
+    max_sequences = 1
+
+    def __init__(self, provider: BaseProvider):
+        self.provider = provider
+
+    def admit(self, job: "BatchJob") -> None:
+        self.provider.reset()
+
+    def propose(self, jobs: Sequence["BatchJob"]) -> Dict["BatchJob", Proposal]:
+        answers: Dict[BatchJob, Proposal] = {}
+        for job in jobs:
+            try:
+                answers[job] = Logits(self.provider.generate(job.generation.sequence))
+            except Exception as error:  # the backend failed: this job ends with the error
+                answers[job] = Failure(error)
+            self.calls += 1
+        return answers
+
+
+class BatchBackend(Backend):
+    """``provider.generate_batch``: the logits of every running generation in one backend call
+    per step, each in a sequence of its own (released when it ends). A generation that is
+    decoding takes one token of the step; prompts waiting to be read share the rest of
+    ``step_tokens`` (at least a quarter of it), in arrival order, so a long prompt is read in
+    chunks without stalling the generations already decoding."""
+
+    def __init__(self, provider: BaseProvider, step_tokens: int = 256):
+        if not isinstance(step_tokens, int) or step_tokens < 4:
+            raise ValueError(f"step_tokens must be an integer >= 4, got {step_tokens!r}")
+        self.provider, self.step_tokens = provider, step_tokens
+        self._fed: Dict[BatchJob, int] = {}  # tokens of each job's sequence the provider holds
+
+    def admit(self, job: "BatchJob") -> None:
+        self._fed[job] = 0
+
+    def propose(self, jobs: Sequence["BatchJob"]) -> Dict["BatchJob", Proposal]:
+        fed = self._fed
+        decoding, reading = [], []
+        for job in jobs:
+            generation = job.generation
+            (decoding if len(generation.prompt) + len(generation.tokens) - fed[job] <= 1 else reading).append(job)
+        requests: Dict[BatchJob, List[int]] = {job: job.generation.sequence for job in decoding}
+        room = max(self.step_tokens - len(decoding), self.step_tokens // 4)
+        for job in reading:  # prompts, in arrival order, within the room left
+            sequence = job.generation.sequence
+            take = min(len(sequence) - fed[job], room)
+            if take <= 0:
+                break
+            room -= take
+            requests[job] = sequence if fed[job] + take == len(sequence) else sequence[: fed[job] + take]
+        if not requests:
+            return {}
+        try:
+            logits = self.provider.generate_batch(requests)
+        except Exception as error:  # the backend failed: every job of this step ends with the error
+            return {job: Failure(error) for job in requests}
+        self.calls += 1
+        answers: Dict[BatchJob, Proposal] = {}
+        for job, sequence in requests.items():
+            fed[job] = len(sequence)
+            if len(sequence) == len(job.generation.prompt) + len(job.generation.tokens):
+                answers[job] = Logits(logits[job])  # (a chunk of a prompt: its logits are not needed)
+        return answers
+
+    def release(self, job: "BatchJob") -> None:
+        self._fed.pop(job, None)
+        self.provider.release(job)
+
+
+# --- jobs and the scheduler ----------------------------------------------------------------------
+class BatchJob:
+    """One generation in a ``Scheduler``: ``"queued"``, then ``"running"``, then ``"done"``.
+
+    ``tokens`` holds the final tokens delivered so far; ``error`` the exception that ended it
+    (a strategy that raised, a backend failure), else None; ``stats`` the generation's stats
+    (``finish_reason``: "stop", "length", "constraint", or None when cancelled or failed).
+    ``policy``: what it does with its proposals (default: sample); ``max_seconds``: the time it
+    may run once started (then its tokens that are not final are dropped and it ends with
+    finish_reason "length").
+    """
+
+    _ids = itertools.count()
+
+    def __init__(self, generation: Generation, on_tokens: Optional[TokensCallback] = None,
+                 on_finish: Optional[JobCallback] = None, on_start: Optional[JobCallback] = None,
+                 on_step: Optional[JobCallback] = None, policy: Optional[Policy] = None,
+                 max_seconds: Optional[float] = None):
+        self.generation = generation
+        self.on_tokens, self.on_finish, self.on_start, self.on_step = on_tokens, on_finish, on_start, on_step
+        self.policy = policy or SAMPLE
+        self.max_seconds = max_seconds
+        self.deadline = float("inf")  # time.monotonic() when it must end (set when it starts)
+        self.tokens: List[int] = []
+        self.error: Optional[BaseException] = None
+        self.state = "queued"
+        self.id = next(self._ids)
+        self._cancelled = False
+        self._notify: Callable[[], None] = lambda: None
+        self._owns_close = True  # the scheduler closes the generation when it ends (drive() does it later)
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self.generation.stats
+
+    @property
+    def done(self) -> bool:
+        return self.state == "done"
+
+    @property
+    def text(self) -> str:
+        """The text of the final tokens delivered so far."""
+        return self.generation.provider.decode(self.tokens)
+
+    def cancel(self) -> None:
+        """Stop this generation at the next step (queued or running); safe from any thread."""
+        self._cancelled = True
+        self._notify()
+
+    def __hash__(self) -> int:
+        return self.id
+
+    def __repr__(self) -> str:
+        return f"<BatchJob {self.id} {self.state}, {len(self.tokens)} tokens>"
+
+
+class Scheduler:
+    """Runs up to ``parallel`` generations at once on ``backend`` (default and maximum: its
+    ``max_sequences``); more wait in a first-come-first-served queue. Not thread-safe except for
+    ``add`` and ``BatchJob.cancel``, which may be called from other threads while one thread
+    steps (this is how the server uses it)."""
+
+    def __init__(self, backend: Backend, parallel: Optional[int] = None):
+        capacity = backend.max_sequences
+        parallel = capacity if parallel is None else parallel
+        if not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= capacity:
+            raise ValueError(f"parallel must be an integer in [1, {capacity}] ({type(backend.provider).__name__}"
+                             f".max_sequences), got {parallel!r}")
+        self.backend, self.provider, self.parallel = backend, backend.provider, parallel
+        self._queue: Deque[BatchJob] = collections.deque()
+        self._running: List[BatchJob] = []
+        self._lock = threading.Lock()
+
+    # --- joining ---------------------------------------------------------------------------------
+    def add(self, generation, on_tokens: Optional[TokensCallback] = None, on_finish: Optional[JobCallback] = None,
+            on_start: Optional[JobCallback] = None, on_step: Optional[JobCallback] = None, *,
+            policy: Optional[Policy] = None, max_seconds: Optional[float] = None) -> BatchJob:
+        """Queue a ``Generation`` built elsewhere (``BacktrackSampler.start``) on this provider, or
+        a policy that holds one (``playground.CandidateSearch``). Callbacks, all from the thread
+        that steps: ``on_start(job)`` when it leaves the queue, ``on_tokens(job, tokens)`` with the
+        tokens that became final, ``on_step(job)`` after every token it advances by (e.g. to follow
+        its provisional tokens and rewinds with ``events.EventTracker``), ``on_finish(job)`` once
+        it is done. ``max_seconds``: see ``BatchJob``."""
+        if isinstance(generation, Policy):
+            policy, generation = generation, generation.generation
+        if generation.provider is not self.provider:
+            raise ValueError("the generation was started on another provider")
+        job = BatchJob(generation, on_tokens, on_finish, on_start, on_step, policy, max_seconds)
+        job._notify = self.backend.notify
+        with self._lock:
+            strategies = {id(j.generation.strategy) for j in itertools.chain(self._queue, self._running)}
+            if id(generation.strategy) in strategies:
+                raise ValueError("this strategy instance already drives another job: give each its own")
+            self._queue.append(job)
+        self.backend.notify()
+        return job
+
+    @property
+    def running(self) -> int:
+        """How many generations are running."""
+        return len(self._running)
+
+    @property
+    def queued(self) -> int:
+        """How many generations wait for a slot."""
+        return len(self._queue)
+
+    @property
+    def pending(self) -> bool:
+        """Whether any generation is running or queued."""
+        return bool(self._running or self._queue)
+
+    # --- stepping --------------------------------------------------------------------------------
+    def run(self) -> Iterator[Tuple[BatchJob, List[int]]]:
+        """Step until every job is done, yielding ``(job, tokens that became final)``."""
+        while self.pending:
+            yield from self.step()
+
+    def step(self) -> List[Tuple[BatchJob, List[int]]]:
+        """Admit queued jobs into free slots, ask the backend for every running job's next
+        position, feed each job what it proposed; returns the tokens that became final."""
+        running = self._running
+        if running:
+            now = time.monotonic()
+            for job in [j for j in running if j._cancelled or j.deadline < now]:
+                if not job._cancelled:
+                    try:
+                        self._time_up(job)
+                    except Exception as error:  # the strategy's on_rewind failed
+                        job.error = error
+                self._finish(job)
+        if self._queue:
+            self._admit()
+        if not running:
+            return []
+        try:
+            proposals = self.backend.propose(list(running))
+        except Exception as error:  # a bug in the backend: every running job ends with it
+            for job in list(running):
+                job.error = error
+                self._finish(job)
+            return []
+        delivered = []
+        for job, proposal in proposals.items():
+            generation = job.generation
+            try:
+                tokens = job.policy.feed(generation, proposal)
+                if tokens:
+                    job.tokens.extend(tokens)
+                    delivered.append((job, tokens))
+                    if job.on_tokens is not None:
+                        job.on_tokens(job, tokens)
+                if job.on_step is not None:
+                    job.on_step(job)
+            except Exception as error:  # the strategy, the backend or a callback failed: only this job ends
+                job.error = error
+                self._finish(job)
+                continue
+            if generation.done:
+                self._finish(job)
+        return delivered
+
+    def cancel_all(self) -> None:
+        """Cancel every queued and running job (they end at the next step)."""
+        with self._lock:
+            for job in itertools.chain(self._queue, self._running):
+                job._cancelled = True
+        self.backend.notify()
+
+    def close(self) -> None:
+        """End every job now (cancelled) and close the backend."""
+        with self._lock:
+            queued, self._queue = list(self._queue), collections.deque()
+        for job in queued:
+            self._close(job)
+        for job in list(self._running):
+            self._finish(job)
+        self.backend.close()
+
+    def _time_up(self, job: BatchJob) -> None:
+        """The job's time is up: its tokens that are not final are dropped, it ends with "length"."""
+        generation = job.generation
+        generation.rewind(generation.released, "time limit")
+        generation.close("length")
+
+    def _admit(self) -> None:
+        with self._lock:
+            for job in [j for j in self._queue if j._cancelled]:
+                self._queue.remove(job)
+                self._close(job)
+            started = []
+            while self._queue and len(self._running) < self.parallel:
+                job = self._queue.popleft()
+                job.state = "running"
+                self._running.append(job)
+                started.append(job)
+        for job in started:
+            self.backend.admit(job)
+            if job.max_seconds is not None:
+                job.deadline = time.monotonic() + job.max_seconds
+            if job.on_start is not None:
+                job.on_start(job)
+        for job in [j for j in self._running if j.generation.done]:  # e.g. max_new_tokens=0
+            self._finish(job)
+
+    def _finish(self, job: BatchJob) -> None:
+        with self._lock:
+            if job not in self._running:
+                return
+            self._running.remove(job)
+        self.backend.release(job)
+        self._close(job)
+
+    def _close(self, job: BatchJob) -> None:
+        if job._owns_close:
+            job.generation.close(job.generation.stats.finish_reason)
+        job.state = "done"
+        if job.on_finish is not None:
+            job.on_finish(job)
+
+
+def drive(backend: Backend, generation: Generation, policy: Optional[Policy] = None) -> Iterator[List[int]]:
+    """Run ``generation`` alone on ``backend`` (a ``Scheduler`` with one job): after every step,
+    the tokens that became final (often none). An error that ended it is raised; closing the
+    iterator early ends the generation (finish_reason None)."""
+    scheduler = Scheduler(backend, parallel=1)
+    job = scheduler.add(generation, policy=policy)
+    job._owns_close = False  # the strategy is reset once the caller has the last tokens, not before
+    try:
+        while not job.done:
+            delivered = scheduler.step()
+            yield delivered[0][1] if delivered else []
+        if job.error is not None:
+            raise job.error
+    finally:
+        scheduler.close()
+        generation.close(generation.stats.finish_reason)
