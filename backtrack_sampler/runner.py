@@ -201,7 +201,8 @@ class _Output:
             self.job.put("backtrack", event_dict(Done(finish, stats.delivered, stats.rewound, stats.rewinds,
                                                       stats.steps, round(stats.seconds, 4))))
         self.job.put("done", {"finish_reason": finish, "completion_tokens": stats.delivered,
-                              "rewound_tokens": stats.rewound, "rewinds": stats.rewinds})
+                              "rewound_tokens": stats.rewound, "rewinds": stats.rewinds,
+                              "constraint": stats.constraint if finish == "constraint" else None})
 
 
 def default_parallel() -> int:

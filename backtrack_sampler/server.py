@@ -182,13 +182,13 @@ class _Reply:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def completion(self, text: str, done: dict) -> dict:
-        choice: Dict[str, Any] = {"index": 0, "finish_reason": done["finish_reason"], "logprobs": None}
+        choice: Dict[str, Any] = {"index": 0, "finish_reason": openai_finish(done["finish_reason"]), "logprobs": None}
         if self.plan.chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
         return {**self._head("chat.completion" if self.plan.chat else "text_completion"), "choices": [choice],
-                "usage": self.usage(done), "backtrack": {"rewound_tokens": done["rewound_tokens"], "rewinds": done["rewinds"]}}
+                "usage": self.usage(done), "backtrack": _backtrack_info(done)}
 
     @property
     def chunk_object(self) -> str:
@@ -209,6 +209,20 @@ class _Reply:
 
     def usage_chunk(self, done: dict) -> dict:
         return {**self._head(self.chunk_object), "choices": [], "usage": self.usage(done)}
+
+
+def openai_finish(finish: Optional[str]) -> Optional[str]:
+    """OpenAI's ``finish_reason`` for ours: a hard constraint that could not hold ("constraint":
+    the text stops before what the strategy could not prevent) is "content_filter", OpenAI's
+    reason for "content was omitted"; ``backtrack.constraint`` then says which strategy and why."""
+    return "content_filter" if finish == "constraint" else finish
+
+
+def _backtrack_info(done: dict) -> Dict[str, Any]:
+    info = {"rewound_tokens": done["rewound_tokens"], "rewinds": done["rewinds"]}
+    if done.get("constraint"):
+        info["constraint"] = done["constraint"]
+    return info
 
 
 def _sse(data: Any) -> str:
@@ -247,7 +261,10 @@ def _streamed_answer(job: Job, reply: _Reply) -> StreamingResponse:
                     yield _sse(value.body())
                     break
                 elif kind == "done":
-                    yield _sse(reply.chunk(None, value["finish_reason"]))
+                    last = reply.chunk(None, openai_finish(value["finish_reason"]))
+                    if value.get("constraint"):
+                        last["backtrack"] = {"constraint": value["constraint"]}
+                    yield _sse(last)
                     if reply.plan.include_usage:
                         yield _sse(reply.usage_chunk(value))
                     break

@@ -629,3 +629,20 @@ def test_serve_load_strategy_as_a_subprocess(files):
         for name in (f"{files}/no_digits.py:NoDigits", "backtrack_sampler.strategy.debug_strategy:DebugStrategy"):
             response = httpx.post(url + "/v1/completions", json={**body, "strategy": [{"name": name}]}, timeout=30)
             assert response.status_code == 400 and response.json()["error"]["param"] == "strategy[0].name"
+
+
+def test_a_constraint_that_cannot_hold_is_content_filter_with_the_reason(files, fake):
+    engine = Engine(fake, "fake")
+    with TestClient(create_app(engine, strategies=[f"{files}/give_up.py:GiveUp"])) as client:
+        body = {"prompt": "the", "max_tokens": 20, "temperature": 0, "strategy": ["GiveUp"]}
+        answer = client.post("/v1/completions", json=body).json()
+        assert answer["choices"][0]["finish_reason"] == "content_filter"
+        assert answer["choices"][0]["text"] == "" and answer["usage"]["completion_tokens"] == 0
+        assert answer["backtrack"]["constraint"] == "GiveUp: three tokens are too many"
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+            chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "content_filter"
+        assert chunks[-1]["backtrack"] == {"constraint": "GiveUp: three tokens are too many"}
+        plain = client.post("/v1/completions", json={**body, "strategy": []}).json()
+        assert plain["choices"][0]["finish_reason"] == "length" and "constraint" not in plain["backtrack"]
+    engine.close()
