@@ -32,35 +32,9 @@ SLOW = 240_000  # ms: the shared test machine can be slow
 PROMPT = "The capital of France is"  # greedy: " the capital of the country of France. It is the largest ..."
 
 
-NO_DIGITS = '''
-import numpy as np
+from conftest import ROOT  # noqa: E402
 
-from backtrack_sampler import BaseStrategy
-
-
-class NoDigits(BaseStrategy):
-    """Never writes a digit.
-
-    max_bans: how many times it may overrule the model's first choice; then digits pass."""
-
-    edits_logits, reads_probs = True, False
-
-    def __init__(self, provider, max_bans: int = 100):
-        self.max_bans = max_bans
-        vocab = range(provider.vocab_size)
-        self.digits = np.array([t for t in vocab if any(c.isdigit() for c in provider.decode([t]))], dtype=np.intp)
-        self.reset()
-
-    def reset(self):
-        self.bans = 0
-
-    def on_logits(self, logits, continuation_tokens):
-        if self.bans < self.max_bans:
-            if np.argmax(logits) in self.digits:
-                self.bans += 1
-            logits[self.digits] = -np.inf
-        return logits
-'''
+NO_DIGITS = (ROOT / "examples" / "no_digits.py").read_text()  # the README's strategy file
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +237,7 @@ def test_a_loaded_strategy_shows_up_and_is_used(page, server):
     plain = post(server, "/v1/completions", {"prompt": YEAR, "temperature": 0, "max_tokens": 10}).json()
     assert sum(c.isdigit() for c in plain["choices"][0]["text"]) >= 4  # the strategy has work to do
     card = add_strategy(page, "NoDigits")
-    expect(card).to_contain_text("Never writes a digit.")
+    expect(card).to_contain_text("Never writes a digit")
     max_bans = card.locator('[data-param="max_bans"]')
     expect(max_bans).to_have_attribute("placeholder", "100")
     page.fill("#prompt", YEAR)

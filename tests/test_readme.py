@@ -30,3 +30,9 @@ def test_readme_has_runnable_examples():
 def test_readme_starts_with_the_two_commands():
     lines = (ROOT / "README.md").read_text().split("```bash\n", 1)[1].split("```")[0].splitlines()
     assert [line.split("#")[0].strip() for line in lines] == ["bash scripts/demo.sh", "bash scripts/test.sh"]
+
+
+def test_the_readme_strategy_file_is_the_example_the_tests_run():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"`no_digits.py`:\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert block == (ROOT / "examples" / "no_digits.py").read_text()
