@@ -61,7 +61,9 @@ class BacktrackSampler:
             min_p in [0, 1]: None turns them off.
         seed: makes sampling reproducible. on_rewind: called with a RewindEvent for every rewind.
         max_rewound_tokens: after this many rewound tokens (default 10 x the token limit + 1000)
-            the sampler stops asking the strategy to rewind, with a warning, so generation always ends.
+            the sampler stops asking the strategy to rewind, with a warning, so generation always ends
+            (a strategy that declares a hard constraint ends instead, with finish_reason "constraint":
+            see ``stats.constraint``).
         The EOS token ends the stream and is not yielded. Bad arguments raise ValueError at once.
         One sampler runs one generation at a time (they share the strategy and the provider's
         cache): iterating a second generator while another is open raises RuntimeError.
