@@ -46,6 +46,7 @@ BUILTINS: Dict[str, str] = {
     "debug": "backtrack_sampler.strategy.debug_strategy:DebugStrategy",
     "human": "backtrack_sampler.strategy.human_guidance_strategy:HumanGuidanceStrategy",
     "repetition": "backtrack_sampler.strategy.repetition_strategy:RepetitionStrategy",
+    "grammar": "backtrack_sampler.strategy.grammar_strategy:GrammarStrategy",
 }
 TERMINAL_ONLY = ("debug", "human")  # they write to / read from a terminal: command line only, never per request
 STRATEGIES = tuple(BUILTINS)  # the built-in names

@@ -1,0 +1,279 @@
+"""GrammarStrategy (structured output): JSON Schema, grammars and regexes that follow every rewind
+and compose with bans. Fast tests on a FakeProvider with JSON pieces in its vocabulary; real-model
+tests (both providers, both embedded models), the command line, the server and a serving engine."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llguidance")
+
+from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, ChainStrategy
+from backtrack_sampler.generation import Generation
+from backtrack_sampler.provider.fake_provider import FakeProvider
+from backtrack_sampler.registry import StrategyRegistry, make_strategy
+from backtrack_sampler.strategy.base_strategy import BaseStrategy
+from backtrack_sampler.strategy.grammar_strategy import GrammarError, GrammarStrategy, check_grammar
+
+VOCAB = ["<pad>", "<eos>", "<bos>"] + [
+    '{"', '"}', "{", "}", "[", "]", '"', ":", ",", ": ", ", ", '": ', '", "', ' "', " ",
+    " the", " cat", " dog", " rug", "cat", "dog", "rug", "name", "color", "age", "red", "green", "blue",
+    "re", "gr", "bl", "ue", "d", "een", "x", "y",
+] + list("abcdefghijklmnopqrstuvwxyz0123456789.")
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "color": {"enum": ["red", "green", "blue"]},
+                   "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+    "required": ["name", "color", "age"], "additionalProperties": False,
+}
+
+
+def fake(boost=(), **options) -> FakeProvider:
+    """A FakeProvider with JSON pieces; ``boost``: tokens made much more likely everywhere."""
+    base = FakeProvider(vocab=VOCAB, **options)
+    if not boost:
+        return base
+
+    def logits(tokens):
+        values = base.logits_for(tokens).copy()
+        for piece in boost:
+            values[base.ids[piece]] += 10
+        return values
+
+    return FakeProvider(vocab=VOCAB, logits_fn=logits, **options)
+
+
+def person_ok(text: str, colors=("red", "green", "blue")) -> bool:
+    """``text`` is a JSON object valid for PERSON (with ``colors`` as its enum)."""
+    value = json.loads(text)
+    return (set(value) == {"name", "color", "age"} and isinstance(value["name"], str) and len(value["name"]) <= 12
+            and value["color"] in colors and type(value["age"]) is int and 0 <= value["age"] <= 120)
+
+
+def run(provider, strategy, prompt=" the", **kwargs):
+    sampler = BacktrackSampler(provider, strategy)
+    kwargs.setdefault("max_new_tokens", 80)
+    text = "".join(sampler.generate_text(prompt, **kwargs))
+    return text, sampler.stats
+
+
+# --- the strategy on its own ---------------------------------------------------------------------
+def test_declared_capabilities_keep_the_sparse_path():
+    provider = fake()
+    strategy = GrammarStrategy(provider, json_schema=PERSON)
+    assert strategy.capabilities == (False, True, True)  # reads no probs, edits logits, a hard constraint
+    generation = Generation(provider, strategy, provider.encode(" the"), 10, (1.0, 50, None, None))
+    assert generation._dense is False
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_json_schema_output_is_valid_and_ends_with_stop(seed):
+    provider = fake()
+    text, stats = run(provider, GrammarStrategy(provider, json_schema=PERSON), seed=seed)
+    assert stats.finish_reason == "stop" and person_ok(text), text
+
+
+def test_json_is_compact_unless_whitespace_is_flexible():
+    provider = fake(boost=(" ",))
+    text, _ = run(provider, GrammarStrategy(provider, json_schema=PERSON), seed=1, temperature=0.5)
+    assert person_ok(text) and re.fullmatch(r'\{"name": ".*", "color": "\w+", "age": \d+\}', text), text
+    loose, stats = run(provider, GrammarStrategy(provider, json_schema=PERSON, whitespace_flexible=True), seed=1,
+                       max_new_tokens=60, temperature=0.5)
+    assert loose.startswith(" ") or "  " in loose or stats.finish_reason == "length", loose  # spaces are allowed now
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_regex_and_lark_grammars(seed):
+    provider = fake()
+    text, stats = run(provider, GrammarStrategy(provider, regex=r"( the| a)( cat| dog) (sat|ran)\."), seed=seed)
+    assert stats.finish_reason == "stop" and re.fullmatch(r"( the| a)( cat| dog) (sat|ran)\.", text), text
+    lark = 'start: animal ("," animal)*\nanimal: " cat" | " dog" | " rug"'
+    text, stats = run(provider, GrammarStrategy(provider, grammar=lark), seed=seed, max_new_tokens=30)
+    assert re.fullmatch(r"( cat| dog| rug)(,( cat| dog| rug))*", text) or stats.finish_reason == "length", text
+    gbnf = 'root ::= "x" [0-9]+ "y"'
+    text, stats = run(provider, GrammarStrategy(provider, grammar=gbnf), seed=seed, max_new_tokens=30)
+    assert stats.finish_reason != "stop" or re.fullmatch(r"x[0-9]+y", text), text
+
+
+def test_complete_grammar_allows_only_end_of_sequence():
+    provider = fake()
+    strategy = GrammarStrategy(provider, regex="cat")
+    strategy.reset()
+    tokens = [provider.ids["cat"]]
+    assert strategy.backtrack(tokens) == tokens and strategy.complete
+    logits = strategy.on_logits(np.zeros(provider.vocab_size, np.float32), tokens)
+    assert list(np.flatnonzero(np.isfinite(logits))) == [provider.ids["<eos>"]]
+
+
+def test_every_rewind_rolls_the_matcher_back():
+    """After a cut to any position, the mask is the one a fresh matcher gives after those tokens."""
+    provider = fake()
+    text = '{"name": "cat", "color": "blue", "age": 42}'
+    tokens = provider.encode(text, add_special_tokens=False)
+    strategy = GrammarStrategy(provider, json_schema=PERSON)
+    strategy.reset()
+    assert strategy.backtrack(list(tokens)) == tokens and strategy.complete
+    for position in [len(tokens) - 1, 9, 5, 1, 0]:
+        strategy.on_rewind(position)
+        fresh = GrammarStrategy(provider, json_schema=PERSON)
+        fresh.backtrack(list(tokens[:position]))
+        assert not strategy.complete
+        np.testing.assert_array_equal(strategy.allowed(), fresh.allowed())
+    assert strategy.backtrack(list(tokens)) == tokens and strategy.complete  # and it follows the tokens again
+
+
+def test_a_refused_token_from_a_driver_is_rewound_and_banned_there():
+    provider = fake()
+    strategy = GrammarStrategy(provider, json_schema=PERSON)
+    generation = Generation(provider, strategy, provider.encode(" the"), 20, (1.0, 50, None, None))
+    generation.push(provider.ids['{"'])
+    generation.push(provider.ids["dog"])  # not a key of PERSON
+    assert generation.tokens == [provider.ids['{"']]
+    assert generation.stats.events[-1].reason.startswith("json_schema: token not allowed")
+    logits = strategy.on_logits(np.zeros(provider.vocab_size, np.float32), generation.tokens)
+    assert logits[provider.ids["dog"]] == -np.inf
+
+
+def test_the_mask_is_cheap_on_a_large_vocabulary():
+    """The bitmask is applied with vectorised numpy (a 262k vocabulary, as Gemma 3's)."""
+    vocab = VOCAB + [f"w{i}" for i in range(262_144 - len(VOCAB))]
+    provider = FakeProvider(vocab=vocab)
+    strategy = GrammarStrategy(provider, json_schema={"type": "object", "properties": {"s": {"type": "string"}}})
+    strategy.reset()
+    tokens = provider.encode('{"s": "', add_special_tokens=False)
+    strategy.backtrack(tokens)
+    logits = np.random.default_rng(0).standard_normal(len(vocab)).astype(np.float32)
+    strategy.on_logits(logits.copy(), tokens)  # warm
+    start = time.perf_counter()
+    for _ in range(20):
+        out = strategy.on_logits(logits.copy(), tokens)
+    per_call = (time.perf_counter() - start) / 20
+    assert np.isfinite(out).sum() > 200_000  # inside a string nearly every token is allowed
+    assert per_call < 0.02, per_call  # about 1 ms here; a Python loop over the vocabulary takes ~100 ms
+
+
+# --- composition with bans -----------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(6))
+def test_enum_whose_values_are_all_banned_but_one_gives_that_one(seed):
+    provider = fake(boost=("red", "re", "green", "gr"))
+    bans = AntiSlopStrategy(provider, ["red", "green"])
+    text, stats = run(provider, ChainStrategy([bans, GrammarStrategy(provider, json_schema=PERSON)]), seed=seed)
+    assert stats.finish_reason == "stop" and person_ok(text, colors=("blue",)), text
+    assert stats.rewinds > 0  # the bans did work
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_an_impossible_combination_ends_with_constraint(seed):
+    provider = fake()
+    bans = AntiSlopStrategy(provider, ["red", "green", "blue"])
+    text, stats = run(provider, ChainStrategy([bans, GrammarStrategy(provider, json_schema=PERSON)]), seed=seed)
+    assert stats.finish_reason == "constraint" and stats.constraint
+    assert not any(color in text for color in ("red", "green", "blue"))
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)  # what was final before: never a complete answer
+
+
+@pytest.mark.parametrize("order", ["bans first", "grammar first"])
+def test_a_dead_end_rewinds_further(order):
+    """After "x" the grammar allows only " cat", which is banned: the grammar rewinds to "x", bans
+    it, and "y dog" follows. With the grammar last it always finds it; first in the chain,
+    AntiSlop's own exhaustion may end it (its keep index has made "x" final) but never with a ban."""
+    provider = fake(boost=("x", " cat", "cat", "c"))
+    for seed in range(3):
+        bans = AntiSlopStrategy(provider, ["cat"], max_retries=30)
+        grammar = GrammarStrategy(provider, regex="x cat|y dog")
+        text, stats = run(provider, ChainStrategy([bans, grammar] if order == "bans first" else [grammar, bans]),
+                          seed=seed)
+        if order == "bans first":
+            assert (text, stats.finish_reason) == ("y dog", "stop")
+            assert any("dead end" in (event.reason or "") for event in stats.events)
+        else:
+            assert (text, stats.finish_reason) in {("y dog", "stop"), ("", "constraint")}
+
+
+def test_a_dead_end_past_the_lookback_ends_with_constraint():
+    provider = fake(boost=("x", " cat", "cat", "c"))
+    bans = AntiSlopStrategy(provider, ["cat"], max_retries=30)
+    text, stats = run(provider, ChainStrategy([bans, GrammarStrategy(provider, regex="x cat|y dog", lookback=0)]))
+    assert stats.finish_reason == "constraint" and "GrammarStrategy" in stats.constraint and "banned" in stats.constraint
+    assert "cat" not in text
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rewinds_by_another_strategy_keep_the_output_valid(seed):
+    """AntiSlop bans words inside the JSON string value: it rewinds there again and again (the
+    matcher follows each rewind) and the JSON stays valid, without them."""
+    provider = fake(boost=("cat", "dog", "c", "d"))
+    bans = AntiSlopStrategy(provider, ["cat", "dog"])
+    schema = {"type": "object", "properties": {"name": {"type": "string", "minLength": 3, "maxLength": 20}},
+              "required": ["name"], "additionalProperties": False}
+    text, stats = run(provider, ChainStrategy([bans, GrammarStrategy(provider, json_schema=schema)]), seed=seed,
+                      max_new_tokens=60)
+    assert stats.finish_reason == "stop", (text, stats.constraint)
+    value = json.loads(text)
+    assert 3 <= len(value["name"]) <= 20 and "cat" not in text and "dog" not in text
+    assert any((event.reason or "").startswith("AntiSlopStrategy") for event in stats.events)
+
+
+# --- errors, limits, the registry -----------------------------------------------------------------
+@pytest.mark.parametrize("params, words", [
+    ({"json_schema": {"type": "objectx"}}, ["json_schema", "objectx"]),
+    ({"grammar": "start: foo"}, ["grammar", "foo"]),
+    ({"regex": "a(b"}, ["regex", "unclosed group"]),
+    ({}, ["exactly one"]),
+    ({"regex": "a", "grammar": "start: \"a\""}, ["exactly one", "grammar, regex"]),
+])
+def test_bad_grammars_name_the_problem(params, words):
+    provider = fake()
+    for attempt in (lambda: GrammarStrategy(provider, **params), lambda: check_grammar(**params)):
+        with pytest.raises(GrammarError) as error:
+            attempt()
+        assert isinstance(error.value, ValueError)
+        for word in words:
+            assert word in str(error.value)
+
+
+def test_check_grammar_bounds_size_and_compile_time():
+    with pytest.raises(GrammarError, match="max_grammar_chars"):
+        check_grammar(json_schema={"enum": ["x" * 50] * 10}, max_chars=100)
+    # llguidance's compile time grows exponentially with allOf patterns (20: 35 s): killed at the limit
+    hostile = {"allOf": [{"type": "string", "pattern": f".*{c}.*"} for c in "abcdefghijklmnopqrst"]}
+    start = time.perf_counter()
+    with pytest.raises(GrammarError, match="max_grammar_seconds"):
+        check_grammar(json_schema=hostile, max_chars=10_000, timeout=1.0)
+    assert time.perf_counter() - start < 10
+    assert check_grammar(json_schema=PERSON, max_chars=10_000, timeout=10.0)  # the checker starts again
+
+
+def test_registered_as_a_builtin():
+    provider = fake()
+    kind = StrategyRegistry().get("grammar", per_request=True)
+    assert kind.cls is GrammarStrategy and kind.builtin
+    strategy = make_strategy("grammar", provider, json_schema={"type": "object"})
+    assert isinstance(strategy, GrammarStrategy) and strategy.kind == "json_schema"
+    schema = kind.schema()
+    assert schema["capabilities"] == {"reads_probs": False, "edits_logits": True, "hard_constraint": True}
+    assert {"json_schema", "grammar", "regex", "lookback"} <= set(schema["parameters"]["properties"])
+
+
+def test_a_strategy_that_changes_the_masked_logits_after_it_cannot_break_the_output():
+    """A strategy chained after the grammar that undoes its mask: the refused tokens are rewound."""
+
+    class Unmask(BaseStrategy):
+        edits_logits, reads_probs = True, False
+
+        def on_logits(self, logits, tokens):
+            return np.zeros_like(logits)
+
+    provider = fake()
+    for seed in range(3):
+        text, stats = run(provider, ChainStrategy([GrammarStrategy(provider, regex=" the cat"), Unmask()]), seed=seed,
+                          temperature=0.3, max_new_tokens=10, max_rewound_tokens=10_000)
+        assert " the cat".startswith(text), text  # always a prefix of a valid text
+        assert stats.finish_reason != "stop" or text == " the cat", text
+        assert any("not allowed" in (event.reason or "") for event in stats.events)
