@@ -15,9 +15,10 @@ runs it on the decoded continuation, the quality benchmark and the tests call ``
 A ``Repeat`` says where the copy begins (``start``), where the text it copies begins
 (``source``) and where it was found (``end``), in characters.
 
-The detector costs a few microseconds per new character: the loop rule keeps, for every period p,
-how many characters at the end equal the one p before (a slice comparison per period per piece);
-words and sentences are hashed once, when complete. A rewind truncates (the loop runs are
+The detector costs about a microsecond per new character: the loop rule keeps, for the periods p
+at which the text now repeats, how many characters at the end equal the one p before (per
+character, a ``str.find`` of it in the ``max_period`` characters before); words and sentences are
+hashed once, when complete. A rewind truncates (the loop runs are
 recomputed from the last few dozen characters).
 
 ``distinct_n`` (unique word n-grams / all), ``rep_n`` (1 - distinct-n over the whole text, the
@@ -93,7 +94,7 @@ class RepeatDetector:
 
     def reset(self) -> None:
         self.text = ""
-        self._runs = [0] * len(self._periods)
+        self._runs: Dict[int, int] = {}  # period -> characters at the end equal to the one that far before
         self._words: List[Tuple[int, int, str]] = []  # complete words: (start, end, lower-cased)
         self._grams: Dict[Tuple[str, ...], List[int]] = {}  # n-gram -> indices of the words ending it
         self._sentences: List[int] = [0]  # word index where each sentence begins (the last is open)
@@ -112,28 +113,30 @@ class RepeatDetector:
         return found
 
     def _loops(self, start: int) -> Optional[Repeat]:
-        """Loops completed by the characters from ``start`` on: ``runs[i]`` counts the characters
-        at the end equal to the one ``p = i + 1`` before (per character: one comparison per period)."""
-        text, runs, periods = self.text, self._runs, self._periods
-        low = self._low
+        """Loops completed by the characters from ``start`` on. ``runs`` maps a period p to how
+        many characters at the end equal the one p before (periods with none are left out): per
+        character, only the periods at which the same character occurs are looked at."""
+        text, runs, periods = self.text, self._runs, len(self._periods)
         found = None
         for t in range(start, len(text)):
-            char = text[t]
-            if t >= len(periods):
-                runs = [r + 1 if text[t - p] == char else 0 for p, r in zip(periods, runs)]
-            else:
-                runs = [r + 1 if t - p >= 0 and text[t - p] == char else 0 for p, r in zip(periods, runs)]
-            if found is None and max(runs) >= low:
+            char, lo, new = text[t], max(t - periods, 0), {}
+            j = text.find(char, lo, t)
+            while j != -1:
+                p = t - j
+                new[p] = runs.get(p, 0) + 1
+                j = text.find(char, j + 1, t)
+            runs = new
+            if found is None and runs and max(runs.values()) >= self._low:
                 found = self._loop_at(t + 1, runs)
         self._runs = runs
         return found
 
-    def _loop_at(self, end: int, runs: List[int]) -> Optional[Repeat]:
+    def _loop_at(self, end: int, runs: Dict[int, int]) -> Optional[Repeat]:
         """The loop of the smallest period that the text up to ``end`` ends with, if any."""
         text = self.text
-        for i, run in enumerate(runs):
-            p = i + 1
-            if run >= self._need[i] and (run >= self._symbol_need[i] or any(c.isalnum() for c in text[end - p : end])):
+        for p in sorted(runs):
+            run = runs[p]
+            if run >= self._need[p - 1] and (run >= self._symbol_need[p - 1] or any(c.isalnum() for c in text[end - p : end])):
                 return Repeat("loop", end - run, end, end - run - p)
         return None
 
@@ -210,19 +213,21 @@ class RepeatDetector:
 
     def _recount(self) -> None:
         text, n = self.text, len(self.text)
-        floor = max(0, n - max(self._symbol_need + self._need + [0]) - self.rules.max_period - 1)
-        for i, p in enumerate(self._periods):
+        runs = {}
+        for p in self._periods:
             run, j = 0, n - 1
-            while j - p >= floor and text[j] == text[j - p]:
+            while j - p >= 0 and text[j] == text[j - p]:
                 run, j = run + 1, j - 1
-            self._runs[i] = run
+            if run:
+                runs[p] = run
+        self._runs = runs
 
     @property
     def hold(self) -> int:
         """The earliest character a repeat found later can begin at: text before it never becomes
         part of one (a loop's run, the words an n-gram or the open sentence can still take in)."""
         n = len(self.text)
-        hold = n - max(self._runs, default=0)
+        hold = n - max(self._runs.values(), default=0)
         words, rules = self._words, self.rules
         if rules.ngram_words and words:
             hold = min(hold, words[max(len(words) - rules.ngram_words + 1, 0)][0])
