@@ -17,6 +17,7 @@ from .chat import chat_prompt_tokens
 from .errors import UsageError
 from .models import BACKENDS, MODELS, default_model, load_provider
 from .provider.base_provider import BaseProvider
+from . import registry
 from .registry import (BUILTINS, StrategyCall, StrategyRegistry, build_strategies, check_regexes, read_regexes,
                        read_slops)
 
@@ -147,6 +148,12 @@ def _add_generation_args(parser, human: bool = False):
         group.add_argument("--replace", metavar="TEXT", action="append", default=[], help="its replacement")
         group = parser.add_argument_group("debug")
         group.add_argument("--debug-top-n", type=_positive_int, metavar="N", help="candidates shown per step (default: 2)")
+    if not human:
+        group = parser.add_argument_group("structured output (the grammar strategy, chained last; combines with the bans)")
+        group.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid for this JSON Schema file")
+        group.add_argument("--json-object", action="store_true", help="the output is a JSON object (any)")
+        group.add_argument("--grammar", metavar="FILE", help="the output follows this Lark or GBNF grammar file")
+        group.add_argument("--regex-output", metavar="PATTERN", help="the whole output matches this regex")
     group = parser.add_argument_group("human")
     group.add_argument("--human-top-k", type=_positive_int, metavar="K", help="choices offered at each step (default: 3)")
     group.add_argument("--min-autopass", type=_number, metavar="P", help="accept a token without asking when its probability is at least P (default: 1.0)")
@@ -305,7 +312,55 @@ def strategy_plan(args, stderr: Optional[TextIO] = None,
                      for f, r in pairs]
             continue
         plan.append(StrategyCall(kind, kind.checked({**params, **given}, f"--strategy {spec}"), extra))
-    return plan
+    return _with_grammar(args, plan, strategies)
+
+
+def _grammar_params(args) -> Optional[Dict[str, Any]]:
+    """The grammar strategy's parameters from --json-schema/--json-object/--grammar/--regex-output
+    (files read and the grammar checked now, before the model loads), or None."""
+    given = [flag for flag, value in (("--json-schema", getattr(args, "json_schema", None)),
+                                      ("--json-object", getattr(args, "json_object", False)),
+                                      ("--grammar", getattr(args, "grammar", None)),
+                                      ("--regex-output", getattr(args, "regex_output", None))) if value]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise UsageError(f"give one of {', '.join(given)}")
+    if args.json_schema:
+        text = registry._read_text(args.json_schema, "JSON Schema file")
+        try:
+            params: Dict[str, Any] = {"json_schema": json.loads(text)}
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{args.json_schema} is not valid JSON: {error}") from None
+    elif args.json_object:
+        params = {"json_schema": {"type": "object"}}
+    elif args.grammar:
+        params = {"grammar": registry._read_text(args.grammar, "grammar file")}
+    else:
+        params = {"regex": args.regex_output}
+    from .strategy.grammar_strategy import GrammarError, check_grammar
+
+    try:
+        check_grammar(**params)
+    except GrammarError as error:
+        raise UsageError(f"{given[0]}: {error}") from None
+    except ImportError as error:
+        raise UsageError(str(error)) from None
+    return params
+
+
+def _with_grammar(args, plan: List[StrategyCall], strategies: StrategyRegistry) -> List[StrategyCall]:
+    """``plan`` with the structured-output flags: given to a ``--strategy grammar`` that has no
+    grammar of its own, else a grammar strategy chained last (its mask has the last word)."""
+    params = _grammar_params(args)
+    if params is None:
+        return plan
+    kind = strategies.get("grammar")
+    for i, call in enumerate(plan):
+        if call.name == "grammar" and not any(call.kwargs.get(key) is not None for key in ("json_schema", "grammar", "regex")):
+            plan[i] = StrategyCall(kind, kind.checked({**call.kwargs, **params}, "--strategy grammar"), call.extra)
+            return plan
+    return plan + [StrategyCall(kind, kind.checked(params, "--json-schema/--grammar/--regex-output"))]
 
 
 class _RewindDisplay:

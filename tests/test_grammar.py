@@ -277,3 +277,126 @@ def test_a_strategy_that_changes_the_masked_logits_after_it_cannot_break_the_out
         assert " the cat".startswith(text), text  # always a prefix of a valid text
         assert stats.finish_reason != "stop" or text == " the cat", text
         assert any("not allowed" in (event.reason or "") for event in stats.events)
+
+
+# --- the command line (a FakeProvider) -------------------------------------------------------------
+def cli_run(argv, monkeypatch=None, provider=None):
+    import io
+
+    from backtrack_sampler import cli
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(cli, "load_provider", lambda *args, **kwargs: provider)
+    out, err = io.StringIO(), io.StringIO()
+    status = cli.main(argv, stdin=io.StringIO(""), stdout=out, stderr=err)
+    return status, out.getvalue().rstrip("\n"), err.getvalue()
+
+
+def test_cli_flags_chain_the_grammar_last(tmp_path, monkeypatch):
+    provider = fake(boost=("red", "re", "green", "gr"))
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(PERSON))
+    for seed in range(3):
+        status, out, err = cli_run(["generate", " the", "--json-schema", str(schema), "--ban", "red", "--ban", "green",
+                                    "--seed", str(seed), "--max-new-tokens", "80"], monkeypatch, provider)
+        assert status == 0 and person_ok(out, colors=("blue",)), (out, err)
+    status, out, err = cli_run(["generate", " the", "--regex-output", "( the| a)( cat| dog)", "--ban", "cat",
+                                "--seed", "3"], monkeypatch, provider)
+    assert status == 0 and out in (" the dog", " a dog"), (out, err)
+    (tmp_path / "g.lark").write_text('start: " cat" | " dog" | " rug"')
+    status, out, err = cli_run(["generate", " the", "--grammar", str(tmp_path / "g.lark"), "--ban", "dog", "--ban", "cat",
+                                "--seed", "3"], monkeypatch, provider)
+    assert (status, out) == (0, " rug"), err
+    status, out, err = cli_run(["generate", " the", "--json-object", "--seed", "1", "--max-new-tokens", "40",
+                                "--strategy", "antislop", "--strategy-args", '{"slops": ["cat"]}'], monkeypatch, provider)
+    assert status == 0 and (out.startswith("{") and "cat" not in out), (out, err)
+
+
+def test_cli_strategy_grammar_and_the_flags(tmp_path, monkeypatch):
+    provider = fake()
+    args = json.dumps({"json_schema": {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"],
+                                       "additionalProperties": False}})
+    status, out, err = cli_run(["generate", " the", "--strategy", "grammar", "--strategy-args", args, "--seed", "0"],
+                               monkeypatch, provider)
+    assert status == 0 and set(json.loads(out)) == {"age"}, (out, err)
+    status, out, err = cli_run(["generate", " the", "--strategy", "grammar", "--regex-output", "( cat| dog)"],
+                               monkeypatch, provider)  # the flag fills the grammar of that --strategy grammar
+    assert status == 0 and out in (" cat", " dog"), (out, err)
+
+
+def test_cli_impossible_combination_exits_3(tmp_path, monkeypatch):
+    provider = fake()
+    status, out, err = cli_run(["generate", " the", "--regex-output", "( the| a) cat", "--ban", "cat"], monkeypatch,
+                               provider)
+    assert status == 3 and "cat" not in out and "hard constraint could not be held" in err, (out, err)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--json-schema", "MISSING.json"], ["JSON Schema file not found"]),
+    (["--json-schema", "BAD"], ["not valid JSON"]),
+    (["--json-schema", "TYPO"], ["--json-schema", "objectx"]),
+    (["--regex-output", "a(b"], ["--regex-output", "unclosed group"]),
+    (["--regex-output", "a", "--json-object"], ["give one of", "--json-object", "--regex-output"]),
+])
+def test_cli_bad_grammars_are_one_line_errors_before_the_model_loads(argv, words, tmp_path, monkeypatch):
+    (tmp_path / "BAD").write_text("{not json")
+    (tmp_path / "TYPO").write_text('{"type": "objectx"}')
+    argv = [str(tmp_path / a) if a in ("BAD", "TYPO", "MISSING.json") else a for a in argv]
+    loaded = []
+    monkeypatch.setattr("backtrack_sampler.cli.load_provider", lambda *a, **k: loaded.append(1) or fake())
+    status, out, err = cli_run(["generate", " the", *argv])
+    assert status == 1 and not loaded and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+
+
+# --- through a serving engine (the fake engine of tests/engine_fakes.py) ---------------------------
+@pytest.fixture(params=["llama-server", "vllm", "sglang"])
+def engine_type(request):
+    return request.param
+
+
+def test_through_an_engine_the_output_is_valid_and_free_of_bans(engine_type):
+    """The engine drafts; the grammar masks its K candidates (and rewinds where none is allowed).
+    With top-k off and K = the vocabulary the engine reports every token: exact, as in process."""
+    from backtrack_sampler.engine import EngineProvider
+    from engine_fakes import FakeEngine
+
+    model = fake(boost=("red", "re", "green", "gr"))
+    engine = FakeEngine(engine_type, model.logits_for, model.vocab_size, eos=model.get_eos_token_id())
+    try:
+        provider = EngineProvider(engine.url, engine_type, tokenizer=model, n_probs=len(VOCAB))
+        for seed in range(3):
+            strategy = ChainStrategy([AntiSlopStrategy(provider, ["red", "green"]),
+                                      GrammarStrategy(provider, json_schema=PERSON)])
+            text, stats = run(provider, strategy, seed=seed, top_k=0)
+            assert stats.finish_reason == "stop" and person_ok(text, colors=("blue",)), text
+    finally:
+        engine.close()
+
+
+def test_through_an_engine_a_forced_token_outside_the_candidates_rewinds():
+    """With K candidates the grammar chooses among those K: where the token it forces is not one
+    of them (here: never, the model ranks it last), the generation rewinds and, unable to find it,
+    ends with "constraint", never with text the grammar refuses. In process it is found."""
+    from backtrack_sampler.engine import EngineProvider
+    from engine_fakes import FakeEngine
+
+    base = fake()
+
+    def logits(tokens):
+        values = base.logits_for(tokens).copy()
+        values[base.ids["x"]] = -50.0  # always last
+        return values
+
+    model = FakeProvider(vocab=VOCAB, logits_fn=logits)
+    engine = FakeEngine("llama-server", model.logits_for, model.vocab_size, eos=model.get_eos_token_id())
+    try:
+        provider = EngineProvider(engine.url, "llama-server", tokenizer=model, n_probs=8)
+        text, stats = run(provider, GrammarStrategy(provider, regex="( cat| dog)x"), seed=0, top_k=8,
+                          max_new_tokens=10)
+        assert stats.finish_reason == "constraint" and text in ("", " cat", " dog")
+        local, local_stats = run(model, GrammarStrategy(model, regex="( cat| dog)x"), seed=0, top_k=8)
+        assert local_stats.finish_reason == "stop" and local in (" catx", " dogx")
+    finally:
+        engine.close()

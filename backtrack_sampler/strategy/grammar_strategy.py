@@ -85,7 +85,9 @@ def _which(json_schema, grammar, regex) -> str:
 
 
 def _short(message: str, limit: int = 400) -> str:
-    message = message.strip().split("\n<state>")[0].strip()  # llguidance appends a parser-state dump
+    """llguidance's message on one line, without its parser-state dump and caret lines."""
+    message = message.split("\n<state>")[0]
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip() and line.strip() != "^")
     return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
