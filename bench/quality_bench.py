@@ -17,6 +17,32 @@ n-grams / all n-grams, per story, averaged; higher = less repetitive).
     .venv/bin/python bench/quality_bench.py                      # 10 prompts x 200 tokens (a few minutes)
     .venv/bin/python bench/quality_bench.py --prompts 3 --tokens 100 --show
 
+``--suite repetition`` (issue 17) compares, on the same prompts (x ``--seeds`` seeds each):
+
+* plain: no strategy;
+* repetition: ``RepetitionStrategy`` with its defaults;
+* bans: AntiSlop with one half of the 517-phrase list as hard bans (the phrases in sorted order,
+  every other one: half A), the other half (B) only counted, so the table shows whether bans
+  just move slop to near-synonyms (B goes up) or not;
+* both: the bans, then repetition, chained.
+
+Reported per setting: degenerate outputs (``backtrack_sampler.quality.is_degenerate``: the same
+repeat rules the strategy uses), hits of half A and half B per 1,000 words, rewinds and rewound
+tokens, tokens/s and its ratio to plain, the decode steps per delivered token (rewound tokens are
+decoded again: the intrinsic cost, which machine load does not blur), the strategy's own cost in
+microseconds per token (its hooks replayed on the plain outputs without the model), mean NLL under
+the plain model, distinct-2/3, rep-4 (share of word 4-grams that repeat an earlier one) and the
+share of words inside a repeated 8-gram.
+
+``--suite confidence`` measures ``ConfidenceStrategy`` (confidence-triggered revision) on short
+questions with known answers (capitals, one-step arithmetic, common facts): an answer counts when
+its expected word is among the first 30 words of the reply. Plain vs revised, sampled (temperature 1,
+top_k 50, ``--seeds`` seeds) and greedy; plain with min_p 0.1 as a reference (revision acts like a
+post-hoc truncation of unlikely draws).
+
+    .venv/bin/python bench/quality_bench.py --suite repetition --prompts 12 --seeds 2 --tokens 300
+    .venv/bin/python bench/quality_bench.py --suite confidence --seeds 3
+
 The slop lists are third-party data read from ../shared/data/antislop (beside the repository),
 never copied; without them the benchmark stops with an error (exit status 2).
 """
@@ -89,7 +115,13 @@ def main() -> int:
     parser.add_argument("--model", default=MODEL, help=f"an embedded model's name or a .gguf file (default {MODEL})")
     parser.add_argument("--show", action="store_true", help="print every story")
     parser.add_argument("--data", type=Path, default=DATA, help=f"antislop's data folder (default {DATA})")
+    parser.add_argument("--suite", choices=("antislop", "repetition", "confidence"), default="antislop",
+                        help="antislop: plain vs the 517 / 50,046 lists (default); repetition: plain vs "
+                        "RepetitionStrategy vs half the 517 list banned vs both; confidence: revision on Q&A")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per prompt (repetition and confidence suites)")
     args = parser.parse_args()
+    if args.suite == "confidence":
+        return confidence_suite(args)
     data = args.data
     if not (data / "slop_phrase_prob_adjustments.json").is_file():
         print(f"error: the slop lists are missing: {data} (antislop's data, in the shared/ folder beside the "
@@ -102,6 +134,8 @@ def main() -> int:
     from backtrack_sampler.provider.llamacpp_provider import LlamacppProvider
 
     small = json.loads((data / "slop_phrase_prob_adjustments.json").read_text())
+    if args.suite == "repetition":
+        return repetition_suite(args, [p.lower() for p, _ in small])
     full = json.loads((data / "slop_phrase_prob_adjustments_full_list.json").read_text())
     phrases = [p.lower() for p, _ in small]
     threads = {} if args.threads is None else {"n_threads": args.threads, "n_threads_batch": args.threads}
@@ -158,6 +192,193 @@ def main() -> int:
               f"{np.nanmean([r['nll'] for r in rows]):6.3f} {np.mean([r['d2'] for r in rows]):6.3f} "
               f"{np.mean([r['d3'] for r in rows]):6.3f}")
     print("NLL: mean negative log-likelihood per token under the plain model (nats); dist-n: distinct word n-grams")
+    print(f"total time {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def load(args):
+    from backtrack_sampler.models import load_llamacpp
+    from backtrack_sampler.provider.llamacpp_provider import LlamacppProvider
+
+    threads = {} if args.threads is None else {"n_threads": args.threads, "n_threads_batch": args.threads}
+    n_ctx = 512 + args.tokens
+    provider = LlamacppProvider(load_llamacpp(args.model, n_ctx=n_ctx, **threads))
+    scorer = load_llamacpp(args.model, n_ctx=n_ctx, logits_all=True, **threads)
+    return provider, scorer
+
+
+def strategy_cost(strategy, outputs, vocab_size: int) -> float:
+    """Microseconds per token the strategy's hooks take, replayed on ``outputs`` (token lists)
+    without the model: on_logits (on a zero row) and backtrack after each token, as a driver calls
+    them. A rewind it asks for is told to it (on_rewind) and the replay goes on with the recorded
+    tokens (it then sees the rewound ones again, at once)."""
+    total, count = 0.0, 0
+    row = np.zeros(vocab_size, dtype=np.float32)
+    for out in outputs:
+        strategy.reset()
+        tokens: list = []
+        started = time.perf_counter()
+        for token in out:
+            strategy.on_logits(row, tokens)
+            tokens.append(token)
+            kept = strategy.backtrack(tokens)
+            if len(kept) < len(tokens):
+                strategy.on_rewind(len(kept))
+        total += time.perf_counter() - started
+        count += len(out)
+    strategy.reset()
+    return 1e6 * total / max(count, 1)
+
+
+def repetition_suite(args, phrases: list) -> int:
+    """plain / repetition / bans (half A of the 517 list) / both; half B counted only."""
+    from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy, ChainStrategy
+    from backtrack_sampler.chat import chat_prompt_tokens
+    from backtrack_sampler.models import model_name
+    from backtrack_sampler.quality import distinct_n, is_degenerate, rep_n, repeated_fraction
+    from backtrack_sampler.strategy.repetition_strategy import RepetitionStrategy
+
+    ordered = sorted(set(phrases))
+    half_a, half_b = ordered[0::2], ordered[1::2]
+    started = time.perf_counter()
+    provider, scorer = load(args)
+    settings = {
+        "plain": lambda: BaseStrategy(),
+        "repetition": lambda: RepetitionStrategy(provider),
+        "bans (half A)": lambda: AntiSlopStrategy(provider, half_a),
+        "both": lambda: ChainStrategy([AntiSlopStrategy(provider, half_a), RepetitionStrategy(provider)]),
+    }
+    prompts = PROMPTS[: max(1, min(args.prompts, len(PROMPTS)))]
+    seeds = list(range(args.seed, args.seed + max(1, args.seeds)))
+    print(f"model {model_name(args.model)}: {len(prompts)} held-out story prompts x {len(seeds)} seeds x {args.tokens} "
+          f"tokens, temperature {args.temperature}, top_k 50, chat template; 517 list split in two halves of "
+          f"{len(half_a)} and {len(half_b)} phrases (A banned, B counted)", flush=True)
+    list(BacktrackSampler(provider, BaseStrategy()).generate_text("Hello", max_new_tokens=4))  # warm up
+    results = {name: [] for name in settings}
+    outputs = []
+    for i, request in enumerate(prompts):
+        prompt = chat_prompt_tokens(provider, [{"role": "user", "content": request}])
+        for seed in seeds:
+            line = []
+            for name, make in settings.items():  # alternate settings, so machine load hits all alike
+                provider.reset()
+                sampler = BacktrackSampler(provider, make())
+                out = list(sampler.generate(prompt, max_new_tokens=args.tokens, temperature=args.temperature,
+                                            top_k=50, seed=seed))
+                text = provider.decode(out)
+                s = sampler.stats
+                row = {"degenerate": is_degenerate(text), "a": hits(text, half_a), "b": hits(text, half_b),
+                       "words": len(text.split()), "tokens": s.delivered, "steps": s.steps, "rewinds": s.rewinds,
+                       "rewound": s.rewound, "seconds": s.seconds,
+                       "nll": mean_nll(scorer, prompt, out) if out else float("nan"),
+                       "d2": distinct_n(text, 2), "d3": distinct_n(text, 3), "rep4": rep_n(text, 4),
+                       "repeated": repeated_fraction(text)}
+                results[name].append(row)
+                if name == "plain":
+                    outputs.append(out)
+                line.append(f"{name}: {'LOOP' if row['degenerate'] else 'ok'} {row['a']}/{row['b']} {s.rewinds}rw")
+                if args.show:
+                    print(f"\n--- prompt {i + 1} seed {seed}, {name} ---\n{text}\n")
+            print(f"  prompt {i + 1:2d} seed {seed}: " + " | ".join(line), flush=True)
+    costs = {name: strategy_cost(make(), outputs, provider.vocab_size) for name, make in settings.items()}
+
+    runs = len(prompts) * len(seeds)
+    print(f"\n== {model_name(args.model)}, {runs} stories ({len(prompts)} held-out prompts x {len(seeds)} seeds) x "
+          f"{args.tokens} tokens, temperature {args.temperature}, top_k 50 ==")
+    print(f"{'setting':14} {'degen.':>6} {'A/1k':>5} {'B/1k':>5} {'rewinds':>7} {'rewound':>7} {'tok/s':>6} {'ratio':>5} "
+          f"{'steps/tok':>9} {'us/tok':>6} {'NLL':>6} {'dist-2':>6} {'dist-3':>6} {'rep-4':>6} {'rep.8g':>6}")
+    base = None
+    for name, rows in results.items():
+        total = lambda key: sum(r[key] for r in rows)  # noqa: E731
+        tps = total("tokens") / total("seconds")
+        base = base or tps
+        words = max(total("words"), 1)
+        print(f"{name:14} {total('degenerate'):3d}/{len(rows):<2d} {1000 * total('a') / words:5.2f} "
+              f"{1000 * total('b') / words:5.2f} {total('rewinds'):7d} {total('rewound'):7d} {tps:6.1f} {tps / base:5.2f} "
+              f"{total('steps') / max(total('tokens'), 1):9.3f} {costs[name]:6.1f} {np.nanmean([r['nll'] for r in rows]):6.3f} "
+              f"{np.mean([r['d2'] for r in rows]):6.3f} {np.mean([r['d3'] for r in rows]):6.3f} "
+              f"{np.mean([r['rep4'] for r in rows]):6.3f} {np.mean([r['repeated'] for r in rows]):6.3f}")
+    print("degen.: outputs with a repeat (quality.is_degenerate); A/1k, B/1k: hits of the banned / the counted half per "
+          "1,000 words;\nsteps/tok: decode steps per delivered token; us/tok: the strategy's hooks alone; NLL: under the "
+          "plain model (nats/token);\nrep-4: share of word 4-grams repeating an earlier one; rep.8g: share of words in a "
+          "repeated 8-gram")
+    print(f"total time {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+# Short questions with known answers (written for this benchmark): (question, accepted answer words)
+QUESTIONS = [
+    ("What is the capital of France?", ["paris"]), ("What is the capital of Japan?", ["tokyo"]),
+    ("What is the capital of Italy?", ["rome"]), ("What is the capital of Germany?", ["berlin"]),
+    ("What is the capital of Spain?", ["madrid"]), ("What is the capital of the United Kingdom?", ["london"]),
+    ("What is the capital of Russia?", ["moscow"]), ("What is the capital of China?", ["beijing"]),
+    ("What is the capital of Egypt?", ["cairo"]), ("What is the capital of Greece?", ["athens"]),
+    ("What is 2 + 2?", ["4", "four"]), ("What is 3 + 5?", ["8", "eight"]), ("What is 10 - 3?", ["7", "seven"]),
+    ("What is 6 times 7?", ["42", "forty-two"]), ("What is 5 times 5?", ["25", "twenty-five"]),
+    ("What is 9 + 10?", ["19", "nineteen"]), ("What is 12 + 15?", ["27", "twenty-seven"]),
+    ("What is 100 divided by 4?", ["25", "twenty-five"]), ("What is 7 times 8?", ["56", "fifty-six"]),
+    ("What is 15 - 6?", ["9", "nine"]),
+    ("How many days are there in a week?", ["7", "seven"]), ("How many legs does a spider have?", ["8", "eight"]),
+    ("What color is the sky on a clear day?", ["blue"]), ("What is the largest planet in our solar system?", ["jupiter"]),
+    ("At what temperature in Celsius does water freeze?", ["0", "zero"]), ("How many continents are there?", ["7", "seven"]),
+    ("Who wrote Romeo and Juliet?", ["shakespeare"]), ("Which planet is known as the Red Planet?", ["mars"]),
+    ("How many hours are there in a day?", ["24", "twenty-four"]), ("How many months are there in a year?", ["12", "twelve"]),
+    ("What is the chemical symbol for gold?", ["au"]), ("What is the fastest land animal?", ["cheetah"]),
+    ("What is the boiling point of water in Celsius?", ["100"]), ("What do bees make?", ["honey"]),
+    ("What is frozen water called?", ["ice"]), ("Which ocean is the largest?", ["pacific"]),
+]
+
+
+def answered(text: str, answers: list) -> bool:
+    """An expected answer word among the reply's first 30 words (lower case, punctuation aside)."""
+    import re
+
+    words = re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", text.lower())[:30]
+    return any(answer in words for answer in answers)
+
+
+def confidence_suite(args) -> int:
+    from backtrack_sampler import BacktrackSampler, BaseStrategy
+    from backtrack_sampler.chat import chat_prompt_tokens
+    from backtrack_sampler.models import model_name
+    from backtrack_sampler.strategy.confidence_strategy import ConfidenceStrategy
+
+    args.tokens = min(args.tokens, 48)
+    started = time.perf_counter()
+    provider, _ = load(args)
+    seeds = list(range(args.seed, args.seed + max(1, args.seeds)))
+    runs = [("sampled", 1.0, None, seeds), ("sampled, min_p 0.1", 1.0, 0.1, seeds), ("greedy", 0.0, None, [0])]
+    print(f"model {model_name(args.model)}: {len(QUESTIONS)} questions, {args.tokens} tokens each; sampled: temperature 1, "
+          f"top_k 50, seeds {seeds[0]}..{seeds[-1]}", flush=True)
+    list(BacktrackSampler(provider, BaseStrategy()).generate_text("Hello", max_new_tokens=4))
+    table = []
+    for label, temperature, min_p, run_seeds in runs:
+        scores = {"plain": [], "revised": []}
+        revisions = seconds = tokens = 0
+        for question, answers in QUESTIONS:
+            prompt = chat_prompt_tokens(provider, [{"role": "user", "content": question}])
+            for seed in run_seeds:
+                for name in scores:
+                    provider.reset()
+                    strategy = ConfidenceStrategy(provider) if name == "revised" else BaseStrategy()
+                    sampler = BacktrackSampler(provider, strategy)
+                    out = list(sampler.generate(prompt, max_new_tokens=args.tokens, temperature=temperature, top_k=50,
+                                                min_p=min_p, seed=seed))
+                    text = provider.decode(out)
+                    scores[name].append(answered(text, answers))
+                    if name == "revised":
+                        revisions += sampler.stats.rewinds
+                        seconds, tokens = seconds + sampler.stats.seconds, tokens + sampler.stats.delivered
+                    if args.show:
+                        print(f"--- {label} {name} seed {seed}: {question} -> {text!r} {'OK' if scores[name][-1] else ''}")
+        n = len(scores["plain"])
+        table.append((label, n, sum(scores["plain"]), sum(scores["revised"]), revisions, tokens / max(seconds, 1e-9)))
+        print(f"  {label}: plain {sum(scores['plain'])}/{n}, revised {sum(scores['revised'])}/{n}, {revisions} revisions",
+              flush=True)
+    print(f"\n== {model_name(args.model)}: {len(QUESTIONS)} questions with known answers (answer word in the first 30 words) ==")
+    print(f"{'decoding':20} {'runs':>5} {'plain':>7} {'revised':>8} {'revisions':>9}")
+    for label, n, plain, revised, revisions, _ in table:
+        print(f"{label:20} {n:5d} {plain / n:7.1%} {revised / n:8.1%} {revisions:9d}")
     print(f"total time {time.perf_counter() - started:.0f} s")
     return 0
 
