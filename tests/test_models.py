@@ -211,7 +211,8 @@ def test_demo_output_shape():
     out = done.stdout
     assert out.startswith("> Write a short story")
     body, summary = out.rstrip("\n").rsplit("\n", 1)
-    pattern = r"\[avoided (\d+) banned phrases? \((.*)\) in (\d+) rewinds; (?:\d+ kept [^;]*; )?(\d+) tokens at [\d.]+ tokens/s\]"
+    pattern = (r"\[avoided (\d+) banned phrases? \((.*)\) in (\d+) rewinds; (?:no repeat|\d+ repeats? cut); "
+               r"(?:\d+ kept [^;]*; )?(\d+) tokens at [\d.]+ tokens/s\]")
     match = re.fullmatch(pattern, summary)
     assert match, summary
     avoided, names, rewinds, tokens = int(match[1]), match[2], int(match[3]), int(match[4])
