@@ -45,6 +45,10 @@ class Limits(BaseModel):
                                       "leaves after the prompt; beyond that room: context_length_exceeded)")
     max_seconds: float = Field(300.0, gt=0, description="wall-clock seconds one generation may run, from when it "
                                'starts; then it ends with finish_reason "length"')
+    max_grammar_chars: int = Field(100_000, gt=0, description="characters in one structured-output JSON Schema "
+                                   "(as compact JSON), grammar or regex (response_format, json_schema, grammar, ...)")
+    max_grammar_seconds: float = Field(2.0, gt=0, description="seconds a structured-output grammar may take to "
+                                       "compile (in a child process, killed beyond it)")
 
 
 class APIError(Exception):
@@ -211,6 +215,8 @@ def check_strategies(request: "_Request", strategies: StrategyRegistry, limits: 
             param, message, code = kind.explain(error, ("strategy", i), _OURS)
             raise APIError(f"{param}: {message}", param, _code(code)) from None
         try:
+            if _is_grammar(kind):
+                check_grammar_size(kwargs, limits)
             for key in ("slops", "find"):
                 if key in kwargs:
                     _check_strings(_phrases(kwargs[key]), key, limits.max_banned_strings, limits.max_banned_string_chars)
@@ -221,6 +227,64 @@ def check_strategies(request: "_Request", strategies: StrategyRegistry, limits: 
         except PydanticCustomError as error:
             raise APIError(f"strategy[{i}]: {error.message()}", f"strategy[{i}]", _code(error.type)) from None
         spec._call = StrategyCall(kind, kwargs)
+
+
+def _is_grammar(kind) -> bool:
+    from .strategy.grammar_strategy import GrammarStrategy
+
+    return isinstance(kind.cls, type) and issubclass(kind.cls, GrammarStrategy)
+
+
+GRAMMAR_KEYS = ("json_schema", "grammar", "regex")  # GrammarStrategy's grammar parameters
+
+
+def check_grammar_size(params: Dict[str, Any], limits: Limits) -> None:
+    """``max_grammar_chars`` for a GrammarStrategy's ``json_schema`` / ``grammar`` / ``regex``
+    (the compile-time limit is checked when the strategy is built, off the event loop)."""
+    import json
+
+    for key in GRAMMAR_KEYS:
+        value = params.get(key)
+        if value is None:
+            continue
+        size = len(value) if isinstance(value, str) else len(json.dumps(value, separators=(",", ":")))
+        if size > limits.max_grammar_chars:
+            raise _error("string_above_max_length", f"the {key} is {size} characters long; this server takes at "
+                         f"most {limits.max_grammar_chars} (max_grammar_chars)")
+
+
+# --------------------------------------------------------------------------------------------
+# structured output: OpenAI's response_format, llama-server's and TabbyAPI's fields
+# --------------------------------------------------------------------------------------------
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: ``{"name", "description", "schema", "strict"}`` (OpenAI's
+    shape; the schema is always enforced, ``strict`` or not)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Optional[Dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``{"type": "text"}``, ``{"type": "json_object"}`` (any JSON
+    object) or ``{"type": "json_schema", "json_schema": {...}}``."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _needs_schema(self) -> "ResponseFormat":
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise _error("missing", 'response_format of type "json_schema" needs json_schema.schema')
+        return self
+
+
+STRUCTURED_FIELDS = ("response_format", "json_schema", "grammar", "grammar_string", "regex_pattern")
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +319,12 @@ class _Request(BaseModel):
     frequency_penalty: Optional[float] = None
     presence_penalty: Optional[float] = None
     logit_bias: Optional[Dict[str, float]] = None
+    # structured output (one of them; see ``structured_output``)
+    response_format: Optional[ResponseFormat] = None
+    json_schema: Optional[Dict[str, Any]] = None  # llama-server, TabbyAPI: the schema itself
+    grammar: Optional[str] = None  # llama-server: GBNF (Lark is accepted too)
+    grammar_string: Optional[str] = None  # TabbyAPI's name for it
+    regex_pattern: Optional[str] = None  # TabbyAPI: the whole output matches it
 
     @field_validator("stop", "banned_strings", "banned_regex", mode="before")
     @classmethod
@@ -320,6 +390,44 @@ class _Request(BaseModel):
         if value:
             raise _error("unsupported_value", "logit_bias is not supported (use banned_strings or a strategy)")
         return value
+
+    @model_validator(mode="after")
+    def _one_structured_output(self) -> "_Request":
+        given = [name for name in STRUCTURED_FIELDS if getattr(self, name) is not None
+                 and not (name == "response_format" and self.response_format.type == "text")]
+        if len(given) > 1:
+            raise _error("invalid_value", f"give one of {', '.join(given)} (each asks for structured output)")
+        return self
+
+    @field_validator("response_format", "json_schema", "grammar", "grammar_string", "regex_pattern")
+    @classmethod
+    def _grammar_size(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, ResponseFormat):
+            schema = value.json_schema.schema_ if value.type == "json_schema" else None
+            params = {"json_schema": schema}
+        else:
+            params = {"regex" if info.field_name == "regex_pattern" else
+                      "json_schema" if info.field_name == "json_schema" else "grammar": value}
+        check_grammar_size(params, _limits(info))
+        return value
+
+    @property
+    def structured_output(self) -> Optional[tuple]:
+        """``(field, GrammarStrategy parameters)`` for the structured output the request asks for,
+        or None."""
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            return "response_format", {"json_schema": {"type": "object"}}
+        if fmt is not None and fmt.type == "json_schema":
+            return "response_format", {"json_schema": fmt.json_schema.schema_}
+        if self.json_schema is not None:
+            return "json_schema", {"json_schema": self.json_schema}
+        for name in ("grammar", "grammar_string"):
+            if getattr(self, name) is not None:
+                return name, {"grammar": getattr(self, name)}
+        if self.regex_pattern is not None:
+            return "regex_pattern", {"regex": self.regex_pattern}
+        return None
 
     @model_validator(mode="after")
     def _sampling_args(self) -> "_Request":

@@ -51,7 +51,8 @@ from .models import default_model, load_provider
 from .provider.base_provider import BaseProvider
 from .registry import StrategyRegistry, as_registry, chain
 from .runner import Job, Plan, QueueFull, Runner, StopFilter, _ClientGone, default_parallel  # noqa: F401 (re-exported)
-from .schemas import BUILTIN_STRATEGIES, APIError, ChatCompletionRequest, CompletionRequest, Limits, parse_request
+from .schemas import (BUILTIN_STRATEGIES, GRAMMAR_KEYS, APIError, ChatCompletionRequest, CompletionRequest, Limits,
+                      _is_grammar, parse_request)
 from .strategy.base_strategy import BaseStrategy
 
 Engine = Runner  # the old name of the local runner (the remote serving engines are ``engine/``)
@@ -93,7 +94,7 @@ def plan_request(provider: BaseProvider, request: Union[CompletionRequest, ChatC
     chat = isinstance(request, ChatCompletionRequest)
     prompt = _chat_tokens(provider, request) if chat else _prompt_tokens(provider, request.prompt)
     sampling = dict(request.sampling(), max_new_tokens=_token_limit(provider, len(prompt), request, limits))
-    return Plan(chat, prompt, build_strategy(provider, request), sampling, request.stop or [], limits.max_seconds,
+    return Plan(chat, prompt, build_strategy(provider, request, limits), sampling, request.stop or [], limits.max_seconds,
                 bool(request.stream), request.include_usage, request.include_backtrack)
 
 
@@ -137,9 +138,13 @@ def _token_limit(provider: BaseProvider, prompt_length: int, request, limits: Li
     return limit if limits.max_tokens is None else min(limit, limits.max_tokens)
 
 
-def build_strategy(provider: BaseProvider, request) -> BaseStrategy:
+def build_strategy(provider: BaseProvider, request, limits: Optional[Limits] = None) -> BaseStrategy:
     """The request's strategy: AntiSlop for ``banned_strings``/``banned_regex``, then the
-    ``strategy`` specs (validated by ``parse_request``), chained."""
+    ``strategy`` specs (validated by ``parse_request``), then the grammar of its structured output
+    (``response_format``, ``json_schema``, ``grammar``/``grammar_string``, ``regex_pattern``),
+    last so that its mask has the last word; chained. Every grammar is compiled within
+    ``limits.max_grammar_seconds`` first (a 400 beyond it)."""
+    limits = limits or Limits()
     strategies = []
     if request.banned_strings or request.banned_regex:
         params: Dict[str, Any] = {"slops": request.banned_strings or []}
@@ -148,11 +153,35 @@ def build_strategy(provider: BaseProvider, request) -> BaseStrategy:
         param = "banned_strings" if request.banned_strings else "banned_regex"
         strategies.append(_built(lambda: BUILTIN_STRATEGIES.get("antislop").build(provider, params), param))
     for i, spec in enumerate(request.strategy or []):
+        if _is_grammar(spec.call.type):
+            _checked_grammar(spec.call.kwargs, limits, f"strategy[{i}]")
         strategies.append(_built(lambda: spec.call.build(provider), f"strategy[{i}]"))
+    structured = getattr(request, "structured_output", None)
+    if structured is not None:
+        field, params = structured
+        _checked_grammar(params, limits, field)
+        strategies.append(_built(lambda: BUILTIN_STRATEGIES.get("grammar").build(provider, params), field))
     try:
         return chain(strategies)
     except UsageError as error:
         raise APIError(str(error), "strategy", "invalid_value") from None
+
+
+def _checked_grammar(params: Dict[str, Any], limits: Limits, param: str) -> None:
+    """A request's grammar within ``max_grammar_chars`` and compiled within ``max_grammar_seconds``
+    (``grammar_strategy.check_grammar``: a child process, killed beyond it); else a 400 naming it."""
+    from .strategy.grammar_strategy import GrammarError, check_grammar
+
+    grammar = {key: params.get(key) for key in GRAMMAR_KEYS}
+    try:
+        check_grammar(**grammar, whitespace_flexible=bool(params.get("whitespace_flexible")),
+                      max_chars=limits.max_grammar_chars, timeout=limits.max_grammar_seconds)
+    except GrammarError as error:
+        message = str(error) if str(error).startswith(f"{param}: ") else f"{param}: {error}"
+        raise APIError(message, param, "invalid_value") from None
+    except ImportError as error:
+        raise APIError(f"{param}: structured output is not available on this server ({error})", param,
+                       "unsupported_value") from None
 
 
 def _built(build, param: str) -> BaseStrategy:
@@ -359,7 +388,7 @@ async def backtrack_candidates(request: Request) -> Response:
         if body.tokens and max(body.tokens) >= provider.vocab_size:
             raise APIError(f"token ids must be in [0, {provider.vocab_size})", "tokens", "invalid_value")
         sampling = {key: value for key, value in body.sampling().items() if key != "seed"}
-        return playground.CandidateSearch(provider, build_strategy(provider, body), prompt, body.tokens, body.top_n,
+        return playground.CandidateSearch(provider, build_strategy(provider, body, limits), prompt, body.tokens, body.top_n,
                                           _token_limit(provider, len(prompt), body, limits), **sampling)
 
     search = await run_in_threadpool(plan)

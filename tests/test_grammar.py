@@ -400,3 +400,254 @@ def test_through_an_engine_a_forced_token_outside_the_candidates_rewinds():
         assert local_stats.finish_reason == "stop" and local in (" catx", " dogx")
     finally:
         engine.close()
+
+
+# --- the server (a FakeProvider) ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fake_server():
+    from starlette.testclient import TestClient
+
+    from backtrack_sampler.server import Engine, Limits, create_app
+
+    provider = fake(boost=("red", "re", "green", "gr"))
+    with TestClient(create_app(Engine(provider, "fake"), limits=Limits(max_grammar_chars=5000,
+                                                                          max_grammar_seconds=1.0))) as client:
+        yield client
+
+
+def person_format(schema=PERSON):
+    return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+
+
+def sse(response):
+    chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["text"] for c in chunks if c.get("choices"))
+    return text, chunks[-1]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_server_response_format_with_banned_strings(fake_server, stream):
+    for seed in range(3):
+        body = {"prompt": " the", "max_tokens": 80, "seed": seed, "response_format": person_format(),
+                "banned_strings": ["red", "green"], "stream": stream}
+        if stream:
+            with fake_server.stream("POST", "/v1/completions", json=body) as response:
+                text, last = sse(response)
+            finish = last["choices"][0]["finish_reason"]
+        else:
+            answer = fake_server.post("/v1/completions", json=body).json()
+            text, finish = answer["choices"][0]["text"], answer["choices"][0]["finish_reason"]
+        assert finish == "stop" and person_ok(text, colors=("blue",)), text
+
+
+@pytest.mark.parametrize("field, value, check", [
+    ("json_schema", PERSON, person_ok),  # llama-server / TabbyAPI: the schema itself
+    ("grammar", 'root ::= (" cat" | " dog" | " rug") ("," (" cat" | " dog" | " rug"))*', lambda t: re.fullmatch(r"( cat| dog| rug)(,( cat| dog| rug))*", t)),
+    ("grammar_string", 'start: " cat" | " rug"', lambda t: t in (" cat", " rug")),
+    ("regex_pattern", "( the| a)( cat| dog)", lambda t: re.fullmatch("( the| a)( cat| dog)", t)),
+    ("response_format", {"type": "json_object"}, None),
+])
+def test_server_structured_output_fields(fake_server, field, value, check):
+    answer = fake_server.post("/v1/completions", json={"prompt": " the", "max_tokens": 60, "seed": 1, field: value}).json()
+    choice = answer["choices"][0]
+    if check is None:  # any object: this model writes one long key (the token limit ends it)
+        assert choice["text"].startswith('{"') and choice["finish_reason"] in ("stop", "length"), choice
+        assert choice["finish_reason"] == "length" or isinstance(json.loads(choice["text"]), dict)
+    else:
+        assert choice["finish_reason"] == "stop" and check(choice["text"]), choice
+
+
+def test_server_strategy_grammar_is_checked_like_the_fields(fake_server):
+    answer = fake_server.post("/v1/completions", json={
+        "prompt": " the", "max_tokens": 40, "seed": 2, "strategy": [{"name": "grammar", "regex": "( cat| dog)"}]}).json()
+    assert answer["choices"][0]["text"] in (" cat", " dog")
+    hostile = {"allOf": [{"type": "string", "pattern": f".*{c}.*"} for c in "abcdefghijklmnopqrst"]}
+    response = fake_server.post("/v1/completions", json={"prompt": " the", "strategy": [{"name": "grammar", "json_schema": hostile}]})
+    assert response.status_code == 400 and "max_grammar_seconds" in response.json()["error"]["message"]
+    assert response.json()["error"]["param"] == "strategy[0]"
+
+
+def test_server_impossible_combination_is_content_filter(fake_server):
+    body = {"prompt": " the", "max_tokens": 80, "seed": 0, "response_format": person_format(),
+            "banned_strings": ["red", "green", "blue"]}
+    answer = fake_server.post("/v1/completions", json=body).json()
+    assert answer["choices"][0]["finish_reason"] == "content_filter"
+    assert answer["backtrack"]["constraint"] and not any(c in answer["choices"][0]["text"] for c in ("red", "green", "blue"))
+    with fake_server.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        text, last = sse(response)
+    assert last["choices"][0]["finish_reason"] == "content_filter" and last["backtrack"]["constraint"]
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"json_schema": {"type": "objectx"}}, "json_schema", ["objectx"]),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
+     "response_format", ["objectx"]),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", ["schema"]),
+    ({"response_format": {"type": "xml"}}, "response_format.type", ["json_schema"]),
+    ({"grammar": "root ::= foo"}, "grammar", ["foo"]),
+    ({"regex_pattern": "a(b"}, "regex_pattern", ["unclosed group"]),
+    ({"json_schema": {"enum": ["x" * 100] * 100}}, "json_schema", ["max_grammar_chars"]),
+    ({"json_schema": {"allOf": [{"type": "string", "pattern": f".*{c}.*"} for c in "abcdefghijklmnopqrst"]}},
+     "json_schema", ["max_grammar_seconds"]),
+    ({"json_schema": {"type": "object"}, "regex_pattern": "a"}, None, ["give one of", "json_schema", "regex_pattern"]),
+    ({"strategy": [{"name": "grammar", "json_schema": "not a schema"}]}, "strategy[0].json_schema", []),
+])
+def test_server_bad_structured_output_is_a_400_at_once(fake_server, body, param, words):
+    start = time.perf_counter()
+    response = fake_server.post("/v1/completions", json={"prompt": " the", **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    for word in words:
+        assert word in error["message"], error
+    assert time.perf_counter() - start < 8  # the compile limit is 1 s here
+
+
+def test_server_text_response_format_is_plain_text(fake_server):
+    answer = fake_server.post("/v1/completions", json={"prompt": " the", "max_tokens": 8, "seed": 0,
+                                                       "response_format": {"type": "text"}}).json()
+    assert answer["choices"][0]["finish_reason"] == "length"
+
+
+# --- real models: both providers, both embedded models -------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2_llama():
+    from backtrack_sampler.models import load_provider
+
+    return load_provider("llamacpp", "smollm2-135m-instruct", n_ctx=2048)
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf():
+    from backtrack_sampler.models import load_provider
+
+    return load_provider("transformers", "smollm2-135m-instruct")
+
+
+REAL = {"gemma-llama": "llama_provider", "gemma-transformers": "transformers_provider",
+        "smollm2-llama": "smollm2_llama", "smollm2-transformers": "smollm2_hf"}
+ASK = "Describe a person as JSON, with a name, a favourite colour and an age."
+
+
+def real_prompt(provider):
+    from backtrack_sampler.chat import chat_prompt_tokens
+
+    if "gemma" in str(getattr(getattr(provider, "llm", None), "model_path", "")) or \
+            "gemma" in str(getattr(getattr(provider, "model", None), "name_or_path", "")).lower():
+        return f"{ASK}\nJSON:"  # Gemma 3 270M is a base model: a plain prompt
+    return chat_prompt_tokens(provider, [{"role": "user", "content": ASK}])
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", list(REAL))
+def test_real_models_valid_json_that_composes_with_bans(request, name):
+    """Greedy JSON for PERSON; then the name it wrote and two of the colours are banned: the JSON
+    is still valid, without them (AntiSlop rewound inside the string value: the matcher followed),
+    and the colour is the one left."""
+    provider = request.getfixturevalue(REAL[name])
+    prompt = real_prompt(provider)
+    text, stats = run(provider, GrammarStrategy(provider, json_schema=PERSON), prompt, temperature=0, max_new_tokens=60)
+    assert stats.finish_reason == "stop" and person_ok(text), text
+    first = json.loads(text)["name"].split()
+    bans = ["red", "green"] + ([first[0]] if first and len(first[0]) > 1 else [])
+    strategy = ChainStrategy([AntiSlopStrategy(provider, bans), GrammarStrategy(provider, json_schema=PERSON)])
+    text, stats = run(provider, strategy, prompt, temperature=0, max_new_tokens=60)
+    assert stats.finish_reason == "stop" and person_ok(text, colors=("blue",)), (text, stats.constraint)
+    assert not any(ban in text for ban in bans), text
+    assert stats.rewinds > 0 or len(bans) == 2
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", ["smollm2-llama", "gemma-transformers"])
+def test_real_models_impossible_combination_ends_with_constraint(request, name):
+    provider = request.getfixturevalue(REAL[name])
+    strategy = ChainStrategy([AntiSlopStrategy(provider, ["red", "green", "blue"]),
+                              GrammarStrategy(provider, json_schema=PERSON)])
+    text, stats = run(provider, strategy, real_prompt(provider), temperature=0, max_new_tokens=60)
+    assert stats.finish_reason == "constraint" and stats.constraint, text
+    assert not any(c in text for c in ("red", "green", "blue"))
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", ["smollm2-llama", "gemma-llama"])
+def test_real_models_regex_and_gbnf(request, name):
+    provider = request.getfixturevalue(REAL[name])
+    text, stats = run(provider, GrammarStrategy(provider, regex=r"The year is (19|20)[0-9]{2}\."),
+                      "When did the Second World War end?", temperature=0, max_new_tokens=20)
+    assert stats.finish_reason == "stop" and re.fullmatch(r"The year is (19|20)[0-9]{2}\.", text), text
+    gbnf = 'root ::= "Answer: " ("yes" | "no")'
+    text, stats = run(provider, GrammarStrategy(provider, grammar=gbnf), "Is the sky blue?", max_new_tokens=20, seed=0)
+    assert stats.finish_reason == "stop" and text in ("Answer: yes", "Answer: no"), text
+
+
+@pytest.mark.model
+def test_real_cli(tmp_path):
+    """generate --chat --json-schema --ban (a subprocess, the embedded chat model); an impossible
+    combination exits 3."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("backtrack-sampler")
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(PERSON))
+    base = [str(exe), "generate", "--chat", ASK, "--json-schema", str(schema), "--ban", "red", "--ban", "green",
+            "--temperature", "0", "--max-new-tokens", "60", "--n-ctx", "2048"]
+    done = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and person_ok(done.stdout.strip(), colors=("blue",)), (done.stdout, done.stderr)
+    done = subprocess.run(base + ["--ban", "blue"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3 and "hard constraint" in done.stderr, (done.stdout, done.stderr)
+    assert not any(c in done.stdout for c in ("red", "green", "blue"))
+
+
+@pytest.fixture(scope="module")
+def chat_server(smollm2_llama):
+    from serving import ServerThread
+
+    from backtrack_sampler.server import Engine, create_app
+
+    with ServerThread(create_app(Engine(smollm2_llama, "smollm2"))) as running:
+        yield running
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("stream", [False, True])
+def test_real_server_response_format_with_banned_strings(chat_server, stream):
+    """The official openai client: chat with response_format json_schema and banned_strings."""
+    import openai
+
+    with openai.OpenAI(base_url=chat_server.url + "/v1", api_key="none", timeout=300, max_retries=0) as client:
+        kwargs = dict(model="smollm2", messages=[{"role": "user", "content": ASK}], temperature=0, max_tokens=60,
+                      response_format=person_format(), extra_body={"banned_strings": ["red", "green"]})
+        if stream:
+            chunks = list(client.chat.completions.create(stream=True, **kwargs))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            answer = client.chat.completions.create(**kwargs)
+            text, finish = answer.choices[0].message.content, answer.choices[0].finish_reason
+        assert finish == "stop" and person_ok(text, colors=("blue",)), text
+        # the impossible combination: content_filter, and the extension says which strategy gave up
+        kwargs["extra_body"] = {"banned_strings": ["red", "green", "blue"]}
+        answer = client.chat.completions.create(**kwargs)
+        assert answer.choices[0].finish_reason == "content_filter"
+        assert answer.model_extra["backtrack"]["constraint"]
+        # an invalid schema: a 400 at once
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(**{**kwargs, "response_format": person_format({"type": "objectx"})})
+        assert "objectx" in str(error.value)
+
+
+@pytest.mark.model
+def test_real_server_completions_with_llama_server_fields(chat_server):
+    import httpx
+
+    for body, check in [
+        ({"json_schema": PERSON, "banned_strings": ["red", "green"]}, lambda t: person_ok(t, colors=("blue",))),
+        ({"grammar": 'root ::= "The answer is " ("yes" | "no") "."'}, lambda t: t in ("The answer is yes.", "The answer is no.")),
+        ({"regex_pattern": r"[A-Z][a-z]+, [A-Z][a-z]+"}, lambda t: re.fullmatch(r"[A-Z][a-z]+, [A-Z][a-z]+", t)),
+    ]:
+        answer = httpx.post(chat_server.url + "/v1/completions", timeout=300, json={
+            "prompt": "Q: Name a person and a city.\nA:", "max_tokens": 60, "temperature": 0, **body}).json()
+        choice = answer["choices"][0]
+        assert choice["finish_reason"] == "stop" and check(choice["text"]), (body, choice)

@@ -65,6 +65,13 @@ function requestFields() {
   const banned = lines("banned"), regexes = lines("regexes");
   if (banned.length) body.banned_strings = banned;
   if (regexes.length) body.banned_regex = regexes;
+  const schema = $("json-schema").value.trim();
+  $("json-schema").classList.remove("invalid");
+  if (schema) {  // text that is not JSON is sent as it is: the server's 400 says what is wrong
+    let parsed = schema;
+    try { parsed = JSON.parse(schema); } catch (_) { /* keep the text */ }
+    body.response_format = { type: "json_schema", json_schema: { name: "playground", schema: parsed } };
+  }
   const strategy = chainSpecs();
   if (strategy.length) body.strategy = strategy;
   if (chat()) {
@@ -206,6 +213,7 @@ function knobValue(input) {
 
 /** Marks the input a server error names (``strategy[1].top_p_flat``). */
 function markInvalid(param) {
+  if ((param || "").startsWith("response_format")) $("json-schema").classList.add("invalid");
   const match = /^strategy\[(\d+)\](?:\.(\w+))?/.exec(param || "");
   if (!match) return;
   const li = document.querySelectorAll("#chain > li")[Number(match[1])];

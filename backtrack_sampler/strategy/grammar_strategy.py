@@ -15,6 +15,7 @@ import select
 import subprocess
 import sys
 import threading
+import warnings
 from typing import Any, Dict, FrozenSet, List, Optional, Set, Union
 
 import numpy as np
@@ -22,7 +23,7 @@ import numpy as np
 from ..provider.base_provider import BaseProvider
 from .base_strategy import BaseStrategy, ConstraintError
 
-JsonSchema = Union[Dict[str, Any], bool]
+JsonSchema = Dict[str, Any]
 INSTALL = "pip install 'backtrack-sampler[grammar]'"
 
 
@@ -44,8 +45,8 @@ def _llguidance():
 # --------------------------------------------------------------------------------------------
 def grammar_source(json_schema: Optional[JsonSchema] = None, grammar: Optional[str] = None,
                    regex: Optional[str] = None, whitespace_flexible: bool = False) -> str:
-    """llguidance's grammar text for exactly one of ``json_schema`` (a JSON Schema as a dict, or
-    True for any JSON value), ``grammar`` (Lark, or llama.cpp's GBNF, told apart by llguidance)
+    """llguidance's grammar text for exactly one of ``json_schema`` (a JSON Schema as a dict; ``{}``
+    or True: any JSON value), ``grammar`` (Lark, or llama.cpp's GBNF, told apart by llguidance)
     and ``regex`` (the whole output must match it; Rust ``regex`` syntax). JSON is compact
     (``{"a": 1, "b": [2, 3]}``: one space after ``:`` and ``,``, none elsewhere) unless
     ``whitespace_flexible``; a schema's own ``x-guidance`` options win. GrammarError when none or
@@ -60,7 +61,7 @@ def grammar_source(json_schema: Optional[JsonSchema] = None, grammar: Optional[s
         if json_schema is True:
             json_schema = {}
         if not isinstance(json_schema, dict):
-            raise GrammarError(f"json_schema must be a JSON object (or true), got {type(json_schema).__name__}")
+            raise GrammarError(f"json_schema must be a JSON object, got {type(json_schema).__name__}")
         options: Dict[str, Any] = {"whitespace_flexible": bool(whitespace_flexible)}
         if not whitespace_flexible:
             options.update(item_separator=", ", key_separator=": ")
@@ -232,7 +233,10 @@ def tokenizer_for(provider: BaseProvider):
             import llama_cpp
             from llguidance.llamacpp import lltokenizer_from_vocab
 
-            tokenizer = lltokenizer_from_vocab(llama_cpp.llama_model_get_vocab(llm.model), n_vocab=size, eos_token=eos)
+            with warnings.catch_warnings():  # it calls llama_token_get_attr (deprecated) once per token
+                warnings.simplefilter("ignore", DeprecationWarning)
+                tokenizer = lltokenizer_from_vocab(llama_cpp.llama_model_get_vocab(llm.model), n_vocab=size,
+                                                   eos_token=eos)
         elif hf is not None:
             from llguidance.hf import from_tokenizer
 
@@ -294,7 +298,7 @@ class GrammarStrategy(BaseStrategy):
     """Constrained decoding: the text is valid for a JSON Schema, a grammar or a regex, whatever
     else is chained with it.
 
-    json_schema: a JSON Schema (object), or true for any JSON value; ``{"type": "object"}`` is
+    json_schema: a JSON Schema (object; ``{}`` is any JSON value); ``{"type": "object"}`` is
         OpenAI's json_object mode. JSON comes out compact (``{"a": 1, "b": 2}``) unless
         ``whitespace_flexible``.
     grammar: a Lark grammar (llguidance's dialect, with ``%json`` and regex terminals) or a
