@@ -651,3 +651,42 @@ def test_real_server_completions_with_llama_server_fields(chat_server):
             "prompt": "Q: Name a person and a city.\nA:", "max_tokens": 60, "temperature": 0, **body}).json()
         choice = answer["choices"][0]
         assert choice["finish_reason"] == "stop" and check(choice["text"]), (body, choice)
+
+
+@pytest.mark.model
+def test_real_playground_json_schema_box(chat_server, tmp_path):
+    """The playground (headless Chromium): a schema in the JSON Schema box with banned phrases gives
+    schema-valid JSON without them; an invalid schema shows the server's 400 and marks the box."""
+    from pathlib import Path
+
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.fail(f"{chromium} is missing: install Debian's chromium (apt-get install -y chromium)")
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(chromium), args=["--headless", "--no-sandbox",
+                                                                                  "--disable-gpu"])
+        try:
+            page = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
+            errors = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(chat_server.url + "/")
+            playwright_api.expect(page.locator("#model")).to_have_text("smollm2", timeout=60_000)
+            page.click(".seg label:has(input[value=chat])")
+            page.fill("#prompt", ASK)
+            page.fill("#banned", "red\ngreen")
+            page.fill("#json-schema", json.dumps(PERSON, indent=1))
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "60")
+            page.click("#generate")
+            playwright_api.expect(page.locator("#st-status")).to_have_text("done · stop", timeout=240_000)
+            text = "".join(page.locator("#output > .final").all_text_contents())
+            assert person_ok(text, colors=("blue",)), text
+            page.screenshot(path=str(tmp_path / "playground-json-schema.png"), full_page=True)
+            page.fill("#json-schema", '{"type": "objectx"}')
+            page.click("#generate")
+            playwright_api.expect(page.locator("#error")).to_contain_text("objectx", timeout=60_000)
+            assert "invalid" in page.locator("#json-schema").get_attribute("class")
+            assert not errors, errors
+        finally:
+            browser.close()
