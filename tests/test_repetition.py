@@ -345,3 +345,193 @@ def test_the_server_takes_it_by_name(fake):
         assert is_degenerate(plain)
         assert fixed["choices"][0]["text"] == " the cat sat on a rug and it was dark." and fixed["choices"][0]["finish_reason"] == "stop"
     engine.close()
+
+
+# --- confidence-triggered revision ----------------------------------------------------------------
+from backtrack_sampler.strategy.confidence_strategy import ConfidenceStrategy  # noqa: E402
+
+SCRIPT = " the cat sat on the mat and it ran away quickly."
+
+
+def confident(script=SCRIPT, runner_up=6.0):
+    """A model sure of every next token of ``script`` (logit 10, p about 0.97) with one runner-up
+    (`` dark``, logit ``runner_up``, p about 0.02): sampling at temperature 1 sometimes draws it."""
+    fp = FakeProvider()
+    want = fp.encode(script, add_special_tokens=False) + [fp.get_eos_token_id()]
+    dark = fp.ids[" dark"]
+
+    def logits(tokens):
+        row = np.full(fp.vocab_size, -10.0, dtype=np.float32)
+        row[dark] = runner_up
+        row[want[min(len(tokens) - 1, len(want) - 1)]] = 10.0
+        return row
+
+    fp.logits_fn = logits
+    return fp
+
+
+def test_an_unlikely_draw_is_revised():
+    fp = confident()
+    first = len(fp.encode(" the cat sat", add_special_tokens=False))  # (the first 3 tokens are never revised)
+    seeds = [seed for seed in range(300)
+             if generate(fp, BaseStrategy(), temperature=1.0, seed=seed)[0].startswith(" the cat sat")
+             and generate(fp, BaseStrategy(), temperature=1.0, seed=seed)[0] != SCRIPT][:5]
+    assert len(seeds) == 5 and first == 3  # plain sampling drew the runner-up in these
+    for seed in seeds:
+        text, events, stats = generate(fp, ConfidenceStrategy(fp), temperature=1.0, seed=seed)
+        assert text == SCRIPT, (seed, text)
+        assert events and all(e.reason.startswith("low confidence: ' dark' p=0.0") for e in events)
+        assert all(e.tokens[0] == fp.ids[" dark"] for e in events)  # the doubtful token is what was rewound
+
+
+def test_a_flat_distribution_is_not_a_fall_in_confidence():
+    """Every draw of a flat model is unlikely, but none is a sudden fall: nothing is revised."""
+    fp = FakeProvider(scale=0.3)
+    text, events, _ = generate(fp, ConfidenceStrategy(fp), temperature=1.0, seed=3, max_new_tokens=60)
+    assert events == [] and len(fp.encode(text, add_special_tokens=False)) >= 50
+
+
+def test_revisions_are_capped():
+    """A model that is sure of one token and always made to write another (greedy, through a
+    strategy that pushes it up after Confidence has seen the logits): the retries per position and
+    the revisions per generation stop."""
+
+    class Saboteur(BaseStrategy):
+        edits_logits = True
+
+        def on_logits(self, logits, continuation_tokens):
+            if len(continuation_tokens) < 4:  # a confident start
+                return logits
+            second = np.argsort(logits)[-2]
+            logits = logits.copy()
+            logits[second] += 100.0  # the runner-up wins (a banned token stays -inf)
+            return logits
+
+    fp = confident()
+    text, events, stats = generate(fp, ChainStrategy([ConfidenceStrategy(fp, max_revisions=1), Saboteur()]))
+    assert stats.rewinds == 1 and stats.finish_reason == "length"
+    text, events, stats = generate(fp, ChainStrategy([ConfidenceStrategy(fp, max_retries=2), Saboteur()]))
+    positions = [e.position for e in events]
+    assert positions and all(positions.count(p) <= 2 for p in positions) and stats.finish_reason == "length"
+
+
+def test_confidence_holds_back_its_span_and_is_loaded_by_reference(fake):
+    strategy = make_strategy("backtrack_sampler.strategy.confidence_strategy:ConfidenceStrategy", fake, span=4)
+    assert isinstance(strategy, ConfidenceStrategy) and strategy.span == 4
+    assert strategy.capabilities == (False, True, False)
+    sampler = BacktrackSampler(fake, strategy)
+    gen = sampler.generate([fake.ids["<bos>"]], max_new_tokens=20, temperature=0)
+    first = next(gen)
+    assert len(strategy._surprisal) - 3 >= 1 and first is not None  # 3 tokens were held back when the 1st came out
+    list(gen)
+    for bad in ({"min_prob": 0}, {"span": 0}, {"drop": float("inf")}):
+        with pytest.raises(Exception):
+            make_strategy("backtrack_sampler.strategy.confidence_strategy:ConfidenceStrategy", fake, **bad)
+
+
+# --- the embedded chat model (-m model) ------------------------------------------------------------
+STORY = "Write a short story about a lighthouse keeper who finds a message in a bottle."  # the demo's request
+LOOPING_SEEDS = (9, 15, 21)  # the plain run loops within 160 tokens at temperature 0.8, min_p 0.05 (one thread)
+SAMPLING = dict(temperature=0.8, min_p=0.05, max_new_tokens=160)
+
+
+@pytest.fixture(scope="module")
+def smol1():
+    from backtrack_sampler.models import load_provider
+
+    return load_provider("llamacpp", "smollm2-135m-instruct", threads=1)  # one thread: the seeds' outputs
+
+
+def story(provider, strategy, seed):
+    from backtrack_sampler.chat import chat_prompt_tokens
+
+    sampler = BacktrackSampler(provider, strategy)
+    prompt = chat_prompt_tokens(provider, [{"role": "user", "content": STORY}])
+    text = provider.decode(list(sampler.generate(prompt, seed=seed, **SAMPLING)))
+    return text, sampler.stats
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("seed", LOOPING_SEEDS)
+def test_the_chat_model_loops_and_the_strategy_cuts_it(smol1, seed):
+    from backtrack_sampler.slop_phrases import SLOP_PHRASES
+
+    plain, _ = story(smol1, BaseStrategy(), seed)
+    assert find_repeat(plain).kind in ("loop", "ngram")
+    accepted = []
+    text, stats = story(smol1, RepetitionStrategy(smol1, on_accept=lambda p, reason: accepted.append(reason)), seed)
+    assert not is_degenerate(text) and not accepted and stats.rewinds >= 1, text
+    assert stats.delivered == SAMPLING["max_new_tokens"]  # it wrote on (cutting the loop did not end the story)
+    assert_prose(text)
+    # chained with AntiSlop: no banned phrase and no repeat
+    chain = ChainStrategy([AntiSlopStrategy(smol1, list(SLOP_PHRASES)),
+                           RepetitionStrategy(smol1, on_accept=lambda p, reason: accepted.append(reason))])
+    text, stats = story(smol1, chain, seed)
+    assert not is_degenerate(text) and not accepted, text
+    assert not [p for p in SLOP_PHRASES if p in text.lower()], text
+
+
+def assert_prose(text):
+    assert len(text.split()) >= 40, text
+    assert sum(c.isascii() and (c.isalpha() or c == " ") for c in text) / len(text) >= 0.8, text
+
+
+@pytest.mark.model
+def test_generate_chat_strategy_repetition():
+    """The issue's command: `generate --chat PROMPT --strategy repetition` where the plain run loops."""
+    exe = os.path.join(os.path.dirname(sys.executable), "backtrack-sampler")
+    base = [exe, "generate", "--chat", STORY, "--temperature", "0.8", "--min-p", "0.05", "--seed", "15", "--threads", "1",
+            "--max-new-tokens", "160"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    plain = subprocess.run(base, capture_output=True, text=True, timeout=600, env=env)
+    fixed = subprocess.run(base + ["--strategy", "repetition", "--show-backtracking", "--color", "never"],
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert plain.returncode == 0 and fixed.returncode == 0, fixed.stderr[-2000:]
+    assert is_degenerate(plain.stdout) and not is_degenerate(fixed.stdout)
+    assert re.search(r"\[160 tokens delivered, \d+ rewound in [1-9]\d* rewinds?, ", fixed.stderr), fixed.stderr
+
+
+DOCS = ROOT / "docs" / "repetition.md"
+
+
+def demo(*args):
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), *args], capture_output=True, text=True,
+                          timeout=900, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+SUMMARY = re.compile(r"\[avoided (\d+) banned phrases? \((.*)\) in (\d+) rewinds; (no repeat|\d+ repeats? cut); "
+                     r"(?:\d+ kept [^;]*; )?(\d+) tokens at [\d.]+ tokens/s\]")
+
+
+def check_demo(out):
+    """The demo's promise: a struck-out phrase, no loop and no banned phrase in the story, the summary."""
+    from backtrack_sampler.slop_phrases import SLOP_PHRASES
+
+    assert out.startswith(f"> {STORY}\n\n")
+    body, summary = out.rstrip("\n").rsplit("\n", 1)
+    match = SUMMARY.fullmatch(summary)
+    assert match and int(match[1]) >= 1 and "kept" not in summary, summary
+    struck = re.findall(r"\[-(.*?)-\]", body, re.S)
+    assert any(piece.strip().lower() in [p.strip() for p in SLOP_PHRASES] for piece in struck), struck
+    text = re.sub(r"\[-.*?-\]", "", body, flags=re.S).split("\n", 2)[2]
+    assert not is_degenerate(text), text
+    assert not [p for p in SLOP_PHRASES if p in text.lower()], text
+    assert_prose(text)
+    return match
+
+
+@pytest.mark.model
+def test_the_demo_prints_what_the_docs_quote():
+    out = demo()
+    check_demo(out)
+    quoted = DOCS.read_text().split("$ bash scripts/demo.sh\n", 1)[1].split("\n```", 1)[0] + "\n"
+    speed = re.compile(r"[\d.]+ tokens/s\]")
+    assert speed.sub("tokens/s]", out) == speed.sub("tokens/s]", quoted)  # the same story, seed 1 by default
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("seed", [2, 3])
+def test_the_demo_shows_the_point_for_other_seeds(seed):
+    assert int(check_demo(demo("--seed", str(seed)))[1]) >= 1

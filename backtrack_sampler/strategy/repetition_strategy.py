@@ -3,7 +3,7 @@ began and write something else there."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -26,15 +26,17 @@ class RepetitionStrategy(BaseStrategy):
     ``sentence_words`` words written before. 0 turns a rule off.
 
     When a repeat is found, generation rewinds to the token where the copy begins and that token
-    is excluded there (the text before it stays, so one copy of the unit is kept). A repeat found
-    within ``episode_tokens`` tokens of the previous rewind is a retry of the same loop, and each
-    retry escalates at its position: from the 2nd on, every likely token whose text would begin the
-    rejected copy again is excluded too (the same text through another tokenization), and the
-    distribution there is flattened, as if the temperature were ``1 + heat * (retry - 1)`` times
-    higher, among the tokens with at least ``min_p`` of the best one's probability (so it gets
-    more varied, not incoherent). After ``max_retries`` rewinds the loop is accepted (reported
-    to ``on_accept(position, reason)``) until the text has gone ``episode_tokens`` tokens without
-    a repeat. So it always ends: at most ``max_retries`` rewinds per loop.
+    is excluded there (the text before it stays, so one copy of the unit is kept). A repeat that
+    begins within ``episode_tokens`` tokens of the previous rewind is a retry of the same loop, and
+    each retry escalates: from the 2nd on, every likely token whose text would begin a rejected
+    copy again is excluded at the position too (the same text through another tokenization), and
+    there and for the ``heat_tokens`` tokens after it the distribution is flattened, as if the
+    temperature were ``1 + heat * (retry - 1)`` times higher, among the tokens with at least
+    ``min_p`` of the best one's probability (more varied, not incoherent). After ``max_retries``
+    rewinds the loop is kept (reported to ``on_accept(position, reason)``); repeats that begin
+    within ``episode_tokens`` tokens of its last rewind are kept too, later ones are a new loop.
+    So it always ends: a new loop begins more than ``episode_tokens`` tokens after the last one
+    began, so there are at most ``max_retries * (1 + max_new_tokens / episode_tokens)`` rewinds.
 
     Tokens are held back (not final) only while a repeat found later could still begin in them:
     the open run of a loop, the last ``ngram_words - 1`` words and a short open sentence.
@@ -58,14 +60,15 @@ class RepetitionStrategy(BaseStrategy):
         ngram_words: int = RepeatRules.ngram_words,
         window: int = RepeatRules.window,
         sentence_words: int = RepeatRules.sentence_words,
-        max_retries: int = 4,
+        max_retries: int = 6,
         heat: float = 0.5,
+        heat_tokens: int = 8,
         min_p: float = 0.02,
         episode_tokens: int = 48,
         on_accept: Optional[Callable[[int, str], None]] = None,
     ):
         self.rules = RepeatRules(min_chars, min_repeats, max_period, symbol_chars, ngram_words, window, sentence_words)
-        for key, value in dict(max_retries=max_retries, episode_tokens=episode_tokens).items():
+        for key, value in dict(max_retries=max_retries, heat_tokens=heat_tokens, episode_tokens=episode_tokens).items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{key} must be an int >= 0, got {value!r}")
         if not (isinstance(heat, (int, float)) and heat >= 0):
@@ -73,7 +76,7 @@ class RepetitionStrategy(BaseStrategy):
         if not (isinstance(min_p, (int, float)) and 0 <= min_p < 1):
             raise ValueError(f"min_p must be in [0, 1), got {min_p!r}")
         self.provider, self.max_retries, self.heat, self.min_p = provider, max_retries, float(heat), float(min_p)
-        self.episode_tokens, self.on_accept = episode_tokens, on_accept
+        self.heat_tokens, self.episode_tokens, self.on_accept = heat_tokens, episode_tokens, on_accept
         self.view = TextView(provider.decode)
         self.detector = RepeatDetector(self.rules)
         self.reset()
@@ -82,9 +85,9 @@ class RepetitionStrategy(BaseStrategy):
         self.view.reset()
         self.detector.reset()
         self._bans: Dict[int, Set[int]] = {}  # position -> tokens excluded there
-        self._level: Dict[int, int] = {}  # position -> retry number of the rewind to it (escalation)
         self._rejected: Dict[int, List[str]] = {}  # position -> texts of the copies rejected there
-        self._episode: Optional[List[int]] = None  # [where the last repeat was, retries] of the current loop
+        self._hot: Optional[Tuple[int, int, int]] = None  # (first, end, retry): positions flattened
+        self._episode: Optional[List[int]] = None  # [where its last rewind went, retries] of the current loop
         self._keep = 0
         self.rewind_reason = None
 
@@ -94,29 +97,31 @@ class RepetitionStrategy(BaseStrategy):
     # --- the distribution at a position it rewound to -------------------------------------------
     def on_logits(self, logits: np.ndarray, continuation_tokens: List[int]) -> np.ndarray:
         position = len(continuation_tokens)
-        bans = self._bans.get(position)
-        if not bans:
+        bans, hot = self._bans.get(position), self._hot
+        level = hot[2] if hot is not None and hot[0] <= position < hot[1] else 1
+        if not bans and level < 2:
             return logits
         edited = logits.copy()
-        edited[list(bans)] = -np.inf
-        level = self._level.get(position, 1)
-        if level >= 2 and np.isfinite(np.max(edited)):
-            best = np.argpartition(edited, -_CANDIDATES)[-_CANDIDATES:] if len(edited) > _CANDIDATES else np.arange(len(edited))
-            before, rejected = continuation_tokens[-1:], self._rejected.get(position, ())
-            for token in best.tolist():  # the same copy again through another tokenization
+        if bans:
+            edited[list(bans)] = -np.inf
+        rejected = self._rejected.get(position) if level >= 2 else None
+        if rejected and np.isfinite(np.max(edited)):
+            best = np.argpartition(edited, -_CANDIDATES)[-_CANDIDATES:] if len(edited) > _CANDIDATES else range(len(edited))
+            before = continuation_tokens[-1:]
+            for token in best:  # the same copy again through another tokenization
                 if np.isfinite(edited[token]):
-                    piece = text_after(self.provider.decode, before, [token])
+                    piece = text_after(self.provider.decode, before, [int(token)])
                     if piece and any(copy.startswith(piece) for copy in rejected):
                         edited[token] = -np.inf
-            top = float(np.max(edited))
-            if np.isfinite(top):
-                if self.min_p > 0:  # min-p among what is left, on the model's own distribution
-                    edited[edited < top + np.float32(np.log(self.min_p))] = -np.inf
-                finite = np.isfinite(edited)
-                scale = np.float32(1.0 / (1.0 + self.heat * (level - 1)))
-                edited[finite] = top + (edited[finite] - top) * scale  # hotter, among the likely ones
-        if not np.isfinite(np.max(edited)):  # everything excluded: leave it to the next retry
+        top = float(np.max(edited))
+        if not np.isfinite(top):  # everything excluded: leave it to the next retry
             return logits
+        if level >= 2:
+            if self.min_p > 0:  # min-p among what is left, on the model's own distribution
+                edited[edited < top + np.float32(np.log(self.min_p))] = -np.inf
+            finite = np.isfinite(edited)
+            scale = np.float32(1.0 / (1.0 + self.heat * (level - 1)))
+            edited[finite] = top + (edited[finite] - top) * scale  # hotter, among the likely ones
         return edited
 
     # --- finding repeats ---------------------------------------------------------------------
@@ -147,11 +152,10 @@ class RepetitionStrategy(BaseStrategy):
         reason = f"repeat: {repeat.describe(self.detector.text)}"
         episode = self._episode
         if episode is not None and position - episode[0] <= self.episode_tokens:
-            episode[1] += 1  # a retry of the same loop (the text has not gone far without one)
+            episode[1] += 1  # a retry of the same loop
         else:
             episode = self._episode = [position, 1]
-        if episode[1] > self.max_retries:  # accepted, until the text goes on without a repeat
-            episode[0] = len(tokens)
+        if episode[1] > self.max_retries:  # kept: repeats near it are kept too
             if episode[1] == self.max_retries + 1:
                 self._accept(position, reason)
             return tokens
@@ -159,8 +163,9 @@ class RepetitionStrategy(BaseStrategy):
         copy = self.view.text[self.view.offset(position) : repeat.end]
         self._drop_after(position)
         self._bans.setdefault(position, set()).add(tokens[position])
-        self._level[position] = max(self._level.get(position, 0), episode[1])
         self._rejected.setdefault(position, []).append(copy)
+        if episode[1] >= 2:
+            self._hot = (position, position + 1 + self.heat_tokens, episode[1])
         self.rewind_reason = reason
         self._rewind(position)
         return tokens[:position]
@@ -180,6 +185,8 @@ class RepetitionStrategy(BaseStrategy):
             self._keep = min(self._keep, position)
 
     def _drop_after(self, position: int) -> None:
-        for state in (self._bans, self._level, self._rejected):  # they depended on the text being replaced
+        for state in (self._bans, self._rejected):  # they depended on the text being replaced
             for later in [p for p in state if p > position]:
                 del state[later]
+        if self._hot is not None and self._hot[0] > position:
+            self._hot = None
