@@ -12,6 +12,7 @@ from .strategy.base_strategy import BaseStrategy
 from .strategy.chain_strategy import ChainStrategy
 from .strategy.creative_writing_strategy import CreativeWritingStrategy
 from .strategy.debug_strategy import DebugStrategy
+from .strategy.grammar_strategy import GrammarStrategy
 from .strategy.human_guidance_strategy import HumanGuidanceStrategy
 from .strategy.replace_strategy import ReplaceStrategy
 
@@ -35,5 +36,5 @@ def __getattr__(name):  # providers import their backend only when asked for
 __all__ = [
     "BacktrackSampler", "GenerationStats", "RewindEvent", "BaseProvider", "BaseStrategy",
     "AdaptiveTemperatureStrategy", "AntiSlopStrategy", "ChainStrategy", "CreativeWritingStrategy",
-    "DebugStrategy", "HumanGuidanceStrategy", "ReplaceStrategy", *_PROVIDERS,
+    "DebugStrategy", "GrammarStrategy", "HumanGuidanceStrategy", "ReplaceStrategy", *_PROVIDERS,
 ]
