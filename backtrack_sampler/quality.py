@@ -34,6 +34,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 _WORD = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")  # letters/digits, with inner apostrophes
 _SENTENCE_END = re.compile(r"[.!?\u2026\n]")
+_APOSTROPHES = "'\u2019"
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,8 @@ class RepeatDetector:
         pos = words[-1][1] if words else 0
         found: Optional[Repeat] = None
         for m in _WORD.finditer(text, pos):
-            if m.end() == len(text) and not at_end:
-                break  # the last word may go on
+            if not at_end and (m.end() == len(text) or (m.end() + 1 == len(text) and text[-1] in _APOSTROPHES)):
+                break  # the last word may go on ("they" + "'" may become "they're")
             gap = text[words[-1][1] if words else 0 : m.start()]
             if words and _SENTENCE_END.search(gap):
                 found = _first(found, self._close_sentence())  # (both always run: they record what they saw)
@@ -191,7 +192,8 @@ class RepeatDetector:
         self._ended = False
         self.text = self.text[:length]
         words, n = self._words, self.rules.ngram_words
-        while words and words[-1][1] >= length:  # a word ending at the cut may go on: not complete
+        while words and (words[-1][1] >= length or (words[-1][1] + 1 == length and self.text[-1] in _APOSTROPHES)):
+            # a word ending at the cut (or before an apostrophe there) may go on: not complete
             last = len(words) - 1
             if n and last >= n - 1:
                 key = tuple(w for _, _, w in words[last - n + 1 :])

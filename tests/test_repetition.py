@@ -26,6 +26,8 @@ from conftest import ROOT
 
 
 def examples(n: int) -> settings:
+    """Deterministic examples (x BACKTRACK_PROPERTY_SCALE, as tests/test_guarantees.py)."""
+    n = max(1, int(n * float(os.environ.get("BACKTRACK_PROPERTY_SCALE", "1"))))
     return settings(max_examples=n, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -112,7 +114,7 @@ def test_quality_scores():
 
 
 # --- the detector: incremental, rewinds, hold (properties) -----------------------------------------
-ALPHABET = "ab .\n-"  # small: loops, repeated words and sentences come up all the time
+ALPHABET = "ab .\n-'\u2019"  # small: loops, repeated words and sentences come up all the time
 texts = st.text(alphabet=ALPHABET, min_size=0, max_size=160)
 rules = st.builds(RepeatRules, min_chars=st.integers(4, 12), min_repeats=st.integers(2, 4),
                   max_period=st.integers(1, 6), symbol_chars=st.integers(4, 20), ngram_words=st.sampled_from([0, 2, 3, 5]),
