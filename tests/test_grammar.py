@@ -375,10 +375,12 @@ def test_through_an_engine_the_output_is_valid_and_free_of_bans(engine_type):
         engine.close()
 
 
-def test_through_an_engine_a_forced_token_outside_the_candidates_rewinds():
-    """With K candidates the grammar chooses among those K: where the token it forces is not one
-    of them (here: never, the model ranks it last), the generation rewinds and, unable to find it,
-    ends with "constraint", never with text the grammar refuses. In process it is found."""
+def test_through_an_engine_tokens_outside_the_candidates():
+    """The engine reports K candidates. A token the grammar forces (the only one it allows) is taken
+    even when it is not among them: its probability under the grammar is 1, as in process. Where
+    the grammar allows several tokens and none is a candidate (here: "x" and "y", which the model
+    ranks last), it is a dead end: the generation rewinds and, never finding them, ends with
+    "constraint", never with text the grammar refuses. In process both are found."""
     from backtrack_sampler.engine import EngineProvider
     from engine_fakes import FakeEngine
 
@@ -386,18 +388,23 @@ def test_through_an_engine_a_forced_token_outside_the_candidates_rewinds():
 
     def logits(tokens):
         values = base.logits_for(tokens).copy()
-        values[base.ids["x"]] = -50.0  # always last
+        values[[base.ids["x"], base.ids["y"]]] = -50.0  # always last
+        values[[base.ids[" cat"], base.ids[" dog"]]] += 10  # among the candidates
         return values
 
     model = FakeProvider(vocab=VOCAB, logits_fn=logits)
     engine = FakeEngine("llama-server", model.logits_for, model.vocab_size, eos=model.get_eos_token_id())
     try:
         provider = EngineProvider(engine.url, "llama-server", tokenizer=model, n_probs=8)
-        text, stats = run(provider, GrammarStrategy(provider, regex="( cat| dog)x"), seed=0, top_k=8,
+        for seed in range(3):
+            text, stats = run(provider, GrammarStrategy(provider, regex="( cat| dog)x"), seed=seed, top_k=8)
+            assert stats.finish_reason == "stop" and text in (" catx", " dogx"), text
+        text, stats = run(provider, GrammarStrategy(provider, regex="( cat| dog)(x|y)"), seed=0, top_k=8,
                           max_new_tokens=10)
         assert stats.finish_reason == "constraint" and text in ("", " cat", " dog")
-        local, local_stats = run(model, GrammarStrategy(model, regex="( cat| dog)x"), seed=0, top_k=8)
-        assert local_stats.finish_reason == "stop" and local in (" catx", " dogx")
+        assert any("dead end" in (event.reason or "") for event in stats.events)
+        local, local_stats = run(model, GrammarStrategy(model, regex="( cat| dog)(x|y)"), seed=0, top_k=8)
+        assert local_stats.finish_reason == "stop" and re.fullmatch("( cat| dog)(x|y)", local)
     finally:
         engine.close()
 
@@ -690,3 +697,26 @@ def test_real_playground_json_schema_box(chat_server, tmp_path):
             assert not errors, errors
         finally:
             browser.close()
+
+
+@pytest.mark.model
+def test_real_llama_server_engine_json_with_bans():
+    """Through a real llama-server (the embedded chat model): sampled JSON with bans is valid and
+    free of them. The K candidates often lack a key the schema forces; it is taken anyway (the
+    grammar's only choice), so no rewinds are needed there."""
+    from backtrack_sampler.chat import chat_prompt_tokens
+    from backtrack_sampler.engine import EngineProvider
+    from backtrack_sampler.models import resolve_model
+    from test_engine_llama_server import LlamaServer, llama_server_binary
+
+    server = LlamaServer(llama_server_binary(), str(resolve_model("smollm2-135m-instruct")), slots=2, n_ctx=4096)
+    try:
+        provider = EngineProvider(server.url, "llama-server", tokenizer="smollm2-135m-instruct")
+        prompt = chat_prompt_tokens(provider, [{"role": "user", "content": ASK}])
+        for seed in range(3):
+            strategy = ChainStrategy([AntiSlopStrategy(provider, ["red", "green"]),
+                                      GrammarStrategy(provider, json_schema=PERSON)])
+            text, stats = run(provider, strategy, prompt, seed=seed, temperature=0.8, max_new_tokens=60)
+            assert stats.finish_reason == "stop" and person_ok(text, colors=("blue",)), (text, stats.constraint)
+    finally:
+        server.stop()

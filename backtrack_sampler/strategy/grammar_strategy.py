@@ -342,6 +342,9 @@ class GrammarStrategy(BaseStrategy):
         self.matcher = llg.LLMatcher(self.tokenizer, self.source, log_level=0)
         if self.matcher.is_error():
             raise GrammarError(f"{self.kind}: {_short(self.matcher.get_error())}")
+        # an engine's logits hold only its K candidates (-inf elsewhere): a token the grammar forces
+        # may be missing from them; it is taken anyway (below), as in process
+        self.candidates_only = hasattr(provider, "engine_type")
         self._eos: FrozenSet[int] = frozenset(provider.eos_token_ids)
         self._placeholder = min(self._eos)
         self._words = (self.tokenizer.vocab_size + 31) // 32
@@ -385,6 +388,11 @@ class GrammarStrategy(BaseStrategy):
         if np.max(logits) > -np.inf:
             return logits
         # a dead end: nothing the grammar allows is left here
+        if self.candidates_only:
+            forced = np.flatnonzero(allowed)
+            if len(forced) == 1 and not (bans and int(forced[0]) in bans):
+                logits[forced[0]] = 0.0  # the one token the grammar allows: probability 1 whatever the model says
+                return logits
         if position == 0 or position - 1 < self._keep:
             count = int(allowed.sum())
             raise ConstraintError(f"every token the {self.kind} allows here ({count}) is banned, after "
