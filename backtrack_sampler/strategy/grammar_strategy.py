@@ -322,7 +322,17 @@ class GrammarStrategy(BaseStrategy):
     a valid one, and when it ends with "stop" it is valid.
 
     Chain it after the strategies that edit logits (the server and the command line put it last):
-    then its mask is the last word on what can be sampled.
+    then its mask is the last word on what can be sampled, and a dead end is found at once (first
+    in a chain, AntiSlop may find it later, or give up: its keep index does not know the grammar).
+
+    Through a serving engine (``EngineProvider``, ``candidates_only``) the logits hold the engine's
+    K candidates only: the grammar chooses among those it allows; a token it forces (the only one
+    it allows, e.g. a key name of the schema, or the end once the JSON is complete) is taken even
+    when it is not a candidate (its probability under the grammar is 1, as in process). Where it
+    allows several tokens and none is a candidate, it is a dead end (rewind, as above). Exact (the
+    distribution of the same generation in process) when every allowed token that the local
+    filters would keep is among the K candidates, e.g. top-k off and K large; else it is the
+    distribution restricted to the candidates, and always valid.
     """
 
     name = "grammar"
