@@ -29,8 +29,8 @@ n-grams / all n-grams, per story, averaged; higher = less repetitive).
 Reported per setting: degenerate outputs (``backtrack_sampler.quality.is_degenerate``: the same
 repeat rules the strategy uses), hits of half A and half B per 1,000 words, rewinds and rewound
 tokens, tokens/s and its ratio to plain, the decode steps per delivered token (rewound tokens are
-decoded again: the intrinsic cost, which machine load does not blur), the strategy's own cost in
-microseconds per token (its hooks replayed on the plain outputs without the model), mean NLL under
+decoded again: the intrinsic cost, which machine load does not blur), the time the strategy's hooks
+take per decode step (microseconds, measured around each hook as the sampler calls it), mean NLL under
 the plain model, distinct-2/3, rep-4 (share of word 4-grams that repeat an earlier one) and the
 share of words inside a repeated 8-gram.
 
@@ -40,7 +40,8 @@ its expected word is among the first 30 words of the reply. Plain vs revised, sa
 top_k 50, ``--seeds`` seeds) and greedy; plain with min_p 0.1 as a reference (revision acts like a
 post-hoc truncation of unlikely draws).
 
-    .venv/bin/python bench/quality_bench.py --suite repetition --prompts 12 --seeds 2 --tokens 300
+    .venv/bin/python bench/quality_bench.py --suite repetition --prompts 12 --seeds 2 --tokens 300 \
+        --temperature 0.8 --min-p 0.05 --top-k 0 --threads 1          # the demo's sampling
     .venv/bin/python bench/quality_bench.py --suite confidence --seeds 3
 
 The slop lists are third-party data read from ../shared/data/antislop (beside the repository),
@@ -110,6 +111,8 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=10, help=f"story prompts (default 10, at most {len(PROMPTS)})")
     parser.add_argument("--tokens", type=int, default=200, help="tokens per story (default 200)")
     parser.add_argument("--temperature", type=float, default=1.0, help="(default 1.0, with top_k 50)")
+    parser.add_argument("--top-k", type=int, default=50, help="(default 50; 0: off) (repetition suite)")
+    parser.add_argument("--min-p", type=float, help="(default off) (repetition suite)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt (default 0)")
     parser.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores)")
     parser.add_argument("--model", default=MODEL, help=f"an embedded model's name or a .gguf file (default {MODEL})")
@@ -207,27 +210,52 @@ def load(args):
     return provider, scorer
 
 
-def strategy_cost(strategy, outputs, vocab_size: int) -> float:
-    """Microseconds per token the strategy's hooks take, replayed on ``outputs`` (token lists)
-    without the model: on_logits (on a zero row) and backtrack after each token, as a driver calls
-    them. A rewind it asks for is told to it (on_rewind) and the replay goes on with the recorded
-    tokens (it then sees the rewound ones again, at once)."""
-    total, count = 0.0, 0
-    row = np.zeros(vocab_size, dtype=np.float32)
-    for out in outputs:
-        strategy.reset()
-        tokens: list = []
-        started = time.perf_counter()
-        for token in out:
-            strategy.on_logits(row, tokens)
-            tokens.append(token)
-            kept = strategy.backtrack(tokens)
-            if len(kept) < len(tokens):
-                strategy.on_rewind(len(kept))
-        total += time.perf_counter() - started
-        count += len(out)
-    strategy.reset()
-    return 1e6 * total / max(count, 1)
+class Timed:
+    """Wraps a strategy and adds up the time its hooks take (``seconds``), as the sampler calls them."""
+
+    def __new__(cls, strategy):
+        from backtrack_sampler import BaseStrategy
+
+        class _Timed(BaseStrategy):
+            def __init__(self, inner):
+                self.inner, self.seconds = inner, 0.0
+
+            capabilities = property(lambda self: self.inner.capabilities)
+            hard_constraint = property(lambda self: self.inner.capabilities.hard)
+            rewind_reason = property(lambda self: self.inner.rewind_reason)
+
+            def _time(self, hook, *args):
+                started = time.perf_counter()
+                try:
+                    return getattr(self.inner, hook)(*args)
+                finally:
+                    self.seconds += time.perf_counter() - started
+
+            def get_keep_index(self):
+                return self._time("get_keep_index")
+
+            def on_logits(self, logits, tokens):
+                return self._time("on_logits", logits, tokens)
+
+            def on_probs(self, probs, tokens):
+                return self._time("on_probs", probs, tokens)
+
+            def on_next_token(self, tokens, probs):
+                return self._time("on_next_token", tokens, probs)
+
+            def backtrack(self, tokens):
+                return self._time("backtrack", tokens)
+
+            def on_end(self, tokens):
+                return self._time("on_end", tokens)
+
+            def on_rewind(self, position):
+                return self._time("on_rewind", position)
+
+            def reset(self):
+                return self._time("reset")
+
+        return _Timed(strategy)
 
 
 def repetition_suite(args, phrases: list) -> int:
@@ -250,41 +278,39 @@ def repetition_suite(args, phrases: list) -> int:
     }
     prompts = PROMPTS[: max(1, min(args.prompts, len(PROMPTS)))]
     seeds = list(range(args.seed, args.seed + max(1, args.seeds)))
+    sampling = f"temperature {args.temperature}, top_k {args.top_k or 'off'}, min_p {args.min_p or 'off'}"
     print(f"model {model_name(args.model)}: {len(prompts)} held-out story prompts x {len(seeds)} seeds x {args.tokens} "
-          f"tokens, temperature {args.temperature}, top_k 50, chat template; 517 list split in two halves of "
+          f"tokens, {sampling}, chat template; 517 list split in two halves of "
           f"{len(half_a)} and {len(half_b)} phrases (A banned, B counted)", flush=True)
     list(BacktrackSampler(provider, BaseStrategy()).generate_text("Hello", max_new_tokens=4))  # warm up
     results = {name: [] for name in settings}
-    outputs = []
     for i, request in enumerate(prompts):
         prompt = chat_prompt_tokens(provider, [{"role": "user", "content": request}])
         for seed in seeds:
             line = []
             for name, make in settings.items():  # alternate settings, so machine load hits all alike
                 provider.reset()
-                sampler = BacktrackSampler(provider, make())
+                strategy = Timed(make())
+                sampler = BacktrackSampler(provider, strategy)
                 out = list(sampler.generate(prompt, max_new_tokens=args.tokens, temperature=args.temperature,
-                                            top_k=50, seed=seed))
+                                            top_k=args.top_k or None, min_p=args.min_p, seed=seed))
                 text = provider.decode(out)
                 s = sampler.stats
                 row = {"degenerate": is_degenerate(text), "a": hits(text, half_a), "b": hits(text, half_b),
                        "words": len(text.split()), "tokens": s.delivered, "steps": s.steps, "rewinds": s.rewinds,
-                       "rewound": s.rewound, "seconds": s.seconds,
+                       "rewound": s.rewound, "seconds": s.seconds, "hooks": strategy.seconds,
                        "nll": mean_nll(scorer, prompt, out) if out else float("nan"),
                        "d2": distinct_n(text, 2), "d3": distinct_n(text, 3), "rep4": rep_n(text, 4),
                        "repeated": repeated_fraction(text)}
                 results[name].append(row)
-                if name == "plain":
-                    outputs.append(out)
                 line.append(f"{name}: {'LOOP' if row['degenerate'] else 'ok'} {row['a']}/{row['b']} {s.rewinds}rw")
                 if args.show:
                     print(f"\n--- prompt {i + 1} seed {seed}, {name} ---\n{text}\n")
             print(f"  prompt {i + 1:2d} seed {seed}: " + " | ".join(line), flush=True)
-    costs = {name: strategy_cost(make(), outputs, provider.vocab_size) for name, make in settings.items()}
 
     runs = len(prompts) * len(seeds)
     print(f"\n== {model_name(args.model)}, {runs} stories ({len(prompts)} held-out prompts x {len(seeds)} seeds) x "
-          f"{args.tokens} tokens, temperature {args.temperature}, top_k 50 ==")
+          f"{args.tokens} tokens, {sampling} ==")
     print(f"{'setting':14} {'degen.':>6} {'A/1k':>5} {'B/1k':>5} {'rewinds':>7} {'rewound':>7} {'tok/s':>6} {'ratio':>5} "
           f"{'steps/tok':>9} {'us/tok':>6} {'NLL':>6} {'dist-2':>6} {'dist-3':>6} {'rep-4':>6} {'rep.8g':>6}")
     base = None
@@ -295,11 +321,11 @@ def repetition_suite(args, phrases: list) -> int:
         words = max(total("words"), 1)
         print(f"{name:14} {total('degenerate'):3d}/{len(rows):<2d} {1000 * total('a') / words:5.2f} "
               f"{1000 * total('b') / words:5.2f} {total('rewinds'):7d} {total('rewound'):7d} {tps:6.1f} {tps / base:5.2f} "
-              f"{total('steps') / max(total('tokens'), 1):9.3f} {costs[name]:6.1f} {np.nanmean([r['nll'] for r in rows]):6.3f} "
+              f"{total('steps') / max(total('tokens'), 1):9.3f} {1e6 * total('hooks') / max(total('steps'), 1):6.1f} {np.nanmean([r['nll'] for r in rows]):6.3f} "
               f"{np.mean([r['d2'] for r in rows]):6.3f} {np.mean([r['d3'] for r in rows]):6.3f} "
               f"{np.mean([r['rep4'] for r in rows]):6.3f} {np.mean([r['repeated'] for r in rows]):6.3f}")
     print("degen.: outputs with a repeat (quality.is_degenerate); A/1k, B/1k: hits of the banned / the counted half per "
-          "1,000 words;\nsteps/tok: decode steps per delivered token; us/tok: the strategy's hooks alone; NLL: under the "
+          "1,000 words;\nsteps/tok: decode steps per delivered token; us/tok: time in the strategy's hooks per step; NLL: under the "
           "plain model (nats/token);\nrep-4: share of word 4-grams repeating an earlier one; rep.8g: share of words in a "
           "repeated 8-gram")
     print(f"total time {time.perf_counter() - started:.0f} s")
