@@ -10,10 +10,12 @@ from .strategy.adaptive_temperature_strategy import AdaptiveTemperatureStrategy
 from .strategy.antislop_strategy import AntiSlopStrategy
 from .strategy.base_strategy import BaseStrategy
 from .strategy.chain_strategy import ChainStrategy
+from .strategy.confidence_strategy import ConfidenceStrategy
 from .strategy.creative_writing_strategy import CreativeWritingStrategy
 from .strategy.debug_strategy import DebugStrategy
 from .strategy.grammar_strategy import GrammarStrategy
 from .strategy.human_guidance_strategy import HumanGuidanceStrategy
+from .strategy.repetition_strategy import RepetitionStrategy
 from .strategy.replace_strategy import ReplaceStrategy
 
 __version__ = "4.0.0"
@@ -35,6 +37,6 @@ def __getattr__(name):  # providers import their backend only when asked for
 
 __all__ = [
     "BacktrackSampler", "GenerationStats", "RewindEvent", "BaseProvider", "BaseStrategy",
-    "AdaptiveTemperatureStrategy", "AntiSlopStrategy", "ChainStrategy", "CreativeWritingStrategy",
-    "DebugStrategy", "GrammarStrategy", "HumanGuidanceStrategy", "ReplaceStrategy", *_PROVIDERS,
+    "AdaptiveTemperatureStrategy", "AntiSlopStrategy", "ChainStrategy", "ConfidenceStrategy", "CreativeWritingStrategy",
+    "DebugStrategy", "GrammarStrategy", "HumanGuidanceStrategy", "RepetitionStrategy", "ReplaceStrategy", *_PROVIDERS,
 ]

@@ -47,6 +47,7 @@ BUILTINS: Dict[str, str] = {
     "human": "backtrack_sampler.strategy.human_guidance_strategy:HumanGuidanceStrategy",
     "repetition": "backtrack_sampler.strategy.repetition_strategy:RepetitionStrategy",
     "grammar": "backtrack_sampler.strategy.grammar_strategy:GrammarStrategy",
+    "confidence": "backtrack_sampler.strategy.confidence_strategy:ConfidenceStrategy",
 }
 TERMINAL_ONLY = ("debug", "human")  # they write to / read from a terminal: command line only, never per request
 STRATEGIES = tuple(BUILTINS)  # the built-in names

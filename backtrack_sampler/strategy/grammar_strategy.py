@@ -356,7 +356,7 @@ class GrammarStrategy(BaseStrategy):
         # may be missing from them; it is taken anyway (below), as in process
         self.candidates_only = hasattr(provider, "engine_type")
         self._eos: FrozenSet[int] = frozenset(provider.eos_token_ids)
-        self._placeholder = min(self._eos)
+        self._placeholder = min(self._eos) if self._eos else provider.get_eos_token_id()
         self._words = (self.tokenizer.vocab_size + 31) // 32
         self._bitmask = np.zeros(self._words, dtype=np.int32)
         self.reset()
@@ -405,7 +405,8 @@ class GrammarStrategy(BaseStrategy):
                 return logits
         if position == 0 or position - 1 < self._keep:
             count = int(allowed.sum())
-            raise ConstraintError(f"every token the {self.kind} allows here ({count}) is banned, after "
+            why = "banned or not among the engine's candidates" if self.candidates_only else "banned"
+            raise ConstraintError(f"every token the {self.kind} allows here ({count}) is {why}, after "
                                   f"{self._tail(continuation_tokens)!r}, and the tokens before are final")
         self._dead = position
         logits.fill(-np.inf)
