@@ -13,10 +13,15 @@ from .strategy.chain_strategy import ChainStrategy
 from .strategy.confidence_strategy import ConfidenceStrategy
 from .strategy.creative_writing_strategy import CreativeWritingStrategy
 from .strategy.debug_strategy import DebugStrategy
+from .strategy.dry_strategy import DryStrategy
 from .strategy.grammar_strategy import GrammarStrategy
 from .strategy.human_guidance_strategy import HumanGuidanceStrategy
+from .strategy.logit_bias_strategy import LogitBiasStrategy
+from .strategy.penalty_strategy import PenaltyStrategy
 from .strategy.repetition_strategy import RepetitionStrategy
 from .strategy.replace_strategy import ReplaceStrategy
+from .strategy.typical_strategy import TypicalStrategy
+from .strategy.xtc_strategy import XtcStrategy
 
 __version__ = "4.0.0"
 
@@ -38,5 +43,6 @@ def __getattr__(name):  # providers import their backend only when asked for
 __all__ = [
     "BacktrackSampler", "GenerationStats", "RewindEvent", "BaseProvider", "BaseStrategy",
     "AdaptiveTemperatureStrategy", "AntiSlopStrategy", "ChainStrategy", "ConfidenceStrategy", "CreativeWritingStrategy",
-    "DebugStrategy", "GrammarStrategy", "HumanGuidanceStrategy", "RepetitionStrategy", "ReplaceStrategy", *_PROVIDERS,
+    "DebugStrategy", "DryStrategy", "GrammarStrategy", "HumanGuidanceStrategy", "LogitBiasStrategy", "PenaltyStrategy",
+    "RepetitionStrategy", "ReplaceStrategy", "TypicalStrategy", "XtcStrategy", *_PROVIDERS,
 ]

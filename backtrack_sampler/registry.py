@@ -48,6 +48,11 @@ BUILTINS: Dict[str, str] = {
     "repetition": "backtrack_sampler.strategy.repetition_strategy:RepetitionStrategy",
     "grammar": "backtrack_sampler.strategy.grammar_strategy:GrammarStrategy",
     "confidence": "backtrack_sampler.strategy.confidence_strategy:ConfidenceStrategy",
+    "penalties": "backtrack_sampler.strategy.penalty_strategy:PenaltyStrategy",
+    "dry": "backtrack_sampler.strategy.dry_strategy:DryStrategy",
+    "xtc": "backtrack_sampler.strategy.xtc_strategy:XtcStrategy",
+    "typical": "backtrack_sampler.strategy.typical_strategy:TypicalStrategy",
+    "logit_bias": "backtrack_sampler.strategy.logit_bias_strategy:LogitBiasStrategy",
 }
 TERMINAL_ONLY = ("debug", "human")  # they write to / read from a terminal: command line only, never per request
 STRATEGIES = tuple(BUILTINS)  # the built-in names

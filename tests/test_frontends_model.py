@@ -1,0 +1,122 @@
+"""The frontends' requests against the real server (embedded Gemma 3 270M, llama.cpp): SillyTavern's
+exact "tabby" body streamed with banned_strings and custom_token_bans honoured, its status and
+tokenize calls, a KoboldAI stream with banned_tokens phrases, and the samplers' effect."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from serving import ServerThread
+from st_bodies import kobold_body, textgen_body
+
+from backtrack_sampler.server import Engine, Limits, create_app
+
+pytestmark = pytest.mark.model
+KEY = "st-key"
+TIMEOUT = 300
+PROMPT = "Once upon a time, in a small village by the sea, there lived"
+
+
+@pytest.fixture(scope="module")
+def server(llama_provider):
+    engine = Engine(llama_provider, "gemma-test")
+    with ServerThread(create_app(engine, api_key=KEY, limits=Limits(max_token_ids=300_000))) as running:
+        yield running
+
+
+def post(server, path, body, key=KEY):
+    return httpx.post(server.url + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=TIMEOUT)
+
+
+def sse_text(response) -> str:
+    assert response.status_code == 200, response.text
+    lines = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return "".join(json.loads(line)["choices"][0]["text"] for line in lines[:-1])
+
+
+def tabby(server, max_tokens=40, **settings):
+    body = textgen_body("tabby", PROMPT, max_tokens, ["\n\n"], **settings)
+    return sse_text(post(server, "/v1/completions", body))
+
+
+def test_sillytavern_status_and_tokenizer_calls(server):
+    """What ST's "tabby" type calls besides generation: /v1/model/list, /v1/model, /v1/token/encode."""
+    models = httpx.get(server.url + "/v1/model/list", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+    assert [m["id"] for m in models["data"]] == ["gemma-test"]
+    card = httpx.get(server.url + "/v1/model", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+    assert card["id"] == "gemma-test"
+    encoded = post(server, "/v1/token/encode", {"text": PROMPT}).json()
+    assert encoded["length"] == len(encoded["tokens"]) > 5
+    assert post(server, "/v1/token/decode", {"tokens": encoded["tokens"]}).json()["text"].endswith(PROMPT)
+
+
+def test_sillytavern_tabby_body_honours_banned_strings_and_token_bans(server, llama_provider):
+    """ST's exact body (seed -1, every field it sends) streams; a phrase the unbanned text has is
+    avoided (banned_strings), and with every token containing "e" banned by id (custom_token_bans as
+    ST sends it, a comma-separated string) the text has no "e" at all."""
+    baseline = tabby(server, temp=0)  # ST's temperature 0 is greedy: the same text every time
+    assert baseline == tabby(server, temp=0)
+    words = baseline.split()
+    assert len(words) > 4, baseline
+    phrase = " ".join(words[1:3])
+    banned = tabby(server, temp=0, banned_strings=[phrase])
+    assert phrase.lower() not in banned.lower() and banned
+    with_e = [t for t in range(llama_provider.vocab_size) if "e" in llama_provider.decode([t]).lower()]
+    no_e = tabby(server, banned_tokens=",".join(map(str, with_e)), seed=7)
+    assert no_e and "e" not in no_e.lower(), no_e
+    assert "e" in baseline
+
+
+def test_kobold_stream_with_banned_tokens(server):
+    """The KoboldAI stream: events of {"token"}, bans (KoboldCpp's banned_tokens phrases) and stop strings."""
+    def stream(**extra):
+        body = kobold_body(PROMPT, 40, ["\n\n"], temperature=0, **extra)
+        response = post(server, "/api/extra/generate/stream", body)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(block.split("data: ", 1)[1]) for block in response.text.split("\n\n") if block]
+        assert events[-1]["token"] == "" and events[-1]["finish_reason"] in ("stop", "length")
+        return "".join(event["token"] for event in events)
+
+    baseline = stream()
+    plain = post(server, "/api/v1/generate", kobold_body(PROMPT, 40, ["\n\n"], temperature=0)).json()
+    assert plain["results"][0]["text"] == baseline
+    phrase = " ".join(baseline.split()[1:3])
+    banned = stream(banned_tokens=[phrase])
+    assert banned and phrase.lower() not in banned.lower()
+    count = post(server, "/api/extra/tokencount", {"prompt": baseline}).json()
+    assert count["value"] == len(count["ids"]) > 0
+
+
+def greedy(server, prompt, **extra):
+    body = {"prompt": prompt, "max_tokens": 24, "temperature": 0, **extra}
+    response = post(server, "/v1/completions", body)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"]
+
+
+LOOP = "red blue green, red blue green, red blue green, red blue green,"
+
+
+def test_repetition_penalty_dry_and_logit_bias_change_the_output(server, llama_provider):
+    """On a prompt the model just repeats: rep_pen and DRY break the loop; logit_bias +100 forces a token."""
+    loop = greedy(server, LOOP)
+    assert "red blue green" in loop  # greedy continues the pattern
+    assert "red blue green" not in greedy(server, LOOP, rep_pen=2.0, rep_pen_range=64)
+    dry = greedy(server, LOOP, dry_multiplier=2.0, dry_base=1.75, dry_allowed_length=2, dry_sequence_breakers="[]")
+    assert "red blue green" not in dry
+    banana = llama_provider.encode(" banana", add_special_tokens=False)
+    assert len(banana) == 1
+    forced = greedy(server, "The capital of France is", logit_bias={str(banana[0]): 100}, max_tokens=5)
+    assert forced == " banana" * 5
+
+
+def test_penalties_with_rewinds(server):
+    """A penalty and a ban that rewinds, together: the text avoids the phrase and still differs
+    from the penalty alone (the penalty is computed on the tokens kept after each rewind)."""
+    penalized = greedy(server, LOOP, rep_pen=1.3)
+    phrase = " ".join(penalized.split()[:2])
+    both = greedy(server, LOOP, rep_pen=1.3, banned_strings=[phrase])
+    assert phrase.lower() not in both.lower() and both != penalized
