@@ -97,6 +97,7 @@ class Job:
         self.cancelled = threading.Event()
         self.checked = loop.time()  # when the client's connection was last checked
         self.batch: Optional[BatchJob] = None
+        self.aborted = False
 
     def put(self, kind: str, value: Any = None) -> None:
         try:
@@ -109,6 +110,12 @@ class Job:
         self.cancelled.set()
         if self.batch is not None:
             self.batch.cancel()
+
+    def abort(self) -> None:
+        """End the generation at the next step as if it had finished there (KoboldAI's abort): the
+        final text so far is the answer, with finish_reason "stop"."""
+        self.aborted = True
+        self.cancel()
 
     async def next(self, request: Request) -> Tuple[str, Any]:
         """The next report; cancels the job if the client goes away meanwhile (checked at least
@@ -136,10 +143,11 @@ class _Output:
         self.provider, self.job, self.plan = provider, job, plan
         self.stops = StopFilter(plan.stop)
         self.view = TextView(provider.decode)  # the final tokens' text (without include_backtrack)
-        self.stopped = False
+        self.stopped = self.started = False
         self.tracker = EventTracker(generation) if plan.include_backtrack else None
 
     def on_start(self, batch: BatchJob) -> None:
+        self.started = True
         self.job.put("started")
 
     def on_tokens(self, batch: BatchJob, tokens: List[int]) -> None:
@@ -170,15 +178,18 @@ class _Output:
             self.job.put("error", APIError(f"generation failed: {type(error).__name__}: {error}", status=status,
                                            type="server_error", code="engine_error" if status == 502 else "generation_failed"))
             return
-        if batch.stats.finish_reason is None:  # cancelled: the client went away
-            return
+        if batch.stats.finish_reason is None:  # cancelled: the client went away, or an abort
+            if not self.job.aborted:
+                return
+            if not self.started:
+                self.on_start(batch)
         if self.tracker is not None:
             self.on_step(batch)  # what the last step left
         else:
             self._send(self.view.update(batch.tokens, at_end=True), batch)
         if not self.stopped:
             self._text(self.stops.flush(), 0)
-            self._done(batch, batch.stats.finish_reason)
+            self._done(batch, batch.stats.finish_reason or "stop")
 
     def _send(self, text: str, batch: BatchJob, tokens: int = 0) -> None:
         out, hit = self.stops.push(text)

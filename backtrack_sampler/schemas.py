@@ -12,9 +12,11 @@ and a strategy.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Dict, List, Literal, Optional, Sequence, Type, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 from .errors import UsageError
@@ -49,6 +51,10 @@ class Limits(BaseModel):
                                    "(as compact JSON), grammar or regex (response_format, json_schema, grammar, ...)")
     max_grammar_seconds: float = Field(2.0, gt=0, description="seconds a structured-output grammar may take to "
                                        "compile (in a child process, killed beyond it)")
+    max_token_ids: int = Field(10_000, gt=0, description="token ids in one request's logit_bias, banned_tokens "
+                               "and custom_token_bans (each), and in a tokenize/detokenize request")
+    max_sequence_breakers: int = Field(64, gt=0, description="dry_sequence_breakers per request (each at most "
+                                       "max_banned_string_chars characters)")
 
 
 class APIError(Exception):
@@ -92,7 +98,7 @@ def validation_error(error: ValidationError, prefix: Sequence[Union[str, int]] =
     return APIError(f"{param}: {message}" if param else message, param, _code(kind))
 
 
-R = TypeVar("R", bound="_Request")
+R = TypeVar("R", bound=BaseModel)
 
 
 def parse_request(model: Type[R], raw: bytes, limits: Limits, strategies: Optional[StrategyRegistry] = None) -> R:
@@ -103,7 +109,8 @@ def parse_request(model: Type[R], raw: bytes, limits: Limits, strategies: Option
         request = model.model_validate_json(raw, context={"limits": limits, "strategies": strategies})
     except ValidationError as error:
         raise validation_error(error) from None
-    check_strategies(request, strategies, limits)
+    if isinstance(request, _Request):
+        check_strategies(request, strategies, limits)
     return request
 
 
@@ -132,6 +139,42 @@ def _check_strings(values: List[str], what: str, max_count: int, max_chars: int)
 
 def _one_or_many(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
+
+
+def _alias(*names: str) -> AliasChoices:
+    """A field read from the first of ``names`` the request has (the frontends' names for it)."""
+    return AliasChoices(*names)
+
+
+def _token_ids(value: Any, what: str, limit: int) -> List[int]:
+    """Token ids given as a list of ints or a comma-separated string ("1, 2,3": SillyTavern,
+    KoboldCpp, TabbyAPI); empty pieces are skipped."""
+    if isinstance(value, str):
+        pieces = [piece.strip() for piece in value.split(",")]
+        if not all(piece.isdigit() for piece in pieces if piece):
+            raise _error("invalid_value", f"{what} must be token ids: a list of integers or a comma-separated string "
+                         "of them")
+        value = [int(piece) for piece in pieces if piece]
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+        raise _error("invalid_type", f"{what} must be token ids: a list of integers >= 0 or a comma-separated string")
+    if len(value) > limit:
+        raise _error("array_above_max_length", f"at most {limit} token ids in {what} (max_token_ids), got {len(value)}")
+    return value
+
+
+def _breakers(value: Any) -> Any:
+    """DRY sequence breakers: a list, a JSON array in a string (SillyTavern sends '["\\n", ":"]'), or
+    the items of one without the brackets ('"\\n", ":"', as TabbyAPI reads it)."""
+    if isinstance(value, str):
+        import json
+
+        text = value.strip()
+        try:
+            value = json.loads(text if text.startswith("[") else f"[{text}]")
+        except ValueError:
+            raise _error("invalid_value", 'dry_sequence_breakers must be a list of strings or a JSON array of them '
+                         'in a string (\'["\\n", ":"]\')') from None
+    return value
 
 
 def check_regex(pattern: str) -> None:
@@ -305,20 +348,37 @@ class _Request(BaseModel):
     model: Optional[str] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
-    max_tokens: Optional[int] = Field(None, ge=0)
+    max_tokens: Optional[int] = Field(None, ge=0, validation_alias=_alias("max_tokens", "max_new_tokens", "max_length",
+                                                                          "n_predict"))
     temperature: Optional[float] = Field(1.0, ge=0)
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(50, ge=0, description="0 turns it off")
+    top_k: Optional[int] = Field(50, ge=0, description="0 (or -1) turns it off")
     min_p: Optional[float] = Field(None, ge=0, le=1)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, validation_alias=_alias("seed", "sampler_seed"), description="negative: random")
     n: Optional[int] = 1
-    stop: Optional[List[str]] = None
+    stop: Optional[List[str]] = Field(None, validation_alias=_alias("stop", "stop_sequence", "stopping_strings"))
     banned_strings: Optional[List[str]] = None
     banned_regex: Optional[List[str]] = None
     strategy: Optional[List[StrategySpec]] = None
-    frequency_penalty: Optional[float] = None
-    presence_penalty: Optional[float] = None
-    logit_bias: Optional[Dict[str, float]] = None
+    # the samplers the frontends send (each becomes a strategy of the chain, see ``samplers``)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    repetition_penalty: Optional[float] = Field(None, gt=0, validation_alias=_alias("repetition_penalty", "rep_pen",
+                                                                                     "repeat_penalty"))
+    penalty_range: Optional[int] = Field(None, ge=-1, validation_alias=_alias(
+        "penalty_range", "repetition_penalty_range", "rep_pen_range", "repetition_range", "repeat_last_n"))
+    dry_multiplier: Optional[float] = Field(None, ge=0)
+    dry_base: Optional[float] = Field(None, ge=0)
+    dry_allowed_length: Optional[int] = Field(None, ge=0)
+    dry_penalty_last_n: Optional[int] = Field(None, ge=-1, validation_alias=_alias("dry_penalty_last_n", "dry_range"))
+    dry_sequence_breakers: Optional[List[str]] = None
+    xtc_threshold: Optional[float] = Field(None, ge=0, le=1)
+    xtc_probability: Optional[float] = Field(None, ge=0, le=1)
+    typical_p: Optional[float] = Field(None, gt=0, le=1, validation_alias=_alias("typical_p", "typical"))
+    logit_bias: Optional[Dict[str, Union[float, bool]]] = None
+    banned_tokens: Optional[Union[List[int], List[str]]] = None  # ids (TabbyAPI), or phrases (KoboldCpp)
+    custom_token_bans: Optional[List[int]] = None
+    ban_eos_token: Optional[bool] = Field(None, validation_alias=_alias("ban_eos_token", "ignore_eos"))
     # structured output (one of them; see ``structured_output``)
     response_format: Optional[ResponseFormat] = None
     json_schema: Optional[Dict[str, Any]] = None  # llama-server, TabbyAPI: the schema itself
@@ -330,6 +390,62 @@ class _Request(BaseModel):
     @classmethod
     def _listify(cls, value: Any) -> Any:
         return _one_or_many(value)
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _random_seed(cls, value: Any) -> Any:
+        return None if isinstance(value, int) and not isinstance(value, bool) and value < 0 else value  # -1: random
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _top_k_off(cls, value: Any) -> Any:
+        return 0 if value == -1 and not isinstance(value, bool) else value  # TabbyAPI, llama.cpp: -1 is off
+
+    @field_validator("json_schema", "grammar", "grammar_string", "regex_pattern", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value in ("", {}) else value  # SillyTavern sends grammar_string "" and json_schema {}
+
+    @field_validator("dry_sequence_breakers", mode="before")
+    @classmethod
+    def _dry_breakers(cls, value: Any, info: ValidationInfo) -> Any:
+        value = _breakers(value)
+        if isinstance(value, list) and all(isinstance(b, str) for b in value):
+            limits = _limits(info)
+            _check_strings(value, "dry_sequence_breakers", limits.max_sequence_breakers, limits.max_banned_string_chars)
+        return value
+
+    @field_validator("banned_tokens", mode="before")
+    @classmethod
+    def _banned_tokens(cls, value: Any, info: ValidationInfo) -> Any:
+        limits = _limits(info)
+        if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+            return _check_strings(value, "banned_tokens phrases", limits.max_banned_strings, limits.max_banned_string_chars)
+        return None if value is None else _token_ids(value, "banned_tokens", limits.max_token_ids)
+
+    @field_validator("custom_token_bans", mode="before")
+    @classmethod
+    def _custom_token_bans(cls, value: Any, info: ValidationInfo) -> Any:
+        return None if value is None else _token_ids(value, "custom_token_bans", _limits(info).max_token_ids)
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bias(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, list):  # llama.cpp's form: [[id, bias], ...], false for a ban
+            if not all(isinstance(pair, list) and len(pair) == 2 for pair in value):
+                raise _error("invalid_type", "logit_bias must be {token id: bias} or [[token id, bias], ...]")
+            value = {str(k) if isinstance(k, int) and not isinstance(k, bool) else k: v for k, v in value}
+        if isinstance(value, dict):
+            cap = _limits(info).max_token_ids
+            if len(value) > cap:
+                raise _error("array_above_max_length", f"at most {cap} token ids in logit_bias (max_token_ids), got {len(value)}")
+            for key, bias in value.items():
+                if not (isinstance(key, str) and key.isdigit()):
+                    raise _error("invalid_value", f"logit_bias keys are token ids, got {key!r}")
+                if bias is True or not (isinstance(bias, (int, float)) and math.isfinite(bias)) and bias is not False:
+                    raise _error("invalid_value", f"logit_bias values are numbers (clamped to [-100, 100]) or false (a "
+                                 f"ban), got {bias!r} for token {key}")
+        return value
 
     @field_validator("strategy", mode="before")
     @classmethod
@@ -377,19 +493,11 @@ class _Request(BaseModel):
             raise _error("unsupported_value", "only n=1 is supported")
         return value
 
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalty(cls, value: Optional[float], info: ValidationInfo) -> Optional[float]:
-        if value:
-            raise _error("unsupported_value", f"{info.field_name} is not supported (use banned_strings or a strategy)")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, value: Optional[Dict[str, float]]) -> Optional[Dict[str, float]]:
-        if value:
-            raise _error("unsupported_value", "logit_bias is not supported (use banned_strings or a strategy)")
-        return value
+    @model_validator(mode="after")
+    def _dry_base(self) -> "_Request":
+        if self.dry_multiplier and self.dry_base is not None and self.dry_base < 1:
+            raise _error("invalid_value", f"dry_base must be >= 1 when dry_multiplier is set, got {self.dry_base}")
+        return self
 
     @model_validator(mode="after")
     def _one_structured_output(self) -> "_Request":
@@ -446,6 +554,52 @@ class _Request(BaseModel):
     def include_backtrack(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_backtrack)
 
+    @property
+    def banned_phrases(self) -> List[str]:
+        """``banned_strings`` and KoboldCpp's ``banned_tokens`` phrases, once each."""
+        phrases = list(self.banned_strings or [])
+        if self.banned_tokens and isinstance(self.banned_tokens[0], str):
+            phrases += [p for p in self.banned_tokens if p not in phrases]
+        return phrases
+
+    def samplers(self, prompt: Sequence[int] = (), eos: Sequence[int] = ()) -> List[tuple]:
+        """``(strategy name, parameters, field)`` for the samplers the request turns on, in
+        llama.cpp's order (logit bias, penalties, DRY, typical-p, XTC): each is a built-in strategy
+        that edits the logits; ``prompt`` counts toward the penalties (as llama.cpp, KoboldCpp and
+        TabbyAPI count it); ``eos``: the ids ``ban_eos_token`` bans."""
+        out: List[tuple] = []
+        bias = {k: float("-inf") if v is False else v for k, v in (self.logit_bias or {}).items()}
+        banned = [t for t in self.banned_tokens or [] if isinstance(t, int)] + list(self.custom_token_bans or [])
+        banned += list(eos) if self.ban_eos_token else []
+        if bias or banned:
+            out.append(("logit_bias", {"bias": bias, "banned_tokens": banned},
+                        "logit_bias" if bias else "banned_tokens"))
+        rep, freq, presence = self.repetition_penalty, self.frequency_penalty or 0.0, self.presence_penalty or 0.0
+        if (rep is not None and rep != 1) or freq or presence:
+            last_n = self.default_penalty_range if self.penalty_range is None else self.penalty_range
+            out.append(("penalties", {"repeat_penalty": 1.0 if rep is None else rep, "frequency_penalty": freq,
+                                      "presence_penalty": presence, "last_n": last_n, "context": list(prompt)},
+                        "repetition_penalty"))
+        if self.dry_multiplier:
+            params: Dict[str, Any] = {"multiplier": self.dry_multiplier, "context": list(prompt),
+                                      "last_n": self.default_dry_range if self.dry_penalty_last_n is None
+                                      else self.dry_penalty_last_n}
+            for key, value in (("base", self.dry_base), ("allowed_length", self.dry_allowed_length),
+                               ("sequence_breakers", self.dry_sequence_breakers)):
+                if value is not None:
+                    params[key] = value
+            out.append(("dry", params, "dry_multiplier"))
+        if self.typical_p is not None and self.typical_p < 1:
+            out.append(("typical", {"p": self.typical_p}, "typical_p"))
+        if self.xtc_probability:
+            out.append(("xtc", {"probability": self.xtc_probability, "seed": self.seed,
+                                "threshold": 0.1 if self.xtc_threshold is None else self.xtc_threshold},
+                        "xtc_probability"))
+        return out
+
+    default_penalty_range: ClassVar[int] = -1  # the whole context, as TabbyAPI (KoboldCpp: 320)
+    default_dry_range: ClassVar[int] = -1
+
     def sampling(self) -> Dict[str, Any]:
         """Keyword arguments for ``BacktrackSampler.generate`` (without the token limit)."""
         return {"temperature": 1.0 if self.temperature is None else self.temperature, "top_k": self.top_k,
@@ -487,7 +641,9 @@ class CompletionRequest(_Request):
     @classmethod
     def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
         if value not in (None, False, 0, ""):
-            raise _error("unsupported_value", f"{info.field_name} is not supported")
+            hint = (" (in SillyTavern, turn off \"Request token probabilities\")" if info.field_name == "logprobs"
+                    else "")
+            raise _error("unsupported_value", f"{info.field_name} is not supported{hint}")
         return value
 
     @field_validator("best_of")
@@ -544,6 +700,15 @@ class ChatCompletionRequest(_Request):
 
     messages: List[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=0)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: Any, info: ValidationInfo) -> Any:
+        if value:
+            raise _error("unsupported_value", f"{info.field_name} is not supported")
+        return value
 
     @field_validator("messages", mode="before")
     @classmethod

@@ -31,11 +31,12 @@ module or file path). Start it with ``backtrack-sampler serve`` or ``serve(...)`
 
 from __future__ import annotations
 
+import collections
 import hmac
 import json
 import time
 import uuid
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -45,7 +46,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .chat import chat_prompt_tokens
-from . import playground
+from . import frontends, playground
 from .errors import UsageError
 from .models import default_model, load_provider
 from .provider.base_provider import BaseProvider
@@ -94,7 +95,8 @@ def plan_request(provider: BaseProvider, request: Union[CompletionRequest, ChatC
     chat = isinstance(request, ChatCompletionRequest)
     prompt = _chat_tokens(provider, request) if chat else _prompt_tokens(provider, request.prompt)
     sampling = dict(request.sampling(), max_new_tokens=_token_limit(provider, len(prompt), request, limits))
-    return Plan(chat, prompt, build_strategy(provider, request, limits), sampling, request.stop or [], limits.max_seconds,
+    strategy = build_strategy(provider, request, limits, prompt)
+    return Plan(chat, prompt, strategy, sampling, request.stop or [], limits.max_seconds,
                 bool(request.stream), request.include_usage, request.include_backtrack)
 
 
@@ -138,19 +140,26 @@ def _token_limit(provider: BaseProvider, prompt_length: int, request, limits: Li
     return limit if limits.max_tokens is None else min(limit, limits.max_tokens)
 
 
-def build_strategy(provider: BaseProvider, request, limits: Optional[Limits] = None) -> BaseStrategy:
-    """The request's strategy: AntiSlop for ``banned_strings``/``banned_regex``, then the
-    ``strategy`` specs (validated by ``parse_request``), then the grammar of its structured output
-    (``response_format``, ``json_schema``, ``grammar``/``grammar_string``, ``regex_pattern``),
-    last so that its mask has the last word; chained. Every grammar is compiled within
-    ``limits.max_grammar_seconds`` first (a 400 beyond it)."""
+def build_strategy(provider: BaseProvider, request, limits: Optional[Limits] = None,
+                   prompt: Sequence[int] = ()) -> BaseStrategy:
+    """The request's strategy: first the samplers it turns on (``request.samplers``: logit bias
+    and token bans, penalties, DRY, typical-p, XTC; ``prompt`` counts toward the penalties), then
+    AntiSlop for ``banned_strings``/``banned_regex`` (and KoboldCpp's ``banned_tokens`` phrases),
+    then the ``strategy`` specs (validated by ``parse_request``), then the grammar of its
+    structured output (``response_format``, ``json_schema``, ``grammar``/``grammar_string``,
+    ``regex_pattern``), last so that its mask has the last word; chained. Every grammar is
+    compiled within ``limits.max_grammar_seconds`` first (a 400 beyond it)."""
     limits = limits or Limits()
     strategies = []
-    if request.banned_strings or request.banned_regex:
-        params: Dict[str, Any] = {"slops": request.banned_strings or []}
+    samplers = getattr(request, "samplers", None)
+    for name, params, param in samplers(prompt, provider.eos_token_ids) if samplers else ():
+        strategies.append(_built(lambda: BUILTIN_STRATEGIES.get(name).build(provider, params), param))
+    phrases = getattr(request, "banned_phrases", request.banned_strings)
+    if phrases or request.banned_regex:
+        params: Dict[str, Any] = {"slops": phrases or []}
         if request.banned_regex:
             params["regexes"] = request.banned_regex
-        param = "banned_strings" if request.banned_strings else "banned_regex"
+        param = "banned_strings" if phrases else "banned_regex"
         strategies.append(_built(lambda: BUILTIN_STRATEGIES.get("antislop").build(provider, params), param))
     for i, spec in enumerate(request.strategy or []):
         if _is_grammar(spec.call.type):
@@ -308,12 +317,22 @@ def _streamed_answer(job: Job, reply: _Reply) -> StreamingResponse:
 # --------------------------------------------------------------------------------------------
 # routes and the app
 # --------------------------------------------------------------------------------------------
-async def _generate(request: Request, schema) -> Response:
+class _Live:
+    """A generation the KoboldAI routes can check (its text so far) and abort, by ``genkey``."""
+
+    def __init__(self, job: Job, genkey: Optional[str]):
+        self.job, self.genkey, self.parts = job, genkey or "", []  # parts: the text sent so far (Kobold routes)
+
+
+async def _start(request: Request, schema):
+    """Validate, plan and queue a generation; returns ``(plan, job, live)`` once it has started."""
     engine: Engine = request.app.state.engine
     limits: Limits = request.app.state.limits
     body = parse_request(schema, await read_body(request, limits.max_body_bytes), limits, request.app.state.strategies)
     plan = await run_in_threadpool(plan_request, engine.provider, body, limits)
     job = engine.start(plan)
+    live = _Live(job, getattr(body, "genkey", None))
+    request.app.state.live.append(live)
     try:
         kind, value = await job.next(request)  # waits for our turn at the model
     except BaseException:
@@ -321,7 +340,12 @@ async def _generate(request: Request, schema) -> Response:
         raise
     if kind == "error":
         raise value
-    reply = _Reply(engine, plan)
+    return plan, job, live
+
+
+async def _generate(request: Request, schema) -> Response:
+    plan, job, _ = await _start(request, schema)
+    reply = _Reply(request.app.state.engine, plan)
     return _streamed_answer(job, reply) if plan.stream else await _whole_answer(job, request, reply)
 
 
@@ -357,6 +381,8 @@ async def health(request: Request) -> Response:
 
 async def _api_error(request: Request, error: APIError) -> Response:
     response = error_response(error)
+    if request.url.path.startswith("/api/"):  # the KoboldAI API: KoboldCpp's "detail" too
+        response = JSONResponse(frontends.kobold_error(error.body()), status_code=error.status)
     response.headers.update(getattr(error, "headers", {}))
     return response
 
@@ -406,6 +432,140 @@ async def backtrack_strategies(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": request.app.state.strategy_list})
 
 
+# --------------------------------------------------------------------------------------------
+# the frontends' backends: TabbyAPI, llama.cpp and the KoboldAI API (shapes in ``frontends``)
+# --------------------------------------------------------------------------------------------
+def _kobold_text(kind: str, value: Any) -> str:
+    return value if kind == "text" else value["text"] if kind == "final" else ""
+
+
+async def kobold_generate(request: Request) -> Response:
+    """``POST /api/v1/generate``: ``{"results": [{"text", "finish_reason"}]}``."""
+    _, job, live = await _start(request, frontends.KoboldRequest)
+    try:
+        while True:
+            kind, value = await job.next(request)
+            live.parts.append(_kobold_text(kind, value))
+            if kind == "error":
+                raise value
+            if kind == "done":
+                return JSONResponse({"results": [{"text": "".join(live.parts),
+                                                  "finish_reason": frontends.kobold_finish(value["finish_reason"])}]})
+    finally:
+        job.cancel()
+
+
+async def kobold_stream(request: Request) -> Response:
+    """``POST /api/extra/generate/stream``: KoboldCpp's events, ``event: message`` / ``data: {"token",
+    "finish_reason"}``, the last one with the finish reason and no text."""
+    _, job, live = await _start(request, frontends.KoboldRequest)
+
+    async def events():
+        try:
+            while True:
+                kind, value = await job.queue.get()
+                text = _kobold_text(kind, value)
+                if text:
+                    live.parts.append(text)
+                    yield frontends.kobold_event(text)
+                elif kind == "error":
+                    yield f"event: message\ndata: {json.dumps(frontends.kobold_error(value.body()))}\n\n"
+                    break
+                elif kind == "done":
+                    yield frontends.kobold_event("", frontends.kobold_finish(value["finish_reason"]))
+                    break
+        finally:
+            job.cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+async def _small_body(request: Request, schema, optional: bool = False):
+    limits: Limits = request.app.state.limits
+    raw = await read_body(request, limits.max_body_bytes)
+    if optional and not raw.strip():
+        return schema()
+    return parse_request(schema, raw, limits)
+
+
+async def kobold_check(request: Request) -> Response:
+    """``POST|GET /api/extra/generate/check``: the text of the latest generation with this ``genkey``
+    (none: one without) so far, ``{"results": [{"text"}]}``."""
+    body = await _small_body(request, frontends.AbortRequest, optional=True)
+    genkey = body.genkey or ""
+    live = next((live for live in reversed(request.app.state.live) if live.genkey == genkey), None)
+    return JSONResponse({"results": [{"text": "".join(live.parts) if live else ""}]})
+
+
+async def kobold_abort(request: Request) -> Response:
+    """``POST /api/extra/abort``: ends the running generations with this ``genkey`` (none: every one
+    without, e.g. SillyTavern's, which posts no body) at the next step; each answers with its text so far."""
+    body = await _small_body(request, frontends.AbortRequest, optional=True)
+    genkey = body.genkey or ""
+    hits = [live for live in request.app.state.live if live.genkey == genkey and not live.job.batch.done]
+    for live in hits:
+        live.job.abort()
+    return JSONResponse({"success": "true" if hits else "false", "done": "true"})
+
+
+def _tokenizer(kind: str):
+    async def tokenize(request: Request) -> Response:
+        body = await _small_body(request, frontends.TextToTokens)
+        provider = request.app.state.engine.provider
+        add_bos = (kind != "llama") if body.add_bos_token is None else body.add_bos_token
+        tokens = await run_in_threadpool(provider.encode, body.text, add_bos)
+        pieces = [provider.decode([t]) for t in tokens] if body.with_pieces and kind == "llama" else None
+        return JSONResponse(frontends.tokens_answer(kind, tokens, pieces))
+
+    return tokenize
+
+
+def _detokenizer(kind: str):
+    async def detokenize(request: Request) -> Response:
+        body = await _small_body(request, frontends.TokensToText)
+        provider = request.app.state.engine.provider
+        if body.tokens and max(body.tokens) >= provider.vocab_size:
+            raise APIError(f"token ids must be in [0, {provider.vocab_size})", "tokens", "invalid_value")
+        return JSONResponse(frontends.text_answer(kind, await run_in_threadpool(provider.decode, body.tokens)))
+
+    return detokenize
+
+
+def _tabby_card(request: Request) -> dict:
+    engine: Engine = request.app.state.engine
+    return frontends.tabby_model_card(engine.name, engine.created, engine.provider.context_length, engine.parallel)
+
+
+async def tabby_model(request: Request) -> Response:
+    return JSONResponse(_tabby_card(request))
+
+
+async def tabby_models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [_tabby_card(request)]})
+
+
+async def kobold_info(request: Request) -> Response:
+    """The KoboldAI API's GET routes (served without the key, as KoboldCpp does: SillyTavern's status
+    check sends none): the model, the versions, the context and generation lengths."""
+    engine: Engine = request.app.state.engine
+    path, context = request.url.path.rstrip("/"), engine.provider.context_length
+    if path.endswith("/model"):
+        hidden = request.app.state.api_key and not _authorized(request.headers.get("authorization", ""),
+                                                                request.app.state.api_key)
+        return JSONResponse({"result": "koboldcpp/protected-model" if hidden else engine.name})
+    if path.endswith("/info/version"):
+        return JSONResponse({"result": frontends.KOBOLD_API_VERSION})
+    if path.endswith("/extra/version"):
+        return JSONResponse(frontends.kobold_version(bool(request.app.state.api_key)))
+    if path.endswith("/max_length"):
+        return JSONResponse({"value": request.app.state.limits.max_tokens or context})
+    return JSONResponse({"value": context})  # max_context_length, true_max_context_length
+
+
+KOBOLD_INFO = ("/api/v1/model", "/api/v1/info/version", "/api/extra/version", "/api/v1/config/max_context_length",
+               "/api/v1/config/max_length", "/api/extra/true_max_context_length")
+
 ROUTES = [
     Route("/v1/backtrack/strategies", backtrack_strategies, methods=["GET"]),
     Route("/v1/backtrack/candidates", backtrack_candidates, methods=["POST"]),
@@ -414,7 +574,24 @@ ROUTES = [
     Route("/v1/models", models, methods=["GET"]),
     Route("/v1/models/{model:path}", model, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
+    # TabbyAPI
+    Route("/v1/model", tabby_model, methods=["GET"]),
+    Route("/v1/model/list", tabby_models, methods=["GET"]),
+    Route("/v1/token/encode", _tokenizer("tabby"), methods=["POST"]),
+    Route("/v1/token/decode", _detokenizer("tabby"), methods=["POST"]),
+    # llama.cpp
+    Route("/tokenize", _tokenizer("llama"), methods=["POST"]),
+    Route("/detokenize", _detokenizer("llama"), methods=["POST"]),
+    # KoboldAI API (KoboldCpp)
+    Route("/api/v1/generate", kobold_generate, methods=["POST"]),
+    Route("/api/extra/generate/stream", kobold_stream, methods=["POST"]),
+    Route("/api/extra/generate/check", kobold_check, methods=["GET", "POST"]),
+    Route("/api/extra/abort", kobold_abort, methods=["POST"]),
+    Route("/api/extra/tokencount", _tokenizer("kobold"), methods=["POST"]),
+    Route("/api/extra/detokenize", _detokenizer("kobold"), methods=["POST"]),
+    *(Route(path, kobold_info, methods=["GET"]) for path in KOBOLD_INFO),
 ]
+LIVE = 256  # generations the KoboldAI routes remember for check and abort (the latest)
 
 
 def create_app(engine: Engine, api_key: Optional[str] = None, limits: Optional[Limits] = None,
@@ -433,6 +610,8 @@ def create_app(engine: Engine, api_key: Optional[str] = None, limits: Optional[L
     )
     app.state.engine = engine
     app.state.limits = limits or Limits()
+    app.state.api_key = api_key
+    app.state.live = collections.deque(maxlen=LIVE)
     app.state.strategies, app.state.strategy_list = registry, strategy_list
     return _ApiKey(app, api_key) if api_key else app
 
@@ -446,13 +625,19 @@ class _ApiKey:
         self.state = getattr(app, "state", None)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope.get("path") != "/health" and not playground.public_path(scope.get("path", "")):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path != "/health" and not playground.public_path(path) and not (
+                path.rstrip("/") in KOBOLD_INFO and scope.get("method") == "GET"):
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 message = "invalid API key" if given else "missing API key: send 'Authorization: Bearer KEY'"
                 await error_response(APIError(message, None, "invalid_api_key", 401))(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _authorized(header: str, api_key: str) -> bool:
+    return hmac.compare_digest(header.encode(), f"Bearer {api_key}".encode())
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None, backend: str = "llamacpp",
