@@ -220,7 +220,8 @@ def test_the_strategy_controls_come_from_the_server(page, server):
     listed = httpx.get(server.url + "/v1/backtrack/strategies", headers={"Authorization": f"Bearer {KEY}"},
                        timeout=10).json()["data"]
     names = [entry["name"] for entry in listed]
-    assert names == ["none", "antislop", "creative", "adaptive", "replace", "repetition", "grammar", "confidence", "NoDigits"]
+    assert names == ["none", "antislop", "creative", "adaptive", "replace", "repetition", "grammar", "confidence",
+                     "penalties", "dry", "xtc", "typical", "logit_bias", "NoDigits"]
     assert page.locator("#strategy-select option").all_text_contents() == names[1:]
     replace = add_strategy(page, "replace")
     params = replace.locator("[data-param]")

@@ -229,8 +229,11 @@ def test_file_strategies_in_a_batch(files, fake):
 
 def test_a_registry_names_builtins_and_loaded_classes(files, on_path):
     strategies = StrategyRegistry()
-    assert strategies.names() == ["none", "antislop", "creative", "adaptive", "replace", "debug", "human", "repetition", "grammar", "confidence"]
-    assert strategies.names(per_request=True) == ["none", "antislop", "creative", "adaptive", "replace", "repetition", "grammar", "confidence"]
+    samplers = ["penalties", "dry", "xtc", "typical", "logit_bias"]
+    assert strategies.names() == ["none", "antislop", "creative", "adaptive", "replace", "debug", "human", "repetition",
+                                  "grammar", "confidence", *samplers]
+    assert strategies.names(per_request=True) == ["none", "antislop", "creative", "adaptive", "replace", "repetition",
+                                                  "grammar", "confidence", *samplers]
     loaded = strategies.load(f"{files}/no_digits.py:NoDigits")
     assert loaded.name == "NoDigits" and strategies.get("NoDigits") is loaded
     assert strategies.load(f"{files}/no_digits.py:NoDigits") is loaded  # loading it again is a no-op
@@ -462,8 +465,8 @@ def assert_400(response, param):
 def test_the_server_lists_its_strategies_with_their_parameters(client):
     data = client.get("/v1/backtrack/strategies").json()["data"]
     names = [entry["name"] for entry in data]
-    assert names == ["none", "antislop", "creative", "adaptive", "replace", "repetition", "grammar", "confidence", "NoDigits", "ban-tokens",
-                     "MaxWordLength"]
+    assert names == ["none", "antislop", "creative", "adaptive", "replace", "repetition", "grammar", "confidence", "penalties", "dry",
+                     "xtc", "typical", "logit_bias", "NoDigits", "ban-tokens", "MaxWordLength"]
     entry = data[names.index("NoDigits")]
     assert entry["parameters"]["properties"] == {"max_bans": {"default": 100, "title": "Max Bans", "type": "integer"}}
     assert entry["description"].startswith("Never writes a digit") and entry["builtin"] is False
@@ -546,7 +549,8 @@ def test_the_default_app_offers_the_builtins_only(fake):
     engine = Engine(fake, "fake")
     with TestClient(create_app(engine)) as test_client:
         names = [entry["name"] for entry in test_client.get("/v1/backtrack/strategies").json()["data"]]
-        assert names == ["none", "antislop", "creative", "adaptive", "replace", "repetition", "grammar", "confidence"]
+        assert names == ["none", "antislop", "creative", "adaptive", "replace", "repetition", "grammar", "confidence", "penalties", "dry", "xtc",
+                         "typical", "logit_bias"]
         assert_400(test_client.post("/v1/completions", json={"prompt": "the", "strategy": "NoDigits"}), "strategy[0].name")
     engine.close()
 
