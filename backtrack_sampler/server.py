@@ -3,8 +3,12 @@
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
 ``GET /v1/models/{id}``, ``GET /health``, ``GET /v1/backtrack/strategies`` (the strategies a
 request may name, with the JSON Schema of their parameters), and the playground: ``GET /`` (a
-page, see ``playground``) and ``POST /v1/backtrack/candidates`` (its human-guidance mode). One model is
-loaded at start. Streams are Server-Sent Events in OpenAI's shape ending with ``data: [DONE]``;
+page, see ``playground``) and ``POST /v1/backtrack/candidates`` (its human-guidance mode), and the
+frontends' backends' routes (shapes in ``frontends``): TabbyAPI's ``GET /v1/model``,
+``/v1/model/list``, ``POST /v1/token/encode|decode``; llama.cpp's ``POST /tokenize``,
+``/detokenize``; the KoboldAI API (``/api/v1/generate``, ``/api/extra/generate/stream``,
+``/api/extra/generate/check``, ``/api/extra/abort``, ``/api/extra/tokencount``, the version and
+config GETs). One model is loaded at start. Streams are Server-Sent Events in OpenAI's shape ending with ``data: [DONE]``;
 they carry only final text (the sampler never yields text it may still rewind), plus, with
 ``stream_options: {"include_backtrack": true}``, extension chunks with the generation's events
 (``events``). A client that disconnects stops its generation at the next token.
@@ -21,7 +25,8 @@ A request goes through three steps, each its own piece below:
    with ``Retry-After``). A client that disconnects, running or queued, frees its place at the
    next step.
 
-Extra request fields: ``top_k``, ``min_p``, ``banned_strings`` (list of phrases),
+Extra request fields: the frontends' samplers and aliases (``schemas._Request``: ``rep_pen``, DRY,
+XTC, ``typical_p``, ``logit_bias``, token bans ...), ``top_k``, ``min_p``, ``banned_strings`` (list of phrases),
 ``banned_regex`` (a pattern or a list), ``strategy`` (a name, ``{"name": ..., params...}``, or a
 list of those, chained; a name is a built-in or a strategy the server loaded: ``serve
 --load-strategy my_strategy.py:NoDigits``, ``create_app(..., strategies=[NoDigits])``; never a
