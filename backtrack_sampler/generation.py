@@ -11,12 +11,12 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from .provider.base_provider import BaseProvider
-from .sampling import filter_logits, sample
+from .sampling import NEGLIGIBLE, filter_logits, sample
 from .strategy.base_strategy import BaseStrategy, ConstraintError
 
 
@@ -47,6 +47,30 @@ class GenerationStats:
     @property
     def tokens_per_second(self) -> float:
         return self.delivered / self.seconds if self.seconds else 0.0
+
+
+class TokenLogprob(NamedTuple):
+    """A token's log-probability and the ``top`` alternatives ``[(id, logprob), ...]``, most likely
+    first: log-softmax of the logits after the strategy's edits (bans, biases, penalties), at
+    temperature 1, before top-k/top-p/min-p (OpenAI's logprobs are the model's, unfiltered)."""
+
+    token: int
+    logprob: float
+    top: List[Tuple[int, float]]
+
+
+def log_softmax_top(logits: np.ndarray, n: int) -> Tuple[np.ndarray, float, List[Tuple[int, float]]]:
+    """``(logits, logsumexp, top n as (id, logprob))`` of one row (tokens more than NEGLIGIBLE below
+    the best add nothing to the sum)."""
+    best = float(np.max(logits))
+    near = logits[logits >= best - NEGLIGIBLE].astype(np.float64)
+    total = best + float(np.log(np.exp(near - best).sum()))
+    top: List[Tuple[int, float]] = []
+    if n > 0:
+        ids = np.argpartition(-logits, min(n, len(logits)) - 1)[:n]
+        ids = ids[np.argsort(-logits[ids], kind="stable")]
+        top = [(int(i), float(logits[i]) - total) for i in ids if np.isfinite(logits[i])]
+    return logits, total, top
 
 
 class Generation:
@@ -81,6 +105,9 @@ class Generation:
         self.limit, self.sampling, self.on_rewind, self.budget = limit, sampling, on_rewind, budget
         self.rng = np.random.default_rng(seed)
         self.tokens: List[int] = []
+        self.logprobs: Optional[int] = None  # set to record each token's log-probability and this many alternatives
+        self.token_logprobs: List[TokenLogprob] = []  # one per continuation token, when ``logprobs`` is set
+        self._scores: Optional[Tuple[np.ndarray, float, List[Tuple[int, float]]]] = None
         self.released = 0
         self.backtracking = True
         self.stats = GenerationStats()
@@ -110,6 +137,8 @@ class Generation:
         strategy, tokens = self.strategy, self.tokens
         logits = strategy.on_logits(logits, tokens)
         self.stats.steps += 1
+        if self.logprobs is not None:
+            self._scores = log_softmax_top(logits, self.logprobs)
         ids, weights = filter_logits(logits, *(self.sampling if sampling is None else sampling))
         if not self._dense:
             order = np.argsort(ids)  # token-id order, as the dense path has: a seed draws the same token
@@ -140,6 +169,8 @@ class Generation:
         strategy rewind, and return the tokens that became final."""
         strategy = self.strategy
         self.tokens.append(token)
+        if self.logprobs is not None:
+            self.token_logprobs.append(self._logprob(token))
         before = len(self.tokens)
         try:
             strategy.on_next_token(self.tokens, probs)
@@ -148,6 +179,7 @@ class Generation:
             tokens = self.tokens
             if not self.done and len(tokens) == before and token in self._eos:
                 tokens.pop()
+                del self.token_logprobs[len(tokens):]
                 return self._finish("stop")
             if not self.done and len(tokens) >= self.limit and self.backtracking:
                 self._ask(strategy.on_end)  # the last look before the token limit ends it
@@ -206,6 +238,13 @@ class Generation:
             self._closed = True
             self.strategy.reset()
 
+    def _logprob(self, token: int) -> "TokenLogprob":
+        scores, self._scores = self._scores, None
+        if scores is None:  # pushed without a distribution of its own (nothing to report)
+            return TokenLogprob(token, float("nan"), [])
+        logits, total, top = scores
+        return TokenLogprob(token, float(logits[token]) - total if token < len(logits) else float("nan"), top)
+
     def _release(self, keep: int) -> List[int]:
         if keep <= self.released:  # a keep index may lag behind (or be negative)
             return []
@@ -227,6 +266,7 @@ class Generation:
         """Drop ``tokens[position:]``: record the rewind, tell the strategy, watch the budget."""
         removed = self.tokens[position:]
         self.tokens = self.tokens[:position]
+        del self.token_logprobs[position:]  # a rewound token's log-probability is never reported
         stats = self.stats
         stats.rewinds += 1
         stats.rewound += len(removed)

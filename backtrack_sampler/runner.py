@@ -42,6 +42,7 @@ class Plan:
     stream: bool = False
     include_usage: bool = False
     include_backtrack: bool = False  # stream the generation's events too (stream_options extension)
+    logprobs: Optional[int] = None  # report each final token's log-probability and this many alternatives
 
 
 class _ClientGone(Exception):
@@ -151,6 +152,9 @@ class _Output:
         self.job.put("started")
 
     def on_tokens(self, batch: BatchJob, tokens: List[int]) -> None:
+        if self.plan.logprobs is not None and not self.stopped:  # before the text they make
+            end = len(batch.tokens)
+            self.job.put("logprobs", batch.generation.token_logprobs[end - len(tokens):end])
         if self.stopped or self.tracker is not None:
             return
         piece = self.view.update(batch.tokens)
@@ -271,6 +275,7 @@ class Runner:
             generation = self._sampler.start(plan.prompt, strategy=plan.strategy, **plan.sampling)
         except ValueError as error:
             raise APIError(str(error), None, "invalid_value") from None
+        generation.logprobs = plan.logprobs
         output = _Output(self.provider, job, plan, generation)
         job.batch = scheduler.add(generation, output.on_tokens, output.on_finish, output.on_start,
                                   output.on_step if plan.include_backtrack else None, max_seconds=plan.max_seconds)

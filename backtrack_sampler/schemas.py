@@ -25,6 +25,7 @@ from .sampling import check_sampling_args
 from .strategy._regex import compile_regex
 
 MAX_STRATEGIES = 8  # strategies in one request's chain
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs maximum)
 
 
 class Limits(BaseModel):
@@ -606,6 +607,7 @@ class _Request(BaseModel):
                 "top_p": self.top_p, "min_p": self.min_p, "seed": self.seed}
 
     default_max_tokens: ClassVar[Optional[int]] = None  # when max_tokens is not given (None: as many as fit)
+    logprob_count: ClassVar[Optional[int]] = None  # the routes that report logprobs say how many alternatives
 
     def token_limit(self) -> Optional[int]:
         """The max_tokens the request gave (None: not given)."""
@@ -618,7 +620,7 @@ class CompletionRequest(_Request):
 
     prompt: Union[str, List[int]]
     echo: Optional[bool] = None
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: Optional[str] = None
     best_of: Optional[int] = None
 
@@ -637,14 +639,17 @@ class CompletionRequest(_Request):
             raise _error("unsupported_value", "only one prompt per request is supported")
         raise _error("invalid_type", "prompt must be a non-empty string or a list of token ids")
 
-    @field_validator("echo", "logprobs", "suffix")
+    @field_validator("echo", "suffix")
     @classmethod
     def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
-        if value not in (None, False, 0, ""):
-            hint = (" (in SillyTavern, turn off \"Request token probabilities\")" if info.field_name == "logprobs"
-                    else "")
-            raise _error("unsupported_value", f"{info.field_name} is not supported{hint}")
+        if value not in (None, False, ""):
+            raise _error("unsupported_value", f"{info.field_name} is not supported")
         return value
+
+    @property
+    def logprob_count(self) -> Optional[int]:
+        """Alternatives to report per token (None: no logprobs; 0 is off too, as TabbyAPI reads it)."""
+        return self.logprobs or None
 
     @field_validator("best_of")
     @classmethod
@@ -701,14 +706,11 @@ class ChatCompletionRequest(_Request):
     messages: List[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=0)
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
 
-    @field_validator("logprobs", "top_logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: Any, info: ValidationInfo) -> Any:
-        if value:
-            raise _error("unsupported_value", f"{info.field_name} is not supported")
-        return value
+    @property
+    def logprob_count(self) -> Optional[int]:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("messages", mode="before")
     @classmethod

@@ -53,6 +53,7 @@ from starlette.routing import Route
 from .chat import chat_prompt_tokens
 from . import frontends, playground
 from .errors import UsageError
+from .generation import TokenLogprob
 from .models import default_model, load_provider
 from .provider.base_provider import BaseProvider
 from .registry import StrategyRegistry, as_registry, chain
@@ -102,7 +103,7 @@ def plan_request(provider: BaseProvider, request: Union[CompletionRequest, ChatC
     sampling = dict(request.sampling(), max_new_tokens=_token_limit(provider, len(prompt), request, limits))
     strategy = build_strategy(provider, request, limits, prompt)
     return Plan(chat, prompt, strategy, sampling, request.stop or [], limits.max_seconds,
-                bool(request.stream), request.include_usage, request.include_backtrack)
+                bool(request.stream), request.include_usage, request.include_backtrack, request.logprob_count)
 
 
 def _prompt_tokens(provider: BaseProvider, prompt: Union[str, List[int]]) -> List[int]:
@@ -213,9 +214,38 @@ class _Reply:
     """The OpenAI objects of one answer (completion, chunks, usage)."""
 
     def __init__(self, engine: Engine, plan: Plan):
-        self.model, self.plan = engine.name, plan
+        self.model, self.plan, self.decode = engine.name, plan, engine.provider.decode
         self.id = ("chatcmpl-" if plan.chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
+        self.offset = 0  # text_offset of the next token (completions' logprobs)
+
+    def logprobs(self, entries: List[TokenLogprob], text: Optional[str] = None) -> Optional[dict]:
+        """OpenAI's logprobs object of these final tokens (None when the request asked for none):
+        completions' ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``, chat's
+        ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``. ``text``: the answer's
+        whole text; tokens that start past its end (cut by a stop string) are left out."""
+        if self.plan.logprobs is None:
+            return None
+        pieces = [self.decode([entry.token]) for entry in entries]
+        if text is not None:
+            start, keep = 0, 0
+            while keep < len(pieces) and start < len(text):
+                start, keep = start + len(pieces[keep]), keep + 1
+            entries, pieces = entries[:keep], pieces[:keep]
+        if self.plan.chat:
+            def item(token: str, logprob: float) -> dict:
+                return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+            return {"content": [{**item(piece, entry.logprob),
+                                 "top_logprobs": [item(self.decode([t]), lp) for t, lp in entry.top]}
+                                for entry, piece in zip(entries, pieces)]}
+        offsets = []
+        for piece in pieces:
+            offsets.append(self.offset)
+            self.offset += len(piece)
+        return {"tokens": pieces, "token_logprobs": [entry.logprob for entry in entries],
+                "top_logprobs": [{self.decode([t]): lp for t, lp in entry.top} for entry in entries],
+                "text_offset": offsets}
 
     def _head(self, obj: str) -> Dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -224,8 +254,9 @@ class _Reply:
         prompt, completion = len(self.plan.prompt), done["completion_tokens"]
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def completion(self, text: str, done: dict) -> dict:
-        choice: Dict[str, Any] = {"index": 0, "finish_reason": openai_finish(done["finish_reason"]), "logprobs": None}
+    def completion(self, text: str, done: dict, logprobs: Optional[List[TokenLogprob]] = None) -> dict:
+        choice: Dict[str, Any] = {"index": 0, "finish_reason": openai_finish(done["finish_reason"]),
+                                  "logprobs": self.logprobs(logprobs or [], text)}
         if self.plan.chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -237,14 +268,16 @@ class _Reply:
     def chunk_object(self) -> str:
         return "chat.completion.chunk" if self.plan.chat else "text_completion"
 
-    def chunk(self, text: Optional[str], finish: Optional[str] = None, first: bool = False) -> dict:
+    def chunk(self, text: Optional[str], finish: Optional[str] = None, first: bool = False,
+              logprobs: Optional[List[TokenLogprob]] = None) -> dict:
+        report = self.logprobs(logprobs) if logprobs else None
         if self.plan.chat:
             delta: Dict[str, Any] = {} if text is None else {"content": text}
             if first:
                 delta["role"] = "assistant"
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": report}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": report}
         data = {**self._head(self.chunk_object), "choices": [choice]}
         if self.plan.include_usage:
             data["usage"] = None
@@ -273,16 +306,18 @@ def _sse(data: Any) -> str:
 
 
 async def _whole_answer(job: Job, request: Request, reply: _Reply) -> JSONResponse:
-    parts = []
+    parts, logprobs = [], []
     try:
         while True:
             kind, value = await job.next(request)
             if kind == "text":
                 parts.append(value)
+            elif kind == "logprobs":
+                logprobs += value
             elif kind == "error":
                 raise value
             elif kind == "done":
-                return JSONResponse(reply.completion("".join(parts), value))
+                return JSONResponse(reply.completion("".join(parts), value, logprobs))
     finally:
         job.cancel()  # a no-op when done; stops the worker if we were interrupted
 
@@ -292,10 +327,14 @@ def _streamed_answer(job: Job, reply: _Reply) -> StreamingResponse:
         try:
             if reply.plan.chat:
                 yield _sse(reply.chunk("", first=True))
+            logprobs: List[TokenLogprob] = []  # of the final tokens whose text comes next
             while True:
                 kind, value = await job.queue.get()
-                if kind == "text":
-                    yield _sse(reply.chunk(value))
+                if kind == "logprobs":
+                    logprobs += value
+                elif kind == "text":
+                    yield _sse(reply.chunk(value, logprobs=logprobs))
+                    logprobs = []
                 elif kind == "final":  # include_backtrack: final text, with its event
                     yield _sse({**reply.chunk(value["text"]), "backtrack": value})
                 elif kind == "backtrack":  # include_backtrack: provisional text, rewinds, ...

@@ -247,7 +247,7 @@ def test_kobold_fields_and_defaults():
     ({"custom_token_bans": "1,a"}, "custom_token_bans"), ({"banned_tokens": [1, "a"]}, "banned_tokens"),
     ({"dry_sequence_breakers": "[oops"}, "dry_sequence_breakers"), ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"penalty_range": -2}, "penalty_range"), ({"xtc_probability": 2}, "xtc_probability"),
-    ({"typical_p": 0}, "typical_p"), ({"frequency_penalty": 3}, "frequency_penalty"), ({"logprobs": 10}, "logprobs"),
+    ({"typical_p": 0}, "typical_p"), ({"frequency_penalty": 3}, "frequency_penalty"), ({"logprobs": 21}, "logprobs"),
 ])
 def test_bad_sampler_fields_are_400(body, param):
     with pytest.raises(APIError) as caught:
@@ -402,3 +402,44 @@ def test_sillytavern_body_on_the_openai_route(fake_server):
     text = "".join(c["choices"][0]["text"] for c in chunks)
     assert response.text.rstrip().endswith("data: [DONE]") and text
     assert " dog" not in text and " mat" not in text
+
+
+# --- logprobs --------------------------------------------------------------------------------------
+def log_softmax(logits):
+    logits = np.asarray(logits, dtype=np.float64)
+    return logits - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
+
+
+def test_completion_logprobs_are_the_models(fake_server):
+    provider = FakeProvider()
+    body = {"prompt": " the cat", "max_tokens": 6, "temperature": 0, "logprobs": 3}
+    choice = call(fake_server, "POST", "/v1/completions", body).json()["choices"][0]
+    report, prompt = choice["logprobs"], provider.encode(" the cat")
+    assert "".join(report["tokens"]) == choice["text"] and len(report["tokens"]) == 6
+    assert report["text_offset"] == [sum(map(len, report["tokens"][:i])) for i in range(6)]
+    tokens = []
+    for piece, logprob, top in zip(report["tokens"], report["token_logprobs"], report["top_logprobs"]):
+        reference = log_softmax(provider.logits_for(prompt + tokens))
+        best = np.argsort(-reference)[:3]
+        assert logprob == pytest.approx(reference[provider.ids[piece]], abs=1e-5)
+        assert list(top) == [provider.vocab[i] for i in best]  # greedy: the chosen one is the best
+        assert list(top.values()) == pytest.approx(reference[best].tolist(), abs=1e-5)
+        tokens.append(provider.ids[piece])
+
+
+def test_logprobs_only_for_final_tokens(fake_server):
+    """Bans that rewind: the reported tokens are exactly the answer's, streamed or not."""
+    body = {"prompt": " the cat", "max_tokens": 30, "temperature": 1, "seed": 2, "logprobs": 2,
+            "banned_strings": ["a", "e", " the"]}
+    whole = call(fake_server, "POST", "/v1/completions", body).json()
+    assert whole["backtrack"]["rewinds"] > 0
+    choice = whole["choices"][0]
+    assert "".join(choice["logprobs"]["tokens"]) == choice["text"]
+    assert len(choice["logprobs"]["tokens"]) == whole["usage"]["completion_tokens"]
+    stream = call(fake_server, "POST", "/v1/completions", dict(body, stream=True))
+    chunks = [json.loads(line[6:])["choices"][0] for line in stream.text.splitlines() if line.startswith("data: {")]
+    tokens = [t for c in chunks if c["logprobs"] for t in c["logprobs"]["tokens"]]
+    assert "".join(tokens) == "".join(c["text"] for c in chunks) == choice["text"]
+    offsets = [o for c in chunks if c["logprobs"] for o in c["logprobs"]["text_offset"]]
+    assert offsets == choice["logprobs"]["text_offset"]
+    assert call(fake_server, "POST", "/v1/completions", dict(body, logprobs=21)).status_code == 400

@@ -131,7 +131,7 @@ class Draft(Proposal):
         step, user = self.step, generation.sampling
         local = local_sampling(step.kind, user)
         caps = generation.strategy.capabilities
-        if not (caps.edits_logits or caps.reads_probs):
+        if not (caps.edits_logits or caps.reads_probs or generation.logprobs is not None):
             ids, probs, dense = generation.distribution(step_logits(step, user[0]).astype(np.float32), local)
             return step.ids[ids], probs, dense
         return generation.distribution(self.backend.logits(step, user[0]), local)
