@@ -56,6 +56,8 @@ class Limits(BaseModel):
                                "and custom_token_bans (each), and in a tokenize/detokenize request")
     max_sequence_breakers: int = Field(64, gt=0, description="dry_sequence_breakers per request (each at most "
                                        "max_banned_string_chars characters)")
+    max_choices: int = Field(8, gt=0, description="n: generations of one request (each takes a slot or a place in "
+                             "the queue)")
 
 
 class APIError(Exception):
@@ -489,9 +491,12 @@ class _Request(BaseModel):
 
     @field_validator("n")
     @classmethod
-    def _n(cls, value: Optional[int]) -> Optional[int]:
-        if value not in (None, 1):
-            raise _error("unsupported_value", "only n=1 is supported")
+    def _n(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        cap = _limits(info).max_choices
+        if value is not None and value < 1:
+            raise _error("invalid_value", f"n must be at least 1, got {value}")
+        if value is not None and value > cap:
+            raise _error("integer_above_max_value", f"n is at most {cap} on this server (max_choices), got {value}")
         return value
 
     @model_validator(mode="after")

@@ -36,7 +36,9 @@ module or file path). Start it with ``backtrack-sampler serve`` or ``serve(...)`
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import hmac
 import json
 import time
@@ -95,12 +97,15 @@ async def read_body(request: Request, limit: int) -> bytes:
 # 2. plan: a validated request becomes the tokens, strategy and limits of one generation
 # --------------------------------------------------------------------------------------------
 def plan_request(provider: BaseProvider, request: Union[CompletionRequest, ChatCompletionRequest],
-                 limits: Limits) -> Plan:
+                 limits: Limits, index: int = 0) -> Plan:
     """Tokens, strategy and limits for ``request``; raises ``APIError`` (400). Blocking (it
-    tokenizes and builds the strategy): the server runs it in a worker thread."""
+    tokenizes and builds the strategy): the server runs it in a worker thread. ``index``: which of
+    the request's ``n`` generations (its seed is the request's + index)."""
     chat = isinstance(request, ChatCompletionRequest)
     prompt = _chat_tokens(provider, request) if chat else _prompt_tokens(provider, request.prompt)
     sampling = dict(request.sampling(), max_new_tokens=_token_limit(provider, len(prompt), request, limits))
+    if index and sampling["seed"] is not None:
+        sampling["seed"] += index
     strategy = build_strategy(provider, request, limits, prompt)
     return Plan(chat, prompt, strategy, sampling, request.stop or [], limits.max_seconds,
                 bool(request.stream), request.include_usage, request.include_backtrack, request.logprob_count)
@@ -211,15 +216,15 @@ def _built(build, param: str) -> BaseStrategy:
 # responses in OpenAI's shapes
 # --------------------------------------------------------------------------------------------
 class _Reply:
-    """The OpenAI objects of one answer (completion, chunks, usage)."""
+    """The OpenAI objects of one answer (completion, chunks, usage) with one choice per generation."""
 
     def __init__(self, engine: Engine, plan: Plan):
         self.model, self.plan, self.decode = engine.name, plan, engine.provider.decode
         self.id = ("chatcmpl-" if plan.chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
-        self.offset = 0  # text_offset of the next token (completions' logprobs)
+        self.offsets: Dict[int, int] = collections.defaultdict(int)  # text_offset of each choice's next token
 
-    def logprobs(self, entries: List[TokenLogprob], text: Optional[str] = None) -> Optional[dict]:
+    def logprobs(self, entries: List[TokenLogprob], text: Optional[str] = None, index: int = 0) -> Optional[dict]:
         """OpenAI's logprobs object of these final tokens (None when the request asked for none):
         completions' ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``, chat's
         ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``. ``text``: the answer's
@@ -241,8 +246,8 @@ class _Reply:
                                 for entry, piece in zip(entries, pieces)]}
         offsets = []
         for piece in pieces:
-            offsets.append(self.offset)
-            self.offset += len(piece)
+            offsets.append(self.offsets[index])
+            self.offsets[index] += len(piece)
         return {"tokens": pieces, "token_logprobs": [entry.logprob for entry in entries],
                 "top_logprobs": [{self.decode([t]): lp for t, lp in entry.top} for entry in entries],
                 "text_offset": offsets}
@@ -250,41 +255,46 @@ class _Reply:
     def _head(self, obj: str) -> Dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def usage(self, done: dict) -> dict:
-        prompt, completion = len(self.plan.prompt), done["completion_tokens"]
+    def usage(self, dones: List[dict]) -> dict:
+        prompt, completion = len(self.plan.prompt), sum(done["completion_tokens"] for done in dones)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def completion(self, text: str, done: dict, logprobs: Optional[List[TokenLogprob]] = None) -> dict:
-        choice: Dict[str, Any] = {"index": 0, "finish_reason": openai_finish(done["finish_reason"]),
-                                  "logprobs": self.logprobs(logprobs or [], text)}
-        if self.plan.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return {**self._head("chat.completion" if self.plan.chat else "text_completion"), "choices": [choice],
-                "usage": self.usage(done), "backtrack": _backtrack_info(done)}
+    def completion(self, results: List[tuple]) -> dict:
+        """``results``: ``(text, done, logprobs)`` of each generation."""
+        choices = []
+        for index, (text, done, logprobs) in enumerate(results):
+            choice: Dict[str, Any] = {"index": index, "finish_reason": openai_finish(done["finish_reason"]),
+                                      "logprobs": self.logprobs(logprobs, text, index)}
+            if self.plan.chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            choices.append(choice)
+        dones = [done for _, done, _ in results]
+        return {**self._head("chat.completion" if self.plan.chat else "text_completion"), "choices": choices,
+                "usage": self.usage(dones), "backtrack": _backtrack_info(dones)}
 
     @property
     def chunk_object(self) -> str:
         return "chat.completion.chunk" if self.plan.chat else "text_completion"
 
     def chunk(self, text: Optional[str], finish: Optional[str] = None, first: bool = False,
-              logprobs: Optional[List[TokenLogprob]] = None) -> dict:
-        report = self.logprobs(logprobs) if logprobs else None
+              logprobs: Optional[List[TokenLogprob]] = None, index: int = 0) -> dict:
+        report = self.logprobs(logprobs, index=index) if logprobs else None
         if self.plan.chat:
             delta: Dict[str, Any] = {} if text is None else {"content": text}
             if first:
                 delta["role"] = "assistant"
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": report}
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": report}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": report}
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": report}
         data = {**self._head(self.chunk_object), "choices": [choice]}
         if self.plan.include_usage:
             data["usage"] = None
         return data
 
-    def usage_chunk(self, done: dict) -> dict:
-        return {**self._head(self.chunk_object), "choices": [], "usage": self.usage(done)}
+    def usage_chunk(self, dones: List[dict]) -> dict:
+        return {**self._head(self.chunk_object), "choices": [], "usage": self.usage(dones)}
 
 
 def openai_finish(finish: Optional[str]) -> Optional[str]:
@@ -294,10 +304,12 @@ def openai_finish(finish: Optional[str]) -> Optional[str]:
     return "content_filter" if finish == "constraint" else finish
 
 
-def _backtrack_info(done: dict) -> Dict[str, Any]:
-    info = {"rewound_tokens": done["rewound_tokens"], "rewinds": done["rewinds"]}
-    if done.get("constraint"):
-        info["constraint"] = done["constraint"]
+def _backtrack_info(dones: List[dict]) -> Dict[str, Any]:
+    """The rewinds of the answer's generations (summed), and the first constraint that failed."""
+    info = {"rewound_tokens": sum(d["rewound_tokens"] for d in dones), "rewinds": sum(d["rewinds"] for d in dones)}
+    constraint = next((d["constraint"] for d in dones if d.get("constraint")), None)
+    if constraint:
+        info["constraint"] = constraint
     return info
 
 
@@ -305,54 +317,80 @@ def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _whole_answer(job: Job, request: Request, reply: _Reply) -> JSONResponse:
+async def _collect(job: Job, request: Request) -> tuple:
+    """``(text, done, logprobs)`` of one generation, read to its end."""
     parts, logprobs = [], []
+    while True:
+        kind, value = await job.next(request)
+        if kind == "text":
+            parts.append(value)
+        elif kind == "logprobs":
+            logprobs += value
+        elif kind == "error":
+            raise value
+        elif kind == "done":
+            return "".join(parts), value, logprobs
+
+
+async def _whole_answer(jobs: List[Job], request: Request, reply: _Reply) -> JSONResponse:
     try:
-        while True:
-            kind, value = await job.next(request)
-            if kind == "text":
-                parts.append(value)
-            elif kind == "logprobs":
-                logprobs += value
-            elif kind == "error":
-                raise value
-            elif kind == "done":
-                return JSONResponse(reply.completion("".join(parts), value, logprobs))
+        results = [await _collect(job, request) for job in jobs]  # they run at once; read in turn
+        return JSONResponse(reply.completion(results))
     finally:
-        job.cancel()  # a no-op when done; stops the worker if we were interrupted
+        for job in jobs:
+            job.cancel()  # a no-op when done; stops the worker if we were interrupted
 
 
-def _streamed_answer(job: Job, reply: _Reply) -> StreamingResponse:
+async def _reports(jobs: List[Job]):
+    """``(index, kind, value)`` of every job's reports as they come, until each is done or failed."""
+    waiting = {asyncio.ensure_future(job.queue.get()): i for i, job in enumerate(jobs)}
+    try:
+        while waiting:
+            ready, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for future in sorted(ready, key=waiting.get):
+                index = waiting.pop(future)
+                kind, value = future.result()
+                yield index, kind, value
+                if kind not in ("done", "error"):
+                    waiting[asyncio.ensure_future(jobs[index].queue.get())] = index
+    finally:
+        for future in waiting:
+            future.cancel()
+
+
+def _streamed_answer(jobs: List[Job], reply: _Reply) -> StreamingResponse:
     async def events():
         try:
             if reply.plan.chat:
-                yield _sse(reply.chunk("", first=True))
-            logprobs: List[TokenLogprob] = []  # of the final tokens whose text comes next
-            while True:
-                kind, value = await job.queue.get()
-                if kind == "logprobs":
-                    logprobs += value
-                elif kind == "text":
-                    yield _sse(reply.chunk(value, logprobs=logprobs))
-                    logprobs = []
-                elif kind == "final":  # include_backtrack: final text, with its event
-                    yield _sse({**reply.chunk(value["text"]), "backtrack": value})
-                elif kind == "backtrack":  # include_backtrack: provisional text, rewinds, ...
-                    yield _sse({**reply._head(reply.chunk_object), "choices": [], "backtrack": value})
-                elif kind == "error":
-                    yield _sse(value.body())
-                    break
-                elif kind == "done":
-                    last = reply.chunk(None, openai_finish(value["finish_reason"]))
-                    if value.get("constraint"):
-                        last["backtrack"] = {"constraint": value["constraint"]}
-                    yield _sse(last)
-                    if reply.plan.include_usage:
-                        yield _sse(reply.usage_chunk(value))
-                    break
+                for index in range(len(jobs)):
+                    yield _sse(reply.chunk("", first=True, index=index))
+            logprobs: Dict[int, List[TokenLogprob]] = collections.defaultdict(list)  # whose text comes next
+            dones: List[dict] = []
+            async with contextlib.aclosing(_reports(jobs)) as reports:
+                async for index, kind, value in reports:
+                    if kind == "logprobs":
+                        logprobs[index] += value
+                    elif kind == "text":
+                        yield _sse(reply.chunk(value, logprobs=logprobs.pop(index, None), index=index))
+                    elif kind == "final":  # include_backtrack: final text, with its event
+                        yield _sse({**reply.chunk(value["text"], index=index), "backtrack": value})
+                    elif kind == "backtrack":  # include_backtrack: provisional text, rewinds, ...
+                        yield _sse({**reply._head(reply.chunk_object), "choices": [], "backtrack": value})
+                    elif kind == "error":
+                        yield _sse(value.body())
+                        break
+                    elif kind == "done":
+                        last = reply.chunk(None, openai_finish(value["finish_reason"]), index=index)
+                        if value.get("constraint"):
+                            last["backtrack"] = {"constraint": value["constraint"]}
+                        yield _sse(last)
+                        dones.append(value)
+            if len(dones) == len(jobs) and reply.plan.include_usage:
+                yield _sse(reply.usage_chunk(dones))
             yield "data: [DONE]\n\n"
         finally:
-            job.cancel()  # the client went away (or we are done): free the model for the next request
+            for job in jobs:
+                job.cancel()  # the client went away (or we are done): free the model for the next request
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
@@ -368,29 +406,35 @@ class _Live:
         self.job, self.genkey, self.parts = job, genkey or "", []  # parts: the text sent so far (Kobold routes)
 
 
-async def _start(request: Request, schema):
-    """Validate, plan and queue a generation; returns ``(plan, job, live)`` once it has started."""
+async def _start(request: Request, schema, choices: bool = False):
+    """Validate, plan and queue a request's generations (``n`` of them when ``choices``); returns
+    ``(plan, jobs, lives)`` once every one has started."""
     engine: Engine = request.app.state.engine
     limits: Limits = request.app.state.limits
     body = parse_request(schema, await read_body(request, limits.max_body_bytes), limits, request.app.state.strategies)
-    plan = await run_in_threadpool(plan_request, engine.provider, body, limits)
-    job = engine.start(plan)
-    live = _Live(job, getattr(body, "genkey", None))
-    request.app.state.live.append(live)
+    count = (body.n or 1) if choices else 1
+    plans = [await run_in_threadpool(plan_request, engine.provider, body, limits, i) for i in range(count)]
+    jobs: List[Job] = []
     try:
-        kind, value = await job.next(request)  # waits for our turn at the model
+        for plan in plans:
+            jobs.append(engine.start(plan))
+        lives = [_Live(job, getattr(body, "genkey", None)) for job in jobs]
+        request.app.state.live.extend(lives)
+        for job in jobs:
+            kind, value = await job.next(request)  # waits for its turn at the model
+            if kind == "error":
+                raise value
     except BaseException:
-        job.cancel()
+        for job in jobs:
+            job.cancel()
         raise
-    if kind == "error":
-        raise value
-    return plan, job, live
+    return plans[0], jobs, lives
 
 
 async def _generate(request: Request, schema) -> Response:
-    plan, job, _ = await _start(request, schema)
+    plan, jobs, _ = await _start(request, schema, choices=True)
     reply = _Reply(request.app.state.engine, plan)
-    return _streamed_answer(job, reply) if plan.stream else await _whole_answer(job, request, reply)
+    return _streamed_answer(jobs, reply) if plan.stream else await _whole_answer(jobs, request, reply)
 
 
 async def completions(request: Request) -> Response:
@@ -485,7 +529,7 @@ def _kobold_text(kind: str, value: Any) -> str:
 
 async def kobold_generate(request: Request) -> Response:
     """``POST /api/v1/generate``: ``{"results": [{"text", "finish_reason"}]}``."""
-    _, job, live = await _start(request, frontends.KoboldRequest)
+    _, (job,), (live,) = await _start(request, frontends.KoboldRequest)
     try:
         while True:
             kind, value = await job.next(request)
@@ -502,7 +546,7 @@ async def kobold_generate(request: Request) -> Response:
 async def kobold_stream(request: Request) -> Response:
     """``POST /api/extra/generate/stream``: KoboldCpp's events, ``event: message`` / ``data: {"token",
     "finish_reason"}``, the last one with the finish reason and no text."""
-    _, job, live = await _start(request, frontends.KoboldRequest)
+    _, (job,), (live,) = await _start(request, frontends.KoboldRequest)
 
     async def events():
         try:

@@ -443,3 +443,26 @@ def test_logprobs_only_for_final_tokens(fake_server):
     offsets = [o for c in chunks if c["logprobs"] for o in c["logprobs"]["text_offset"]]
     assert offsets == choice["logprobs"]["text_offset"]
     assert call(fake_server, "POST", "/v1/completions", dict(body, logprobs=21)).status_code == 400
+
+
+# --- n: several generations of one request -------------------------------------------------------
+def test_n_choices(fake_server):
+    """SillyTavern's "multiple swipes": n generations, each its own seed, as choices 0..n-1."""
+    body = {"prompt": " the cat", "max_tokens": 8, "temperature": 1, "seed": 5, "n": 3, "top_k": 0}
+    whole = call(fake_server, "POST", "/v1/completions", body).json()
+    texts = [c["text"] for c in whole["choices"]]
+    assert [c["index"] for c in whole["choices"]] == [0, 1, 2] and len(set(texts)) == 3
+    single = [call(fake_server, "POST", "/v1/completions", dict(body, n=1, seed=5 + i)).json()["choices"][0]["text"]
+              for i in range(3)]
+    assert texts == single  # choice i is the request with seed + i
+    assert whole["usage"]["completion_tokens"] == 24  # 8 each
+    stream = call(fake_server, "POST", "/v1/completions", dict(body, stream=True,
+                                                                stream_options={"include_usage": True}))
+    chunks = [json.loads(line[6:]) for line in stream.text.splitlines() if line.startswith("data: {")]
+    streamed = {i: "".join(c["choices"][0]["text"] for c in chunks if c["choices"] and c["choices"][0]["index"] == i)
+                for i in range(3)}
+    assert [streamed[i] for i in range(3)] == texts
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finishes) == 3 and chunks[-1]["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
+    too_many = call(fake_server, "POST", "/v1/completions", dict(body, n=9))
+    assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "integer_above_max_value"

@@ -120,3 +120,22 @@ def test_penalties_with_rewinds(server):
     phrase = " ".join(penalized.split()[:2])
     both = greedy(server, LOOP, rep_pen=1.3, banned_strings=[phrase])
     assert phrase.lower() not in both.lower() and both != penalized
+
+
+def test_sillytavern_token_probabilities(server):
+    """ST's "Request token probabilities" adds logprobs: 10; every streamed chunk then carries the
+    final tokens' top candidates (ST reads top_logprobs[0]), and chat reports them in its shape."""
+    body = dict(textgen_body("tabby", PROMPT, 12, ["\n\n"], temp=0), logprobs=10)
+    response = post(server, "/v1/completions", body)
+    chunks = [json.loads(line[6:])["choices"][0] for line in response.text.splitlines() if line.startswith("data: {")]
+    with_text = [c for c in chunks if c["text"]]
+    assert with_text and all(c["logprobs"] and len(c["logprobs"]["top_logprobs"][0]) == 10 for c in with_text)
+    for c in with_text:  # greedy: the token taken is the likeliest
+        top = c["logprobs"]["top_logprobs"][0]
+        assert max(top.values()) == pytest.approx(c["logprobs"]["token_logprobs"][0])
+    chat = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Say hello."}],
+                                                  "max_tokens": 5, "temperature": 0, "logprobs": True,
+                                                  "top_logprobs": 2}).json()["choices"][0]
+    content = chat["logprobs"]["content"]
+    assert "".join(item["token"] for item in content) == chat["message"]["content"]
+    assert all(len(item["top_logprobs"]) == 2 and item["logprob"] <= 0 for item in content)
