@@ -466,3 +466,39 @@ def test_n_choices(fake_server):
     assert len(finishes) == 3 and chunks[-1]["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
     too_many = call(fake_server, "POST", "/v1/completions", dict(body, n=9))
     assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "integer_above_max_value"
+
+
+def _naive_repeat_lengths(window, limit):
+    n, out = len(window), {}
+    for e in range(n - 1):
+        length = 0
+        while length < limit and e - length >= 0 and window[e - length] == window[n - 1 - length]:
+            length += 1
+        if length:
+            out[e] = length
+    return out
+
+
+@pytest.mark.parametrize("kind", ["random", "periodic", "constant"])
+def test_dry_repeat_lengths_match_a_naive_scan(kind):
+    from backtrack_sampler.strategy.dry_strategy import repeat_lengths
+
+    rng = np.random.default_rng(0)
+    for size in (1, 2, 7, 300, 2000):
+        window = {"random": rng.integers(0, 4, size), "periodic": np.tile([5, 6, 7], size)[:size],
+                  "constant": np.full(size, 3)}[kind]
+        for limit in (1, 3, size):
+            ends, lengths = repeat_lengths(window, limit)
+            assert dict(zip(ends.tolist(), lengths.tolist())) == _naive_repeat_lengths(window.tolist(), limit)
+
+
+def test_dry_is_fast_on_a_long_loop():
+    """A 4000-token loop (where DRY matters most) costs milliseconds per step, not a Python loop per token."""
+    strategy = DryStrategy(_Text(), multiplier=0.8, sequence_breakers=["never"])
+    strategy.window.context = list(np.tile([4, 5, 6, 7, 8], 800))
+    rows = [np.zeros(262_144, dtype=np.float32) for _ in range(5)]
+    started = time.perf_counter()
+    for logits in rows:
+        strategy.on_logits(logits, [4, 5])
+    assert (time.perf_counter() - started) / 5 < 0.05
+    assert rows[0][6] < -1e30 and rows[0][7] == 0  # the loop's next token is penalized (clamped, finite)

@@ -74,17 +74,9 @@ class DryStrategy(BaseStrategy):
                 break
         if limit < allowed or limit == 0:
             return logits
-        # the earlier positions e whose tokens end a copy of the window's last tokens, and its length
-        ends = np.flatnonzero(window[:-1] == window[-1])
-        length = np.ones(len(ends), dtype=np.int64)
-        alive = np.arange(len(ends))
-        k = 1
-        while alive.size and k < limit:
-            back = ends[alive] - k
-            alive, back = alive[back >= 0], back[back >= 0]
-            alive = alive[window[back] == window[n - 1 - k]]
-            length[alive] += 1
-            k += 1
+        # beyond allowed + max_exponent tokens the penalty no longer grows: no need to measure further
+        saturated = allowed + self.max_exponent if self.max_exponent > 0 else allowed if self.base == 1 else limit
+        ends, length = repeat_lengths(window, min(limit, max(saturated, 1)))
         hit = length >= allowed
         best: Dict[int, int] = {}
         for token, size in zip(window[ends[hit] + 1].tolist(), length[hit].tolist()):
@@ -97,3 +89,23 @@ class DryStrategy(BaseStrategy):
                     exponent = min(exponent, self.max_exponent)
                 logits[token] -= self.multiplier * self.base ** exponent
         return logits
+
+
+def repeat_lengths(window: np.ndarray, limit: int):
+    """``(ends, lengths)``: the positions ``e < len(window) - 1`` whose token equals the last one, and
+    for each the length of the longest common suffix of ``window[:e + 1]`` and ``window`` (at most
+    ``limit``), i.e. how many of the last tokens also end at ``e``. The suffixes are compared in
+    blocks of growing size, so a long repeat (a loop, where DRY matters) costs a few numpy steps."""
+    n = len(window)
+    ends = np.flatnonzero(window[:-1] == window[-1])
+    length = np.ones(len(ends), dtype=np.int64)
+    alive, k, block = np.arange(len(ends)), 1, 8
+    while alive.size and k < limit:
+        offsets = np.arange(k, min(k + block, limit))
+        back = ends[alive, None] - offsets[None, :]
+        same = (back >= 0) & (window[np.maximum(back, 0)] == window[n - 1 - offsets][None, :])
+        run = np.where(same.all(axis=1), len(offsets), np.argmin(same, axis=1))
+        length[alive] += run
+        alive = alive[run == len(offsets)]
+        k, block = k + len(offsets), min(block * 2, 512)
+    return ends, length
