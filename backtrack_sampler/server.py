@@ -402,8 +402,9 @@ def _streamed_answer(jobs: List[Job], reply: _Reply) -> StreamingResponse:
 class _Live:
     """A generation the KoboldAI routes can check (its text so far) and abort, by ``genkey``."""
 
-    def __init__(self, job: Job, genkey: Optional[str]):
-        self.job, self.genkey, self.parts = job, genkey or "", []  # parts: the text sent so far (Kobold routes)
+    def __init__(self, job: Job, genkey: Optional[str], kobold: bool):
+        self.job, self.genkey, self.kobold = job, genkey or "", kobold
+        self.parts: List[str] = []  # the text sent so far (KoboldAI routes)
 
 
 async def _start(request: Request, schema, choices: bool = False):
@@ -418,7 +419,7 @@ async def _start(request: Request, schema, choices: bool = False):
     try:
         for plan in plans:
             jobs.append(engine.start(plan))
-        lives = [_Live(job, getattr(body, "genkey", None)) for job in jobs]
+        lives = [_Live(job, getattr(body, "genkey", None), schema is frontends.KoboldRequest) for job in jobs]
         request.app.state.live.extend(lives)
         for job in jobs:
             kind, value = await job.next(request)  # waits for its turn at the model
@@ -582,7 +583,7 @@ async def kobold_check(request: Request) -> Response:
     (none: one without) so far, ``{"results": [{"text"}]}``."""
     body = await _small_body(request, frontends.AbortRequest, optional=True)
     genkey = body.genkey or ""
-    live = next((live for live in reversed(request.app.state.live) if live.genkey == genkey), None)
+    live = next((live for live in reversed(request.app.state.live) if live.kobold and live.genkey == genkey), None)
     return JSONResponse({"results": [{"text": "".join(live.parts) if live else ""}]})
 
 
