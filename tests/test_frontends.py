@@ -502,3 +502,42 @@ def test_dry_is_fast_on_a_long_loop():
         strategy.on_logits(logits, [4, 5])
     assert (time.perf_counter() - started) / 5 < 0.05
     assert rows[0][6] < -1e30 and rows[0][7] == 0  # the loop's next token is penalized (clamped, finite)
+
+
+# --- every driver ----------------------------------------------------------------------------------
+def _samplers(provider, prompt, repeat_penalty=1.5):
+    return ChainStrategy([LogitBiasStrategy(provider, bias={"5": 2.0}, banned_tokens=[6]),
+                          PenaltyStrategy(provider, repeat_penalty=repeat_penalty, presence_penalty=0.3,
+                                          frequency_penalty=0.2, last_n=16, context=prompt),
+                          DryStrategy(provider, multiplier=1.0, allowed_length=1, context=prompt)])
+
+
+def test_samplers_give_the_same_tokens_on_every_driver():
+    """Greedy with bias, penalties and DRY: in process, in a batch of several, and drafted by a
+    (fake) llama-server engine: the same tokens. (Through an engine the logits are its
+    log-probabilities, so llama.cpp's repeat_penalty, which divides positive logits and multiplies
+    negative ones, acts differently there; the additive penalties, DRY and the bias do not.)"""
+    from backtrack_sampler.batch import BatchScheduler
+    from backtrack_sampler.engine import EngineProvider
+    from engine_fakes import FakeEngine
+
+    model = FakeProvider()
+    prompt = model.encode(" it was the cat")
+    alone = list(BacktrackSampler(model, _samplers(model, prompt)).generate(prompt, max_new_tokens=30, temperature=0))
+    assert 6 not in alone and len(alone) == 30
+    plain = list(BacktrackSampler(model, BaseStrategy()).generate(prompt, max_new_tokens=30, temperature=0))
+    assert plain != alone  # the samplers changed something
+    scheduler = BatchScheduler(model, parallel=3)
+    jobs = [scheduler.submit(prompt, _samplers(model, prompt), max_new_tokens=30, temperature=0) for _ in range(3)]
+    list(scheduler.run())
+    assert all(job.tokens == alone for job in jobs)
+    additive = list(BacktrackSampler(model, _samplers(model, prompt, 1.0)).generate(prompt, max_new_tokens=30,
+                                                                                      temperature=0))
+    fake = FakeEngine("llama-server", model.logits_for, model.vocab_size, eos=model.get_eos_token_id())
+    try:
+        provider = EngineProvider(fake.url, "llama-server", tokenizer=model)
+        drafted = BacktrackSampler(provider, _samplers(provider, prompt, 1.0)).generate(prompt, max_new_tokens=30,
+                                                                                          temperature=0)
+        assert list(drafted) == additive != plain
+    finally:
+        fake.close()

@@ -42,7 +42,9 @@ class PenaltyStrategy(BaseStrategy):
     OpenAI's frequency and presence penalties). ``context``: the tokens before the continuation
     that count too (the server passes the prompt; llama.cpp, KoboldCpp and TabbyAPI count it).
 
-    It never rewinds and keeps no state of its own: the window is read from the tokens as they are
+    llama.cpp's rule is not shift-invariant: on a serving engine's candidates, whose logits are
+    log-probabilities (all <= 0), ``repeat_penalty`` always multiplies. It never rewinds and keeps no
+    state of its own: the window is read from the tokens as they are
     at each step, so a rewound token no longer counts toward any penalty.
     """
 
