@@ -231,12 +231,9 @@ class _Reply:
         whole text; tokens that start past its end (cut by a stop string) are left out."""
         if self.plan.logprobs is None:
             return None
-        pieces = [self.decode([entry.token]) for entry in entries]
         if text is not None:
-            start, keep = 0, 0
-            while keep < len(pieces) and start < len(text):
-                start, keep = start + len(pieces[keep]), keep + 1
-            entries, pieces = entries[:keep], pieces[:keep]
+            entries = self.covering(entries, text)[0]
+        pieces = [self.decode([entry.token]) for entry in entries]
         if self.plan.chat:
             def item(token: str, logprob: float) -> dict:
                 return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
@@ -251,6 +248,14 @@ class _Reply:
         return {"tokens": pieces, "token_logprobs": [entry.logprob for entry in entries],
                 "top_logprobs": [{self.decode([t]): lp for t, lp in entry.top} for entry in entries],
                 "text_offset": offsets}
+
+    def covering(self, entries: List[TokenLogprob], text: str) -> tuple:
+        """``(the first entries, the rest)``: as many tokens as it takes to cover ``text`` (the
+        others are held-back text, or a stop string's, which never reaches the client)."""
+        start, keep = 0, 0
+        while keep < len(entries) and start < len(text):
+            start, keep = start + len(self.decode([entries[keep].token])), keep + 1
+        return entries[:keep], entries[keep:]
 
     def _head(self, obj: str) -> Dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -371,7 +376,8 @@ def _streamed_answer(jobs: List[Job], reply: _Reply) -> StreamingResponse:
                     if kind == "logprobs":
                         logprobs[index] += value
                     elif kind == "text":
-                        yield _sse(reply.chunk(value, logprobs=logprobs.pop(index, None), index=index))
+                        used, logprobs[index] = reply.covering(logprobs[index], value)
+                        yield _sse(reply.chunk(value, logprobs=used, index=index))
                     elif kind == "final":  # include_backtrack: final text, with its event
                         yield _sse({**reply.chunk(value["text"], index=index), "backtrack": value})
                     elif kind == "backtrack":  # include_backtrack: provisional text, rewinds, ...

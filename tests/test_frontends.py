@@ -541,3 +541,21 @@ def test_samplers_give_the_same_tokens_on_every_driver():
         assert list(drafted) == additive != plain
     finally:
         fake.close()
+
+
+def test_streamed_logprobs_leave_out_the_stop_string(fake_server):
+    body = {"prompt": " the cat", "max_tokens": 40, "temperature": 0, "logprobs": 1}
+    text = call(fake_server, "POST", "/v1/completions", body).json()["choices"][0]["text"]
+    stop = text[len(text) // 2:][:3]
+    assert len(stop) == 3
+    for stream in (False, True):
+        response = call(fake_server, "POST", "/v1/completions", dict(body, stop=[stop], stream=stream))
+        if stream:
+            chunks = [json.loads(line[6:])["choices"][0] for line in response.text.splitlines() if line.startswith("data: {")]
+            answer = "".join(c["text"] for c in chunks)
+            tokens = [t for c in chunks if c["logprobs"] for t in c["logprobs"]["tokens"]]
+        else:
+            choice = response.json()["choices"][0]
+            answer, tokens = choice["text"], choice["logprobs"]["tokens"]
+        assert answer == text[:text.index(stop)] and "".join(tokens).startswith(answer)
+        assert len("".join(tokens)) - len(answer) < 3  # at most the token the stop string begins in
