@@ -142,3 +142,11 @@ def test_sillytavern_token_probabilities(server):
     content = chat["logprobs"]["content"]
     assert "".join(item["token"] for item in content) == chat["message"]["content"]
     assert all(len(item["top_logprobs"]) == 2 and item["logprob"] <= 0 for item in content)
+
+
+def test_xtc_and_typical_change_greedy_text(server):
+    """XTC at probability 1 removes the likeliest choices wherever two or more reach the threshold,
+    so greedy text changes; typical-p with a small mass keeps the tokens nearest the entropy."""
+    plain = greedy(server, PROMPT)
+    assert greedy(server, PROMPT, xtc_probability=1.0, xtc_threshold=0.05) != plain
+    assert greedy(server, PROMPT, typical_p=0.2) != plain
