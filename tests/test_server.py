@@ -231,7 +231,7 @@ def test_strategy_per_request(any_client, baseline):
         ({"prompt": "hi", "max_tokens": -1}, "max_tokens"),
         ({"prompt": "hi", "seed": 1.5}, "seed"),
         ({"prompt": "hi", "stop": 3}, "stop"),
-        ({"prompt": "hi", "n": 2}, "n"),
+        ({"prompt": "hi", "n": 9}, "n"),
         ({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
         ({"prompt": "hi", "logit_bias": {"ten": 5}}, "logit_bias"),
         ({"prompt": "hi", "strategy": ["creative", {"name": "creative", "top_p_flat": "high"}]}, "strategy[1].top_p_flat"),
