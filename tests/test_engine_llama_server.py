@@ -256,3 +256,27 @@ def test_serve_engine_runs_concurrent_requests_concurrently(server, gguf):
         assert not errors, errors
         for text in texts:
             assert text and " the " not in f"{text} " and " and " not in f"{text} ", text
+
+
+def test_sillytavern_through_serve_engine(server, gguf):
+    """SillyTavern in front of `serve --engine` (a real llama-server behind): its status call, its
+    exact "tabby" body streamed and a KoboldAI stream, with their bans honoured."""
+    import json
+
+    from st_bodies import kobold_body, textgen_body
+
+    prompt = "Once upon a time, in a small village by the sea, there lived"
+    with serve_subprocess(["--engine", server.url, "--tokenizer", gguf], ready_path="/v1/models") as base:
+        assert httpx.get(base + "/v1/model/list", timeout=30).json()["data"][0]["id"]
+        body = textgen_body("tabby", prompt, 40, ["\n\n"], banned_strings=[" the", " and"], rep_pen=1.1)
+        response = httpx.post(base + "/v1/completions", json=body, timeout=180)
+        assert response.status_code == 200, response.text
+        lines = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        text = "".join(json.loads(line)["choices"][0]["text"] for line in lines[:-1])
+        assert text and not any(f" {w} " in f" {text.lower()} " for w in ("the", "and")), text
+        events = httpx.post(base + "/api/extra/generate/stream", timeout=180,
+                            json=kobold_body(prompt, 30, ["\n\n"], banned_tokens=[" the"], sampler_seed=3)).text
+        parsed = [json.loads(block.split("data: ", 1)[1]) for block in events.split("\n\n") if block]
+        story = "".join(event["token"] for event in parsed)
+        assert parsed[-1]["finish_reason"] in ("stop", "length") and story and " the " not in f" {story.lower()} "
