@@ -156,3 +156,73 @@ def test_xtc_and_typical_change_greedy_text(server):
     plain = greedy(server, PROMPT)
     assert greedy(server, PROMPT, xtc_probability=1.0, xtc_threshold=0.05) != plain
     assert greedy(server, PROMPT, typical_p=0.2) != plain
+
+
+# --- against llama.cpp's own compiled samplers, on the real model's logits and vocabulary ------------
+def _llama_cpp(sampler, logits, accepted):
+    """Apply one of llama.cpp's samplers (after accepting ``accepted``) to ``logits``; returns the
+    logits of the tokens it kept (-inf for the others)."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    for token in accepted:
+        llama_cpp.llama_sampler_accept(sampler, token)
+    data = np.zeros(len(logits), dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+    data["id"], data["logit"] = np.arange(len(logits)), logits
+    base = data.ctypes.data
+    array = llama_cpp.llama_token_data_array(data=data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
+                                             size=len(logits), selected=-1, sorted=False)
+    llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
+    start = (ctypes.cast(array.data, ctypes.c_void_p).value - base) // data.itemsize  # XTC moves the start
+    kept = data[start:start + array.size]
+    llama_cpp.llama_sampler_free(sampler)
+    out = np.full(len(logits), -np.inf, dtype=np.float32)
+    out[kept["id"]] = kept["logit"]
+    return out
+
+
+REPEATS = 'She said: "The cat sat on the mat." He said: "The cat sat on the mat." She said: "The cat sat on the'
+
+
+def test_samplers_match_llama_cpps_compiled_samplers(llama_provider, llm):
+    """PenaltyStrategy, DryStrategy (with the real vocabulary's breakers "\\n", ":", '"', "*"),
+    XtcStrategy and TypicalStrategy give the logits llama.cpp's own samplers give (called through
+    llama-cpp-python), on the model's logits after a repetitive text, at several cut points."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    from backtrack_sampler.strategy.dry_strategy import DryStrategy
+    from backtrack_sampler.strategy.penalty_strategy import PenaltyStrategy
+    from backtrack_sampler.strategy.typical_strategy import TypicalStrategy
+    from backtrack_sampler.strategy.xtc_strategy import XtcStrategy
+
+    vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+    breakers = [b"\n", b":", b'"', b"*"]
+    tokens = llama_provider.encode(REPEATS)
+    changed = 0
+    for cut in (len(tokens) - 9, len(tokens) - 4, len(tokens)):
+        sequence, prompt = tokens[:cut], tokens[:6]
+        logits = llama_provider.generate(sequence).astype(np.float32)
+        n = len(logits)
+        reference = _llama_cpp(llama_cpp.llama_sampler_init_penalties(n, 48, 1.3, 0.2, 0.1), logits, sequence)
+        ours = PenaltyStrategy(llama_provider, repeat_penalty=1.3, frequency_penalty=0.2, presence_penalty=0.1,
+                               last_n=48, context=prompt).on_logits(logits.copy(), sequence[6:])
+        assert np.allclose(ours, reference, atol=1e-5) and (reference != logits).any()
+        dry = llama_cpp.llama_sampler_init_dry(vocab, 0.8, 1.75, 2, 64, (ctypes.c_char_p * 4)(*breakers), 4)
+        reference = _llama_cpp(dry, logits, sequence)
+        ours = DryStrategy(llama_provider, multiplier=0.8, base=1.75, allowed_length=2, last_n=64,
+                           context=prompt).on_logits(logits.copy(), sequence[6:])
+        assert np.allclose(ours, reference, atol=1e-5)
+        changed += int((reference != logits).sum())
+        for threshold in (0.05, 0.2):  # probability 1: no random draw decides
+            reference = _llama_cpp(llama_cpp.llama_sampler_init_xtc(1.0, threshold, 1, 0), logits, [])
+            ours = XtcStrategy(probability=1.0, threshold=threshold).on_logits(logits.copy(), [])
+            assert np.array_equal(np.isfinite(ours), np.isfinite(reference))
+        reference = _llama_cpp(llama_cpp.llama_sampler_init_typical(0.5, 1), logits, [])
+        ours = TypicalStrategy(p=0.5).on_logits(logits.copy(), [])
+        assert np.array_equal(np.isfinite(ours), np.isfinite(reference))
+    assert changed  # DRY penalized something at these repeats
