@@ -391,10 +391,11 @@ def test_abort_ends_the_generation_with_its_text():
         assert call(server, "POST", "/api/extra/abort", key=None).json() == {"success": "false", "done": "true"}
 
 
-def test_sillytavern_body_on_the_openai_route(fake_server):
-    """The exact tabby body (seed -1, every field ST sends, custom_token_bans as a string) streams."""
+@pytest.mark.parametrize("api_type", ["tabby", "koboldcpp"])
+def test_sillytavern_body_on_the_openai_route(fake_server, api_type):
+    """The exact body (seed -1, every field ST sends, custom_token_bans as a string) streams."""
     provider = FakeProvider()
-    body = textgen_body("tabby", " the cat", 12, ["\nUser:"], banned_tokens=str(provider.ids[" dog"]),
+    body = textgen_body(api_type, " the cat", 12, ["\nUser:"], banned_tokens=str(provider.ids[" dog"]),
                         banned_strings=[" mat"])
     response = call(fake_server, "POST", "/v1/completions", body)
     assert response.status_code == 200, response.text
