@@ -32,7 +32,15 @@ class TypicalStrategy(BaseStrategy):
         ids, probs = softmax_support(logits)
         surprisal = -np.log(probs)
         entropy = float((probs * surprisal).sum())
-        order = np.argsort(np.abs(surprisal - entropy), kind="stable")
+        score = np.abs(surprisal - entropy)
+        k = 64  # sort only the k most typical, for the smallest k in 64, 256, ... whose mass passes p
+        while k < len(score):
+            part = np.argpartition(score, k)[:k]
+            if probs[part].sum() > self.p:
+                break
+            k *= 4
+        part = part if k < len(score) else np.arange(len(score))
+        order = part[np.argsort(score[part], kind="stable")]
         over = np.flatnonzero(np.cumsum(probs[order]) > self.p)
         kept = ids[order[: over[0] + 1 if len(over) else len(order)]]
         values = logits[kept].copy()

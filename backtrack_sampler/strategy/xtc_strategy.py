@@ -45,6 +45,9 @@ class XtcStrategy(BaseStrategy):
     def on_logits(self, logits: np.ndarray, continuation_tokens: List[int]) -> np.ndarray:
         if self.probability <= 0 or self.threshold > 0.5 or self.rng.random() >= self.probability:
             return logits
+        top = float(np.max(logits))  # p >= threshold needs logit >= top + ln(threshold): usually one token or none
+        if self.threshold > 0 and np.count_nonzero(logits >= top + np.log(self.threshold)) < 2:
+            return logits
         ids, probs = softmax_support(logits)
         above = ids[probs >= self.threshold]
         if len(above) >= 2:
