@@ -43,6 +43,7 @@ class Plan:
     include_usage: bool = False
     include_backtrack: bool = False  # stream the generation's events too (stream_options extension)
     logprobs: Optional[int] = None  # report each final token's log-probability and this many alternatives
+    ignored: Tuple[str, ...] = ()  # request fields that have no effect here (named in the answer)
 
 
 class _ClientGone(Exception):

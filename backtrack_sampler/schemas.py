@@ -342,9 +342,20 @@ class StreamOptions(BaseModel):
     include_backtrack: bool = False  # extension: provisional text and every rewind (README: live events)
 
 
+# samplers and options the frontends send that have no effect here, with the values that mean "off":
+# accepted (as TabbyAPI accepts what its backend lacks) and, when set otherwise, named in the answer
+IGNORED_FIELDS = {
+    "top_a": 0, "tfs": 1, "tfs_z": 1, "mirostat_mode": 0, "mirostat": 0, "smoothing_factor": 0, "skew": 0,
+    "dynamic_temperature": False, "dynatemp_range": 0, "min_tokens": 0, "min_length": 0, "rep_pen_slope": 1,
+    "repetition_decay": 0, "guidance_scale": 1, "negative_prompt": "", "max_tokens_second": 0, "epsilon_cutoff": 0,
+    "eta_cutoff": 0, "num_beams": 1, "penalty_alpha": 0, "encoder_repetition_penalty": 1, "no_repeat_ngram_size": 0,
+}
+
+
 class _Request(BaseModel):
     """Fields both endpoints take. Unknown fields are ignored (as OpenAI-compatible servers do);
-    known ones we cannot honour are rejected."""
+    known ones we cannot honour are rejected. ``ignored_fields``: the frontends' samplers the request
+    turns on that have no effect here (``IGNORED_FIELDS``)."""
 
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 
@@ -388,6 +399,20 @@ class _Request(BaseModel):
     grammar: Optional[str] = None  # llama-server: GBNF (Lark is accepted too)
     grammar_string: Optional[str] = None  # TabbyAPI's name for it
     regex_pattern: Optional[str] = None  # TabbyAPI: the whole output matches it
+
+    _ignored: List[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _note_ignored(cls, data: Any, handler) -> Any:
+        request = handler(data)
+        if isinstance(data, dict):
+            request._ignored = [key for key, off in IGNORED_FIELDS.items() if data.get(key, off) not in (off, None)]
+        return request
+
+    @property
+    def ignored_fields(self) -> List[str]:
+        return list(self._ignored)
 
     @field_validator("stop", "banned_strings", "banned_regex", mode="before")
     @classmethod

@@ -108,7 +108,8 @@ def plan_request(provider: BaseProvider, request: Union[CompletionRequest, ChatC
         sampling["seed"] += index
     strategy = build_strategy(provider, request, limits, prompt)
     return Plan(chat, prompt, strategy, sampling, request.stop or [], limits.max_seconds,
-                bool(request.stream), request.include_usage, request.include_backtrack, request.logprob_count)
+                bool(request.stream), request.include_usage, request.include_backtrack, request.logprob_count,
+                tuple(getattr(request, "ignored_fields", ())))
 
 
 def _prompt_tokens(provider: BaseProvider, prompt: Union[str, List[int]]) -> List[int]:
@@ -276,8 +277,11 @@ class _Reply:
                 choice["text"] = text
             choices.append(choice)
         dones = [done for _, done, _ in results]
+        info = _backtrack_info(dones)
+        if self.plan.ignored:
+            info["ignored"] = list(self.plan.ignored)
         return {**self._head("chat.completion" if self.plan.chat else "text_completion"), "choices": choices,
-                "usage": self.usage(dones), "backtrack": _backtrack_info(dones)}
+                "usage": self.usage(dones), "backtrack": info}
 
     @property
     def chunk_object(self) -> str:
@@ -389,6 +393,8 @@ def _streamed_answer(jobs: List[Job], reply: _Reply) -> StreamingResponse:
                         last = reply.chunk(None, openai_finish(value["finish_reason"]), index=index)
                         if value.get("constraint"):
                             last["backtrack"] = {"constraint": value["constraint"]}
+                        if reply.plan.ignored:
+                            last.setdefault("backtrack", {})["ignored"] = list(reply.plan.ignored)
                         yield _sse(last)
                         dones.append(value)
             if len(dones) == len(jobs) and reply.plan.include_usage:

@@ -560,3 +560,15 @@ def test_streamed_logprobs_leave_out_the_stop_string(fake_server):
             answer, tokens = choice["text"], choice["logprobs"]["tokens"]
         assert answer == text[:text.index(stop)] and "".join(tokens).startswith(answer)
         assert len("".join(tokens)) - len(answer) < 3  # at most the token the stop string begins in
+
+
+def test_samplers_without_effect_are_named(fake_server):
+    """Fields the frontends send that do nothing here are accepted; when set to anything but their
+    "off" value the answer names them (SillyTavern's defaults are all "off")."""
+    body = {"prompt": " the cat", "max_tokens": 3, "temperature": 0, "tfs": 0.9, "mirostat": 2, "top_a": 0}
+    assert call(fake_server, "POST", "/v1/completions", body).json()["backtrack"]["ignored"] == ["tfs", "mirostat"]
+    stream = call(fake_server, "POST", "/v1/completions", dict(body, stream=True)).text
+    last = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")][-1]
+    assert last["backtrack"]["ignored"] == ["tfs", "mirostat"]
+    st = dict(textgen_body("tabby", " the cat", 3, ["\n"]), stream=False)
+    assert "ignored" not in call(fake_server, "POST", "/v1/completions", st).json()["backtrack"]
