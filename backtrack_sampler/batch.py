@@ -24,6 +24,7 @@ from other threads while one thread steps (this is how the server uses it).
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Union
 
 from .backtrack_sampler import BacktrackSampler
@@ -31,7 +32,13 @@ from .driver import BatchJob, JobCallback, Scheduler, TokensCallback
 from .provider.base_provider import BaseProvider
 from .strategy.base_strategy import BaseStrategy
 
-__all__ = ["BatchJob", "BatchScheduler"]
+__all__ = ["BatchJob", "BatchScheduler", "default_parallel"]
+
+
+def default_parallel() -> int:
+    """How many generations run at once by default: 4 per CPU core, at most 8 (batching pays off
+    up to about that many sequences on a CPU)."""
+    return max(1, min(8, 4 * (os.cpu_count() or 1)))
 
 
 class BatchScheduler(Scheduler):
@@ -56,11 +63,12 @@ class BatchScheduler(Scheduler):
 
     def submit(self, prompt: Union[str, Sequence[int]], strategy: Optional[BaseStrategy] = None, *,
                on_tokens: Optional[TokensCallback] = None, on_finish: Optional[JobCallback] = None,
-               on_start: Optional[JobCallback] = None, **kwargs) -> BatchJob:
+               on_start: Optional[JobCallback] = None, on_step: Optional[JobCallback] = None, **kwargs) -> BatchJob:
         """Queue a generation and return its job. ``strategy``: an instance of its own (default: none);
         ``kwargs``: ``BacktrackSampler.generate``'s (``max_new_tokens``, ``temperature``, ``top_k``,
         ``top_p``, ``min_p``, ``seed``, ``on_rewind``, ...), checked now (ValueError).
         ``on_start(job)`` is called when it leaves the queue, ``on_tokens(job, tokens)`` with the
-        tokens that became final, ``on_finish(job)`` once it is done (all from the thread that steps)."""
+        tokens that became final, ``on_step(job)`` after every token it advances by (e.g. for
+        ``events.EventTracker``), ``on_finish(job)`` once it is done (all from the thread that steps)."""
         generation = self._sampler.start(prompt, strategy=strategy or BaseStrategy(), **kwargs)
-        return self.add(generation, on_tokens, on_finish, on_start)
+        return self.add(generation, on_tokens, on_finish, on_start, on_step)

@@ -1,5 +1,6 @@
 """The ``backtrack-sampler`` command: ``generate`` (stream text to stdout), ``human`` (guide the
-model token by token in the terminal) and ``serve`` (an OpenAI-compatible HTTP server).
+model token by token in the terminal), ``batch`` (a JSONL file of prompts to a JSONL file of
+completions, resumable; see ``batchfile``) and ``serve`` (an OpenAI-compatible HTTP server).
 
 This module is argument parsing and the commands; models load in ``models``, chat prompts are
 built in ``chat``, strategies come from ``registry``.
@@ -11,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any, Dict, List, Optional, Sequence, TextIO
 
 from .chat import chat_prompt_tokens
@@ -102,8 +104,19 @@ def _add_model_args(parser, default: str):
                        help="seconds to wait for the engine (default: 60)")
 
 
-def _add_generation_args(parser, human: bool = False):
-    parser.add_argument("prompt", nargs="?", help="the prompt (default: read from stdin)")
+def _add_generation_args(parser, human: bool = False, batch: bool = False):
+    if batch:
+        parser.add_argument("input", metavar="PROMPTS.jsonl", help="one JSON object a line: {\"prompt\": text} or "
+                            "{\"messages\": [...]}, optionally \"id\" and sampling fields (- reads stdin)")
+        parser.add_argument("-o", "--output", metavar="FILE", required=True,
+                            help="completions, one JSON line each; ids already in it are skipped (resume)")
+        parser.add_argument("--parallel", type=_positive_int, metavar="N",
+                            help="generations at once (default: 4 per CPU core, at most 8; with --engine: 8)")
+        parser.add_argument("--skip-bad-lines", action="store_true",
+                            help="report bad input lines and go on (default: stop before generating anything)")
+        parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    else:
+        parser.add_argument("prompt", nargs="?", help="the prompt (default: read from stdin)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     parser.add_argument("--system", metavar="TEXT", help="system message (implies --chat)")
     _add_model_args(parser, f"{default_model(chat=True)} with --chat/--system, else {default_model()}")
@@ -113,7 +126,8 @@ def _add_generation_args(parser, human: bool = False):
     group.add_argument("--top-k", type=_non_negative_int, default=50, help="0 turns it off (default: 50)")
     group.add_argument("--top-p", type=_number, help="nucleus sampling, in (0, 1] (default: off)")
     group.add_argument("--min-p", type=_number, help="in [0, 1] (default: off)")
-    group.add_argument("--seed", type=int, help="random seed, for reproducible output")
+    group.add_argument("--seed", type=int, help="random seed, for reproducible output" +
+                       (" (line N without a seed of its own gets SEED + N)" if batch else ""))
     group.add_argument("--max-new-tokens", type=_non_negative_int, default=256, help="(default: 256)")
     group.add_argument("--max-length", type=_positive_int, help="limit on prompt + generated tokens")
     group.add_argument("--max-rewound-tokens", type=_non_negative_int, metavar="N",
@@ -154,6 +168,13 @@ def _add_generation_args(parser, human: bool = False):
         group.add_argument("--json-object", action="store_true", help="the output is a JSON object (any)")
         group.add_argument("--grammar", metavar="FILE", help="the output follows this Lark or GBNF grammar file")
         group.add_argument("--regex-output", metavar="PATTERN", help="the whole output matches this regex")
+    if batch:
+        group = parser.add_argument_group("preference pairs (see the README: Traces for preference tuning)")
+        group.add_argument("--trace", metavar="FILE", help="every rewind as a JSON line (the generate --trace "
+                           "records, with the prompt's id)")
+        group.add_argument("--pairs", metavar="FILE", help="the rewinds as DPO pairs in TRL's format "
+                           "({prompt, chosen, rejected}, with the id)")
+        return
     group = parser.add_argument_group("human")
     group.add_argument("--human-top-k", type=_positive_int, metavar="K", help="choices offered at each step (default: 3)")
     group.add_argument("--min-autopass", type=_number, metavar="P", help="accept a token without asking when its probability is at least P (default: 1.0)")
@@ -185,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     human = commands.add_parser("human", help="choose the tokens yourself (HumanGuidanceStrategy)",
                                 description="Generate with HumanGuidanceStrategy: pick the next token in the terminal.")
     _add_generation_args(human, human=True)
+
+    batch = commands.add_parser("batch", help="generate completions for a JSONL file of prompts (resumable)",
+                                description="Generate a completion for every prompt of a JSONL file, many at once "
+                                "(in process or through --engine), appending them to --output as JSON lines. "
+                                "Rerunning the same command skips the ids already written.")
+    _add_generation_args(batch, batch=True)
 
     serve = commands.add_parser("serve", help="start the OpenAI-compatible HTTP server",
                                 description="Serve /v1/completions, /v1/chat/completions, /v1/models and /health.")
@@ -286,7 +313,7 @@ def strategy_plan(args, stderr: Optional[TextIO] = None,
         "creative": {"top_p_flat": getattr(args, "top_p_flat", None), "eos_penalty": getattr(args, "eos_penalty", None),
                      "top_k_threshold_flat": getattr(args, "top_k_threshold_flat", None)},
         "debug": {"top_n": getattr(args, "debug_top_n", None)},
-        "human": {"top_k": args.human_top_k, "min_autopass": args.min_autopass},
+        "human": {"top_k": getattr(args, "human_top_k", None), "min_autopass": getattr(args, "min_autopass", None)},
     }
     pairs = list(zip(getattr(args, "find", []), getattr(args, "replace", [])))
     if (getattr(args, "find", None) or getattr(args, "replace", None)) and "replace" not in names:
@@ -512,6 +539,131 @@ def _isatty(stream) -> bool:
         return False
 
 
+def _batch(args, stdin: TextIO, stderr: TextIO) -> int:
+    """``backtrack-sampler batch``: see ``batchfile.run_batch``."""
+    from .batchfile import BadLine, JsonlOutput, id_key, read_prompts, run_batch
+    from .sampling import check_sampling_args
+
+    name = "stdin" if args.input == "-" else args.input
+    try:
+        if args.input == "-":
+            lines = (stdin or sys.stdin).read().splitlines()
+        else:
+            with open(args.input, encoding="utf-8") as file:
+                lines = file.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"cannot read {name}: {getattr(error, 'strerror', None) or error}") from None
+    try:
+        check_sampling_args(args.temperature, args.top_k, args.top_p, args.min_p)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    defaults = dict(max_new_tokens=args.max_new_tokens, max_length=args.max_length, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, max_rewound_tokens=args.max_rewound_tokens)
+    prompts, bad = read_prompts(lines, defaults)
+    for line in bad[:20]:
+        stderr.write(f"{'warning' if args.skip_bad_lines else 'error'}: {name} {line}"
+                     f"{' (skipped)' if args.skip_bad_lines else ''}\n")
+    if bad and not args.skip_bad_lines:
+        more = f"{len(bad) - 20} more bad lines; " if len(bad) > 20 else ""
+        raise UsageError(f"{more}{len(bad)} bad line{'s' * (len(bad) > 1)} in {name}: fix them, or pass "
+                         "--skip-bad-lines to leave them out")
+    plan = strategy_plan(args, stderr)
+    if any(call.name == "human" for call in plan):
+        raise UsageError("the human strategy needs a terminal: it cannot run in batch")
+    try:
+        output = JsonlOutput(args.output)
+        keep = set(output.ids)
+        trace = JsonlOutput(args.trace, keep) if args.trace else None
+        pairs = JsonlOutput(args.pairs, keep) if args.pairs else None
+    except OSError as error:
+        raise UsageError(f"cannot write {error.filename}: {error.strerror}") from None
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    todo = sum(id_key(p.id) not in output.ids for p in prompts)
+    if output.dropped:
+        stderr.write(f"note: {args.output} ended in a cut-off line (an interrupted run): it was removed\n")
+    if len(prompts) > todo and not args.quiet:
+        stderr.write(f"resuming: {len(prompts) - todo} of {len(prompts)} prompts are done in {args.output}\n")
+    if not todo:
+        return 0
+    chat = bool(args.chat or args.system is not None or any(p.messages for p in prompts))
+    if args.engine:
+        parallel = args.parallel or 8
+        provider = _load(args, chat)
+    else:
+        from .batch import default_parallel
+
+        parallel = args.parallel or default_parallel()
+        model = args.model if args.model is not None else default_model(chat)
+        provider = load_provider(args.backend, model, args.n_ctx, args.threads, slots=parallel)
+    fatal: tuple = ()
+    if args.engine:
+        from .engine import EngineError
+
+        fatal = (EngineError,)
+    bar = _progress_bar(todo, stderr, args.quiet)
+    say = bar.write if bar is not None else (lambda text: stderr.write(text + "\n"))
+    started = time.perf_counter()
+
+    def progress(summary, tokens: int) -> None:
+        if bar is not None:
+            elapsed = time.perf_counter() - started
+            bar.set_postfix_str(f"{tokens / elapsed:.1f} tok/s, {summary.rewinds} rewinds", refresh=False)
+            bar.update(1)
+
+    def on_error(item, error) -> None:
+        say(f"error: id {item.id!r} (line {item.line}) failed: {type(error).__name__}: {error} (not written; "
+            "a rerun tries it again)")
+
+    summary = None
+    try:
+        summary = run_batch(
+            provider, prompts, lambda: build_strategies(plan, provider), output, defaults=defaults, parallel=parallel,
+            chat=bool(args.chat), system=args.system, base_seed=args.seed, trace=trace, pairs=pairs, progress=progress,
+            on_error=on_error, on_bad=(lambda line: say(f"warning: {name} {line} (skipped)")) if args.skip_bad_lines
+            else None, fatal=fatal)
+    except BadLine as error:
+        raise UsageError(f"{name} {error} (fix it or pass --skip-bad-lines; rerun to go on)") from None
+    except fatal as error:
+        raise UsageError(f"{error} (completions so far are in {args.output}: run the same command again to go on)") from None
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        stderr.write(f"\ninterrupted: {len(output.ids)} completions are in {args.output}; run the same command again "
+                     "to go on\n")
+        return 130
+    finally:
+        if bar is not None:
+            bar.close()
+        for file in (output, trace, pairs):
+            if file is not None:
+                file.close()
+    if not args.quiet:
+        s = summary
+        stderr.write(
+            f"[{s.completions} completions written to {args.output}"
+            f"{f', {s.failed} failed' if s.failed else ''}{f', {s.bad} bad prompts skipped' if s.bad else ''}; "
+            f"{s.delivered} tokens at {s.tokens_per_second:.1f} tokens/s in {s.seconds:.1f} s; {s.rewound} rewound in "
+            f"{s.rewinds} rewinds, {s.banned} of them at banned phrases or patterns"
+            f"{f'; {s.pairs} preference pairs' if args.pairs else ''}]\n")
+        if s.reasons:
+            top = ", ".join(f"{reason} x{count}" for reason, count in s.reasons.most_common(5))
+            stderr.write(f"[most rewound: {top}]\n")
+    return 1 if summary.failed else 0
+
+
+def _progress_bar(total: int, stderr: TextIO, quiet: bool):
+    """A tqdm bar on ``stderr`` (None with --quiet, when it is not a terminal, or without tqdm)."""
+    if quiet or not _isatty(stderr):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        stderr.write("note: pip install tqdm for a progress bar\n")
+        return None
+    return tqdm(total=total, unit="prompt", file=stderr, dynamic_ncols=True, smoothing=0.05)
+
+
 def _serve(args) -> int:
     try:
         from .server import Limits, serve
@@ -548,6 +700,8 @@ def main(argv: Optional[Sequence[str]] = None, stdin: Optional[TextIO] = None,
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "batch":
+            return _batch(args, stdin, stderr)
         return _generate(args, stdin, stdout, stderr)
     except UsageError as error:
         stdout.flush()

@@ -252,24 +252,29 @@ class Transcript:
 
 class TraceWriter:
     """Writes ``generate --trace`` JSON lines to ``file``: one ``rewind`` record per rewind, once
-    its chosen continuation is known, then an ``end`` record. See the README for the format."""
+    its chosen continuation is known, then an ``end`` record. See the README for the format.
+    ``records(event)`` gives the records without writing them (``file`` may then be None)."""
 
-    def __init__(self, file: IO[str], prompt: Union[str, List[Dict[str, str]]]):
+    def __init__(self, file: Optional[IO[str]], prompt: Union[str, List[Dict[str, str]]]):
         self.file, self.prompt = file, prompt
         self.transcript = Transcript()
 
-    def write(self, event: Event) -> None:
+    def records(self, event: Event) -> List[Dict[str, Any]]:
+        """The records ``event`` completes (none, a rewind's, or the end's)."""
         self.transcript.apply(event)
         if isinstance(event, Chosen):
             r = self.transcript.rewinds.pop(event.rewind)
-            self._line({
+            return [{
                 "type": "rewind", "index": r["index"], "prompt": self.prompt, "prefix": r["prefix"],
                 "rejected": r["text"], "chosen": event.text, "reason": r["reason"], "position": r["position"],
                 "rejected_tokens": r["tokens"], "chosen_tokens": event.tokens,
-            })
-        elif isinstance(event, Done):
-            self._line({"type": "end", "text": self.transcript.final, **{k: v for k, v in event_dict(event).items() if k != "type"}})
+            }]
+        if isinstance(event, Done):
+            return [{"type": "end", "text": self.transcript.final,
+                     **{k: v for k, v in event_dict(event).items() if k != "type"}}]
+        return []
 
-    def _line(self, record: Dict[str, Any]) -> None:
-        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.file.flush()
+    def write(self, event: Event) -> None:
+        for record in self.records(event):
+            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.file.flush()

@@ -8,7 +8,6 @@ background thread; its text, stop strings, time limit and events reported to the
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 import traceback
@@ -19,7 +18,7 @@ from starlette.requests import Request
 
 from . import playground
 from .backtrack_sampler import BacktrackSampler, Generation
-from .batch import BatchJob, BatchScheduler
+from .batch import BatchJob, BatchScheduler, default_parallel
 from .driver import Policy
 from .events import Done, EventTracker, Final, event_dict
 from .models import provider_name
@@ -219,12 +218,6 @@ class _Output:
         self.job.put("done", {"finish_reason": finish, "completion_tokens": stats.delivered,
                               "rewound_tokens": stats.rewound, "rewinds": stats.rewinds,
                               "constraint": stats.constraint if finish == "constraint" else None})
-
-
-def default_parallel() -> int:
-    """How many generations run at once by default: 4 per CPU core, at most 8 (batching pays off
-    up to about that many sequences on a CPU)."""
-    return max(1, min(8, 4 * (os.cpu_count() or 1)))
 
 
 class Runner:
