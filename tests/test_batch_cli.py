@@ -269,3 +269,41 @@ def test_batch_help_and_usage_errors(fake_model, tmp_path, capsys):
     assert status == 1 and "human strategy" in err
     status, err = run(["batch", "-", "-o", str(tmp_path / "o.jsonl"), "--max-new-tokens", "3"], stdin='{"prompt": " it"}\n')
     assert status == 0 and len(read_jsonl(tmp_path / "o.jsonl")) == 1
+
+
+@pytest.mark.model
+def test_in_process_on_the_embedded_chat_model_interrupted_and_resumed(tmp_path):
+    """The real command (a subprocess, llama.cpp, the embedded chat model, 2 sequences batched):
+    Ctrl-C once a completion is written, then the same command finishes the rest; nothing twice."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    topics = ["a fox", "a lighthouse", "a baker", "a robot", "the sea", "a violin"]
+    prompts = write_jsonl(tmp_path / "p.jsonl", [
+        {"id": t, "messages": [{"role": "user", "content": f"Write a short story about {t}."}]} for t in topics])
+    out, pairs = tmp_path / "out.jsonl", tmp_path / "pairs.jsonl"
+    argv = [sys.executable, "-m", "backtrack_sampler.cli", "batch", str(prompts), "-o", str(out), "--pairs", str(pairs),
+            "--ban", "the", "--whole-words", "--parallel", "2", "--n-ctx", "1024", "--max-new-tokens", "48", "--seed", "1"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    process = subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None and not (out.exists() and out.read_text()):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted" in err, err
+    first = read_jsonl(out)
+    assert 1 <= len(first) < len(topics)
+    done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    records = read_jsonl(out)
+    assert sorted(r["id"] for r in records) == sorted(topics) and records[: len(first)] == first
+    import re
+
+    for record in records:
+        assert record["delivered"] > 0 and not re.search(r"(?i)\bthe\b", record["text"]), record
+    assert all(p["chosen"][0]["role"] == "assistant" for p in read_jsonl(pairs))

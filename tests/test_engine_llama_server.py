@@ -280,3 +280,29 @@ def test_sillytavern_through_serve_engine(server, gguf):
         parsed = [json.loads(block.split("data: ", 1)[1]) for block in events.split("\n\n") if block]
         story = "".join(event["token"] for event in parsed)
         assert parsed[-1]["finish_reason"] in ("stop", "length") and story and " the " not in f" {story.lower()} "
+
+def test_batch_through_the_engine(server, gguf, tmp_path):
+    """`backtrack-sampler batch --engine URL`: every prompt once, 4 at a time on the server's slots,
+    the bans held, per-line overrides applied, the rewinds traced with their ids."""
+    import io
+    import json
+
+    from backtrack_sampler.cli import main
+
+    rows = [{"id": i, "prompt": prompt} for i, prompt in enumerate(
+        ["Once upon a time", "The lighthouse keeper", "In the morning the baker", "def fibonacci(n):\n"])]
+    rows[1]["max_tokens"] = 8
+    prompts, out, trace = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl", tmp_path / "trace.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    err = io.StringIO()
+    status = main(["batch", str(prompts), "-o", str(out), "--engine", server.url, "--tokenizer", gguf, "--ban", " the",
+                   "--ban", " a", "--parallel", "4", "--max-new-tokens", "24", "--seed", "1", "--trace", str(trace)],
+                  stdout=io.StringIO(), stderr=err)
+    assert status == 0, err.getvalue()
+    records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert sorted(records) == [0, 1, 2, 3] and records[1]["delivered"] <= 8
+    for record in records.values():
+        assert record["delivered"] > 0 and " the" not in record["text"].lower() and " a " not in record["text"].lower()
+    rewinds = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert sum(r["rewinds"] for r in records.values()) == len(rewinds) > 0
+    assert "4 completions written" in err.getvalue()
