@@ -596,13 +596,16 @@ def _batch(args, stdin: TextIO, stderr: TextIO) -> int:
         parallel = args.parallel or default_parallel()
         model = args.model if args.model is not None else default_model(chat)
         provider = load_provider(args.backend, model, args.n_ctx, args.threads, slots=parallel)
+    if parallel > provider.max_sequences:
+        raise UsageError(f"--parallel {parallel} is more than the {provider.max_sequences} generations this provider "
+                         "runs at once")
     fatal: tuple = ()
     if args.engine:
         from .engine import EngineError
 
         fatal = (EngineError,)
     bar = _progress_bar(todo, stderr, args.quiet)
-    say = bar.write if bar is not None else (lambda text: stderr.write(text + "\n"))
+    say = (lambda text: bar.write(text, file=stderr)) if bar is not None else (lambda text: stderr.write(text + "\n"))
     started = time.perf_counter()
 
     def progress(summary, tokens: int) -> None:

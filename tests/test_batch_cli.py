@@ -307,3 +307,22 @@ def test_in_process_on_the_embedded_chat_model_interrupted_and_resumed(tmp_path)
     for record in records:
         assert record["delivered"] > 0 and not re.search(r"(?i)\bthe\b", record["text"]), record
     assert all(p["chosen"][0]["role"] == "assistant" for p in read_jsonl(pairs))
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_terminal_and_quiet(fake_model, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    err = Terminal()
+    status = cli.main(["batch", str(prompts), "-o", str(tmp_path / "o.jsonl"), "--max-new-tokens", "6"],
+                      stdin=io.StringIO(), stdout=io.StringIO(), stderr=err)
+    assert status == 0
+    bar = err.getvalue()
+    assert "5/5" in bar and "prompt" in bar and "tok/s" in bar and "rewinds" in bar and "completions written" in bar
+    err = Terminal()
+    status = cli.main(["batch", str(prompts), "-o", str(tmp_path / "q.jsonl"), "--max-new-tokens", "6", "--quiet"],
+                      stdin=io.StringIO(), stdout=io.StringIO(), stderr=err)
+    assert status == 0 and err.getvalue() == ""
