@@ -164,19 +164,26 @@ class Record(BaseStrategy):
         return logits
 
 
+CHI2_999 = {2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}  # P(chi2 > x) = 0.001 by degrees of freedom
+
+
 def test_acceptance_is_exact_chi_square(engine):
     """One token after a prompt with a flat first choice, top_k 5, drawn 400 times through vLLM
-    with a strategy that reweights the 5 candidates (one banned): the tokens follow the strategy's
-    distribution p' = q * W (q: what vLLM reports it samples from), not "vLLM's draft unless banned"."""
+    with a strategy that reweights the candidates (one banned): the tokens follow the strategy's
+    distribution p' = q * W (q: what vLLM reports it samples from), not "vLLM's draft unless banned".
+
+    vLLM's top-k keeps every token tied with the k-th (bf16 logits tie often): here it samples
+    from 6 tokens, and q is what it reports, so the acceptance is exact against what it samples."""
     prompt = engine.encode("My favourite colour is")
     probe = Record()
     list(BacktrackSampler(engine, probe).generate(prompt, max_new_tokens=1, seed=0, top_k=5))
     ids = np.flatnonzero(np.isfinite(probe.logits))
-    assert len(ids) == 5, ids
+    assert 5 <= len(ids) <= 8, ids
     q = np.exp(probe.logits[ids] - probe.logits[ids].max())
     q /= q.sum()
-    ids, q = ids[np.argsort(-q)], np.sort(q)[::-1]
-    weights = np.array([0.25, 3.0, 0.0, 2.0, 4.0])
+    order = np.argsort(-q, kind="stable")
+    ids, q = ids[order], q[order]
+    weights = np.array([0.25, 3.0, 0.0, 2.0, 4.0] + [1.0] * (len(ids) - 5))
     scheduler = BatchScheduler(engine, parallel=8)
     jobs = [scheduler.submit(prompt, Reweight(ids, weights), max_new_tokens=1, seed=seed, top_k=5) for seed in range(400)]
     for _ in scheduler.run():
@@ -189,8 +196,9 @@ def test_acceptance_is_exact_chi_square(engine):
         keep = expected > 0
         return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
 
-    assert chi_square(q * weights) < 16.27, (q, counts)  # df = 3: P(chi2 > 16.27) = 0.001
-    assert chi_square(q * (weights > 0)) > 30, (q, counts)  # what keeping every unbanned draft would give
+    df = int((weights > 0).sum()) - 1
+    assert chi_square(q * weights) < CHI2_999[df], (q, counts)
+    assert chi_square(q * (weights > 0)) > 3 * CHI2_999[df], (q, counts)  # keeping every unbanned draft
 
 
 def test_soft_bans_choose_again_and_keep_the_stream(engine):
@@ -268,8 +276,8 @@ def test_serve_engine_runs_concurrent_streams(server, tokenizer):
 
 
 def test_engine_errors_are_502(server, tokenizer):
-    """A request vLLM refuses (more logprobs than its --max-logprobs) is an EngineError with vLLM's
-    message; the server in front of it answers 502 engine_error."""
+    """A request vLLM refuses (more logprobs than its --max-logprobs; it says so in the stream) is an
+    EngineError with vLLM's message; the server in front of it answers 502 engine_error."""
     from backtrack_sampler.server import Engine, create_app
 
     engine = Engine(EngineProvider(server.url, "vllm", tokenizer=tokenizer, n_probs=100, timeout=60))
@@ -278,7 +286,7 @@ def test_engine_errors_are_502(server, tokenizer):
             answer = httpx.post(proxy.url + "/v1/completions", timeout=60,
                                 json={"model": "x", "prompt": "Hello", "max_tokens": 5, "banned_strings": ["x"]})
             assert answer.status_code == 502 and answer.json()["error"]["code"] == "engine_error", answer.text
-            assert "HTTP 400" in answer.json()["error"]["message"] and "logprobs" in answer.json()["error"]["message"]
+            assert "logprobs of 100, which is greater than max allowed: 64" in answer.json()["error"]["message"]
     finally:
         engine.close()
 
