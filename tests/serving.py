@@ -83,3 +83,22 @@ def serve_subprocess(args: List[str], ready_path: str = "/health", timeout: floa
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
+
+
+def vllm_command(python: str, model: str, port: int, max_logprobs: int = 64) -> List[str]:
+    """How the tests and bench/engine_bench.py start vLLM's CPU build (scripts/build_vllm.sh) on
+    127.0.0.1: its OpenAI server module (the ``vllm serve`` script fails on the renamed
+    distribution), eager mode (a faster start), prefix-cache blocks of 32 tokens."""
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+            "--port", str(port), "--max-logprobs", str(max_logprobs), "--logprobs-mode", "processed_logprobs",
+            "--generation-config", "vllm", "--enforce-eager", "--max-model-len", "2048", "--block-size", "32",
+            "--enable-prompt-tokens-details"]
+
+
+def vllm_env() -> dict:
+    """Its environment: offline, no usage reports, 1 GB of KV cache, and VLLM_CPU_OMP_THREADS_BIND
+    unset (binding both cores halves its throughput here)."""
+    env = {key: value for key, value in os.environ.items() if key != "VLLM_CPU_OMP_THREADS_BIND"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
+               VLLM_CPU_KVCACHE_SPACE="1")
+    return env

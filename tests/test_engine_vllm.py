@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from serving import ServerThread, free_port, serve_subprocess
+from serving import ServerThread, free_port, serve_subprocess, vllm_command, vllm_env
 
 from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy
 from backtrack_sampler.batch import BatchScheduler
@@ -52,16 +52,9 @@ class VLLMServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="vllm-", suffix=".log", delete=False)
-        env = {key: value for key, value in os.environ.items() if key != "VLLM_CPU_OMP_THREADS_BIND"}
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
-                   VLLM_CPU_KVCACHE_SPACE="1")
         started = time.monotonic()
-        self.proc = subprocess.Popen(
-            [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
-             "--port", str(self.port), "--max-logprobs", str(max_logprobs), "--logprobs-mode", "processed_logprobs",
-             "--generation-config", "vllm", "--enforce-eager", "--max-model-len", "2048", "--block-size", "32",
-             "--enable-prompt-tokens-details"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(vllm_command(python, model, self.port, max_logprobs), stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=vllm_env(), start_new_session=True)
         deadline = started + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
