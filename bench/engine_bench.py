@@ -173,6 +173,15 @@ def engine_alone(provider: EngineProvider, prompt_ids, tokens: int, seed: int) -
     body = api.body(prompt_ids, tokens, SAMPLING, 0, seed, provider.model)
     body.pop("n_probs", None), body.pop("logprobs", None), body.pop("return_logprob", None)
     body.pop("top_logprobs_num", None), body.pop("post_sampling_probs", None)
+    for attempt in range(3):
+        try:
+            return _stream_alone(client, api, body)
+        except httpx.RemoteProtocolError:  # a kept-alive connection the engine had closed while idle
+            if attempt == 2:
+                raise
+
+
+def _stream_alone(client, api, body) -> tuple:
     got = 0
     started = time.perf_counter()
     with client.http.stream("POST", api.path, json=body) as response:
