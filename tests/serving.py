@@ -102,3 +102,37 @@ def vllm_env() -> dict:
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
                VLLM_CPU_KVCACHE_SPACE="1")
     return env
+
+
+def concurrent_streams(url: str, bodies: List[dict], text_of) -> List[str]:
+    """POST each body (a streamed request) to ``url`` at once, one thread each; every client waits,
+    after its first text, until every other one has text too (so all streams were open at the same
+    time). ``text_of(chunk)`` is a chunk's text. Returns the texts; raises what a client met."""
+    import json
+
+    all_open = threading.Barrier(len(bodies), timeout=120)
+    texts, errors = [""] * len(bodies), []
+
+    def client(i: int) -> None:
+        try:
+            with httpx.stream("POST", url, json=bodies[i], timeout=120) as response:
+                assert response.status_code == 200, response.read()
+                waited = False
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    texts[i] += text_of(json.loads(line[6:]))
+                    if texts[i] and not waited:
+                        all_open.wait()  # every client has text while every stream is open
+                        waited = True
+                assert waited
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    assert not errors, errors
+    return texts

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from serving import serve_subprocess
+from serving import concurrent_streams, serve_subprocess
 
 from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, CreativeWritingStrategy, ReplaceStrategy
 from backtrack_sampler.engine import EngineError, EngineProvider
@@ -224,36 +224,10 @@ def test_command_line_generate_through_the_engine(server, gguf):
 def test_serve_engine_runs_concurrent_requests_concurrently(server, gguf):
     """`backtrack-sampler serve --engine URL` (a real process): 4 streamed requests are all under
     way at once (each got its first text while the others were still open), and bans hold."""
-    import threading
-
     with serve_subprocess(["--engine", server.url, "--tokenizer", gguf], ready_path="/v1/models") as base:
-        all_open = threading.Barrier(4, timeout=120)
-        texts, errors = [""] * 4, []
-
-        def client(i: int) -> None:
-            try:
-                body = {"model": "x", "prompt": "Once upon a time", "max_tokens": 40, "seed": i, "stream": True,
-                        "banned_strings": [" the", " and"]}
-                with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as response:
-                    assert response.status_code == 200, response.read()
-                    waited = False
-                    for line in response.iter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        texts[i] += httpx.Response(200, content=line[6:]).json()["choices"][0]["text"]
-                        if texts[i] and not waited:
-                            all_open.wait()  # every client has text while every stream is open
-                            waited = True
-                    assert waited
-            except Exception as error:  # reported below
-                errors.append(error)
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(180)
-        assert not errors, errors
+        bodies = [{"model": "x", "prompt": "Once upon a time", "max_tokens": 40, "seed": i, "stream": True,
+                   "banned_strings": [" the", " and"]} for i in range(4)]
+        texts = concurrent_streams(base + "/v1/completions", bodies, lambda chunk: chunk["choices"][0]["text"])
         for text in texts:
             assert text and " the " not in f"{text} " and " and " not in f"{text} ", text
 

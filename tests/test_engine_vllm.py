@@ -15,14 +15,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from serving import ServerThread, free_port, serve_subprocess, vllm_command, vllm_env
+from serving import ServerThread, concurrent_streams, free_port, serve_subprocess, vllm_command, vllm_env
 
 from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy
 from backtrack_sampler.batch import BatchScheduler
@@ -237,33 +236,10 @@ def test_serve_engine_runs_concurrent_streams(server, tokenizer):
     requests are all under way at once, and their bans hold."""
     args = ["--engine", server.url, "--engine-type", "vllm", "--tokenizer", tokenizer]
     with serve_subprocess(args, ready_path="/v1/models") as base:
-        all_open = threading.Barrier(4, timeout=120)
-        texts, errors = [""] * 4, []
-
-        def client(i: int) -> None:
-            try:
-                body = {"model": "x", "messages": STORY, "max_tokens": 40, "seed": i, "stream": True,
-                        "banned_strings": [" the", " and"]}
-                with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120) as response:
-                    assert response.status_code == 200, response.read()
-                    waited = False
-                    for line in response.iter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        texts[i] += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
-                        if texts[i] and not waited:
-                            all_open.wait()  # every client has text while every stream is open
-                            waited = True
-                    assert waited
-            except Exception as error:  # reported below
-                errors.append(error)
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(180)
-        assert not errors, errors
+        bodies = [{"model": "x", "messages": STORY, "max_tokens": 40, "seed": i, "stream": True,
+                   "banned_strings": [" the", " and"]} for i in range(4)]
+        texts = concurrent_streams(base + "/v1/chat/completions", bodies,
+                                   lambda chunk: chunk["choices"][0]["delta"].get("content") or "")
         for text in texts:
             assert text and " the" not in text.lower() and " and" not in text.lower(), text
 
