@@ -16,7 +16,7 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 import numpy as np
 
 from .provider.base_provider import BaseProvider
-from .sampling import NEGLIGIBLE, filter_logits, sample
+from .sampling import filter_logits, log_partition, sample
 from .strategy.base_strategy import BaseStrategy, ConstraintError
 
 
@@ -60,11 +60,8 @@ class TokenLogprob(NamedTuple):
 
 
 def log_softmax_top(logits: np.ndarray, n: int) -> Tuple[np.ndarray, float, List[Tuple[int, float]]]:
-    """``(logits, logsumexp, top n as (id, logprob))`` of one row (tokens more than NEGLIGIBLE below
-    the best add nothing to the sum)."""
-    best = float(np.max(logits))
-    near = logits[logits >= best - NEGLIGIBLE].astype(np.float64)
-    total = best + float(np.log(np.exp(near - best).sum()))
+    """``(logits, logsumexp, top n as (id, logprob))`` of one row."""
+    total = log_partition(logits)[0]
     top: List[Tuple[int, float]] = []
     if n > 0:
         ids = np.argpartition(-logits, min(n, len(logits)) - 1)[:n]

@@ -20,6 +20,20 @@ import numpy as np
 NEGLIGIBLE = 30.0  # logit gap, in units of temperature, below which a token's probability vanishes
 
 
+def log_partition(logits: np.ndarray) -> "tuple[float, float]":
+    """``(logsumexp, entropy in nats)`` of softmax(logits) (``(-inf, 0.0)`` when no logit is
+    finite). Tokens more than NEGLIGIBLE below the best logit have probabilities under e^-30 and
+    add nothing, so only the others are summed."""
+    top = float(np.max(logits))
+    if not math.isfinite(top):
+        return -math.inf, 0.0
+    shifted = logits[logits >= top - NEGLIGIBLE].astype(np.float64) - top
+    weights = np.exp(shifted)
+    total = float(weights.sum())
+    # H = -sum p log p with p = w / total and log p = shifted - log(total)
+    return top + math.log(total), math.log(total) - float((weights * shifted).sum()) / total
+
+
 def check_sampling_args(
     temperature: float, top_k: Optional[int], top_p: Optional[float], min_p: Optional[float]
 ) -> None:

@@ -6,7 +6,7 @@ from typing import List, Sequence
 
 import numpy as np
 
-from ..sampling import NEGLIGIBLE
+from ..sampling import log_partition
 from .base_strategy import BaseStrategy
 
 
@@ -43,13 +43,5 @@ class AdaptiveTemperatureStrategy(BaseStrategy):
 
 
 def entropy(logits: np.ndarray) -> float:
-    """Shannon entropy (nats) of softmax(logits). Tokens more than NEGLIGIBLE below the best
-    logit have probabilities under e^-30 and add nothing, so only the others are summed."""
-    top = float(np.max(logits))
-    if not np.isfinite(top):
-        return 0.0
-    shifted = logits[logits >= top - NEGLIGIBLE].astype(np.float64) - top
-    weights = np.exp(shifted)
-    total = weights.sum()
-    # H = -sum p log p with p = w / total and log p = shifted - log(total)
-    return float(np.log(total) - (weights * shifted).sum() / total)
+    """Shannon entropy (nats) of softmax(logits) (see ``sampling.log_partition``)."""
+    return log_partition(logits)[1]

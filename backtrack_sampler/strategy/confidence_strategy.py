@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Set
 import numpy as np
 
 from ..provider.base_provider import BaseProvider
-from ..sampling import NEGLIGIBLE
+from ..sampling import log_partition
 from .base_strategy import BaseStrategy
 
 
@@ -67,13 +67,9 @@ class ConfidenceStrategy(BaseStrategy):
 
     def on_logits(self, logits: np.ndarray, continuation_tokens: List[int]) -> np.ndarray:
         position = len(continuation_tokens)
-        top = float(np.max(logits))
-        if math.isfinite(top):
-            near = logits[logits >= top - NEGLIGIBLE].astype(np.float64) - top
-            weights = np.exp(near)
-            total = float(weights.sum())
-            entropy = math.log(total) - float((weights * near).sum()) / total
-            self._step = (position, logits.copy(), top + math.log(total), entropy)
+        total, entropy = log_partition(logits)
+        if math.isfinite(total):
+            self._step = (position, logits.copy(), total, entropy)
         bans = self._bans.get(position)
         if bans:
             edited = logits.copy()
