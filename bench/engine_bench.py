@@ -5,15 +5,20 @@ Single stream, the same chat prompt and sampling (temperature 1, top_k 50):
 (b) through EngineProvider with a no-op strategy                       target: >= 0.9 x (a)
 (c) through EngineProvider with AntiSlop, 50,046 phrases (substring)   target: >= 0.85 x (a)
 (c') the same list with whole_words=True (what the README recommends for it)
+(c0) the ceiling of (c) and (c'): the same model in process (llama.cpp), the same prompt, sampling
+    and list, vs the same model in process with no strategy (run once, before any engine starts)
 (d) `backtrack-sampler serve --engine URL`: 4 concurrent clients vs 1 client (aggregate tokens/s)
                                                                        target: >= 2.5 x
+(d0) the ceiling of (d): the engine alone, 4 concurrent clients vs 1
 Many prompts (200 chat prompts, 4 at a time by default):
 (e) the engine alone, 4 concurrent clients over the same prompts
 (f) `backtrack-sampler batch --engine URL --parallel 4`, no strategy   target: >= 0.9 x (e)
 (g) the same with --slops (the 50,046 phrases) --whole-words           target: >= 0.85 x (e)
     (over the first --batch-slop-prompts prompts: it is far slower)
-Also: engine round trips per delivered token, rewinds per delivered token, completions per
-minute, and the prompt tokens the engine served from its prefix cache (when it reports them).
+Also: engine round trips per delivered token, the mean time a request took to give its first
+token (what each rewind that changes the text costs through an engine), rewinds per delivered
+token, completions per minute, and the prompt tokens the engine served from its prefix cache
+(when it reports them).
 
     python bench/engine_bench.py --quick                     # starts llama-server (scripts/build_llama_server.sh)
                                                              # with SmolLM2 135M Instruct, 4 slots, on 127.0.0.1
@@ -304,7 +309,41 @@ def run_batch_cli(url: str, engine_type: str, tokenizer, prompts: list, tokens: 
             "rewinds": int(rewinds), "rewound": int(rewound), "wall": wall}
 
 
-def bench_engine(args, engine_type: str, url: str, tokenizer, label: str, tokens: int, runs: int, slop_list) -> None:
+def in_process_ceilings(model: str, slop_list, tokens: int, runs: int) -> dict:
+    """(c0): {"antislop": ratio, "words": ratio} of the same settings with the same model in
+    process (llama.cpp), each vs no strategy in process: what the list costs with no engine."""
+    from backtrack_sampler.models import load_provider
+
+    provider = load_provider("llamacpp", model)
+    prompt_ids = chat_prompt_tokens(provider, STORY)
+    strategies = {"noop": BaseStrategy(), "antislop": AntiSlopStrategy(provider, slop_list),
+                  "words": AntiSlopStrategy(provider, slop_list, whole_words=True)}
+    rows = {name: [] for name in strategies}
+    steps = {name: [0, 0, 0] for name in strategies}
+    through(provider, BaseStrategy(), prompt_ids, 8, seed=0)  # warm up
+    for r in range(runs):
+        for name, strategy in strategies.items():
+            got, seconds, st = through(provider, strategy, prompt_ids, tokens, seed=r)
+            rows[name].append(got / seconds)
+            steps[name] = [a + b for a, b in zip(steps[name], (got, st.rewinds, st.rewound))]
+    base = statistics.median(rows["noop"])
+    print(f"\n== (c0) in process: llama.cpp, {model}, the same prompt, sampling and list ==")
+    print(f"{'setting':44} {'tok/s':>7} {'ratio':>6} {'rewinds/tok':>12} {'rewound/tok':>12}")
+    ceilings = {}
+    for name, label_ in (("noop", "in process, no strategy"), ("antislop", "in process, AntiSlop 50,046 phrases"),
+                         ("words", "in process, the same, whole_words=True")):
+        tps = statistics.median(rows[name])
+        got, rewinds, rewound = steps[name]
+        ceilings[name] = tps / base
+        print(f"{label_:44} {tps:7.2f} {tps / base:6.2f} {rewinds / max(got, 1):12.2f} {rewound / max(got, 1):12.2f}")
+    print("    rewound/tok: generated tokens taken back per delivered token (work a rewind throws away)", flush=True)
+    del provider  # frees the model before an engine starts
+    ceilings.pop("noop")
+    return ceilings
+
+
+def bench_engine(args, engine_type: str, url: str, tokenizer, label: str, tokens: int, runs: int, slop_list,
+                 ceilings: dict) -> None:
     provider = EngineProvider(url, engine_type, tokenizer=tokenizer, timeout=300)
     prompt_ids = chat_prompt_tokens(provider, STORY)
     print(f"\n== {engine_type} at {url} ({label}) ==", flush=True)
@@ -322,17 +361,19 @@ def bench_engine(args, engine_type: str, url: str, tokenizer, label: str, tokens
         got, seconds = engine_alone(provider, prompt_ids, tokens, seed=r)
         rows["engine"].append(got / seconds)
         for name, strategy in strategies.items():
-            before = (provider.stats.requests, provider.stats.prompt_tokens, provider.stats.cached_tokens)
+            b = provider.stats
+            before = (b.requests, b.prompt_tokens, b.cached_tokens, b.first_tokens, b.first_token_seconds)
             got, seconds, st = through(provider, strategy, prompt_ids, tokens, seed=r)
             rows[name].append(got / seconds)
             after = provider.stats
             stats[name].append((got, after.requests - before[0], after.prompt_tokens - before[1],
-                                after.cached_tokens - before[2], st.rewinds))
+                                after.cached_tokens - before[2], st.rewinds, after.first_tokens - before[3],
+                                after.first_token_seconds - before[4]))
     engine_tps = statistics.median(rows["engine"])
     print(f"single stream: {runs} run(s) x {tokens} tokens, temperature 1, top_k 50 (median)")
-    print(f"{'setting':44} {'tok/s':>7} {'ratio':>6} {'target':>7} {'trips/token':>12} {'cache hit':>10} "
-          f"{'rewinds':>8} {'rewinds/tok':>12}")
-    print(f"{'(a) engine alone':44} {engine_tps:7.2f} {1:6.2f}")
+    print(f"{'setting':44} {'tok/s':>7} {'ratio':>6} {'target':>7} {'ceiling':>7} {'trips/token':>12} "
+          f"{'ms/trip':>8} {'cache hit':>10} {'rewinds':>8} {'rewinds/tok':>12}")
+    print(f"{'(a) engine alone':44} {engine_tps:7.2f} {1:6.2f} {'':7} {'':7} {'':12} {1000 / engine_tps:8.1f}")
     for name, label_, target in (("noop", "(b) provider, no-op strategy", 0.9),
                                  ("antislop", "(c) provider, AntiSlop 50,046 phrases", 0.85),
                                  ("words", "(c') the same, whole_words=True", 0.85)):
@@ -344,11 +385,21 @@ def bench_engine(args, engine_type: str, url: str, tokenizer, label: str, tokens
         trips = sum(s[1] for s in stats[name]) / max(got, 1)
         prompt, cached = sum(s[2] for s in stats[name]), sum(s[3] for s in stats[name])
         rewinds = sum(s[4] for s in stats[name])
-        print(f"{label_:44} {tps:7.2f} {tps / engine_tps:6.2f} {target:7.2f} {trips:12.3f} "
-              f"{cached / max(prompt, 1):10.1%} {rewinds:8d} {rewinds / max(got, 1):12.2f}")
-    print("    trips/token: engine requests per delivered token; cache hit: share of the prompt tokens sent "
-          "that the engine reported serving from its prefix cache", flush=True)
+        first = 1000 * sum(s[6] for s in stats[name]) / max(sum(s[5] for s in stats[name]), 1)
+        ceiling = f"{ceilings[name]:7.2f}" if name in ceilings else f"{'':7}"
+        print(f"{label_:44} {tps:7.2f} {tps / engine_tps:6.2f} {target:7.2f} {ceiling} {trips:12.3f} "
+              f"{first:8.1f} {cached / max(prompt, 1):10.1%} {rewinds:8d} {rewinds / max(got, 1):12.2f}")
+    print("    ceiling: (c0), the same setting in process vs no strategy in process; trips/token: engine requests "
+          "per delivered token; ms/trip: a request's mean time to its first token ((a): ms per streamed token); "
+          "cache hit: share of the prompt tokens sent that the engine reported serving from its prefix cache",
+          flush=True)
     if not args.skip_serve:
+        alone_one = engine_alone_many(provider, [prompt_ids], tokens, 1, seed0=0)
+        alone_four = engine_alone_many(provider, [prompt_ids] * 4, tokens, 4, seed0=0)
+        alone_one, alone_four = alone_one[0] / alone_one[1], alone_four[0] / alone_four[1]
+        print(f"{'(d0) engine alone, 1 client':44} {alone_one:7.2f}")
+        print(f"{'(d0) engine alone, 4 clients':44} {alone_four:7.2f} {alone_four / alone_one:6.2f} "
+              f"{'':7}   (ratio: vs 1 client; the ceiling of (d))")
         one, four = serve_concurrency(url, engine_type, tokenizer, tokens, rounds=1 if args.quick else 2)
         print(f"{'(d) serve --engine, 1 client':44} {one:7.2f}")
         print(f"{'(d) serve --engine, 4 clients':44} {four:7.2f} {four / one:6.2f} {2.5:7.2f}   (ratio: vs 1 client)",
@@ -421,13 +472,17 @@ def main() -> None:
             parser.error("the vLLM build here serves SmolLM2 135M Instruct only (scripts/build_vllm.sh): no --model")
     slop_list = json.loads(Path(args.slop_file).read_text()) if Path(args.slop_file).is_file() else None
     began = time.perf_counter()
+    ceilings = {}
+    if slop_list is not None and not args.url:  # the served model is an embedded one: run it here too
+        ceilings = in_process_ceilings(args.model, slop_list, tokens, runs)
     if args.url:
-        bench_engine(args, args.engine_type, args.url, args.tokenizer, "given", tokens, runs, slop_list)
+        bench_engine(args, args.engine_type, args.url, args.tokenizer, "given", tokens, runs, slop_list, ceilings)
     for engine_type in (("llama-server", "vllm") if args.engine_type == "both" else (args.engine_type,)) * (not args.url):
         server = start_llama_server(4, args.model) if engine_type == "llama-server" else start_vllm()
         try:
             print(f"\n[{engine_type} answered {server.seconds:.1f} s after it started]", flush=True)
-            bench_engine(args, engine_type, server.url, server.tokenizer, server.label, tokens, runs, slop_list)
+            bench_engine(args, engine_type, server.url, server.tokenizer, server.label, tokens, runs, slop_list,
+                         ceilings)
         finally:
             server.stop()
     print(f"\n[whole run: {time.perf_counter() - began:.0f} s]")

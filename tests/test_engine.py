@@ -145,6 +145,8 @@ def test_no_op_strategy_takes_every_draft_in_one_request(engine, model):
     tokens = list(sampler.generate(" it was", max_new_tokens=25, seed=3, top_k=10))
     assert len(engine.requests) - before <= 2  # one, or two when the fake draws EOS-free and stops at the limit
     assert len(tokens) <= 25
+    stats = provider.stats  # llama-server reports its cache use on the first token and on the final event: counted once
+    assert stats.cache_reports <= stats.requests and stats.cached_tokens <= stats.prompt_tokens
 
 
 def test_creative_writing_runs_through_the_engine(engine, model):
@@ -153,6 +155,9 @@ def test_creative_writing_runs_through_the_engine(engine, model):
     tokens = list(sampler.generate(" it was", max_new_tokens=20, seed=1, top_k=10))
     assert len(tokens) == 20
     assert provider.stats.requests > 1  # the strategy changes every step: drafts get replaced
+    stats = provider.stats  # every streamed request gave a first token, and its wait was timed
+    assert stats.first_tokens == stats.requests and stats.first_token_seconds > 0
+    assert stats.mean_first_token_seconds == pytest.approx(stats.first_token_seconds / stats.requests)
 
 
 @pytest.mark.parametrize("opaque", [False, True])

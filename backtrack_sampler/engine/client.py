@@ -5,9 +5,10 @@ failure (unreachable, timeout, HTTP error, a stream broken off)."""
 from __future__ import annotations
 
 import json
+import socket
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-import socket
 from typing import Callable, Iterator, Optional
 
 import httpx
@@ -25,6 +26,14 @@ class EngineStats:
     prompt_tokens: int = 0  # prompt tokens sent (sum over requests)
     cached_tokens: int = 0  # of those, served from the engine's prefix cache (when it says so)
     cache_reports: int = 0  # requests for which the engine reported its cache use
+    first_tokens: int = 0  # streamed requests that gave a first token
+    first_token_seconds: float = 0.0  # their time from sending to the first token, summed
+
+    @property
+    def mean_first_token_seconds(self) -> float:
+        """The mean time a streamed request took to give its first token (0.0 before any): the
+        price of each new request, e.g. after a rewind that changed the text."""
+        return self.first_token_seconds / self.first_tokens if self.first_tokens else 0.0
 
 
 class EngineClient:
@@ -59,6 +68,7 @@ class EngineClient:
         another thread (the read waiting in this one then ends with an EngineError)."""
         self.stats.requests += 1
         self.stats.prompt_tokens += len(body.get("prompt") or body.get("input_ids") or ())
+        sent = time.perf_counter()
         with self._errors():
             response = self._send(self.http.build_request("POST", self.api.path, json=body), stream=True)
             try:
@@ -67,7 +77,7 @@ class EngineClient:
                 if response.status_code >= 400:
                     response.read()
                     raise EngineError(self._http_error(response))
-                yield self._count(self.api.events(self._sse(response), sampling))
+                yield self._count(self.api.events(self._sse(response), sampling), sent)
             finally:
                 response.close()
 
@@ -96,14 +106,19 @@ class EngineClient:
             return response.json()
 
     # --------------------------------------------------------------------------------------
-    def _count(self, events: Iterator[Event]) -> Iterator[Event]:
-        stats = self.stats
+    def _count(self, events: Iterator[Event], sent: float) -> Iterator[Event]:
+        stats, first, reported = self.stats, True, False
         for event in events:
-            if event.cached is not None:
+            if event.cached is not None and not reported:  # on the first step and again on the Finish: once
                 stats.cached_tokens += event.cached
                 stats.cache_reports += 1
+                reported = True
             if hasattr(event, "token"):
                 stats.steps += 1
+                if first:
+                    stats.first_tokens += 1
+                    stats.first_token_seconds += time.perf_counter() - sent
+                    first = False
             yield event
 
     def _sse(self, response: httpx.Response) -> Iterator[dict]:
