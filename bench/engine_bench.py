@@ -330,7 +330,7 @@ def in_process_ceilings(model: str, slop_list, tokens: int, runs: int) -> dict:
     print(f"\n== (c0) in process: llama.cpp, {model}, the same prompt, sampling and list ==")
     print(f"{'setting':44} {'tok/s':>7} {'ratio':>6} {'rewinds/tok':>12} {'rewound/tok':>12}")
     ceilings = {}
-    for name, label_ in (("noop", "in process, no strategy"), ("antislop", "in process, AntiSlop 50,046 phrases"),
+    for name, label_ in (("noop", "in process, no strategy"), ("antislop", f"in process, AntiSlop {len(slop_list):,} phrases"),
                          ("words", "in process, the same, whole_words=True")):
         tps = statistics.median(rows[name])
         got, rewinds, rewound = steps[name]
@@ -375,7 +375,7 @@ def bench_engine(args, engine_type: str, url: str, tokenizer, label: str, tokens
           f"{'ms/trip':>8} {'cache hit':>10} {'rewinds':>8} {'rewinds/tok':>12}")
     print(f"{'(a) engine alone':44} {engine_tps:7.2f} {1:6.2f} {'':7} {'':7} {'':12} {1000 / engine_tps:8.1f}")
     for name, label_, target in (("noop", "(b) provider, no-op strategy", 0.9),
-                                 ("antislop", "(c) provider, AntiSlop 50,046 phrases", 0.85),
+                                 ("antislop", f"(c) provider, AntiSlop {len(slop_list or ()):,} phrases", 0.85),
                                  ("words", "(c') the same, whole_words=True", 0.85)):
         if not rows[name]:
             print(f"{label_:44} skipped: {args.slop_file} is absent")
@@ -416,7 +416,7 @@ def bench_engine(args, engine_type: str, url: str, tokenizer, label: str, tokens
                                                                      Path(folder), "noop"))]
             if slop_list is not None and args.batch_slop_prompts:
                 m = min(args.batch_slop_prompts, n)
-                results.append(("(g) batch, 50,046 phrases, --whole-words", 0.85, run_batch_cli(
+                results.append((f"(g) batch, {len(slop_list):,} phrases, --whole-words", 0.85, run_batch_cli(
                     url, engine_type, tokenizer, prompts[:m], bt, p, 1, ["--slops", args.slop_file, "--whole-words"],
                     Path(folder), "slops")))
         print(f"many prompts: chat prompts x {bt} tokens at most, {p} at a time, temperature 1, top_k 50")
@@ -452,7 +452,7 @@ def main() -> None:
     parser.add_argument("--batch-slop-prompts", type=int,
                         help="prompts of (g), the first ones (default: --batch-prompts; --quick 40; 0: skip)")
     parser.add_argument("--batch-tokens", type=int, help="tokens per prompt at most in (e)-(g) (default 64; --quick 24)")
-    parser.add_argument("--slop-file", default=str(SLOPS), help="the 50,046-phrase list (JSON [[phrase, m], ...])")
+    parser.add_argument("--slop-file", default=str(SLOPS), help="the phrase list (default: the 50,046-phrase one; JSON [[phrase, m], ...] or [phrase, ...])")
     parser.add_argument("--skip-serve", action="store_true", help="skip (d)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
