@@ -5,13 +5,14 @@ equivalence with in-process sampling, exactness of the draft acceptance (chi-squ
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import numpy as np
 import pytest
 
 from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy, CreativeWritingStrategy
-from backtrack_sampler.engine import APIS, EngineError, EngineProvider, Finish, Step, accept
+from backtrack_sampler.engine import APIS, EngineError, EngineProvider, Finish, Step, accept, loop
 from backtrack_sampler.provider.fake_provider import FakeProvider
 from backtrack_sampler.strategy.base_strategy import BaseStrategy as _Base
 from engine_fakes import FakeEngine, llama_entry, llama_final, llama_partial, sglang_chunk, vllm_chunk
@@ -149,10 +150,15 @@ def test_no_op_strategy_takes_every_draft_in_one_request(engine, model):
     assert stats.cache_reports <= stats.requests and stats.cached_tokens <= stats.prompt_tokens
 
 
-def test_creative_writing_runs_through_the_engine(engine, model):
+def test_creative_writing_runs_through_the_engine(engine, model, monkeypatch):
     provider = connect(engine, model)
     sampler = BacktrackSampler(provider, CreativeWritingStrategy(provider, eos_penalty=0.0))
+    readers, read = [], loop._Stream._read
+    monkeypatch.setattr(loop._Stream, "_read", lambda self, *a: (readers.append(threading.current_thread()), read(self, *a)))
     tokens = list(sampler.generate(" it was", max_new_tokens=20, seed=1, top_k=10))
+    # the streams were read by threads kept for the next one, not by a new thread per request (Thread.start waits
+    # for the thread to run: tens of ms in the scheduler's thread on a busy machine)
+    assert len(readers) == provider.stats.requests and len(set(readers)) <= 2
     assert len(tokens) == 20
     assert provider.stats.requests > 1  # the strategy changes every step: drafts get replaced
     stats = provider.stats  # every streamed request gave a first token, and its wait was timed
@@ -361,3 +367,20 @@ def test_a_vocabulary_mismatch_is_a_clear_error(model):
                 list(BacktrackSampler(provider, NoOp()).generate(" it was", max_new_tokens=5, temperature=0))
         finally:
             fake.close()
+
+
+def test_reader_threads_are_reused_and_end_when_idle():
+    readers = loop._Readers()
+    readers.idle_seconds = 0.2
+    ran, done = [], threading.Event()
+    for _ in range(3):  # one after the other: one thread for all
+        done.clear()
+        readers.run(lambda: (ran.append(threading.current_thread()), done.set()))
+        assert done.wait(5)
+        time.sleep(0.02)
+    assert len(ran) == 3 and len(set(ran)) == 1
+    ran[0].join(5)  # idle for idle_seconds: it ends
+    assert not ran[0].is_alive()
+    done.clear()
+    readers.run(done.set)  # and a new one takes the next task
+    assert done.wait(5)
