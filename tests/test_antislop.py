@@ -420,3 +420,19 @@ def test_real_model_regex_only_ban(provider):
     text = "".join(sampler.generate_text("Facts about the sun: The sun is a", max_new_tokens=30, temperature=0,
                                          on_rewind=events.append))
     assert events and not re.search(r"\bthe\b", text, re.IGNORECASE), text
+
+
+def test_strategies_built_from_one_list_share_its_tables_and_keep_their_own_state(many_phrases):
+    # a batch builds one strategy per prompt: the 50,000-phrase tables are built once, the state is each one's
+    provider = FakeProvider()
+    one, two = (AntiSlopStrategy(provider, many_phrases, whole_words=True) for _ in range(2))
+    assert one.matcher.phrases is two.matcher.phrases and one.matcher.sorted is two.matcher.sorted
+    text = provider.encode(f" and {many_phrases[0][0]} and more", add_special_tokens=False)
+    assert one.backtrack(text) != text  # the first phrase: rewound
+    assert two.get_keep_index() == 0 and two.matcher.view.tokens == []  # the other saw nothing
+    edited = [list(item) for item in many_phrases]
+    edited[0][1] = 1.0  # a multiplier of 1: not banned; the same list changed in place is built again
+    three = AntiSlopStrategy(provider, edited, whole_words=True)
+    assert three.matcher.phrases is not one.matcher.phrases and len(three.matcher.phrases) == len(many_phrases) - 1
+    edited[1][1] = 1.0
+    assert len(AntiSlopStrategy(provider, edited, whole_words=True).matcher.phrases) == len(many_phrases) - 2

@@ -13,7 +13,7 @@ every character are kept, so a rewind just truncates lists.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..text import TextView
 from ._regex import CompiledRegex
@@ -38,6 +38,25 @@ def _word(char: str) -> bool:
     return char.isalnum() or char == "_"
 
 
+_last_tables: Optional[tuple] = None  # (phrases dict, tables) of the last _tables call
+
+
+def _tables(phrases: Dict[str, float]) -> Tuple[List[str], Dict[str, Tuple[int, int]]]:
+    """The sorted phrases and each first character's range in them; the same dict object as the
+    last call (strategies built from one list share it) gives the same read-only tables."""
+    global _last_tables
+    last = _last_tables  # one read: another thread may replace it meanwhile
+    if last is not None and last[0] is phrases:
+        return last[1]
+    ordered = sorted(phrases)
+    first: Dict[str, Tuple[int, int]] = {}
+    for index, phrase in enumerate(ordered):
+        lo, _ = first.get(phrase[0], (index, index))
+        first[phrase[0]] = (lo, index + 1)
+    _last_tables = (phrases, (ordered, first))
+    return ordered, first
+
+
 class TextMatcher:
     """``update(tokens)`` decodes the new tokens (a ``TextView``) and returns the matches they complete.
 
@@ -51,11 +70,8 @@ class TextMatcher:
                  regex_window: int = 100):
         self.phrases, self.regexes = phrases, list(regexes)
         self.view = TextView(decode)
-        self.sorted = sorted(phrases)  # phrases sharing a beginning are neighbours
-        self.first: Dict[str, Tuple[int, int]] = {}  # first character -> its range in self.sorted
-        for index, phrase in enumerate(self.sorted):
-            lo, _ = self.first.get(phrase[0], (index, index))
-            self.first[phrase[0]] = (lo, index + 1)
+        # sorted: phrases sharing a beginning are neighbours; first: first character -> its range in sorted
+        self.sorted, self.first = _tables(phrases)
         self.case_sensitive, self.whole_words, self.regex_window = case_sensitive, whole_words, regex_window
         self.reset()
 

@@ -191,8 +191,24 @@ def _items(slops: Optional[Slops]) -> list:
     return list(slops.items() if isinstance(slops, dict) else slops) if slops is not None else []
 
 
+_last: Optional[tuple] = None  # (key, penalties) of the last _penalties call: a batch builds one strategy per prompt
+
+
 def _penalties(items: list, strength: float, case_sensitive: bool) -> Dict[str, float]:
-    """{folded phrase: logit penalty < 0} (phrases whose penalty is 0 are left out); ValueError for bad input."""
+    """{folded phrase: logit penalty < 0} (phrases whose penalty is 0 are left out); ValueError for bad input.
+    The same items as the last call give the same (shared, read-only) dict: checking that costs a copy
+    and a comparison of the list (about 20 ms for 50,000 phrases), building it again 0.4 s."""
+    global _last
+    key = (strength, case_sensitive, tuple(tuple(item) if isinstance(item, (list, tuple)) else item for item in items))
+    last = _last  # one read: another thread may replace it meanwhile
+    if last is not None and last[0] == key:
+        return last[1]
+    penalties = _build_penalties(items, strength, case_sensitive)
+    _last = (key, penalties)
+    return penalties
+
+
+def _build_penalties(items: list, strength: float, case_sensitive: bool) -> Dict[str, float]:
     penalties: Dict[str, float] = {}
     for item in items:
         phrase, multiplier = (item, 0.0) if isinstance(item, str) else (tuple(item) + (None, None))[:2]
