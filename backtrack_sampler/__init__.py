@@ -1,10 +1,11 @@
 """backtrack_sampler: LLM sampling strategies that can rewind and revise the tokens they just generated.
 
-    from backtrack_sampler import BacktrackSampler, AntiSlopStrategy
-    from backtrack_sampler.provider.llamacpp_provider import LlamacppProvider
+from backtrack_sampler import BacktrackSampler, AntiSlopStrategy
+from backtrack_sampler.provider.llamacpp_provider import LlamacppProvider
 """
 
-from .backtrack_sampler import BacktrackSampler, GenerationStats, RewindEvent
+from . import _moved  # noqa: F401  (4.0 module paths keep working)
+from .core.sampler import BacktrackSampler, GenerationStats, RewindEvent
 from .provider.base_provider import BaseProvider
 from .strategy.adaptive_temperature_strategy import AdaptiveTemperatureStrategy
 from .strategy.antislop_strategy import AntiSlopStrategy
@@ -41,8 +42,25 @@ def __getattr__(name):  # providers import their backend only when asked for
 
 
 __all__ = [
-    "BacktrackSampler", "GenerationStats", "RewindEvent", "BaseProvider", "BaseStrategy",
-    "AdaptiveTemperatureStrategy", "AntiSlopStrategy", "ChainStrategy", "ConfidenceStrategy", "CreativeWritingStrategy",
-    "DebugStrategy", "DryStrategy", "GrammarStrategy", "HumanGuidanceStrategy", "LogitBiasStrategy", "PenaltyStrategy",
-    "RepetitionStrategy", "ReplaceStrategy", "TypicalStrategy", "XtcStrategy", *_PROVIDERS,
+    "BacktrackSampler",
+    "GenerationStats",
+    "RewindEvent",
+    "BaseProvider",
+    "BaseStrategy",
+    "AdaptiveTemperatureStrategy",
+    "AntiSlopStrategy",
+    "ChainStrategy",
+    "ConfidenceStrategy",
+    "CreativeWritingStrategy",
+    "DebugStrategy",
+    "DryStrategy",
+    "GrammarStrategy",
+    "HumanGuidanceStrategy",
+    "LogitBiasStrategy",
+    "PenaltyStrategy",
+    "RepetitionStrategy",
+    "ReplaceStrategy",
+    "TypicalStrategy",
+    "XtcStrategy",
+    *_PROVIDERS,
 ]

@@ -137,7 +137,9 @@ class RepeatDetector:
         text = self.text
         for p in sorted(runs):
             run = runs[p]
-            if run >= self._need[p - 1] and (run >= self._symbol_need[p - 1] or any(c.isalnum() for c in text[end - p : end])):
+            if run >= self._need[p - 1] and (
+                run >= self._symbol_need[p - 1] or any(c.isalnum() for c in text[end - p : end])
+            ):
                 return Repeat("loop", end - run, end, end - run - p)
         return None
 
@@ -178,8 +180,12 @@ class RepeatDetector:
         self._said_log.append(key)
         seen = self._said.setdefault(key, [])
         found = None
-        if seen and self.rules.sentence_words and len(key) >= self.rules.sentence_words \
-                and len(words) - seen[-1] <= self.rules.window:
+        if (
+            seen
+            and self.rules.sentence_words
+            and len(key) >= self.rules.sentence_words
+            and len(words) - seen[-1] <= self.rules.window
+        ):
             found = Repeat("sentence", words[first][0], words[-1][1], words[seen[-1]][0])
         seen.append(first)
         return found

@@ -34,20 +34,33 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "antislop"
 
 from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy  # noqa: E402
-from backtrack_sampler.models import load_llamacpp  # noqa: E402
 from backtrack_sampler.provider.llamacpp_provider import LlamacppProvider  # noqa: E402
-from backtrack_sampler.registry import read_regexes  # noqa: E402
+from backtrack_sampler.provider.models import load_llamacpp  # noqa: E402
+from backtrack_sampler.strategy.registry import read_regexes  # noqa: E402
 
 TOPICS = [
-    "a lighthouse keeper who finds a message in a bottle", "a dragon who is afraid of heights",
-    "a detective solving a mystery on a night train", "two rivals stranded on a desert island",
-    "a robot learning to bake bread", "a girl who can talk to birds", "the last day of summer camp",
-    "a knight who refuses to fight", "a city where it always rains", "an old map found in an attic",
-    "a musician who loses her hearing", "a cat that runs a bookshop", "a storm at sea",
-    "a young wizard's first spell going wrong", "a farmer and a mysterious stranger",
-    "a journey across a frozen mountain", "a ghost who wants to be remembered", "a child's first day at school",
-    "a spaceship crew discovering a new planet", "a thief who steals only memories",
-    "a baker who wins a contest", "a forest that moves at night",
+    "a lighthouse keeper who finds a message in a bottle",
+    "a dragon who is afraid of heights",
+    "a detective solving a mystery on a night train",
+    "two rivals stranded on a desert island",
+    "a robot learning to bake bread",
+    "a girl who can talk to birds",
+    "the last day of summer camp",
+    "a knight who refuses to fight",
+    "a city where it always rains",
+    "an old map found in an attic",
+    "a musician who loses her hearing",
+    "a cat that runs a bookshop",
+    "a storm at sea",
+    "a young wizard's first spell going wrong",
+    "a farmer and a mysterious stranger",
+    "a journey across a frozen mountain",
+    "a ghost who wants to be remembered",
+    "a child's first day at school",
+    "a spaceship crew discovering a new planet",
+    "a thief who steals only memories",
+    "a baker who wins a contest",
+    "a forest that moves at night",
 ]
 SPEED_PROMPT = "Write a long fantasy story about a young woman who discovers a hidden city."
 PAIRS_SEED = 19  # the seed of the 2,000-pair list (issue 19); tests/test_bans_at_scale.py uses it too
@@ -61,7 +74,7 @@ def frequent_words(provider, count: int = 500) -> List[str]:
     before = provider.decode(context)
     words: List[str] = []
     for token in range(provider.vocab_size):
-        piece = provider.decode(context + [token])[len(before):]  # with context: SentencePiece keeps the space
+        piece = provider.decode(context + [token])[len(before) :]  # with context: SentencePiece keeps the space
         if re.fullmatch(r" [a-z]+", piece) and (len(piece) > 2 or piece in (" a", " i")) and piece[1:] not in words:
             words.append(piece[1:])
             if len(words) == count:
@@ -92,8 +105,10 @@ def check_data() -> None:
     files = ["slop_phrase_prob_adjustments_full_list.json", "slop_phrase_prob_adjustments.json", "slop_regexes.txt"]
     missing = [name for name in files if not (DATA / name).is_file()]
     if missing:
-        sys.exit(f"antislop_bench: the slop lists are absent: {', '.join(missing)} not found in {DATA} "
-                 "(this benchmark reads the shared/ folder beside the repository; the tests do not need it)")
+        sys.exit(
+            f"antislop_bench: the slop lists are absent: {', '.join(missing)} not found in {DATA} "
+            "(this benchmark reads the shared/ folder beside the repository; the tests do not need it)"
+        )
 
 
 def run(sampler, prompt, tokens, seed):
@@ -131,8 +146,9 @@ def banned_pairs_left(text: str, pairs: List[str], whole_words: bool) -> int:
         start = text.find(pair)
         while start >= 0:
             end = start + len(pair)
-            glued = (start > 0 and text[start - 1].isalnum() and text[start].isalnum()) or \
-                    (end < len(text) and text[end - 1].isalnum() and text[end].isalnum())
+            glued = (start > 0 and text[start - 1].isalnum() and text[start].isalnum()) or (
+                end < len(text) and text[end - 1].isalnum() and text[end].isalnum()
+            )
             found += not (whole_words and glued)
             start = text.find(pair, start + 1)
     return found
@@ -140,13 +156,17 @@ def banned_pairs_left(text: str, pairs: List[str], whole_words: bool) -> int:
 
 def pairs_section(tokens: int, repeats: int) -> None:
     """(d): the 2,000-pair list on both embedded models, llama.cpp in-process."""
-    from backtrack_sampler.chat import chat_prompt_tokens
-    from backtrack_sampler.models import load_provider
+    from backtrack_sampler.provider.chat import chat_prompt_tokens
+    from backtrack_sampler.provider.models import load_provider
 
-    print(f"\n== (d) 2,000 frequent word pairs (seed {PAIRS_SEED}), llama.cpp, {repeats} run(s) x {tokens} tokens "
-          "per setting, temperature 1, top_k 50 (tok/s: median) ==")
-    print(f"{'model / setting':46} {'tok/s':>7} {'ratio':>6} {'delivered':>9} {'rewinds':>8} {'rewound':>8} "
-          f"{'rewinds/tok':>11} {'rewound/tok':>11} {'left':>5}")
+    print(
+        f"\n== (d) 2,000 frequent word pairs (seed {PAIRS_SEED}), llama.cpp, {repeats} run(s) x {tokens} tokens "
+        "per setting, temperature 1, top_k 50 (tok/s: median) =="
+    )
+    print(
+        f"{'model / setting':46} {'tok/s':>7} {'ratio':>6} {'delivered':>9} {'rewinds':>8} {'rewound':>8} "
+        f"{'rewinds/tok':>11} {'rewound/tok':>11} {'left':>5}"
+    )
     for name in ("gemma-3-270m", "smollm2-135m-instruct"):
         provider = load_provider("llamacpp", name, 2048, None)
         pairs = frequent_word_pairs(provider)
@@ -172,11 +192,15 @@ def pairs_section(tokens: int, repeats: int) -> None:
             tps = statistics.median(s.tokens_per_second for s in stats)
             delivered = sum(s.delivered for s in stats)
             rewinds, rewound = sum(s.rewinds for s in stats), sum(s.rewound for s in stats)
-            print(f"{name + ': ' + label:46} {tps:7.2f} {tps / base:6.2f} {delivered:9d} {rewinds:8d} {rewound:8d} "
-                  f"{rewinds / max(delivered, 1):11.3f} {rewound / max(delivered, 1):11.3f} {left[label]:5d}",
-                  flush=True)
-    print("    left: banned pairs in the outputs (for 'no strategy': how often the model writes them unconstrained, "
-          "substring count)")
+            print(
+                f"{name + ': ' + label:46} {tps:7.2f} {tps / base:6.2f} {delivered:9d} {rewinds:8d} {rewound:8d} "
+                f"{rewinds / max(delivered, 1):11.3f} {rewound / max(delivered, 1):11.3f} {left[label]:5d}",
+                flush=True,
+            )
+    print(
+        "    left: banned pairs in the outputs (for 'no strategy': how often the model writes them unconstrained, "
+        "substring count)"
+    )
 
 
 def main() -> None:
@@ -187,7 +211,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, help="story prompts for the quality part (default 20)")
     parser.add_argument("--story-tokens", type=int, help="tokens per story (default 300)")
     parser.add_argument("--strength", type=float, default=1.0, help="adjustment_strength for the 50k list (default 1)")
-    parser.add_argument("--substrings", action="store_true", help="50k list: match inside words too (whole_words=False)")
+    parser.add_argument(
+        "--substrings", action="store_true", help="50k list: match inside words too (whole_words=False)"
+    )
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--pairs-only", action="store_true", help="only (d), the 2,000-pair list (no ../shared needed)")
     parser.add_argument("--skip-pairs", action="store_true", help="leave out (d)")
@@ -209,8 +235,9 @@ def main() -> None:
     started = time.perf_counter()
     full = json.loads((DATA / "slop_phrase_prob_adjustments_full_list.json").read_text())
     regexes = read_regexes(str(DATA / "slop_regexes.txt"))
-    antislop = AntiSlopStrategy(provider, full, regexes=regexes, adjustment_strength=args.strength,
-                                whole_words=not args.substrings)
+    antislop = AntiSlopStrategy(
+        provider, full, regexes=regexes, adjustment_strength=args.strength, whole_words=not args.substrings
+    )
     load_seconds = time.perf_counter() - started
 
     run(BacktrackSampler(provider, BaseStrategy()), SPEED_PROMPT, 8, seed=0)  # warm up llama.cpp
@@ -233,18 +260,26 @@ def main() -> None:
 
     print(f"\n== speed: llama.cpp, {repeats} run(s) x {tokens} tokens, temperature 1, top_k 50 (median) ==")
     print(f"{'setting':44} {'tok/s':>7} {'steps/s':>8} {'delivered':>9} {'rewound':>8} {'rewinds':>8} {'ratio':>6}")
-    print(f"{'(a) no strategy (BaseStrategy)':44} {base_tps:7.2f} {base_steps:8.2f} "
-          f"{sum(s.delivered for s in base_runs):9d} {0:8d} {0:8d} {1:6.2f}")
-    print(f"{'(b) AntiSlop 50,046 phrases + 3 regexes':44} {slop_tps:7.2f} {slop_steps:8.2f} "
-          f"{sum(s.delivered for s in slop_runs):9d} {sum(s.rewound for s in slop_runs):8d} "
-          f"{sum(s.rewinds for s in slop_runs):8d} {slop_tps / base_tps:6.2f}")
+    print(
+        f"{'(a) no strategy (BaseStrategy)':44} {base_tps:7.2f} {base_steps:8.2f} "
+        f"{sum(s.delivered for s in base_runs):9d} {0:8d} {0:8d} {1:6.2f}"
+    )
+    print(
+        f"{'(b) AntiSlop 50,046 phrases + 3 regexes':44} {slop_tps:7.2f} {slop_steps:8.2f} "
+        f"{sum(s.delivered for s in slop_runs):9d} {sum(s.rewound for s in slop_runs):8d} "
+        f"{sum(s.rewinds for s in slop_runs):8d} {slop_tps / base_tps:6.2f}"
+    )
     print(f"    ratio of steps/s (pure strategy overhead, rewound tokens counted): {slop_steps / base_steps:.2f}")
-    print(f"    load time of the 50,046-phrase list + regexes: {load_seconds:.2f} s "
-          f"({len(antislop.matcher.phrases)} phrases active, regexes on RE2); "
-          f"whole_words={not args.substrings}, adjustment_strength={args.strength}")
-    print(f"    detection cost per token (decode + match + hold-back, replayed): {cost * 1e6:.0f} us with 50,046 "
-          f"phrases, {small_cost * 1e6:.0f} us with 100; a model step without strategy: {1e6 / base_steps:.0f} us "
-          f"({cost * base_steps:.1%} of it)")
+    print(
+        f"    load time of the 50,046-phrase list + regexes: {load_seconds:.2f} s "
+        f"({len(antislop.matcher.phrases)} phrases active, regexes on RE2); "
+        f"whole_words={not args.substrings}, adjustment_strength={args.strength}"
+    )
+    print(
+        f"    detection cost per token (decode + match + hold-back, replayed): {cost * 1e6:.0f} us with 50,046 "
+        f"phrases, {small_cost * 1e6:.0f} us with 100; a model step without strategy: {1e6 / base_steps:.0f} us "
+        f"({cost * base_steps:.1%} of it)"
+    )
     top = sorted(reasons.items(), key=lambda kv: -kv[1])[:8]
     print("    most frequent rewind reasons: " + ", ".join(f"{k} x{v}" for k, v in top))
 
@@ -263,19 +298,27 @@ def main() -> None:
         for name, strategy in (("plain", BaseStrategy()), ("antislop", hard)):
             out, stats = run(BacktrackSampler(provider, strategy), prompt, story_tokens, seed=100 + i)
             text = provider.decode(out).lower()
-            row[name] = (sum(text.count(p.lower()) for p in phrases), perplexity(scorer, prompt_tokens, out),
-                         stats.delivered, stats.rewound)
+            row[name] = (
+                sum(text.count(p.lower()) for p in phrases),
+                perplexity(scorer, prompt_tokens, out),
+                stats.delivered,
+                stats.rewound,
+            )
         rows.append(row)
-        print(f"  prompt {i + 1:2d}: plain {row['plain'][0]} banned, ppl {row['plain'][1]:.2f} | "
-              f"antislop {row['antislop'][0]} banned, ppl {row['antislop'][1]:.2f}, rewound {row['antislop'][3]}",
-              flush=True)
+        print(
+            f"  prompt {i + 1:2d}: plain {row['plain'][0]} banned, ppl {row['plain'][1]:.2f} | "
+            f"antislop {row['antislop'][0]} banned, ppl {row['antislop'][1]:.2f}, rewound {row['antislop'][3]}",
+            flush=True,
+        )
 
     print(f"\n== quality: {n_prompts} story prompts x {story_tokens} tokens, 517-phrase list as a hard ban ==")
     print(f"{'setting':24} {'banned phrases':>15} {'mean ppl':>9} {'median ppl':>11} {'delivered':>10} {'rewound':>8}")
     for name in ("plain", "antislop"):
         col = [r[name] for r in rows]
-        print(f"{name:24} {sum(c[0] for c in col):15d} {statistics.mean(c[1] for c in col):9.2f} "
-              f"{statistics.median(c[1] for c in col):11.2f} {sum(c[2] for c in col):10d} {sum(c[3] for c in col):8d}")
+        print(
+            f"{name:24} {sum(c[0] for c in col):15d} {statistics.mean(c[1] for c in col):9.2f} "
+            f"{statistics.median(c[1] for c in col):11.2f} {sum(c[2] for c in col):10d} {sum(c[3] for c in col):8d}"
+        )
 
 
 if __name__ == "__main__":

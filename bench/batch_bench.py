@@ -29,9 +29,16 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle.\n\nStory:"
-BANS = [["tapestry", "a testament to"], ["shiver down", "barely above a whisper"], ["delve", "in the heart of"],
-        ["unwavering", "palpable"], ["ministrations", "a dance of"], ["symphony", "resonate"],
-        ["kaleidoscope", "labyrinthine"], ["camaraderie", "whispered secrets"]]
+BANS = [
+    ["tapestry", "a testament to"],
+    ["shiver down", "barely above a whisper"],
+    ["delve", "in the heart of"],
+    ["unwavering", "palpable"],
+    ["ministrations", "a dance of"],
+    ["symphony", "resonate"],
+    ["kaleidoscope", "labyrinthine"],
+    ["camaraderie", "whispered secrets"],
+]
 N_CTX = 2048
 
 
@@ -54,8 +61,22 @@ class Server:
     def __init__(self, parallel: int):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "backtrack_sampler.cli", "serve", "--port", str(self.port),
-                   "--parallel", str(parallel), "--n-ctx", str(N_CTX), "--max-queue", "64", "--model", "gemma-3-270m"]
+        command = [
+            sys.executable,
+            "-m",
+            "backtrack_sampler.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--parallel",
+            str(parallel),
+            "--n-ctx",
+            str(N_CTX),
+            "--max-queue",
+            "64",
+            "--model",
+            "gemma-3-270m",
+        ]
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.log = tempfile.TemporaryFile()  # not a pipe: a full pipe would block the server
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=self.log)
@@ -89,9 +110,16 @@ def stream_one(client, seed: int, tokens: int, out: dict, start_gate: threading.
     start_gate.wait()
     started = time.perf_counter()
     first, delivered = None, 0
-    stream = client.completions.create(model="m", prompt=PROMPT, max_tokens=tokens, temperature=1.0, seed=seed,
-                                       stream=True, stream_options={"include_usage": True},
-                                       extra_body={"banned_strings": BANS[seed % len(BANS)]})
+    stream = client.completions.create(
+        model="m",
+        prompt=PROMPT,
+        max_tokens=tokens,
+        temperature=1.0,
+        seed=seed,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"banned_strings": BANS[seed % len(BANS)]},
+    )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].text and first is None:
             first = time.perf_counter() - started
@@ -106,7 +134,9 @@ def clients_round(url: str, n: int, tokens: int, seed0: int) -> dict:
     results: dict = {}
     gate = threading.Event()
     with openai.OpenAI(base_url=url + "/v1", api_key="x", timeout=600, max_retries=0) as client:
-        workers = [threading.Thread(target=stream_one, args=(client, seed0 + i, tokens, results, gate)) for i in range(n)]
+        workers = [
+            threading.Thread(target=stream_one, args=(client, seed0 + i, tokens, results, gate)) for i in range(n)
+        ]
         for worker in workers:
             worker.start()
         start = time.perf_counter()
@@ -116,8 +146,14 @@ def clients_round(url: str, n: int, tokens: int, seed0: int) -> dict:
         wall = time.perf_counter() - start
     firsts = sorted(r[0] for r in results.values())
     delivered = sum(r[1] for r in results.values())
-    return {"clients": n, "tokens": delivered, "seconds": wall, "tps": delivered / wall,
-            "ttft_p50": statistics.median(firsts), "ttft_p95": firsts[min(len(firsts) - 1, int(0.95 * len(firsts)))]}
+    return {
+        "clients": n,
+        "tokens": delivered,
+        "seconds": wall,
+        "tps": delivered / wall,
+        "ttft_p50": statistics.median(firsts),
+        "ttft_p95": firsts[min(len(firsts) - 1, int(0.95 * len(firsts)))],
+    }
 
 
 def late_arrival(url: str, tokens: int) -> tuple:
@@ -130,7 +166,9 @@ def late_arrival(url: str, tokens: int) -> tuple:
         gate.set()
         stream_one(client, 100, 8, idle, gate)
         busy: dict = {}
-        workers = [threading.Thread(target=stream_one, args=(client, 200 + i, tokens * 4, busy, gate)) for i in range(7)]
+        workers = [
+            threading.Thread(target=stream_one, args=(client, 200 + i, tokens * 4, busy, gate)) for i in range(7)
+        ]
         for worker in workers:
             worker.start()
         import httpx
@@ -152,7 +190,7 @@ def raw_batched(n: int, steps: int, threads: int) -> float:
     import llama_cpp
     from llama_cpp._internals import LlamaContext
 
-    from backtrack_sampler.models import load_llamacpp
+    from backtrack_sampler.provider.models import load_llamacpp
 
     llm = load_llamacpp(n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads)
     params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
@@ -173,8 +211,10 @@ def raw_batched(n: int, steps: int, threads: int) -> float:
                 batch.n_tokens += 1
             rows.append(batch.n_tokens - 1)
         assert llama_cpp.llama_decode(ctx.ctx, batch) == 0
-        return [int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, r), shape=(n_vocab,))))
-                for r in rows]
+        return [
+            int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, r), shape=(n_vocab,))))
+            for r in rows
+        ]
 
     start = time.perf_counter()  # the prompts too: the server's clock runs from the requests
     next_tokens = decode([(s, 0, prompt) for s in range(n)])
@@ -189,12 +229,19 @@ def raw_batched(n: int, steps: int, threads: int) -> float:
 def numerics(steps: int) -> dict:
     """Logits of one sequence alone vs in a batch of 8 (fresh providers, teacher-forced on the
     alone run's greedy tokens): max |logit difference|, KL(alone || batch), top-token agreement."""
-    from backtrack_sampler.models import load_llamacpp
     from backtrack_sampler.provider.llamacpp_provider import LlamacppProvider
+    from backtrack_sampler.provider.models import load_llamacpp
 
     llm = load_llamacpp(n_ctx=512)
-    others = ["Once upon a time", "The recipe calls for", "def main():", "Dear Sir,", "In 1492,", "The weather today",
-              "Chapter 1"]
+    others = [
+        "Once upon a time",
+        "The recipe calls for",
+        "def main():",
+        "Dear Sir,",
+        "In 1492,",
+        "The weather today",
+        "Chapter 1",
+    ]
     alone_p, batch_p = LlamacppProvider(llm, slots=8), LlamacppProvider(llm, slots=8)
     prompt = alone_p.encode(PROMPT)
     rest = {i + 1: alone_p.encode(t) for i, t in enumerate(others)}
@@ -210,8 +257,14 @@ def numerics(steps: int) -> dict:
         kls.append(float(np.sum(pa * (np.log(pa + 1e-30) - np.log(pb + 1e-30)))))
         agree += int(np.argmax(a) == np.argmax(b))
         tokens.append(int(np.argmax(a)))
-    return {"steps": steps, "max_logit_diff": max(diffs), "mean_max_logit_diff": float(np.mean(diffs)),
-            "max_kl": max(kls), "mean_kl": float(np.mean(kls)), "top1_agree": agree / steps}
+    return {
+        "steps": steps,
+        "max_logit_diff": max(diffs),
+        "mean_max_logit_diff": float(np.mean(diffs)),
+        "max_kl": max(kls),
+        "mean_kl": float(np.mean(kls)),
+        "top1_agree": agree / steps,
+    }
 
 
 def main() -> None:
@@ -220,8 +273,10 @@ def main() -> None:
     args = parser.parse_args()
     threads = os.cpu_count() or 1
 
-    print(f"# batch_bench: {args.tokens} tokens per streaming client, banned strings, own seeds; "
-          f"{threads} CPU threads, n_ctx {N_CTX} per slot")
+    print(
+        f"# batch_bench: {args.tokens} tokens per streaming client, banned strings, own seeds; "
+        f"{threads} CPU threads, n_ctx {N_CTX} per slot"
+    )
     with Server(1) as one:
         idle_rss = rss_mb(one.process.pid, "VmRSS")
         one_slot_peak = rss_mb(one.process.pid, "VmHWM")
@@ -235,24 +290,37 @@ def main() -> None:
     raw = {n: raw_batched(n, args.tokens, threads) for n in (1, 4, 8)}
 
     print("\n## aggregate delivered tokens/s through the server (--parallel 8) vs a raw llama.cpp batched loop")
-    print(f"{'clients':>7} {'tokens':>6} {'seconds':>7} {'tok/s':>7} {'raw tok/s':>9} {'of raw':>6} {'TTFT p50':>8} {'TTFT p95':>8}")
+    print(
+        f"{'clients':>7} {'tokens':>6} {'seconds':>7} {'tok/s':>7} {'raw tok/s':>9} {'of raw':>6} {'TTFT p50':>8} {'TTFT p95':>8}"
+    )
     for n, r in rounds.items():
-        print(f"{n:>7} {r['tokens']:>6} {r['seconds']:>7.2f} {r['tps']:>7.1f} {raw[n]:>9.1f} {r['tps'] / raw[n]:>6.2f} "
-              f"{r['ttft_p50']:>7.2f}s {r['ttft_p95']:>7.2f}s")
+        print(
+            f"{n:>7} {r['tokens']:>6} {r['seconds']:>7.2f} {r['tps']:>7.1f} {raw[n]:>9.1f} {r['tps'] / raw[n]:>6.2f} "
+            f"{r['ttft_p50']:>7.2f}s {r['ttft_p95']:>7.2f}s"
+        )
     scale = rounds[8]["tps"] / rounds[1]["tps"]
-    print(f"\n8 clients / 1 client: {scale:.2f}x (target >= 3); 8 clients / raw 8-sequence loop: "
-          f"{rounds[8]['tps'] / raw[8]:.2f} (target >= 0.85)")
-    print(f"first token: idle server {idle_ttft:.3f}s, arriving while 7 decode {late_ttft:.3f}s "
-          f"({late_ttft / idle_ttft:.2f}x, target <= 2)")
-    print(f"\n## memory (server process RSS): --parallel 1 idle {idle_rss:.0f} MB (peak {one_slot_peak:.0f}); "
-          f"--parallel 8 idle {eight_idle:.0f} MB, peak under load {peak:.0f} MB")
+    print(
+        f"\n8 clients / 1 client: {scale:.2f}x (target >= 3); 8 clients / raw 8-sequence loop: "
+        f"{rounds[8]['tps'] / raw[8]:.2f} (target >= 0.85)"
+    )
+    print(
+        f"first token: idle server {idle_ttft:.3f}s, arriving while 7 decode {late_ttft:.3f}s "
+        f"({late_ttft / idle_ttft:.2f}x, target <= 2)"
+    )
+    print(
+        f"\n## memory (server process RSS): --parallel 1 idle {idle_rss:.0f} MB (peak {one_slot_peak:.0f}); "
+        f"--parallel 8 idle {eight_idle:.0f} MB, peak under load {peak:.0f} MB"
+    )
 
     stats = numerics(32)
-    print("\n## numerics: one sequence alone vs in a batch of 8 (llama.cpp, teacher-forced, "
-          f"{stats['steps']} positions)")
-    print(f"max |logit diff| {stats['max_logit_diff']:.3f} (mean per position {stats['mean_max_logit_diff']:.3f}); "
-          f"KL(alone||batch) max {stats['max_kl']:.2e}, mean {stats['mean_kl']:.2e}; top-1 agreement "
-          f"{stats['top1_agree']:.0%}")
+    print(
+        f"\n## numerics: one sequence alone vs in a batch of 8 (llama.cpp, teacher-forced, {stats['steps']} positions)"
+    )
+    print(
+        f"max |logit diff| {stats['max_logit_diff']:.3f} (mean per position {stats['mean_max_logit_diff']:.3f}); "
+        f"KL(alone||batch) max {stats['max_kl']:.2e}, mean {stats['mean_kl']:.2e}; top-1 agreement "
+        f"{stats['top1_agree']:.0%}"
+    )
 
 
 if __name__ == "__main__":

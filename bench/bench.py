@@ -77,7 +77,9 @@ def bench_backend(name, provider, bare, n, rounds):
     print(f"\n## {name}: {n} tokens, best of {rounds} rounds (greedy outputs identical to bare loop: {same})")
     print(f"{'run':<26}{'tokens/s':>10}{'ratio':>8}   rounds")
     for label, values in runs.items():
-        print(f"{label:<26}{max(values):>10.1f}{max(values) / best_bare:>8.2f}   " + " ".join(f"{v:.1f}" for v in values))
+        print(
+            f"{label:<26}{max(values):>10.1f}{max(values) / best_bare:>8.2f}   " + " ".join(f"{v:.1f}" for v in values)
+        )
     return sampler
 
 
@@ -103,7 +105,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory-tokens", type=int, default=600)
     args = parser.parse_args()
-    from backtrack_sampler.models import load_llamacpp, load_transformers
+    from backtrack_sampler.provider.models import load_llamacpp, load_transformers
 
     samplers = {}
     if args.backend in ("llamacpp", "both"):

@@ -56,24 +56,60 @@ sys.path.insert(1, str(ROOT / "tests"))
 SLOPS = ROOT.parent / "shared" / "data" / "antislop" / "slop_phrase_prob_adjustments_full_list.json"
 
 from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy  # noqa: E402
-from backtrack_sampler.chat import chat_prompt_tokens  # noqa: E402
 from backtrack_sampler.engine import EngineProvider  # noqa: E402
+from backtrack_sampler.provider.chat import chat_prompt_tokens  # noqa: E402
 
 STORY = [{"role": "user", "content": "Write a long fantasy story about a young woman who discovers a hidden city."}]
 SAMPLING = (1.0, 50, None, None)
-SUBJECTS = ["a fox", "a lighthouse keeper", "a baker", "a robot", "a violinist", "a gardener", "a dragon", "a sailor",
-            "an old clockmaker", "a detective", "a little girl", "a wizard", "a stray dog", "an astronaut", "a teacher",
-            "a knight", "a painter", "a fisherman", "a librarian", "a ghost"]
-PLACES = ["in a small village", "at sea", "in a big city", "in the mountains", "in a desert", "on the moon",
-          "in a forest", "in a castle", "under the ground", "on a train"]
+SUBJECTS = [
+    "a fox",
+    "a lighthouse keeper",
+    "a baker",
+    "a robot",
+    "a violinist",
+    "a gardener",
+    "a dragon",
+    "a sailor",
+    "an old clockmaker",
+    "a detective",
+    "a little girl",
+    "a wizard",
+    "a stray dog",
+    "an astronaut",
+    "a teacher",
+    "a knight",
+    "a painter",
+    "a fisherman",
+    "a librarian",
+    "a ghost",
+]
+PLACES = [
+    "in a small village",
+    "at sea",
+    "in a big city",
+    "in the mountains",
+    "in a desert",
+    "on the moon",
+    "in a forest",
+    "in a castle",
+    "under the ground",
+    "on a train",
+]
 
 
 def batch_prompts(n: int) -> list:
     """n distinct chat prompts (20 subjects x 10 places, then again)."""
     pairs = [(s, p) for p in PLACES for s in SUBJECTS]
-    return [[{"role": "user", "content": f"Write a short story about {pairs[i % len(pairs)][0]} "
-              f"{pairs[i % len(pairs)][1]}." + (f" Part {i // len(pairs) + 1}." if i >= len(pairs) else "")}]
-            for i in range(n)]
+    return [
+        [
+            {
+                "role": "user",
+                "content": f"Write a short story about {pairs[i % len(pairs)][0]} "
+                f"{pairs[i % len(pairs)][1]}." + (f" Part {i // len(pairs) + 1}." if i >= len(pairs) else ""),
+            }
+        ]
+        for i in range(n)
+    ]
 
 
 def free_port() -> int:
@@ -102,7 +138,14 @@ class Started:
     ``seconds`` (until it answered); ``stop()`` ends it."""
 
     def __init__(self, proc: subprocess.Popen, url: str, tokenizer: str, label: str, seconds: float, group: bool):
-        self.proc, self.url, self.tokenizer, self.label, self.seconds, self.group = proc, url, tokenizer, label, seconds, group
+        self.proc, self.url, self.tokenizer, self.label, self.seconds, self.group = (
+            proc,
+            url,
+            tokenizer,
+            label,
+            seconds,
+            group,
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is not None:
@@ -119,21 +162,50 @@ class Started:
 
 
 def start_llama_server(slots: int, model: str) -> Started:
-    binary = subprocess.run(["bash", str(ROOT / "scripts" / "build_llama_server.sh")], check=True,
-                            capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    from backtrack_sampler.models import resolve_model
+    binary = (
+        subprocess.run(
+            ["bash", str(ROOT / "scripts" / "build_llama_server.sh")], check=True, capture_output=True, text=True
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    from backtrack_sampler.provider.models import resolve_model
 
     path = str(resolve_model(model))
     port = free_port()
     log = tempfile.TemporaryFile()
     started = time.monotonic()
-    proc = subprocess.Popen([binary, "-m", path, "--host", "127.0.0.1", "--port", str(port),
-                             "-np", str(slots), "-c", str(2048 * slots), "-t", str(os.cpu_count() or 2), "--no-webui", "--swa-full"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            binary,
+            "-m",
+            path,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-np",
+            str(slots),
+            "-c",
+            str(2048 * slots),
+            "-t",
+            str(os.cpu_count() or 2),
+            "--no-webui",
+            "--swa-full",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc, "llama-server")
-    return Started(proc, url, path, f"llama-server -np {slots} --swa-full, {Path(path).name}",
-                   time.monotonic() - started, group=False)
+    return Started(
+        proc,
+        url,
+        path,
+        f"llama-server -np {slots} --swa-full, {Path(path).name}",
+        time.monotonic() - started,
+        group=False,
+    )
 
 
 def start_vllm() -> Started:
@@ -141,8 +213,12 @@ def start_vllm() -> Started:
     tests/test_engine_vllm.py starts it (tests/serving.py: vllm_command, vllm_env)."""
     from serving import vllm_command, vllm_env
 
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "build_vllm.sh")], capture_output=True, text=True,
-                          env={**os.environ, "PYTHON": sys.executable})
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build_vllm.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     if done.returncode != 0:
         sys.exit(f"scripts/build_vllm.sh failed:\n{done.stderr[-3000:]}")
     build = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
@@ -150,10 +226,21 @@ def start_vllm() -> Started:
     url = f"http://127.0.0.1:{port}"
     log = tempfile.TemporaryFile()
     started = time.monotonic()
-    proc = subprocess.Popen(vllm_command(build["python"], build["model"], port), stdout=log, stderr=subprocess.STDOUT,
-                            env=vllm_env(), start_new_session=True)
-    server = Started(proc, url, build["model"], f"vLLM CPU 0.32.0 --block-size 32 --enforce-eager, {Path(build['model']).name}",
-                     0.0, group=True)
+    proc = subprocess.Popen(
+        vllm_command(build["python"], build["model"], port),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=vllm_env(),
+        start_new_session=True,
+    )
+    server = Started(
+        proc,
+        url,
+        build["model"],
+        f"vLLM CPU 0.32.0 --block-size 32 --enforce-eager, {Path(build['model']).name}",
+        0.0,
+        group=True,
+    )
     deadline = started + 300
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -162,8 +249,11 @@ def start_vllm() -> Started:
             server.stop()
             sys.exit(f"vLLM {'exited' if proc.returncode is not None else 'did not answer within 300 s'}:\n{tail}")
         try:
-            answer = httpx.post(url + "/v1/completions", timeout=60,
-                                json={"prompt": [1, 504], "max_tokens": 2, "temperature": 0, "model": build["model"]})
+            answer = httpx.post(
+                url + "/v1/completions",
+                timeout=60,
+                json={"prompt": [1, 504], "max_tokens": 2, "temperature": 0, "model": build["model"]},
+            )
             if answer.status_code == 200:
                 server.seconds = time.monotonic() - started
                 return server
@@ -235,19 +325,34 @@ def engine_alone_many(provider: EngineProvider, prompts: list, tokens: int, para
 def through(provider: EngineProvider, strategy, prompt_ids, tokens: int, seed: int) -> tuple:
     sampler = BacktrackSampler(provider, strategy)
     started = time.perf_counter()
-    out = list(sampler.generate(prompt_ids, max_new_tokens=tokens, temperature=SAMPLING[0], top_k=SAMPLING[1], seed=seed))
+    out = list(
+        sampler.generate(prompt_ids, max_new_tokens=tokens, temperature=SAMPLING[0], top_k=SAMPLING[1], seed=seed)
+    )
     return len(out), time.perf_counter() - started, sampler.stats
 
 
 def serve_concurrency(url: str, engine_type: str, tokenizer, tokens: int, rounds: int) -> tuple:
     """Aggregate tokens/s of 1 client and of 4 concurrent clients through `serve --engine`."""
     port = free_port()
-    command = [sys.executable, "-m", "backtrack_sampler.cli", "serve", "--engine", url, "--engine-type", engine_type,
-               "--port", str(port), "--engine-timeout", "300"]
+    command = [
+        sys.executable,
+        "-m",
+        "backtrack_sampler.cli",
+        "serve",
+        "--engine",
+        url,
+        "--engine-type",
+        engine_type,
+        "--port",
+        str(port),
+        "--engine-timeout",
+        "300",
+    ]
     if tokenizer:
         command += ["--tokenizer", str(tokenizer)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base, proc, "backtrack-sampler serve", path="/v1/models", seconds=120)
@@ -255,9 +360,17 @@ def serve_concurrency(url: str, engine_type: str, tokenizer, tokens: int, rounds
         def client(index: int, counts: list) -> None:
             with httpx.Client(timeout=300) as http:
                 for r in range(rounds):
-                    answer = http.post(base + "/v1/chat/completions", json={
-                        "model": "engine", "messages": STORY, "max_tokens": tokens, "temperature": SAMPLING[0],
-                        "top_k": SAMPLING[1], "seed": 1000 * index + r})
+                    answer = http.post(
+                        base + "/v1/chat/completions",
+                        json={
+                            "model": "engine",
+                            "messages": STORY,
+                            "max_tokens": tokens,
+                            "temperature": SAMPLING[0],
+                            "top_k": SAMPLING[1],
+                            "seed": 1000 * index + r,
+                        },
+                    )
                     answer.raise_for_status()
                     counts.append(answer.json()["usage"]["completion_tokens"])
 
@@ -282,20 +395,54 @@ def serve_concurrency(url: str, engine_type: str, tokenizer, tokens: int, rounds
             proc.kill()
 
 
-SUMMARY = re.compile(r"\[(\d+) completions written to .*?; (\d+) tokens at [\d.]+ tokens/s in ([\d.]+) s; "
-                     r"(\d+) rewound in (\d+) rewinds")
+SUMMARY = re.compile(
+    r"\[(\d+) completions written to .*?; (\d+) tokens at [\d.]+ tokens/s in ([\d.]+) s; "
+    r"(\d+) rewound in (\d+) rewinds"
+)
 
 
-def run_batch_cli(url: str, engine_type: str, tokenizer, prompts: list, tokens: int, parallel: int, seed: int,
-                  extra: list, folder: Path, name: str) -> dict:
+def run_batch_cli(
+    url: str,
+    engine_type: str,
+    tokenizer,
+    prompts: list,
+    tokens: int,
+    parallel: int,
+    seed: int,
+    extra: list,
+    folder: Path,
+    name: str,
+) -> dict:
     """`backtrack-sampler batch` (a subprocess) over ``prompts``: its summary line's completions,
     tokens, generation seconds and rewinds, and the whole command's wall time (with its start)."""
     source, out = folder / f"{name}.prompts.jsonl", folder / f"{name}.out.jsonl"
     source.write_text("".join(json.dumps({"id": i, "messages": m}) + "\n" for i, m in enumerate(prompts)))
-    command = [sys.executable, "-m", "backtrack_sampler.cli", "batch", str(source), "-o", str(out), "--engine", url,
-               "--engine-type", engine_type, "--parallel", str(parallel), "--max-new-tokens", str(tokens),
-               "--temperature", str(SAMPLING[0]), "--top-k", str(SAMPLING[1]), "--seed", str(seed),
-               "--engine-timeout", "300", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "backtrack_sampler.cli",
+        "batch",
+        str(source),
+        "-o",
+        str(out),
+        "--engine",
+        url,
+        "--engine-type",
+        engine_type,
+        "--parallel",
+        str(parallel),
+        "--max-new-tokens",
+        str(tokens),
+        "--temperature",
+        str(SAMPLING[0]),
+        "--top-k",
+        str(SAMPLING[1]),
+        "--seed",
+        str(seed),
+        "--engine-timeout",
+        "300",
+        *extra,
+    ]
     if tokenizer:
         command += ["--tokenizer", str(tokenizer)]
     started = time.perf_counter()
@@ -305,19 +452,28 @@ def run_batch_cli(url: str, engine_type: str, tokenizer, prompts: list, tokens: 
     if done.returncode != 0 or not found:
         sys.exit(f"backtrack-sampler batch failed ({done.returncode}):\n{done.stderr[-3000:]}")
     completions, delivered, seconds, rewound, rewinds = found.groups()
-    return {"completions": int(completions), "tokens": int(delivered), "seconds": float(seconds),
-            "rewinds": int(rewinds), "rewound": int(rewound), "wall": wall}
+    return {
+        "completions": int(completions),
+        "tokens": int(delivered),
+        "seconds": float(seconds),
+        "rewinds": int(rewinds),
+        "rewound": int(rewound),
+        "wall": wall,
+    }
 
 
 def in_process_ceilings(model: str, slop_list, tokens: int, runs: int) -> dict:
     """(c0): {"antislop": ratio, "words": ratio} of the same settings with the same model in
     process (llama.cpp), each vs no strategy in process: what the list costs with no engine."""
-    from backtrack_sampler.models import load_provider
+    from backtrack_sampler.provider.models import load_provider
 
     provider = load_provider("llamacpp", model)
     prompt_ids = chat_prompt_tokens(provider, STORY)
-    strategies = {"noop": BaseStrategy(), "antislop": AntiSlopStrategy(provider, slop_list),
-                  "words": AntiSlopStrategy(provider, slop_list, whole_words=True)}
+    strategies = {
+        "noop": BaseStrategy(),
+        "antislop": AntiSlopStrategy(provider, slop_list),
+        "words": AntiSlopStrategy(provider, slop_list, whole_words=True),
+    }
     rows = {name: [] for name in strategies}
     steps = {name: [0, 0, 0] for name in strategies}
     through(provider, BaseStrategy(), prompt_ids, 8, seed=0)  # warm up
@@ -330,8 +486,11 @@ def in_process_ceilings(model: str, slop_list, tokens: int, runs: int) -> dict:
     print(f"\n== (c0) in process: llama.cpp, {model}, the same prompt, sampling and list ==")
     print(f"{'setting':44} {'tok/s':>7} {'ratio':>6} {'rewinds/tok':>12} {'rewound/tok':>12}")
     ceilings = {}
-    for name, label_ in (("noop", "in process, no strategy"), ("antislop", f"in process, AntiSlop {len(slop_list):,} phrases"),
-                         ("words", "in process, the same, whole_words=True")):
+    for name, label_ in (
+        ("noop", "in process, no strategy"),
+        ("antislop", f"in process, AntiSlop {len(slop_list):,} phrases"),
+        ("words", "in process, the same, whole_words=True"),
+    ):
         tps = statistics.median(rows[name])
         got, rewinds, rewound = steps[name]
         ceilings[name] = tps / base
@@ -341,8 +500,9 @@ def in_process_ceilings(model: str, slop_list, tokens: int, runs: int) -> dict:
     return ceilings  # (the model is freed on return, before an engine starts)
 
 
-def bench_engine(args, engine_type: str, url: str, tokenizer, label: str, tokens: int, runs: int, slop_list,
-                 ceilings: dict) -> None:
+def bench_engine(
+    args, engine_type: str, url: str, tokenizer, label: str, tokens: int, runs: int, slop_list, ceilings: dict
+) -> None:
     provider = EngineProvider(url, engine_type, tokenizer=tokenizer, timeout=300)
     prompt_ids = chat_prompt_tokens(provider, STORY)
     print(f"\n== {engine_type} at {url} ({label}) ==", flush=True)
@@ -365,17 +525,29 @@ def bench_engine(args, engine_type: str, url: str, tokenizer, label: str, tokens
             got, seconds, st = through(provider, strategy, prompt_ids, tokens, seed=r)
             rows[name].append(got / seconds)
             after = provider.stats
-            stats[name].append((got, after.requests - before[0], after.prompt_tokens - before[1],
-                                after.cached_tokens - before[2], st.rewinds, after.first_tokens - before[3],
-                                after.first_token_seconds - before[4]))
+            stats[name].append(
+                (
+                    got,
+                    after.requests - before[0],
+                    after.prompt_tokens - before[1],
+                    after.cached_tokens - before[2],
+                    st.rewinds,
+                    after.first_tokens - before[3],
+                    after.first_token_seconds - before[4],
+                )
+            )
     engine_tps = statistics.median(rows["engine"])
     print(f"single stream: {runs} run(s) x {tokens} tokens, temperature 1, top_k 50 (median)")
-    print(f"{'setting':44} {'tok/s':>7} {'ratio':>6} {'target':>7} {'ceiling':>7} {'trips/token':>12} "
-          f"{'ms/trip':>8} {'cache hit':>10} {'rewinds':>8} {'rewinds/tok':>12}")
+    print(
+        f"{'setting':44} {'tok/s':>7} {'ratio':>6} {'target':>7} {'ceiling':>7} {'trips/token':>12} "
+        f"{'ms/trip':>8} {'cache hit':>10} {'rewinds':>8} {'rewinds/tok':>12}"
+    )
     print(f"{'(a) engine alone':44} {engine_tps:7.2f} {1:6.2f} {'':7} {'':7} {'':12} {1000 / engine_tps:8.1f}")
-    for name, label_, target in (("noop", "(b) provider, no-op strategy", 0.9),
-                                 ("antislop", f"(c) provider, AntiSlop {len(slop_list or ()):,} phrases", 0.85),
-                                 ("words", "(c') the same, whole_words=True", 0.85)):
+    for name, label_, target in (
+        ("noop", "(b) provider, no-op strategy", 0.9),
+        ("antislop", f"(c) provider, AntiSlop {len(slop_list or ()):,} phrases", 0.85),
+        ("words", "(c') the same, whole_words=True", 0.85),
+    ):
         if not rows[name]:
             print(f"{label_:44} skipped: {args.slop_file} is absent")
             continue
@@ -386,23 +558,31 @@ def bench_engine(args, engine_type: str, url: str, tokenizer, label: str, tokens
         rewinds = sum(s[4] for s in stats[name])
         first = 1000 * sum(s[6] for s in stats[name]) / max(sum(s[5] for s in stats[name]), 1)
         ceiling = f"{ceilings[name]:7.2f}" if name in ceilings else f"{'':7}"
-        print(f"{label_:44} {tps:7.2f} {tps / engine_tps:6.2f} {target:7.2f} {ceiling} {trips:12.3f} "
-              f"{first:8.1f} {cached / max(prompt, 1):10.1%} {rewinds:8d} {rewinds / max(got, 1):12.2f}")
-    print("    ceiling: (c0), the same setting in process vs no strategy in process; trips/token: engine requests "
-          "per delivered token; ms/trip: a request's mean time to its first token ((a): ms per streamed token); "
-          "cache hit: share of the prompt tokens sent that the engine reported serving from its prefix cache",
-          flush=True)
+        print(
+            f"{label_:44} {tps:7.2f} {tps / engine_tps:6.2f} {target:7.2f} {ceiling} {trips:12.3f} "
+            f"{first:8.1f} {cached / max(prompt, 1):10.1%} {rewinds:8d} {rewinds / max(got, 1):12.2f}"
+        )
+    print(
+        "    ceiling: (c0), the same setting in process vs no strategy in process; trips/token: engine requests "
+        "per delivered token; ms/trip: a request's mean time to its first token ((a): ms per streamed token); "
+        "cache hit: share of the prompt tokens sent that the engine reported serving from its prefix cache",
+        flush=True,
+    )
     if not args.skip_serve:
         alone_one = engine_alone_many(provider, [prompt_ids], tokens, 1, seed0=0)
         alone_four = engine_alone_many(provider, [prompt_ids] * 4, tokens, 4, seed0=0)
         alone_one, alone_four = alone_one[0] / alone_one[1], alone_four[0] / alone_four[1]
         print(f"{'(d0) engine alone, 1 client':44} {alone_one:7.2f}")
-        print(f"{'(d0) engine alone, 4 clients':44} {alone_four:7.2f} {alone_four / alone_one:6.2f} "
-              f"{'':7}   (ratio: vs 1 client; the ceiling of (d))")
+        print(
+            f"{'(d0) engine alone, 4 clients':44} {alone_four:7.2f} {alone_four / alone_one:6.2f} "
+            f"{'':7}   (ratio: vs 1 client; the ceiling of (d))"
+        )
         one, four = serve_concurrency(url, engine_type, tokenizer, tokens, rounds=1 if args.quick else 2)
         print(f"{'(d) serve --engine, 1 client':44} {one:7.2f}")
-        print(f"{'(d) serve --engine, 4 clients':44} {four:7.2f} {four / one:6.2f} {2.5:7.2f}   (ratio: vs 1 client)",
-              flush=True)
+        print(
+            f"{'(d) serve --engine, 4 clients':44} {four:7.2f} {four / one:6.2f} {2.5:7.2f}   (ratio: vs 1 client)",
+            flush=True,
+        )
     if args.batch_prompts:
         n, p, bt = args.batch_prompts, args.parallel, args.batch_tokens
         prompts = batch_prompts(n)
@@ -411,47 +591,92 @@ def bench_engine(args, engine_type: str, url: str, tokenizer, label: str, tokens
         got, seconds = engine_alone_many(provider, ids, bt, p, seed0=1)
         alone = got / seconds
         with tempfile.TemporaryDirectory() as folder:
-            results = [("(f) batch, no strategy", 0.9, run_batch_cli(url, engine_type, tokenizer, prompts, bt, p, 1, [],
-                                                                     Path(folder), "noop"))]
+            results = [
+                (
+                    "(f) batch, no strategy",
+                    0.9,
+                    run_batch_cli(url, engine_type, tokenizer, prompts, bt, p, 1, [], Path(folder), "noop"),
+                )
+            ]
             if slop_list is not None and args.batch_slop_prompts:
                 m = min(args.batch_slop_prompts, n)
-                results.append((f"(g) batch, {len(slop_list):,} phrases, --whole-words", 0.85, run_batch_cli(
-                    url, engine_type, tokenizer, prompts[:m], bt, p, 1, ["--slops", args.slop_file, "--whole-words"],
-                    Path(folder), "slops")))
+                results.append(
+                    (
+                        f"(g) batch, {len(slop_list):,} phrases, --whole-words",
+                        0.85,
+                        run_batch_cli(
+                            url,
+                            engine_type,
+                            tokenizer,
+                            prompts[:m],
+                            bt,
+                            p,
+                            1,
+                            ["--slops", args.slop_file, "--whole-words"],
+                            Path(folder),
+                            "slops",
+                        ),
+                    )
+                )
         print(f"many prompts: chat prompts x {bt} tokens at most, {p} at a time, temperature 1, top_k 50")
-        print(f"{'setting':44} {'prompts':>7} {'tok/s':>7} {'ratio':>6} {'target':>7} {'compl/min':>10} "
-              f"{'rewinds/tok':>12} {'wall s':>7}")
-        print(f"{f'(e) engine alone, {p} clients':44} {n:7d} {alone:7.2f} {1:6.2f} {'':7} "
-              f"{60 * n / seconds:10.1f} {'':12} {seconds:7.1f}")
+        print(
+            f"{'setting':44} {'prompts':>7} {'tok/s':>7} {'ratio':>6} {'target':>7} {'compl/min':>10} "
+            f"{'rewinds/tok':>12} {'wall s':>7}"
+        )
+        print(
+            f"{f'(e) engine alone, {p} clients':44} {n:7d} {alone:7.2f} {1:6.2f} {'':7} "
+            f"{60 * n / seconds:10.1f} {'':12} {seconds:7.1f}"
+        )
         for label_, target, r in results:
             tps = r["tokens"] / r["seconds"]
-            print(f"{label_:44} {r['completions']:7d} {tps:7.2f} {tps / alone:6.2f} {target:7.2f} "
-                  f"{60 * r['completions'] / r['seconds']:10.1f} {r['rewinds'] / max(r['tokens'], 1):12.2f} "
-                  f"{r['wall']:7.1f}")
+            print(
+                f"{label_:44} {r['completions']:7d} {tps:7.2f} {tps / alone:6.2f} {target:7.2f} "
+                f"{60 * r['completions'] / r['seconds']:10.1f} {r['rewinds'] / max(r['tokens'], 1):12.2f} "
+                f"{r['wall']:7.1f}"
+            )
         if slop_list is None:
             print(f"{'(g) batch, 50,046 phrases':44} skipped: {args.slop_file} is absent")
-        print("    tok/s and compl/min: over the generation (batch's own summary); wall s: the whole command, "
-              "with its start (tokenizer, ban list)", flush=True)
+        print(
+            "    tok/s and compl/min: over the generation (batch's own summary); wall s: the whole command, "
+            "with its start (tokenizer, ban list)",
+            flush=True,
+        )
     provider.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running engine (default: start llama-server or vLLM here)")
-    parser.add_argument("--engine-type", default="llama-server", choices=("llama-server", "vllm", "sglang", "both"),
-                        help="both: start llama-server, then vLLM, with the same model (no --url)")
-    parser.add_argument("--model", default="smollm2-135m-instruct",
-                        help="the embedded model a started llama-server serves (default: smollm2-135m-instruct, the "
-                             "model the vLLM build serves converted)")
+    parser.add_argument(
+        "--engine-type",
+        default="llama-server",
+        choices=("llama-server", "vllm", "sglang", "both"),
+        help="both: start llama-server, then vLLM, with the same model (no --url)",
+    )
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="the embedded model a started llama-server serves (default: smollm2-135m-instruct, the "
+        "model the vLLM build serves converted)",
+    )
     parser.add_argument("--tokenizer", help="with --url: the served model's tokenizer (.gguf or directory)")
     parser.add_argument("--tokens", type=int, help="tokens per single-stream run (default 200; --quick 80)")
     parser.add_argument("--runs", type=int, help="runs per single-stream setting, alternated (default 3; --quick 1)")
     parser.add_argument("--parallel", type=int, default=4, help="concurrency of (e)-(g) (default 4)")
     parser.add_argument("--batch-prompts", type=int, default=200, help="prompts of (e) and (f) (default 200; 0: skip)")
-    parser.add_argument("--batch-slop-prompts", type=int,
-                        help="prompts of (g), the first ones (default: --batch-prompts; --quick 40; 0: skip)")
-    parser.add_argument("--batch-tokens", type=int, help="tokens per prompt at most in (e)-(g) (default 64; --quick 24)")
-    parser.add_argument("--slop-file", default=str(SLOPS), help="the phrase list (default: the 50,046-phrase one; JSON [[phrase, m], ...] or [phrase, ...])")
+    parser.add_argument(
+        "--batch-slop-prompts",
+        type=int,
+        help="prompts of (g), the first ones (default: --batch-prompts; --quick 40; 0: skip)",
+    )
+    parser.add_argument(
+        "--batch-tokens", type=int, help="tokens per prompt at most in (e)-(g) (default 64; --quick 24)"
+    )
+    parser.add_argument(
+        "--slop-file",
+        default=str(SLOPS),
+        help="the phrase list (default: the 50,046-phrase one; JSON [[phrase, m], ...] or [phrase, ...])",
+    )
     parser.add_argument("--skip-serve", action="store_true", help="skip (d)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
@@ -465,7 +690,7 @@ def main() -> None:
     if not args.url and args.engine_type == "sglang":
         parser.error("SGLang is not started here: give --url")
     if not args.url and args.engine_type in ("vllm", "both"):
-        from backtrack_sampler.models import resolve_model
+        from backtrack_sampler.provider.models import resolve_model
 
         if resolve_model(args.model) != resolve_model("smollm2-135m-instruct"):
             parser.error("the vLLM build here serves SmolLM2 135M Instruct only (scripts/build_vllm.sh): no --model")
@@ -476,12 +701,15 @@ def main() -> None:
         ceilings = in_process_ceilings(args.model, slop_list, tokens, runs)
     if args.url:
         bench_engine(args, args.engine_type, args.url, args.tokenizer, "given", tokens, runs, slop_list, ceilings)
-    for engine_type in (("llama-server", "vllm") if args.engine_type == "both" else (args.engine_type,)) * (not args.url):
+    for engine_type in (("llama-server", "vllm") if args.engine_type == "both" else (args.engine_type,)) * (
+        not args.url
+    ):
         server = start_llama_server(4, args.model) if engine_type == "llama-server" else start_vllm()
         try:
             print(f"\n[{engine_type} answered {server.seconds:.1f} s after it started]", flush=True)
-            bench_engine(args, engine_type, server.url, server.tokenizer, server.label, tokens, runs, slop_list,
-                         ceilings)
+            bench_engine(
+                args, engine_type, server.url, server.tokenizer, server.label, tokens, runs, slop_list, ceilings
+            )
         finally:
             server.stop()
     print(f"\n[whole run: {time.perf_counter() - began:.0f} s]")

@@ -106,8 +106,9 @@ def mean_nll(scorer, prompt_tokens: list, out: list) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="See the module docstring for what is measured.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="See the module docstring for what is measured."
+    )
     parser.add_argument("--prompts", type=int, default=10, help=f"story prompts (default 10, at most {len(PROMPTS)})")
     parser.add_argument("--tokens", type=int, default=200, help="tokens per story (default 200)")
     parser.add_argument("--temperature", type=float, default=1.0, help="(default 1.0, with top_k 50)")
@@ -118,23 +119,30 @@ def main() -> int:
     parser.add_argument("--model", default=MODEL, help=f"an embedded model's name or a .gguf file (default {MODEL})")
     parser.add_argument("--show", action="store_true", help="print every story")
     parser.add_argument("--data", type=Path, default=DATA, help=f"antislop's data folder (default {DATA})")
-    parser.add_argument("--suite", choices=("antislop", "repetition", "confidence"), default="antislop",
-                        help="antislop: plain vs the 517 / 50,046 lists (default); repetition: plain vs "
-                        "RepetitionStrategy vs half the 517 list banned vs both; confidence: revision on Q&A")
+    parser.add_argument(
+        "--suite",
+        choices=("antislop", "repetition", "confidence"),
+        default="antislop",
+        help="antislop: plain vs the 517 / 50,046 lists (default); repetition: plain vs "
+        "RepetitionStrategy vs half the 517 list banned vs both; confidence: revision on Q&A",
+    )
     parser.add_argument("--seeds", type=int, default=1, help="seeds per prompt (repetition and confidence suites)")
     args = parser.parse_args()
     if args.suite == "confidence":
         return confidence_suite(args)
     data = args.data
     if not (data / "slop_phrase_prob_adjustments.json").is_file():
-        print(f"error: the slop lists are missing: {data} (antislop's data, in the shared/ folder beside the "
-              "repository, or give --data DIR) is absent or incomplete; this benchmark needs it", file=sys.stderr)
+        print(
+            f"error: the slop lists are missing: {data} (antislop's data, in the shared/ folder beside the "
+            "repository, or give --data DIR) is absent or incomplete; this benchmark needs it",
+            file=sys.stderr,
+        )
         return 2
 
     from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy
-    from backtrack_sampler.chat import chat_prompt_tokens
-    from backtrack_sampler.models import load_llamacpp, model_name
+    from backtrack_sampler.provider.chat import chat_prompt_tokens
     from backtrack_sampler.provider.llamacpp_provider import LlamacppProvider
+    from backtrack_sampler.provider.models import load_llamacpp, model_name
 
     small = json.loads((data / "slop_phrase_prob_adjustments.json").read_text())
     if args.suite == "repetition":
@@ -153,8 +161,11 @@ def main() -> int:
     }
     print(f"lists loaded in {time.perf_counter() - started:.2f} s: {len(small)} and {len(full):,} phrases")
     prompts = PROMPTS[: max(1, min(args.prompts, len(PROMPTS)))]
-    print(f"model {model_name(args.model)}: {len(prompts)} prompts x {args.tokens} tokens, temperature "
-          f"{args.temperature}, top_k 50, chat template; same seed per prompt in every setting", flush=True)
+    print(
+        f"model {model_name(args.model)}: {len(prompts)} prompts x {args.tokens} tokens, temperature "
+        f"{args.temperature}, top_k 50, chat template; same seed per prompt in every setting",
+        flush=True,
+    )
 
     list(BacktrackSampler(provider, BaseStrategy()).generate_text("Hello", max_new_tokens=4))  # warm up
     results = {name: [] for name in settings}
@@ -164,25 +175,39 @@ def main() -> int:
         for name, strategy in settings.items():  # alternate settings, so machine load hits all alike
             provider.reset()  # every run starts from the same (empty) cache
             sampler = BacktrackSampler(provider, strategy)
-            out = list(sampler.generate(prompt, max_new_tokens=args.tokens, temperature=args.temperature,
-                                        top_k=50, seed=args.seed + i))
+            out = list(
+                sampler.generate(
+                    prompt, max_new_tokens=args.tokens, temperature=args.temperature, top_k=50, seed=args.seed + i
+                )
+            )
             text = provider.decode(out)
             s = sampler.stats
-            results[name].append({
-                "hits": hits(text, phrases), "words": len(text.split()), "tokens": s.delivered,
-                "rewinds": s.rewinds, "rewound": s.rewound, "seconds": s.seconds,
-                "nll": mean_nll(scorer, prompt, out) if out else float("nan"),
-                "d2": distinct(text, 2), "d3": distinct(text, 3),
-            })
+            results[name].append(
+                {
+                    "hits": hits(text, phrases),
+                    "words": len(text.split()),
+                    "tokens": s.delivered,
+                    "rewinds": s.rewinds,
+                    "rewound": s.rewound,
+                    "seconds": s.seconds,
+                    "nll": mean_nll(scorer, prompt, out) if out else float("nan"),
+                    "d2": distinct(text, 2),
+                    "d3": distinct(text, 3),
+                }
+            )
             line.append(f"{name}: {results[name][-1]['hits']} hits, {s.rewinds} rewinds")
             if args.show:
                 print(f"\n--- prompt {i + 1}, {name} ---\n{text}\n")
         print(f"  prompt {i + 1:2d}: " + " | ".join(line), flush=True)
 
-    print(f"\n== {model_name(args.model)}, {len(prompts)} story prompts x {args.tokens} tokens; hits = 517-list "
-          "phrases found (lower-case substring search) ==")
-    header = (f"{'setting':24} {'hits':>5} {'/1k words':>9} {'words':>6} {'rewinds':>7} {'rewound':>7} "
-              f"{'tok/s':>6} {'ratio':>5} {'NLL':>6} {'dist-2':>6} {'dist-3':>6}")
+    print(
+        f"\n== {model_name(args.model)}, {len(prompts)} story prompts x {args.tokens} tokens; hits = 517-list "
+        "phrases found (lower-case substring search) =="
+    )
+    header = (
+        f"{'setting':24} {'hits':>5} {'/1k words':>9} {'words':>6} {'rewinds':>7} {'rewound':>7} "
+        f"{'tok/s':>6} {'ratio':>5} {'NLL':>6} {'dist-2':>6} {'dist-3':>6}"
+    )
     print(header)
     base_tps = None
     for name, rows in results.items():
@@ -190,18 +215,20 @@ def main() -> int:
         tps = total("tokens") / total("seconds")
         base_tps = base_tps or tps
         words = total("words")
-        print(f"{name:24} {total('hits'):5d} {1000 * total('hits') / max(words, 1):9.2f} {words:6d} "
-              f"{total('rewinds'):7d} {total('rewound'):7d} {tps:6.1f} {tps / base_tps:5.2f} "
-              f"{np.nanmean([r['nll'] for r in rows]):6.3f} {np.mean([r['d2'] for r in rows]):6.3f} "
-              f"{np.mean([r['d3'] for r in rows]):6.3f}")
+        print(
+            f"{name:24} {total('hits'):5d} {1000 * total('hits') / max(words, 1):9.2f} {words:6d} "
+            f"{total('rewinds'):7d} {total('rewound'):7d} {tps:6.1f} {tps / base_tps:5.2f} "
+            f"{np.nanmean([r['nll'] for r in rows]):6.3f} {np.mean([r['d2'] for r in rows]):6.3f} "
+            f"{np.mean([r['d3'] for r in rows]):6.3f}"
+        )
     print("NLL: mean negative log-likelihood per token under the plain model (nats); dist-n: distinct word n-grams")
     print(f"total time {time.perf_counter() - started:.0f} s")
     return 0
 
 
 def load(args):
-    from backtrack_sampler.models import load_llamacpp
     from backtrack_sampler.provider.llamacpp_provider import LlamacppProvider
+    from backtrack_sampler.provider.models import load_llamacpp
 
     threads = {} if args.threads is None else {"n_threads": args.threads, "n_threads_batch": args.threads}
     n_ctx = 512 + args.tokens
@@ -261,8 +288,8 @@ class Timed:
 def repetition_suite(args, phrases: list) -> int:
     """plain / repetition / bans (half A of the 517 list) / both; half B counted only."""
     from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy, ChainStrategy
-    from backtrack_sampler.chat import chat_prompt_tokens
-    from backtrack_sampler.models import model_name
+    from backtrack_sampler.provider.chat import chat_prompt_tokens
+    from backtrack_sampler.provider.models import model_name
     from backtrack_sampler.quality import distinct_n, is_degenerate, rep_n, repeated_fraction
     from backtrack_sampler.strategy.repetition_strategy import RepetitionStrategy
 
@@ -279,9 +306,12 @@ def repetition_suite(args, phrases: list) -> int:
     prompts = PROMPTS[: max(1, min(args.prompts, len(PROMPTS)))]
     seeds = list(range(args.seed, args.seed + max(1, args.seeds)))
     sampling = f"temperature {args.temperature}, top_k {args.top_k or 'off'}, min_p {args.min_p or 'off'}"
-    print(f"model {model_name(args.model)}: {len(prompts)} held-out story prompts x {len(seeds)} seeds x {args.tokens} "
-          f"tokens, {sampling}, chat template; 517 list split in two halves of "
-          f"{len(half_a)} and {len(half_b)} phrases (A banned, B counted)", flush=True)
+    print(
+        f"model {model_name(args.model)}: {len(prompts)} held-out story prompts x {len(seeds)} seeds x {args.tokens} "
+        f"tokens, {sampling}, chat template; 517 list split in two halves of "
+        f"{len(half_a)} and {len(half_b)} phrases (A banned, B counted)",
+        flush=True,
+    )
     list(BacktrackSampler(provider, BaseStrategy()).generate_text("Hello", max_new_tokens=4))  # warm up
     results = {name: [] for name in settings}
     for i, request in enumerate(prompts):
@@ -292,16 +322,35 @@ def repetition_suite(args, phrases: list) -> int:
                 provider.reset()
                 strategy = Timed(make())
                 sampler = BacktrackSampler(provider, strategy)
-                out = list(sampler.generate(prompt, max_new_tokens=args.tokens, temperature=args.temperature,
-                                            top_k=args.top_k or None, min_p=args.min_p, seed=seed))
+                out = list(
+                    sampler.generate(
+                        prompt,
+                        max_new_tokens=args.tokens,
+                        temperature=args.temperature,
+                        top_k=args.top_k or None,
+                        min_p=args.min_p,
+                        seed=seed,
+                    )
+                )
                 text = provider.decode(out)
                 s = sampler.stats
-                row = {"degenerate": is_degenerate(text), "a": hits(text, half_a), "b": hits(text, half_b),
-                       "words": len(text.split()), "tokens": s.delivered, "steps": s.steps, "rewinds": s.rewinds,
-                       "rewound": s.rewound, "seconds": s.seconds, "hooks": strategy.seconds,
-                       "nll": mean_nll(scorer, prompt, out) if out else float("nan"),
-                       "d2": distinct_n(text, 2), "d3": distinct_n(text, 3), "rep4": rep_n(text, 4),
-                       "repeated": repeated_fraction(text)}
+                row = {
+                    "degenerate": is_degenerate(text),
+                    "a": hits(text, half_a),
+                    "b": hits(text, half_b),
+                    "words": len(text.split()),
+                    "tokens": s.delivered,
+                    "steps": s.steps,
+                    "rewinds": s.rewinds,
+                    "rewound": s.rewound,
+                    "seconds": s.seconds,
+                    "hooks": strategy.seconds,
+                    "nll": mean_nll(scorer, prompt, out) if out else float("nan"),
+                    "d2": distinct_n(text, 2),
+                    "d3": distinct_n(text, 3),
+                    "rep4": rep_n(text, 4),
+                    "repeated": repeated_fraction(text),
+                }
                 results[name].append(row)
                 line.append(f"{name}: {'LOOP' if row['degenerate'] else 'ok'} {row['a']}/{row['b']} {s.rewinds}rw")
                 if args.show:
@@ -309,49 +358,75 @@ def repetition_suite(args, phrases: list) -> int:
             print(f"  prompt {i + 1:2d} seed {seed}: " + " | ".join(line), flush=True)
 
     runs = len(prompts) * len(seeds)
-    print(f"\n== {model_name(args.model)}, {runs} stories ({len(prompts)} held-out prompts x {len(seeds)} seeds) x "
-          f"{args.tokens} tokens, {sampling} ==")
-    print(f"{'setting':14} {'degen.':>6} {'A/1k':>5} {'B/1k':>5} {'rewinds':>7} {'rewound':>7} {'tok/s':>6} {'ratio':>5} "
-          f"{'steps/tok':>9} {'us/tok':>6} {'NLL':>6} {'dist-2':>6} {'dist-3':>6} {'rep-4':>6} {'rep.8g':>6}")
+    print(
+        f"\n== {model_name(args.model)}, {runs} stories ({len(prompts)} held-out prompts x {len(seeds)} seeds) x "
+        f"{args.tokens} tokens, {sampling} =="
+    )
+    print(
+        f"{'setting':14} {'degen.':>6} {'A/1k':>5} {'B/1k':>5} {'rewinds':>7} {'rewound':>7} {'tok/s':>6} {'ratio':>5} "
+        f"{'steps/tok':>9} {'us/tok':>6} {'NLL':>6} {'dist-2':>6} {'dist-3':>6} {'rep-4':>6} {'rep.8g':>6}"
+    )
     base = None
     for name, rows in results.items():
         total = lambda key: sum(r[key] for r in rows)  # noqa: E731
         tps = total("tokens") / total("seconds")
         base = base or tps
         words = max(total("words"), 1)
-        print(f"{name:14} {total('degenerate'):3d}/{len(rows):<2d} {1000 * total('a') / words:5.2f} "
-              f"{1000 * total('b') / words:5.2f} {total('rewinds'):7d} {total('rewound'):7d} {tps:6.1f} {tps / base:5.2f} "
-              f"{total('steps') / max(total('tokens'), 1):9.3f} {1e6 * total('hooks') / max(total('steps'), 1):6.1f} {np.nanmean([r['nll'] for r in rows]):6.3f} "
-              f"{np.mean([r['d2'] for r in rows]):6.3f} {np.mean([r['d3'] for r in rows]):6.3f} "
-              f"{np.mean([r['rep4'] for r in rows]):6.3f} {np.mean([r['repeated'] for r in rows]):6.3f}")
-    print("degen.: outputs with a repeat (quality.is_degenerate); A/1k, B/1k: hits of the banned / the counted half per "
-          "1,000 words;\nsteps/tok: decode steps per delivered token; us/tok: time in the strategy's hooks per step; NLL: under the "
-          "plain model (nats/token);\nrep-4: share of word 4-grams repeating an earlier one; rep.8g: share of words in a "
-          "repeated 8-gram")
+        print(
+            f"{name:14} {total('degenerate'):3d}/{len(rows):<2d} {1000 * total('a') / words:5.2f} "
+            f"{1000 * total('b') / words:5.2f} {total('rewinds'):7d} {total('rewound'):7d} {tps:6.1f} {tps / base:5.2f} "
+            f"{total('steps') / max(total('tokens'), 1):9.3f} {1e6 * total('hooks') / max(total('steps'), 1):6.1f} {np.nanmean([r['nll'] for r in rows]):6.3f} "
+            f"{np.mean([r['d2'] for r in rows]):6.3f} {np.mean([r['d3'] for r in rows]):6.3f} "
+            f"{np.mean([r['rep4'] for r in rows]):6.3f} {np.mean([r['repeated'] for r in rows]):6.3f}"
+        )
+    print(
+        "degen.: outputs with a repeat (quality.is_degenerate); A/1k, B/1k: hits of the banned / the counted half per "
+        "1,000 words;\nsteps/tok: decode steps per delivered token; us/tok: time in the strategy's hooks per step; NLL: under the "
+        "plain model (nats/token);\nrep-4: share of word 4-grams repeating an earlier one; rep.8g: share of words in a "
+        "repeated 8-gram"
+    )
     print(f"total time {time.perf_counter() - started:.0f} s")
     return 0
 
 
 # Short questions with known answers (written for this benchmark): (question, accepted answer words)
 QUESTIONS = [
-    ("What is the capital of France?", ["paris"]), ("What is the capital of Japan?", ["tokyo"]),
-    ("What is the capital of Italy?", ["rome"]), ("What is the capital of Germany?", ["berlin"]),
-    ("What is the capital of Spain?", ["madrid"]), ("What is the capital of the United Kingdom?", ["london"]),
-    ("What is the capital of Russia?", ["moscow"]), ("What is the capital of China?", ["beijing"]),
-    ("What is the capital of Egypt?", ["cairo"]), ("What is the capital of Greece?", ["athens"]),
-    ("What is 2 + 2?", ["4", "four"]), ("What is 3 + 5?", ["8", "eight"]), ("What is 10 - 3?", ["7", "seven"]),
-    ("What is 6 times 7?", ["42", "forty-two"]), ("What is 5 times 5?", ["25", "twenty-five"]),
-    ("What is 9 + 10?", ["19", "nineteen"]), ("What is 12 + 15?", ["27", "twenty-seven"]),
-    ("What is 100 divided by 4?", ["25", "twenty-five"]), ("What is 7 times 8?", ["56", "fifty-six"]),
+    ("What is the capital of France?", ["paris"]),
+    ("What is the capital of Japan?", ["tokyo"]),
+    ("What is the capital of Italy?", ["rome"]),
+    ("What is the capital of Germany?", ["berlin"]),
+    ("What is the capital of Spain?", ["madrid"]),
+    ("What is the capital of the United Kingdom?", ["london"]),
+    ("What is the capital of Russia?", ["moscow"]),
+    ("What is the capital of China?", ["beijing"]),
+    ("What is the capital of Egypt?", ["cairo"]),
+    ("What is the capital of Greece?", ["athens"]),
+    ("What is 2 + 2?", ["4", "four"]),
+    ("What is 3 + 5?", ["8", "eight"]),
+    ("What is 10 - 3?", ["7", "seven"]),
+    ("What is 6 times 7?", ["42", "forty-two"]),
+    ("What is 5 times 5?", ["25", "twenty-five"]),
+    ("What is 9 + 10?", ["19", "nineteen"]),
+    ("What is 12 + 15?", ["27", "twenty-seven"]),
+    ("What is 100 divided by 4?", ["25", "twenty-five"]),
+    ("What is 7 times 8?", ["56", "fifty-six"]),
     ("What is 15 - 6?", ["9", "nine"]),
-    ("How many days are there in a week?", ["7", "seven"]), ("How many legs does a spider have?", ["8", "eight"]),
-    ("What color is the sky on a clear day?", ["blue"]), ("What is the largest planet in our solar system?", ["jupiter"]),
-    ("At what temperature in Celsius does water freeze?", ["0", "zero"]), ("How many continents are there?", ["7", "seven"]),
-    ("Who wrote Romeo and Juliet?", ["shakespeare"]), ("Which planet is known as the Red Planet?", ["mars"]),
-    ("How many hours are there in a day?", ["24", "twenty-four"]), ("How many months are there in a year?", ["12", "twelve"]),
-    ("What is the chemical symbol for gold?", ["au"]), ("What is the fastest land animal?", ["cheetah"]),
-    ("What is the boiling point of water in Celsius?", ["100"]), ("What do bees make?", ["honey"]),
-    ("What is frozen water called?", ["ice"]), ("Which ocean is the largest?", ["pacific"]),
+    ("How many days are there in a week?", ["7", "seven"]),
+    ("How many legs does a spider have?", ["8", "eight"]),
+    ("What color is the sky on a clear day?", ["blue"]),
+    ("What is the largest planet in our solar system?", ["jupiter"]),
+    ("At what temperature in Celsius does water freeze?", ["0", "zero"]),
+    ("How many continents are there?", ["7", "seven"]),
+    ("Who wrote Romeo and Juliet?", ["shakespeare"]),
+    ("Which planet is known as the Red Planet?", ["mars"]),
+    ("How many hours are there in a day?", ["24", "twenty-four"]),
+    ("How many months are there in a year?", ["12", "twelve"]),
+    ("What is the chemical symbol for gold?", ["au"]),
+    ("What is the fastest land animal?", ["cheetah"]),
+    ("What is the boiling point of water in Celsius?", ["100"]),
+    ("What do bees make?", ["honey"]),
+    ("What is frozen water called?", ["ice"]),
+    ("Which ocean is the largest?", ["pacific"]),
 ]
 
 
@@ -365,8 +440,8 @@ def answered(text: str, answers: list) -> bool:
 
 def confidence_suite(args) -> int:
     from backtrack_sampler import BacktrackSampler, BaseStrategy
-    from backtrack_sampler.chat import chat_prompt_tokens
-    from backtrack_sampler.models import model_name
+    from backtrack_sampler.provider.chat import chat_prompt_tokens
+    from backtrack_sampler.provider.models import model_name
     from backtrack_sampler.strategy.confidence_strategy import ConfidenceStrategy
 
     args.tokens = min(args.tokens, 48)
@@ -374,8 +449,11 @@ def confidence_suite(args) -> int:
     provider, _ = load(args)
     seeds = list(range(args.seed, args.seed + max(1, args.seeds)))
     runs = [("sampled", 1.0, None, seeds), ("sampled, min_p 0.1", 1.0, 0.1, seeds), ("greedy", 0.0, None, [0])]
-    print(f"model {model_name(args.model)}: {len(QUESTIONS)} questions, {args.tokens} tokens each; sampled: temperature 1, "
-          f"top_k 50, seeds {seeds[0]}..{seeds[-1]}", flush=True)
+    print(
+        f"model {model_name(args.model)}: {len(QUESTIONS)} questions, {args.tokens} tokens each; sampled: temperature 1, "
+        f"top_k 50, seeds {seeds[0]}..{seeds[-1]}",
+        flush=True,
+    )
     list(BacktrackSampler(provider, BaseStrategy()).generate_text("Hello", max_new_tokens=4))
     table = []
     for label, temperature, min_p, run_seeds in runs:
@@ -388,20 +466,34 @@ def confidence_suite(args) -> int:
                     provider.reset()
                     strategy = ConfidenceStrategy(provider) if name == "revised" else BaseStrategy()
                     sampler = BacktrackSampler(provider, strategy)
-                    out = list(sampler.generate(prompt, max_new_tokens=args.tokens, temperature=temperature, top_k=50,
-                                                min_p=min_p, seed=seed))
+                    out = list(
+                        sampler.generate(
+                            prompt,
+                            max_new_tokens=args.tokens,
+                            temperature=temperature,
+                            top_k=50,
+                            min_p=min_p,
+                            seed=seed,
+                        )
+                    )
                     text = provider.decode(out)
                     scores[name].append(answered(text, answers))
                     if name == "revised":
                         revisions += sampler.stats.rewinds
                         seconds, tokens = seconds + sampler.stats.seconds, tokens + sampler.stats.delivered
                     if args.show:
-                        print(f"--- {label} {name} seed {seed}: {question} -> {text!r} {'OK' if scores[name][-1] else ''}")
+                        print(
+                            f"--- {label} {name} seed {seed}: {question} -> {text!r} {'OK' if scores[name][-1] else ''}"
+                        )
         n = len(scores["plain"])
         table.append((label, n, sum(scores["plain"]), sum(scores["revised"]), revisions, tokens / max(seconds, 1e-9)))
-        print(f"  {label}: plain {sum(scores['plain'])}/{n}, revised {sum(scores['revised'])}/{n}, {revisions} revisions",
-              flush=True)
-    print(f"\n== {model_name(args.model)}: {len(QUESTIONS)} questions with known answers (answer word in the first 30 words) ==")
+        print(
+            f"  {label}: plain {sum(scores['plain'])}/{n}, revised {sum(scores['revised'])}/{n}, {revisions} revisions",
+            flush=True,
+        )
+    print(
+        f"\n== {model_name(args.model)}: {len(QUESTIONS)} questions with known answers (answer word in the first 30 words) =="
+    )
     print(f"{'decoding':20} {'runs':>5} {'plain':>7} {'revised':>8} {'revisions':>9}")
     for label, n, plain, revised, revisions, _ in table:
         print(f"{label:20} {n:5d} {plain / n:7.1%} {revised / n:8.1%} {revisions:9d}")

@@ -1,4 +1,5 @@
 """no_digits.py: a sampling strategy of my own."""
+
 import numpy as np
 
 from backtrack_sampler import BaseStrategy

@@ -11,23 +11,29 @@ import re
 import sys
 
 from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, ChainStrategy
-from backtrack_sampler.chat import chat_prompt_tokens
-from backtrack_sampler.models import load_provider
-from backtrack_sampler.slop_phrases import SLOP_PHRASES
+from backtrack_sampler.provider.chat import chat_prompt_tokens
+from backtrack_sampler.provider.models import load_provider
 from backtrack_sampler.strategy.repetition_strategy import RepetitionStrategy
+from backtrack_sampler.strategy.slop_phrases import SLOP_PHRASES
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("request", nargs="?", default="Write a short story about a lighthouse keeper who finds a message in a bottle.")
+parser.add_argument(
+    "request", nargs="?", default="Write a short story about a lighthouse keeper who finds a message in a bottle."
+)
 parser.add_argument("--max-new-tokens", type=int, default=300)
 parser.add_argument("--seed", type=int, default=1, help="(default: 1)")
 parser.add_argument("--ban", action="append", default=[], metavar="PHRASE", help="ban this phrase too (repeatable)")
 parser.add_argument("--model", default="smollm2-135m-instruct", help="an embedded model's name or a .gguf file")
-parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads (default: 1, the fastest on a busy machine)")
+parser.add_argument(
+    "--threads", type=int, default=1, help="llama.cpp threads (default: 1, the fastest on a busy machine)"
+)
 args = parser.parse_args()
 
 provider = load_provider("llamacpp", args.model, threads=args.threads)
 kept = []  # matches AntiSlop had to keep (every alternative at that position was exhausted), loops kept
-antislop = AntiSlopStrategy(provider, list(SLOP_PHRASES) + args.ban, on_accept=lambda position, reason: kept.append(reason))
+antislop = AntiSlopStrategy(
+    provider, list(SLOP_PHRASES) + args.ban, on_accept=lambda position, reason: kept.append(reason)
+)
 repetition = RepetitionStrategy(provider, on_accept=lambda position, reason: kept.append(reason))
 sampler = BacktrackSampler(provider, ChainStrategy([antislop, repetition]))
 prompt = chat_prompt_tokens(provider, [{"role": "user", "content": args.request}])
@@ -50,15 +56,16 @@ def show_rewinds():
 
 
 print(f"> {args.request}\n")
-for token in sampler.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=0.8, min_p=0.05,
-                              seed=args.seed, on_rewind=on_rewind):
+for token in sampler.generate(
+    prompt, max_new_tokens=args.max_new_tokens, temperature=0.8, min_p=0.05, seed=args.seed, on_rewind=on_rewind
+):
     show_rewinds()
     tokens.append(token)
     text = provider.decode(tokens)
     if not text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
-        print(text[len(shown):], end="", flush=True)
+        print(text[len(shown) :], end="", flush=True)
         shown = text
-print(provider.decode(tokens)[len(shown):], end="")
+print(provider.decode(tokens)[len(shown) :], end="")
 show_rewinds()
 
 stats = sampler.stats
@@ -70,5 +77,7 @@ repeats = reasons.count("RepetitionStrategy: repeat: ")
 phrases = f"{len(avoided)} banned phrase{'s' * (len(avoided) != 1)} ({', '.join(avoided) or 'none came up'})"
 cut = f"{repeats} repeat{'s' * (repeats != 1)} cut" if repeats else "no repeat"
 kept_note = f"{len(kept)} kept for want of an alternative; " if kept else ""
-print(f"\n\n[avoided {phrases} in {stats.rewinds} rewinds; {cut}; {kept_note}"
-      f"{stats.delivered} tokens at {stats.tokens_per_second:.1f} tokens/s]")
+print(
+    f"\n\n[avoided {phrases} in {stats.rewinds} rewinds; {cut}; {kept_note}"
+    f"{stats.delivered} tokens at {stats.tokens_per_second:.1f} tokens/s]"
+)

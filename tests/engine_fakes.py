@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from backtrack_sampler.sampling import filter_logits
+from backtrack_sampler.strategy.sampling import filter_logits
 
 
 # ---- event builders (one per engine), shared by the fixtures and the fake server ----------------
@@ -43,45 +43,95 @@ def llama_entry(token: int, cand: List[tuple], post: bool) -> dict:
     """completion_probabilities[0]: cand = [(id, prob)] most likely first (post) or [(id, logprob)] (pre)."""
     if post:
         value = dict(cand).get(token, 0.0)
-        return {"id": token, "token": f"<{token}>", "bytes": [], "prob": value,
-                "top_probs": [{"id": i, "token": f"<{i}>", "bytes": [], "prob": p} for i, p in cand]}
+        return {
+            "id": token,
+            "token": f"<{token}>",
+            "bytes": [],
+            "prob": value,
+            "top_probs": [{"id": i, "token": f"<{i}>", "bytes": [], "prob": p} for i, p in cand],
+        }
     value = dict(cand).get(token, -3.4028234663852886e38)
-    return {"id": token, "token": f"<{token}>", "bytes": [], "logprob": value,
-            "top_logprobs": [{"id": i, "token": f"<{i}>", "bytes": [], "logprob": lp} for i, lp in cand]}
+    return {
+        "id": token,
+        "token": f"<{token}>",
+        "bytes": [],
+        "logprob": value,
+        "top_logprobs": [{"id": i, "token": f"<{i}>", "bytes": [], "logprob": lp} for i, lp in cand],
+    }
 
 
 def llama_partial(token: int, entry: dict, n: int, prompt: int, cached: int) -> dict:
-    return {"index": 0, "content": f"<{token}>", "tokens": [token], "stop": False, "id_slot": 0,
-            "tokens_predicted": n, "tokens_evaluated": prompt,
-            "timings": {"cache_n": cached, "prompt_n": prompt - cached, "prompt_ms": 1.0, "predicted_n": n},
-            "completion_probabilities": [entry]}
+    return {
+        "index": 0,
+        "content": f"<{token}>",
+        "tokens": [token],
+        "stop": False,
+        "id_slot": 0,
+        "tokens_predicted": n,
+        "tokens_evaluated": prompt,
+        "timings": {"cache_n": cached, "prompt_n": prompt - cached, "prompt_ms": 1.0, "predicted_n": n},
+        "completion_probabilities": [entry],
+    }
 
 
 def llama_final(tokens: List[int], stop_type: str, prompt: int, cached: int) -> dict:
-    return {"index": 0, "content": "", "tokens": tokens, "id_slot": 0, "stop": True, "model": "fake",
-            "tokens_predicted": len(tokens), "tokens_evaluated": prompt, "stop_type": stop_type,
-            "stopping_word": "", "tokens_cached": prompt + len(tokens), "truncated": False,
-            "timings": {"cache_n": cached, "prompt_n": prompt - cached, "predicted_n": len(tokens)}}
+    return {
+        "index": 0,
+        "content": "",
+        "tokens": tokens,
+        "id_slot": 0,
+        "stop": True,
+        "model": "fake",
+        "tokens_predicted": len(tokens),
+        "tokens_evaluated": prompt,
+        "stop_type": stop_type,
+        "stopping_word": "",
+        "tokens_cached": prompt + len(tokens),
+        "truncated": False,
+        "timings": {"cache_n": cached, "prompt_n": prompt - cached, "predicted_n": len(tokens)},
+    }
 
 
 def vllm_chunk(tokens: List[int], tops: List[Dict[int, float]], own: List[float], finish: Optional[str]) -> dict:
-    return {"id": "cmpl-fake", "object": "text_completion", "created": 0, "model": "fake",
-            "choices": [{"index": 0, "text": "".join(f"<{t}>" for t in tokens),
-                         "logprobs": {"text_offset": list(range(len(tokens))),
-                                      "token_logprobs": [max(v, -9999.0) for v in own],
-                                      "tokens": [f"token_id:{t}" for t in tokens],
-                                      "top_logprobs": [{f"token_id:{i}": max(v, -9999.0) for i, v in top.items()}
-                                                       for top in tops]},
-                         "finish_reason": finish, "stop_reason": None, "token_ids": tokens}]}
+    return {
+        "id": "cmpl-fake",
+        "object": "text_completion",
+        "created": 0,
+        "model": "fake",
+        "choices": [
+            {
+                "index": 0,
+                "text": "".join(f"<{t}>" for t in tokens),
+                "logprobs": {
+                    "text_offset": list(range(len(tokens))),
+                    "token_logprobs": [max(v, -9999.0) for v in own],
+                    "tokens": [f"token_id:{t}" for t in tokens],
+                    "top_logprobs": [{f"token_id:{i}": max(v, -9999.0) for i, v in top.items()} for top in tops],
+                },
+                "finish_reason": finish,
+                "stop_reason": None,
+                "token_ids": tokens,
+            }
+        ],
+    }
 
 
-def sglang_chunk(output_ids: List[int], own: List[tuple], tops: List[List[tuple]], prompt: int, cached: int,
-                 finish: Optional[dict]) -> dict:
-    return {"text": None if finish is None else "".join(f"<{t}>" for t in output_ids), "output_ids": list(output_ids),
-            "meta_info": {"id": "fake", "finish_reason": finish, "prompt_tokens": prompt,
-                          "completion_tokens": len(output_ids), "cached_tokens": cached,
-                          "output_token_logprobs": [[lp, t, None] for lp, t in own],
-                          "output_top_logprobs": [[[lp, t, None] for lp, t in top] for top in tops]}}
+def sglang_chunk(
+    output_ids: List[int], own: List[tuple], tops: List[List[tuple]], prompt: int, cached: int, finish: Optional[dict]
+) -> dict:
+    return {
+        "text": None if finish is None else "".join(f"<{t}>" for t in output_ids),
+        "output_ids": list(output_ids),
+        "meta_info": {
+            "id": "fake",
+            "finish_reason": finish,
+            "prompt_tokens": prompt,
+            "completion_tokens": len(output_ids),
+            "cached_tokens": cached,
+            "output_token_logprobs": [[lp, t, None] for lp, t in own],
+            "output_top_logprobs": [[[lp, t, None] for lp, t in top] for top in tops],
+        },
+    }
 
 
 # ---- the fake engine --------------------------------------------------------------------------
@@ -94,10 +144,21 @@ class FakeEngine:
     ``hold_after`` tokens of a stream are sent, then it waits for ``release`` (set); ``token_delay``
     seconds pass before each streamed token."""
 
-    def __init__(self, engine_type: str, logits_fn: Callable[[List[int]], np.ndarray], vocab_size: int,
-                 eos: int = 1, n_ctx: int = 4096):
+    def __init__(
+        self,
+        engine_type: str,
+        logits_fn: Callable[[List[int]], np.ndarray],
+        vocab_size: int,
+        eos: int = 1,
+        n_ctx: int = 4096,
+    ):
         self.engine_type, self.logits_fn, self.vocab_size, self.eos, self.n_ctx = (
-            engine_type, logits_fn, vocab_size, eos, n_ctx)
+            engine_type,
+            logits_fn,
+            vocab_size,
+            eos,
+            n_ctx,
+        )
         self.die_after: Optional[int] = None
         self.fail = False
         self.stall = 0.0
@@ -160,19 +221,30 @@ class FakeEngine:
     def _sampling(self, body: dict):
         if self.engine_type == "sglang":
             params = body["sampling_params"]
-            return ((params["temperature"], max(params["top_k"], 0), params["top_p"], params["min_p"]),
-                    params["max_new_tokens"], params.get("sampling_seed"), body["input_ids"], body["top_logprobs_num"])
+            return (
+                (params["temperature"], max(params["top_k"], 0), params["top_p"], params["min_p"]),
+                params["max_new_tokens"],
+                params.get("sampling_seed"),
+                body["input_ids"],
+                body["top_logprobs_num"],
+            )
         llama = self.engine_type == "llama-server"
         seed = body.get("seed")
-        return ((body["temperature"], body["top_k"], body["top_p"], body["min_p"]),
-                body["n_predict"] if llama else body["max_tokens"], None if seed in (None, -1) else seed,
-                body["prompt"], body["n_probs"] if llama else body["logprobs"])
+        return (
+            (body["temperature"], body["top_k"], body["top_p"], body["min_p"]),
+            body["n_predict"] if llama else body["max_tokens"],
+            None if seed in (None, -1) else seed,
+            body["prompt"],
+            body["n_probs"] if llama else body["logprobs"],
+        )
 
     def _post(self, handler, body: dict) -> None:
         if self.stall:
             time.sleep(self.stall)
         if self.fail:
-            return self._json(handler, 500, {"error": {"code": 500, "message": "fake engine failure", "type": "server_error"}})
+            return self._json(
+                handler, 500, {"error": {"code": 500, "message": "fake engine failure", "type": "server_error"}}
+            )
         sampling, n, seed, prompt, k = self._sampling(body)
         rng = np.random.default_rng(seed)
         if not body.get("stream", False):
@@ -192,15 +264,28 @@ class FakeEngine:
                 if self.token_delay:
                     time.sleep(self.token_delay)
                 if self.stream_error and i == 1:
-                    self._send(handler, {"error": {"code": 500, "message": "fake error mid-stream", "type": "server_error"}})
+                    self._send(
+                        handler, {"error": {"code": 500, "message": "fake error mid-stream", "type": "server_error"}}
+                    )
                     return
                 token, post, raw = self._draw(tokens, sampling, k, rng)
                 self.decoded += 1
                 tokens.append(token)
                 out.append(token)
                 done = token == self.eos or i == n - 1
-                self._emit(handler, token, out, post, raw, sampling[0], len(prompt), done,
-                           "stop" if token == self.eos else "length", own_sg, tops_sg)
+                self._emit(
+                    handler,
+                    token,
+                    out,
+                    post,
+                    raw,
+                    sampling[0],
+                    len(prompt),
+                    done,
+                    "stop" if token == self.eos else "length",
+                    own_sg,
+                    tops_sg,
+                )
                 if done:
                     break
             if self.engine_type != "llama-server":
@@ -250,7 +335,9 @@ class FakeEngine:
             tops_sg.append([(lp, i) for i, lp in pre])
             finish = None
             if done:
-                finish = {"type": "stop", "matched": token} if reason == "stop" else {"type": "length", "length": len(out)}
+                finish = (
+                    {"type": "stop", "matched": token} if reason == "stop" else {"type": "length", "length": len(out)}
+                )
             self._send(handler, sglang_chunk(out, own_sg, tops_sg, prompt, cached, finish))
 
     def _single(self, prompt, sampling, k, rng) -> dict:

@@ -62,7 +62,10 @@ def serve_subprocess(args: List[str], ready_path: str = "/health", timeout: floa
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "backtrack_sampler.cli", "serve", *args, "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     url = f"http://127.0.0.1:{port}"
@@ -89,18 +92,42 @@ def vllm_command(python: str, model: str, port: int, max_logprobs: int = 64) -> 
     """How the tests and bench/engine_bench.py start vLLM's CPU build (scripts/build_vllm.sh) on
     127.0.0.1: its OpenAI server module (the ``vllm serve`` script fails on the renamed
     distribution), eager mode (a faster start), prefix-cache blocks of 32 tokens."""
-    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
-            "--port", str(port), "--max-logprobs", str(max_logprobs), "--logprobs-mode", "processed_logprobs",
-            "--generation-config", "vllm", "--enforce-eager", "--max-model-len", "2048", "--block-size", "32",
-            "--enable-prompt-tokens-details"]
+    return [
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-logprobs",
+        str(max_logprobs),
+        "--logprobs-mode",
+        "processed_logprobs",
+        "--generation-config",
+        "vllm",
+        "--enforce-eager",
+        "--max-model-len",
+        "2048",
+        "--block-size",
+        "32",
+        "--enable-prompt-tokens-details",
+    ]
 
 
 def vllm_env() -> dict:
     """Its environment: offline, no usage reports, 1 GB of KV cache, and VLLM_CPU_OMP_THREADS_BIND
     unset (binding both cores halves its throughput here)."""
     env = {key: value for key, value in os.environ.items() if key != "VLLM_CPU_OMP_THREADS_BIND"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
-               VLLM_CPU_KVCACHE_SPACE="1")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+        VLLM_CPU_KVCACHE_SPACE="1",
+    )
     return env
 
 

@@ -9,11 +9,11 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from conftest import ROOT, SLOPS
 
 from backtrack_sampler import AntiSlopStrategy, BacktrackSampler
 from backtrack_sampler.provider.fake_provider import FakeProvider
 from backtrack_sampler.strategy._phrase_matcher import Match, TextMatcher
-from conftest import ROOT, SLOPS
 
 
 def scripted(text, extra=(), vocab=None):
@@ -38,8 +38,11 @@ def scripted(text, extra=(), vocab=None):
 def generate(fp, strategy, max_new_tokens=30, **kwargs):
     sampler = BacktrackSampler(fp, strategy)
     events = []
-    tokens = list(sampler.generate([fp.ids["<bos>"]], max_new_tokens=max_new_tokens, temperature=0,
-                                   on_rewind=events.append, **kwargs))
+    tokens = list(
+        sampler.generate(
+            [fp.ids["<bos>"]], max_new_tokens=max_new_tokens, temperature=0, on_rewind=events.append, **kwargs
+        )
+    )
     return fp.decode(tokens), events, sampler.stats
 
 
@@ -96,8 +99,9 @@ def test_regex_ban():
 
 def test_regex_window_is_bounded():
     fp = scripted(" not" + " the" * 40 + " but.", extra=[" rug"])
-    text, events, _ = generate(fp, AntiSlopStrategy(fp, ["zzz"], regexes=[r"not [^.!?]+ but"], regex_window=60),
-                               max_new_tokens=60)
+    text, events, _ = generate(
+        fp, AntiSlopStrategy(fp, ["zzz"], regexes=[r"not [^.!?]+ but"], regex_window=60), max_new_tokens=60
+    )
     assert not events and "but" in text  # the match is longer than the window: not searched for
 
 
@@ -133,7 +137,10 @@ def test_ban_is_lifted_when_the_text_before_it_changes():
     # " a tapestry" -> " tapestry" banned at 1 -> " a rug" -> " a" banned at 0, which changes the text
     # before position 1, so its ban is lifted: " rug tapestry" is tried (and banned afresh)
     assert [(e.position, e.reason) for e in events[:3]] == [
-        (1, "phrase 'tapestry'"), (0, "phrase 'a rug'"), (1, "phrase 'tapestry'")]
+        (1, "phrase 'tapestry'"),
+        (0, "phrase 'a rug'"),
+        (1, "phrase 'tapestry'"),
+    ]
     strategy.reset()
     strategy._bans = {1: {5: -math.inf}, 3: {5: -math.inf}}
     strategy._retries = {1: 1, 3: 1}
@@ -170,7 +177,9 @@ def test_exhausted_position_rewinds_further():
 def test_max_retries_bounds_the_retries_at_one_position():
     fp = scripted(" a.", extra=[" cat", " mat", " rug"])  # every choice at position 0 contains "a"
     accepted = []
-    strategy = AntiSlopStrategy(fp, ["a"], max_retries=2, on_exhausted="accept", on_accept=lambda *a: accepted.append(a))
+    strategy = AntiSlopStrategy(
+        fp, ["a"], max_retries=2, on_exhausted="accept", on_accept=lambda *a: accepted.append(a)
+    )
     text, events, stats = generate(fp, strategy, max_new_tokens=40)
     assert [(e.position, e.text) for e in events] == [(0, " a"), (0, " cat")]  # two retries, then exhausted
     assert text == " mat." and accepted == [(0, "phrase 'a'")] and stats.finish_reason == "stop"
@@ -191,7 +200,7 @@ def test_keep_index_holds_back_only_possible_matches():
     strategy = AntiSlopStrategy(fp, ["the rug"], keep_index_buffer=0)
     sampler = BacktrackSampler(fp, strategy)
     seen = []
-    for token in sampler.generate([fp.ids["<bos>"]], max_new_tokens=12, temperature=0):
+    for _token in sampler.generate([fp.ids["<bos>"]], max_new_tokens=12, temperature=0):
         seen.append((len(seen), strategy.matcher.tokens[:], strategy.get_keep_index()))
     # " the" could start "the rug": held until " cat" shows it cannot; otherwise nothing is held
     held = [len(toks) - keep for _, toks, keep in seen]
@@ -228,8 +237,11 @@ def test_multibyte_characters_split_over_tokens():
 
     fp = Bytes(vocab=vocab)
     want = [fp.ids[" caf"], fp.ids["\xc3"], fp.ids["\xa9"], fp.ids["."], 1]
-    fp.logits_fn = lambda t: np.where(np.arange(len(vocab)) == want[min(len(t) - 1, 4)], 9.0,
-                                      np.where(np.arange(len(vocab)) == fp.ids[" rug"], 5.0, -9.0)).astype(np.float32)
+    fp.logits_fn = lambda t: np.where(
+        np.arange(len(vocab)) == want[min(len(t) - 1, 4)],
+        9.0,
+        np.where(np.arange(len(vocab)) == fp.ids[" rug"], 5.0, -9.0),
+    ).astype(np.float32)
     text, events, _ = generate(fp, AntiSlopStrategy(fp, ["é"]), max_new_tokens=6)
     assert "é" not in text and events[0].position == 1 and events[0].text == "é"
 
@@ -266,8 +278,13 @@ def test_regex_only_ban():
 
 def test_unsupported_regex_features_are_named():
     fp = FakeProvider()
-    for pattern, feature in [(r"(\w+) \1", "backreference"), (r"(?<=not )dark", "lookbehind"),
-                             (r"dark(?!ness)", "negative lookahead"), (r"(?>a+)b", "atomic group"), (r"a\Z", r"\\z")]:
+    for pattern, feature in [
+        (r"(\w+) \1", "backreference"),
+        (r"(?<=not )dark", "lookbehind"),
+        (r"dark(?!ness)", "negative lookahead"),
+        (r"(?>a+)b", "atomic group"),
+        (r"a\Z", r"\\z"),
+    ]:
         with pytest.raises(ValueError, match=f"regex .* uses .*{feature}.*RE2.* not support"):
             AntiSlopStrategy(fp, [], regexes=[pattern])
 
@@ -300,8 +317,13 @@ def test_pathological_regex_finishes_in_bounded_time():
         "    assert strategy.backtrack(tokens[:n]) == tokens[:n]\n"
         "print(len(strategy.matcher.text))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode == 0 and result.stdout.split() == ["100"], result.stderr
 
 
@@ -338,15 +360,23 @@ def test_matcher_finds_exactly_the_occurrences_a_brute_force_search_finds(whole_
         phrases = {"".join(rng.choice(list("ab c"), rng.integers(1, 6))) for _ in range(20)}
         phrases = {p for p in phrases if p.strip()}
         text = "".join(rng.choice(list("ab cA"), 80))
-        matcher = TextMatcher(lambda tokens: "".join(text[t] for t in tokens), {p: -math.inf for p in phrases}, [],
-                              whole_words=whole_words)
+        matcher = TextMatcher(
+            lambda tokens: "".join(text[t] for t in tokens),
+            {p: -math.inf for p in phrases},
+            [],
+            whole_words=whole_words,
+        )
         found = []
         for n in range(1, len(text) + 1):
             found += matcher.update(list(range(n)), at_end=n == len(text))
         low = text.lower()
         edge = lambda i: i in (0, len(low)) or not (low[i - 1].isalnum() and low[i].isalnum())  # noqa: E731
-        expected = {(s, e) for s in range(len(low)) for e in range(s + 1, len(low) + 1)
-                    if low[s:e] in phrases and (not whole_words or (edge(s) and edge(e)))}
+        expected = {
+            (s, e)
+            for s in range(len(low))
+            for e in range(s + 1, len(low) + 1)
+            if low[s:e] in phrases and (not whole_words or (edge(s) and edge(e)))
+        }
         assert sorted((m.start, m.end) for m in found) == sorted(expected), (trial, phrases, text)
         assert all(m.pattern == low[m.start : m.end] for m in found)
 
@@ -362,8 +392,9 @@ class CountingList(list):
 
 
 def reads_per_character(phrases, text, whole_words):
-    matcher = TextMatcher(lambda tokens: "".join(text[t] for t in tokens), {p: -math.inf for p in phrases}, [],
-                          whole_words=whole_words)
+    matcher = TextMatcher(
+        lambda tokens: "".join(text[t] for t in tokens), {p: -math.inf for p in phrases}, [], whole_words=whole_words
+    )
     matcher.sorted = CountingList(matcher.sorted)
     CountingList.reads = 0
     for n in range(1, len(text) + 1):
@@ -395,12 +426,15 @@ def test_the_generated_50000_phrase_list_builds_with_linear_memory(many_phrases)
 @pytest.mark.model
 def test_real_model_never_outputs_banned_phrases(provider, many_phrases):
     banned = SLOPS + ["the", "sun"]
-    for prompt, temperature in (("Facts about the sun: The sun is a", 0),  # greedy: writes " the" soon
-                                ("Once upon a time, in a land of tapestries,", 1.0)):
+    for prompt, temperature in (
+        ("Facts about the sun: The sun is a", 0),  # greedy: writes " the" soon
+        ("Once upon a time, in a land of tapestries,", 1.0),
+    ):
         sampler = BacktrackSampler(provider, AntiSlopStrategy(provider, banned))
         events = []
-        text = "".join(sampler.generate_text(prompt, max_new_tokens=40, temperature=temperature, seed=0,
-                                             on_rewind=events.append))
+        text = "".join(
+            sampler.generate_text(prompt, max_new_tokens=40, temperature=temperature, seed=0, on_rewind=events.append)
+        )
         assert not [p for p in banned if p.lower() in text.lower()], text
         assert sampler.stats.finish_reason == ("length" if sampler.stats.delivered == 40 else "stop")
         assert all(e.reason.startswith("phrase '") and e.reason[8:-1] in e.text.lower() for e in events)
@@ -417,8 +451,11 @@ def test_real_model_never_outputs_banned_phrases(provider, many_phrases):
 def test_real_model_regex_only_ban(provider):
     sampler = BacktrackSampler(provider, AntiSlopStrategy(provider, [], regexes=[r"\bthe\b"]))
     events = []
-    text = "".join(sampler.generate_text("Facts about the sun: The sun is a", max_new_tokens=30, temperature=0,
-                                         on_rewind=events.append))
+    text = "".join(
+        sampler.generate_text(
+            "Facts about the sun: The sun is a", max_new_tokens=30, temperature=0, on_rewind=events.append
+        )
+    )
     assert events and not re.search(r"\bthe\b", text, re.IGNORECASE), text
 
 

@@ -39,7 +39,7 @@ BASE_PROMPT = "Once upon a time, in a small village by the sea, there lived an o
 
 def load(backend: str, model: str):
     from backtrack_sampler.errors import UsageError
-    from backtrack_sampler.models import load_provider
+    from backtrack_sampler.provider.models import load_provider
 
     try:
         return load_provider(backend, model, 4096 if backend == "llamacpp" else None, None)
@@ -50,7 +50,7 @@ def load(backend: str, model: str):
 def prompt_tokens(provider, model: str) -> List[int]:
     """The chat model gets its chat template, the base model a story opening."""
     if model.startswith("smollm2"):
-        from backtrack_sampler.chat import chat_prompt_tokens
+        from backtrack_sampler.provider.chat import chat_prompt_tokens
 
         return chat_prompt_tokens(provider, [{"role": "user", "content": PROMPT}])
     return provider.encode(BASE_PROMPT)
@@ -106,7 +106,7 @@ def test_in_process_transformers(model):
 @pytest.fixture(scope="module")
 def llama_server(model):
     """One llama-server per model (4 slots), stopped at the end of the model's tests."""
-    from backtrack_sampler.models import resolve_model
+    from backtrack_sampler.provider.models import resolve_model
 
     try:
         gguf = str(resolve_model(model))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from backtrack_sampler import BacktrackSampler, BaseStrategy
-from backtrack_sampler.batch import BatchScheduler
+from backtrack_sampler.core.batch import BatchScheduler
 from backtrack_sampler.provider.fake_provider import FakeProvider
 
 
@@ -166,8 +166,9 @@ def test_callbacks_and_text():
     fake = FakeProvider()
     scheduler = BatchScheduler(fake)
     seen, done = [], []
-    job = scheduler.submit("the cat", max_new_tokens=6, seed=4, on_tokens=lambda j, t: seen.extend(t),
-                           on_finish=done.append)
+    job = scheduler.submit(
+        "the cat", max_new_tokens=6, seed=4, on_tokens=lambda j, t: seen.extend(t), on_finish=done.append
+    )
     list(scheduler.run())
     assert seen == job.tokens and done == [job] and job.text == fake.decode(job.tokens)
 

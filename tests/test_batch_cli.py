@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from backtrack_sampler import batchfile, cli
-from backtrack_sampler.batchfile import JsonlOutput, preference_pair, read_prompts
+from backtrack_sampler.cli import batchfile
+from backtrack_sampler.cli import commands as cli
+from backtrack_sampler.cli.batchfile import JsonlOutput, preference_pair, read_prompts
 from backtrack_sampler.provider.fake_provider import FakeProvider
 
 PROMPTS = [
@@ -27,8 +28,9 @@ def fake_model(monkeypatch):
     provider = FakeProvider(context_length=256)
     monkeypatch.setattr(cli, "load_provider", lambda *args, **kwargs: provider)
     # the fake has no chat format: a chat is its messages' contents in a row
-    monkeypatch.setattr(batchfile, "chat_prompt_tokens",
-                        lambda p, messages: p.encode("".join(m["content"] for m in messages)))
+    monkeypatch.setattr(
+        batchfile, "chat_prompt_tokens", lambda p, messages: p.encode("".join(m["content"] for m in messages))
+    )
     return provider
 
 
@@ -85,7 +87,7 @@ BAD = [
     '{"prompt": "p", "max_tokens": -1}',
     '{"prompt": "p", "top_p": 2}',
     '{"id": 1, "prompt": "the same id as line 1"}',
-    '',
+    "",
     '{"prompt": "fine too"}',
 ]
 
@@ -94,9 +96,18 @@ def test_bad_lines_are_reported_with_their_line_numbers(fake_model, tmp_path):
     _, bad = read_prompts(BAD)
     assert [b.line for b in bad] == list(range(2, 12))
     messages = "\n".join(map(str, bad))
-    for words in ("line 2: not valid JSON", "line 3: expected a JSON object", "line 4: no 'prompt' or 'messages'",
-                  "line 5: give either", "line 6: messages[0]", "line 7: 'id'", "line 8: 'temperature' must be a number",
-                  "line 9: 'max_tokens' must be an integer >= 0", "line 10: top_p", "line 11: id 1 is already used on line 1"):
+    for words in (
+        "line 2: not valid JSON",
+        "line 3: expected a JSON object",
+        "line 4: no 'prompt' or 'messages'",
+        "line 5: give either",
+        "line 6: messages[0]",
+        "line 7: 'id'",
+        "line 8: 'temperature' must be a number",
+        "line 9: 'max_tokens' must be an integer >= 0",
+        "line 10: top_p",
+        "line 11: id 1 is already used on line 1",
+    ):
         assert words in messages, words
     prompts, out = write_jsonl(tmp_path / "p.jsonl", BAD), tmp_path / "out.jsonl"
     status, err = run(["batch", str(prompts), "-o", str(out)])  # fatal by default: nothing runs
@@ -177,9 +188,11 @@ def test_a_cut_off_last_line_is_dropped_and_a_foreign_file_is_refused(fake_model
 
 def test_a_failing_generation_is_reported_and_not_written(fake_model, tmp_path):
     boom = tmp_path / "boom.py"
-    boom.write_text("from backtrack_sampler import BaseStrategy\n\nclass Boom(BaseStrategy):\n"
-                    "    def backtrack(self, tokens):\n        if len(tokens) == 2:\n"
-                    "            raise RuntimeError('boom')\n        return tokens\n")
+    boom.write_text(
+        "from backtrack_sampler import BaseStrategy\n\nclass Boom(BaseStrategy):\n"
+        "    def backtrack(self, tokens):\n        if len(tokens) == 2:\n"
+        "            raise RuntimeError('boom')\n        return tokens\n"
+    )
     prompts, out = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:2]), tmp_path / "out.jsonl"
     status, err = run(["batch", str(prompts), "-o", str(out), "--strategy", f"{boom}:Boom"])
     assert status == 1 and "error: id 'a' (line 1) failed: RuntimeError: boom" in err and "2 failed" in err
@@ -189,8 +202,26 @@ def test_a_failing_generation_is_reported_and_not_written(fake_model, tmp_path):
 def test_trace_and_pairs(fake_model, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
     out, trace, pairs = tmp_path / "out.jsonl", tmp_path / "trace.jsonl", tmp_path / "pairs.jsonl"
-    status, err = run(["batch", str(prompts), "-o", str(out), "--trace", str(trace), "--pairs", str(pairs),
-                       "--ban", " the", "--ban", " cat", "--seed", "2", "--max-new-tokens", "20"])
+    status, err = run(
+        [
+            "batch",
+            str(prompts),
+            "-o",
+            str(out),
+            "--trace",
+            str(trace),
+            "--pairs",
+            str(pairs),
+            "--ban",
+            " the",
+            "--ban",
+            " cat",
+            "--seed",
+            "2",
+            "--max-new-tokens",
+            "20",
+        ]
+    )
     assert status == 0, err
     records = {r["id"]: r for r in read_jsonl(out)}
     rewinds = read_jsonl(trace)
@@ -207,16 +238,20 @@ def test_trace_and_pairs(fake_model, tmp_path):
             assert pair["chosen"][0]["role"] == "assistant"
         else:
             assert isinstance(pair["prompt"], str) and pair["prompt"].startswith(
-                next(p["prompt"] for p in PROMPTS if p.get("id", 3) == pair["id"]))
+                next(p["prompt"] for p in PROMPTS if p.get("id", 3) == pair["id"])
+            )
 
 
 def test_preference_pair_formats():
     text = {"id": 1, "prompt": "Say", "prefix": " the", "rejected": " country", "chosen": " United"}
     assert preference_pair(text) == {"id": 1, "prompt": "Say the", "chosen": " United", "rejected": " country"}
     chat = {**text, "prompt": [{"role": "user", "content": "Say"}]}
-    assert preference_pair(chat) == {"id": 1, "prompt": [{"role": "user", "content": "Say"}],
-                                     "chosen": [{"role": "assistant", "content": " the United"}],
-                                     "rejected": [{"role": "assistant", "content": " the country"}]}
+    assert preference_pair(chat) == {
+        "id": 1,
+        "prompt": [{"role": "user", "content": "Say"}],
+        "chosen": [{"role": "assistant", "content": " the United"}],
+        "rejected": [{"role": "assistant", "content": " the country"}],
+    }
     for chosen in (None, "", " country"):
         assert preference_pair({**text, "chosen": chosen}) is None
 
@@ -232,17 +267,38 @@ def test_jsonl_output_keeps_only_the_given_ids(tmp_path):
 def test_through_a_fake_engine(monkeypatch, tmp_path):
     """--engine: the same command on the engine's backend (N concurrent streams); a failing engine
     stops the run with a clear error, and what was written stays."""
-    from backtrack_sampler.engine import EngineProvider
     from engine_fakes import FakeEngine
+
+    from backtrack_sampler.engine import EngineProvider
 
     model = FakeProvider()
     fake = FakeEngine("vllm", model.logits_for, model.vocab_size, eos=model.get_eos_token_id())
     try:
-        monkeypatch.setattr(cli, "_load", lambda args, chat: EngineProvider(fake.url, "vllm", tokenizer=model, timeout=5))
+        monkeypatch.setattr(
+            cli, "_load", lambda args, chat: EngineProvider(fake.url, "vllm", tokenizer=model, timeout=5)
+        )
         rows = [{"id": i, "prompt": " it was"} for i in range(6)]
         prompts, out = write_jsonl(tmp_path / "p.jsonl", rows), tmp_path / "out.jsonl"
-        argv = ["batch", str(prompts), "-o", str(out), "--engine", fake.url, "--engine-type", "vllm",
-                "--parallel", "3", "--ban", " the", "--max-new-tokens", "10", "--top-k", "8", "--seed", "1"]
+        argv = [
+            "batch",
+            str(prompts),
+            "-o",
+            str(out),
+            "--engine",
+            fake.url,
+            "--engine-type",
+            "vllm",
+            "--parallel",
+            "3",
+            "--ban",
+            " the",
+            "--max-new-tokens",
+            "10",
+            "--top-k",
+            "8",
+            "--seed",
+            "1",
+        ]
         status, err = run(argv)
         assert status == 0, err
         records = read_jsonl(out)
@@ -260,14 +316,26 @@ def test_through_a_fake_engine(monkeypatch, tmp_path):
 def test_batch_help_and_usage_errors(fake_model, tmp_path, capsys):
     assert cli.main(["batch", "--help"]) == 0
     help_text = capsys.readouterr().out
-    for option in ("--output", "--parallel", "--engine", "--strategy", "--slops", "--ban", "--trace", "--pairs",
-                   "--skip-bad-lines", "--quiet"):
+    for option in (
+        "--output",
+        "--parallel",
+        "--engine",
+        "--strategy",
+        "--slops",
+        "--ban",
+        "--trace",
+        "--pairs",
+        "--skip-bad-lines",
+        "--quiet",
+    ):
         assert option in help_text
     status, err = run(["batch", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o.jsonl")])
     assert status == 1 and "cannot read" in err
     status, err = run(["batch", "-", "-o", str(tmp_path / "o.jsonl"), "--strategy", "human"], stdin='{"prompt": "x"}\n')
     assert status == 1 and "human strategy" in err
-    status, err = run(["batch", "-", "-o", str(tmp_path / "o.jsonl"), "--max-new-tokens", "3"], stdin='{"prompt": " it"}\n')
+    status, err = run(
+        ["batch", "-", "-o", str(tmp_path / "o.jsonl"), "--max-new-tokens", "3"], stdin='{"prompt": " it"}\n'
+    )
     assert status == 0 and len(read_jsonl(tmp_path / "o.jsonl")) == 1
 
 
@@ -283,11 +351,33 @@ def test_in_process_on_the_embedded_chat_model_interrupted_and_resumed(tmp_path)
 
     root = Path(__file__).resolve().parents[1]
     topics = ["a fox", "a lighthouse", "a baker", "a robot", "the sea", "a violin"]
-    prompts = write_jsonl(tmp_path / "p.jsonl", [
-        {"id": t, "messages": [{"role": "user", "content": f"Write a short story about {t}."}]} for t in topics])
+    prompts = write_jsonl(
+        tmp_path / "p.jsonl",
+        [{"id": t, "messages": [{"role": "user", "content": f"Write a short story about {t}."}]} for t in topics],
+    )
     out, pairs = tmp_path / "out.jsonl", tmp_path / "pairs.jsonl"
-    argv = [sys.executable, "-m", "backtrack_sampler.cli", "batch", str(prompts), "-o", str(out), "--pairs", str(pairs),
-            "--ban", "the", "--whole-words", "--parallel", "2", "--n-ctx", "1024", "--max-new-tokens", "48", "--seed", "1"]
+    argv = [
+        sys.executable,
+        "-m",
+        "backtrack_sampler.cli",
+        "batch",
+        str(prompts),
+        "-o",
+        str(out),
+        "--pairs",
+        str(pairs),
+        "--ban",
+        "the",
+        "--whole-words",
+        "--parallel",
+        "2",
+        "--n-ctx",
+        "1024",
+        "--max-new-tokens",
+        "48",
+        "--seed",
+        "1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(root)}
     process = subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
@@ -317,12 +407,20 @@ class Terminal(io.StringIO):
 def test_progress_bar_on_a_terminal_and_quiet(fake_model, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
     err = Terminal()
-    status = cli.main(["batch", str(prompts), "-o", str(tmp_path / "o.jsonl"), "--max-new-tokens", "6"],
-                      stdin=io.StringIO(), stdout=io.StringIO(), stderr=err)
+    status = cli.main(
+        ["batch", str(prompts), "-o", str(tmp_path / "o.jsonl"), "--max-new-tokens", "6"],
+        stdin=io.StringIO(),
+        stdout=io.StringIO(),
+        stderr=err,
+    )
     assert status == 0
     bar = err.getvalue()
     assert "5/5" in bar and "prompt" in bar and "tok/s" in bar and "rewinds" in bar and "completions written" in bar
     err = Terminal()
-    status = cli.main(["batch", str(prompts), "-o", str(tmp_path / "q.jsonl"), "--max-new-tokens", "6", "--quiet"],
-                      stdin=io.StringIO(), stdout=io.StringIO(), stderr=err)
+    status = cli.main(
+        ["batch", str(prompts), "-o", str(tmp_path / "q.jsonl"), "--max-new-tokens", "6", "--quiet"],
+        stdin=io.StringIO(),
+        stdout=io.StringIO(),
+        stderr=err,
+    )
     assert status == 0 and err.getvalue() == ""

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from backtrack_sampler import AntiSlopStrategy, BacktrackSampler
-from backtrack_sampler.batch import BatchScheduler
+from backtrack_sampler.core.batch import BatchScheduler
 
 pytestmark = pytest.mark.model
 
 
 @pytest.fixture(scope="module")
 def small_llm():
-    from backtrack_sampler.models import load_llamacpp
+    from backtrack_sampler.provider.models import load_llamacpp
 
     return load_llamacpp(n_ctx=1024)
 
@@ -99,8 +99,12 @@ def test_scheduler_runs_different_bans_side_by_side(batched):
     bans = [["the"], ["and"], ["a"], ["was"], ["of"], ["to"], ["in"], ["he", "she"]]
     scheduler = BatchScheduler(batched)
     prompt = "Write a short story about a dragon who learns to bake bread."
-    jobs = [scheduler.submit(prompt, AntiSlopStrategy(batched, ban, whole_words=True), max_new_tokens=40,
-                             temperature=0.8, seed=i) for i, ban in enumerate(bans)]
+    jobs = [
+        scheduler.submit(
+            prompt, AntiSlopStrategy(batched, ban, whole_words=True), max_new_tokens=40, temperature=0.8, seed=i
+        )
+        for i, ban in enumerate(bans)
+    ]
     assert scheduler.queued == 8
     list(scheduler.run())
     for job, ban in zip(jobs, bans):
@@ -120,8 +124,10 @@ def test_scheduler_greedy_equals_the_single_sequence_driver_on_transformers(tran
     provider = TransformersProvider(transformers_provider.model, transformers_provider.tokenizer, "cpu", slots=3)
     prompts = ["The capital of France is", "Once upon a time", "List three colours:"]
     scheduler = BatchScheduler(provider)
-    jobs = [scheduler.submit(p, AntiSlopStrategy(provider, ["the"], whole_words=True), max_new_tokens=12,
-                             temperature=0) for p in prompts]
+    jobs = [
+        scheduler.submit(p, AntiSlopStrategy(provider, ["the"], whole_words=True), max_new_tokens=12, temperature=0)
+        for p in prompts
+    ]
     list(scheduler.run())
     for job, prompt in zip(jobs, prompts):
         sampler = BacktrackSampler(provider, AntiSlopStrategy(provider, ["the"], whole_words=True))
@@ -134,8 +140,10 @@ def test_batch_rows_go_in_sequence_order_whatever_the_slots(small_llm, monkeypat
     keys that hold slots in reverse order must still be sent as one batch in slot order, each
     with its own logits."""
     provider = slotted(small_llm, 4)
-    prompts = {key: provider.encode(text) for key, text in
-               zip("abcd", ("The sea", "A cat sat on", "Once upon a time", "In the morning"))}
+    prompts = {
+        key: provider.encode(text)
+        for key, text in zip("abcd", ("The sea", "A cat sat on", "Once upon a time", "In the morning"))
+    }
     alone = {}
     for key, prompt in prompts.items():
         alone[key] = provider.generate_batch({key: prompt})[key]

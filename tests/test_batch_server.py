@@ -12,9 +12,9 @@ import time
 import httpx
 import openai
 import pytest
-
-from backtrack_sampler.server import Engine, create_app
 from serving import ServerThread
+
+from backtrack_sampler.server.app import Engine, create_app
 
 pytestmark = pytest.mark.model
 TIMEOUT = 300
@@ -22,7 +22,7 @@ TIMEOUT = 300
 
 @pytest.fixture(scope="module")
 def slotted_llm():
-    from backtrack_sampler.models import load_llamacpp
+    from backtrack_sampler.provider.models import load_llamacpp
 
     return load_llamacpp(n_ctx=1024)
 
@@ -56,8 +56,10 @@ class Streamer(threading.Thread):
 
     def __init__(self, server, max_tokens=800, **body):
         super().__init__(daemon=True)
-        self.url, self.body = server.url + "/v1/completions", dict(prompt="Tell me a long story.", max_tokens=max_tokens,
-                                                                   stream=True, **body)
+        self.url, self.body = (
+            server.url + "/v1/completions",
+            dict(prompt="Tell me a long story.", max_tokens=max_tokens, stream=True, **body),
+        )
         self.status, self.chunks, self.closing = None, 0, threading.Event()
         self.headers = {}
 
@@ -76,14 +78,33 @@ class Streamer(threading.Thread):
 
 
 def test_eight_concurrent_requests_with_different_bans(slotted_llm):
-    bans = [[" the", " The"], [" and"], [" a", " A"], [" was"], [" of"], [" to"], [" in"], [" he", " she", " He", " She"]]
+    bans = [
+        [" the", " The"],
+        [" and"],
+        [" a", " A"],
+        [" was"],
+        [" of"],
+        [" to"],
+        [" in"],
+        [" he", " she", " He", " She"],
+    ]
     engine, thread = serving(slotted_llm, 8, 8)
     results, peak = {}, [0]
-    with thread as server, openai.OpenAI(base_url=server.url + "/v1", api_key="x", timeout=TIMEOUT, max_retries=0) as client:
+    with (
+        thread as server,
+        openai.OpenAI(base_url=server.url + "/v1", api_key="x", timeout=TIMEOUT, max_retries=0) as client,
+    ):
+
         def ask(i):
             stream = client.completions.create(
-                model="gemma-batch", prompt="Write a short story about a dragon who learns to bake bread.\n",
-                max_tokens=48, temperature=0.8, seed=i, stream=True, extra_body={"banned_strings": bans[i]})
+                model="gemma-batch",
+                prompt="Write a short story about a dragon who learns to bake bread.\n",
+                max_tokens=48,
+                temperature=0.8,
+                seed=i,
+                stream=True,
+                extra_body={"banned_strings": bans[i]},
+            )
             parts, finish = [], None
             for chunk in stream:
                 parts.append(chunk.choices[0].text)
@@ -135,8 +156,10 @@ def test_full_queue_answers_429_and_recovers(slotted_llm):
         assert wait_for(lambda: running.chunks > 0)
         waiting = socket.create_connection(("127.0.0.1", server.port))  # raw, to hang up while it waits
         body = json.dumps({"prompt": "Hello", "max_tokens": 5, "stream": True}).encode()
-        waiting.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        waiting.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         assert wait_for(lambda: health(server)["queued"] == 1)
         refused = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 5}, timeout=TIMEOUT)
         assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from backtrack_sampler import cli, registry
+from backtrack_sampler.cli import commands as cli
 from backtrack_sampler.provider.fake_provider import FakeProvider
+from backtrack_sampler.strategy import registry
 from backtrack_sampler.strategy.base_strategy import BaseStrategy
 
 EXE = Path(sys.executable).with_name("backtrack-sampler")
@@ -54,8 +55,21 @@ def test_help(argv, capsys):
 def test_help_lists_the_options(capsys):
     cli.main(["generate", "--help"])
     out = capsys.readouterr().out
-    for option in ("--backend", "--model", "--strategy", "--slops", "--ban", "--regex-file", "--top-p-flat",
-                   "--eos-penalty", "--find", "--temperature", "--seed", "--max-new-tokens", "--show-backtracking"):
+    for option in (
+        "--backend",
+        "--model",
+        "--strategy",
+        "--slops",
+        "--ban",
+        "--regex-file",
+        "--top-p-flat",
+        "--eos-penalty",
+        "--find",
+        "--temperature",
+        "--seed",
+        "--max-new-tokens",
+        "--show-backtracking",
+    ):
         assert option in out
 
 
@@ -121,8 +135,12 @@ def test_prompt_errors(fake_model):
 
 
 def test_strategy_option_errors(fake_model):
-    assert_one_line_error(*run(["generate", "the", "--strategy", "magic"])[::2], "unknown strategy 'magic'",
-                          "package.module:Class", "path/to/file.py:Class")
+    assert_one_line_error(
+        *run(["generate", "the", "--strategy", "magic"])[::2],
+        "unknown strategy 'magic'",
+        "package.module:Class",
+        "path/to/file.py:Class",
+    )
     assert_one_line_error(*run(["generate", "the", "--strategy", "replace"])[::2], "--find")
     assert_one_line_error(*run(["generate", "the", "--find", "x", "--replace", "y"])[::2], "--strategy replace")
     assert_one_line_error(*run(["generate", "the", "--whole-words"])[::2], "--ban")
@@ -157,7 +175,10 @@ def test_read_slop_and_regex_lists(slop_files):
     assert len(pairs) == 500 and pairs[0] == ["a tapestry of", pairs[0][1]] and 0 < pairs[0][1] < 1
     assert registry.read_slops(str(slop_files["plain"]))[:2] == ["a tapestry of", "a testament to"]
     assert registry.read_regexes(str(slop_files["regexes"])) == [
-        "(?i)not [^.!?]{3,60} but", r"(?i)each(?:\s*\w+\s*|\s*)a", r"(?i)every(?:\s*\w+\s*|\s*)a"]
+        "(?i)not [^.!?]{3,60} but",
+        r"(?i)each(?:\s*\w+\s*|\s*)a",
+        r"(?i)every(?:\s*\w+\s*|\s*)a",
+    ]
 
 
 def test_regexes_a_linear_time_engine_cannot_run_are_one_line_errors(tmp_path, fake_model):
@@ -211,20 +232,31 @@ def test_show_backtracking_marks_rewinds_in_place(fake_model, monkeypatch):
 
     monkeypatch.setattr(cli, "build_strategies", lambda plan, provider: RewindOnce())
     both = io.StringIO()  # stdout and stderr interleaved, as on a terminal
-    argv = ["generate", "the", "--max-new-tokens", "10", "--temperature", "0", "--show-backtracking", "--color", "never"]
+    argv = [
+        "generate",
+        "the",
+        "--max-new-tokens",
+        "10",
+        "--temperature",
+        "0",
+        "--show-backtracking",
+        "--color",
+        "never",
+    ]
     assert cli.main(argv, stdin=io.StringIO(""), stdout=both, stderr=both) == 0
     text, summary = both.getvalue().rstrip("\n").rsplit("\n", 1)
     assert summary.startswith("[10 tokens delivered, 2 rewound in 1 rewind,") and "tokens/s" in summary
     # greedy decoding regenerates the same 2 tokens: struck out right after the 4 tokens kept
     tokens = list(BacktrackSampler(fake_model, BaseStrategy()).generate("the", max_new_tokens=10, temperature=0))
     decode = fake_model.decode
-    assert text == decode(tokens[:4]) + "[-" + decode(tokens[4:6]) + "-]" + decode(tokens)[len(decode(tokens[:4])):]
+    assert text == decode(tokens[:4]) + "[-" + decode(tokens[4:6]) + "-]" + decode(tokens)[len(decode(tokens[:4])) :]
 
 
 def test_show_backtracking_colours(fake_model, monkeypatch):
     monkeypatch.setattr(cli, "build_strategies", lambda plan, provider: RewindOnce())
-    status, out, err = run(["generate", "the", "--max-new-tokens", "8", "--temperature", "0",
-                            "--show-backtracking", "--color", "always"])
+    status, out, err = run(
+        ["generate", "the", "--max-new-tokens", "8", "--temperature", "0", "--show-backtracking", "--color", "always"]
+    )
     assert status == 0
     assert "\x1b[9;31m" in err and "\x1b[0m" in err and "rewound in 1 rewind" in err
     assert "\x1b" not in out
@@ -233,10 +265,27 @@ def test_show_backtracking_colours(fake_model, monkeypatch):
 def test_strategy_plan_chains_antislop_first(tmp_path):
     slops = tmp_path / "s.txt"
     slops.write_text("tapestry\n")
-    args = cli.build_parser().parse_args(["generate", "x", "--strategy", "creative", "--top-p-flat", "0.5",
-                                          "--slops", str(slops), "--ban", "delve", "--regex", "a+b"])
+    args = cli.build_parser().parse_args(
+        [
+            "generate",
+            "x",
+            "--strategy",
+            "creative",
+            "--top-p-flat",
+            "0.5",
+            "--slops",
+            str(slops),
+            "--ban",
+            "delve",
+            "--regex",
+            "a+b",
+        ]
+    )
     plan = [(call.name, call.kwargs) for call in cli.strategy_plan(args)]
-    assert plan == [("antislop", {"slops": ["tapestry", "delve"], "regexes": ["a+b"]}), ("creative", {"top_p_flat": 0.5})]
+    assert plan == [
+        ("antislop", {"slops": ["tapestry", "delve"], "regexes": ["a+b"]}),
+        ("creative", {"top_p_flat": 0.5}),
+    ]
 
 
 @pytest.mark.parametrize("strategy", ["none", "debug", "adaptive", "creative", "antislop", "replace"])
@@ -259,22 +308,48 @@ def test_each_strategy_runs(strategy, fake_model):
 def test_ban_removes_a_phrase(fake_model):
     plain = run(["generate", "the", "--max-new-tokens", "12", "--temperature", "0"])[1]
     word = max(plain.split(), key=len)
-    status, out, err = run(["generate", "the", "--max-new-tokens", "12", "--temperature", "0", "--ban", word,
-                            "--show-backtracking", "--color", "never"])
+    status, out, err = run(
+        [
+            "generate",
+            "the",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--ban",
+            word,
+            "--show-backtracking",
+            "--color",
+            "never",
+        ]
+    )
     assert status == 0 and word not in out
     assert "rewound" in err
 
 
 def test_regex_alone_is_an_antislop_ban(fake_model):
     args = cli.build_parser().parse_args(["generate", "x", "--regex", "a+b"])
-    assert [(call.name, call.kwargs) for call in cli.strategy_plan(args)] == [("antislop", {"slops": [], "regexes": ["a+b"]})]
+    assert [(call.name, call.kwargs) for call in cli.strategy_plan(args)] == [
+        ("antislop", {"slops": [], "regexes": ["a+b"]})
+    ]
 
 
 # --- the real model ----------------------------------------------------------------------------------
 @pytest.mark.model
 def test_regex_alone_on_the_real_model(capsys):
-    argv = ["generate", "Facts about the sun: The sun is a", "--max-new-tokens", "20", "--temperature", "0",
-            "--n-ctx", "256", "--show-backtracking", "--color", "never"]
+    argv = [
+        "generate",
+        "Facts about the sun: The sun is a",
+        "--max-new-tokens",
+        "20",
+        "--temperature",
+        "0",
+        "--n-ctx",
+        "256",
+        "--show-backtracking",
+        "--color",
+        "never",
+    ]
     assert cli.main(argv) == 0
     plain = capsys.readouterr().out
     assert re.search(r"\bthe\b", plain, re.IGNORECASE), plain  # greedy writes "the": the ban has work to do
@@ -287,8 +362,19 @@ def test_regex_alone_on_the_real_model(capsys):
 
 @pytest.mark.model
 def test_generate_on_the_real_model_in_process(capsys):
-    status = cli.main(["generate", "The capital of France is", "--max-new-tokens", "3", "--temperature", "0",
-                       "--n-ctx", "256", "--show-backtracking"])
+    status = cli.main(
+        [
+            "generate",
+            "The capital of France is",
+            "--max-new-tokens",
+            "3",
+            "--temperature",
+            "0",
+            "--n-ctx",
+            "256",
+            "--show-backtracking",
+        ]
+    )
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert captured.out.strip()
@@ -302,7 +388,10 @@ def test_console_script_help_and_generate():
     assert result.returncode == 0 and "generate" in result.stdout and "serve" in result.stdout
     result = subprocess.run(
         [str(EXE), "generate", "--max-new-tokens", "3", "--temperature", "0", "--n-ctx", "256", "--chat"],
-        input="Hello!", capture_output=True, text=True, timeout=300,
+        input="Hello!",
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith("\n")
@@ -310,8 +399,9 @@ def test_console_script_help_and_generate():
 
 @pytest.mark.model
 def test_console_script_error_is_one_line():
-    result = subprocess.run([str(EXE), "generate", "hi", "--model", "/no/such/file.gguf"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(EXE), "generate", "hi", "--model", "/no/such/file.gguf"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["error: no model at /no/such/file.gguf"]
 
@@ -324,7 +414,6 @@ def test_serve_with_a_missing_model_is_one_line_error():
 @pytest.mark.model
 def test_serve_as_a_subprocess():
     import httpx
-
     from serving import serve_subprocess
 
     args = ["--api-key", "secret", "--n-ctx", "256", "--threads", "1", "--model-name", "tiny"]
@@ -332,6 +421,10 @@ def test_serve_as_a_subprocess():
         assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
         models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer secret"}, timeout=10).json()
         assert models["data"][0]["id"] == "tiny"
-        result = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer secret"}, timeout=120,
-                            json={"prompt": "Hello", "max_tokens": 2, "temperature": 0}).json()
+        result = httpx.post(
+            url + "/v1/completions",
+            headers={"Authorization": "Bearer secret"},
+            timeout=120,
+            json={"prompt": "Hello", "max_tokens": 2, "temperature": 0},
+        ).json()
         assert result["usage"]["completion_tokens"] <= 2

@@ -27,19 +27,19 @@ from typing import List, Optional
 
 import httpx
 import pytest
-
-from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy, ChainStrategy
-from backtrack_sampler.batch import BatchScheduler
-from backtrack_sampler.engine import EngineProvider
-from backtrack_sampler.events import Done, EventTracker, Rewind, TraceWriter, Transcript, event_dict, stream_events
-from backtrack_sampler.generation import GenerationStats
-from backtrack_sampler.playground import CandidateSearch, candidates
-from backtrack_sampler.provider.fake_provider import FakeProvider
-from backtrack_sampler.schemas import BUILTIN_STRATEGIES
-from backtrack_sampler.server import Engine, Limits, create_app
-from backtrack_sampler.strategy.base_strategy import ConstraintError
 from engine_fakes import FakeEngine
 from serving import ServerThread
+
+from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy, ChainStrategy
+from backtrack_sampler.core.batch import BatchScheduler
+from backtrack_sampler.core.events import Done, EventTracker, Rewind, TraceWriter, Transcript, event_dict, stream_events
+from backtrack_sampler.core.generation import GenerationStats
+from backtrack_sampler.engine import EngineProvider
+from backtrack_sampler.provider.fake_provider import FakeProvider
+from backtrack_sampler.server.app import Engine, Limits, create_app
+from backtrack_sampler.server.playground import CandidateSearch, candidates
+from backtrack_sampler.server.schemas import BUILTIN_STRATEGIES
+from backtrack_sampler.strategy.base_strategy import ConstraintError
 
 TOKENS = 16  # tokens per generation: the scenarios need few
 
@@ -242,8 +242,9 @@ def _fake_engine_driver():
 
 
 def _llama_server_driver():
-    from backtrack_sampler.models import default_model_path
     from test_engine_llama_server import LlamaServer, llama_server_binary
+
+    from backtrack_sampler.provider.models import default_model_path
 
     gguf = str(default_model_path())
     process = LlamaServer(llama_server_binary(), gguf)
@@ -257,9 +258,16 @@ def _llama_server_driver():
     return Driver("llama-server", provider, "def fibonacci(n):\n"), stop
 
 
-@pytest.fixture(scope="module", params=["single", "batch", "engine",
-                                        pytest.param("embedded", marks=pytest.mark.model),
-                                        pytest.param("llama-server", marks=pytest.mark.model)])
+@pytest.fixture(
+    scope="module",
+    params=[
+        "single",
+        "batch",
+        "engine",
+        pytest.param("embedded", marks=pytest.mark.model),
+        pytest.param("llama-server", marks=pytest.mark.model),
+    ],
+)
 def module_driver(request):
     if request.param in ("single", "batch"):
         yield Driver(request.param, FakeProvider(), " the cat")
@@ -314,8 +322,11 @@ def test_chained_strategies_hold_together_and_every_member_is_told_of_every_cut(
     p = driver.provider
     plain = driver.run(BaseStrategy())
     i, first = a_word(p, plain.tokens)
-    _, second = a_word(p, plain.tokens, i + 1) if any(
-        len(p.decode([t]).strip()) >= 2 and p.decode([t]).strip().isalpha() for t in plain.tokens[i + 1:]) else (0, first)
+    _, second = (
+        a_word(p, plain.tokens, i + 1)
+        if any(len(p.decode([t]).strip()) >= 2 and p.decode([t]).strip().isalpha() for t in plain.tokens[i + 1 :])
+        else (0, first)
+    )
     recorder = Recorder()
     run = driver.run(ChainStrategy([AntiSlopStrategy(p, [first]), AntiSlopStrategy(p, [second]), recorder]))
     text = run.text(p).lower()
@@ -404,8 +415,11 @@ def test_a_trace_records_every_rewind_and_the_end(driver):
     if driver.batched:
         events = driver.run(AntiSlopStrategy(p, [word])).events
     else:
-        events = list(stream_events(BacktrackSampler(p, AntiSlopStrategy(p, [word])), driver.prompt,
-                                    max_new_tokens=TOKENS, temperature=0))
+        events = list(
+            stream_events(
+                BacktrackSampler(p, AntiSlopStrategy(p, [word])), driver.prompt, max_new_tokens=TOKENS, temperature=0
+            )
+        )
     for event in events:
         writer.write(event)
     records = [json.loads(line) for line in out.getvalue().splitlines()]
@@ -455,13 +469,24 @@ def test_server_time_limit_ends_with_length(driver):
     driver.slow(0.005)
     with driver.serve(Limits(max_seconds=0.5)) as server:
         started = time.monotonic()
-        answer = _post(server, "/v1/completions", {"prompt": driver.prompt, "max_tokens": 2000, "temperature": 0,
-                                                   "banned_strings": ["zebra"]}).json()
+        answer = _post(
+            server,
+            "/v1/completions",
+            {"prompt": driver.prompt, "max_tokens": 2000, "temperature": 0, "banned_strings": ["zebra"]},
+        ).json()
         assert time.monotonic() - started < 10
         assert answer["choices"][0]["finish_reason"] == "length" and answer["usage"]["completion_tokens"] < 2000
         chunks: list = []
-        _stream(server, {"prompt": driver.prompt, "max_tokens": 2000, "temperature": 0,
-                         "stream_options": {"include_backtrack": True}}, chunks)
+        _stream(
+            server,
+            {
+                "prompt": driver.prompt,
+                "max_tokens": 2000,
+                "temperature": 0,
+                "stream_options": {"include_backtrack": True},
+            },
+            chunks,
+        )
         events = [c["backtrack"] for _, c in chunks if "backtrack" in c]
         assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == "length"
 
@@ -469,8 +494,13 @@ def test_server_time_limit_ends_with_length(driver):
 def test_server_include_backtrack_events_arrive_live(driver):
     chunks: list = []
     first = threading.Event()
-    body = {"prompt": driver.prompt, "max_tokens": 48, "temperature": 0, "banned_strings": ["zebra"],
-            "stream_options": {"include_backtrack": True}}
+    body = {
+        "prompt": driver.prompt,
+        "max_tokens": 48,
+        "temperature": 0,
+        "banned_strings": ["zebra"],
+        "stream_options": {"include_backtrack": True},
+    }
     with driver.serve() as server:
         if driver.can_hold:
             driver.hold(after=4)
@@ -508,8 +538,11 @@ def test_server_candidates(driver):
     plain = driver.run(BaseStrategy())
     chosen = plain.tokens[:2]
     with driver.serve() as server:
-        answer = _post(server, "/v1/backtrack/candidates", {"prompt": driver.prompt, "tokens": chosen, "top_n": 3,
-                                                              "banned_strings": ["zebra"]}).json()
+        answer = _post(
+            server,
+            "/v1/backtrack/candidates",
+            {"prompt": driver.prompt, "tokens": chosen, "top_n": 3, "banned_strings": ["zebra"]},
+        ).json()
     assert answer["tokens"] == chosen and answer["finish_reason"] is None, answer
     assert len(answer["candidates"]) == 3 and answer["candidates"][0]["token"] == plain.tokens[2]
 
@@ -523,8 +556,11 @@ def test_seam_candidates_through_an_engine_replay_the_chosen_tokens():
     try:
         with ServerThread(create_app(Engine(EngineProvider(fake.url, "llama-server", tokenizer=model)))) as server:
             chosen = [model.ids[" dog"], model.ids[" sat"]]
-            answer = httpx.post(server.url + "/v1/backtrack/candidates", timeout=30,
-                                json={"prompt": " the cat", "tokens": chosen, "top_n": 4}).json()
+            answer = httpx.post(
+                server.url + "/v1/backtrack/candidates",
+                timeout=30,
+                json={"prompt": " the cat", "tokens": chosen, "top_n": 4},
+            ).json()
     finally:
         fake.close()
     assert answer["tokens"] == chosen and answer["text"] == " dog sat", answer
@@ -543,9 +579,15 @@ def test_seam_include_backtrack_events_stream_live_through_an_engine():
     got, seen = [], threading.Event()
     try:
         with ServerThread(create_app(Engine(EngineProvider(fake.url, "llama-server", tokenizer=model)))) as server:
+
             def client():
-                body = {"prompt": " the cat", "max_tokens": 12, "seed": 1, "stream": True,
-                        "stream_options": {"include_backtrack": True}}
+                body = {
+                    "prompt": " the cat",
+                    "max_tokens": 12,
+                    "seed": 1,
+                    "stream": True,
+                    "stream_options": {"include_backtrack": True},
+                }
                 with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
                     for line in response.iter_lines():
                         if line.startswith("data: {"):
@@ -567,8 +609,11 @@ def test_seam_include_backtrack_events_stream_live_through_an_engine():
 
 # ---- every built-in strategy, by name, on every driver ------------------------------------------
 BUILTIN_PARAMS = {  # the least each needs; the rest are its defaults
-    "antislop": {"slops": ["cat"]}, "replace": {"find": ["cat"], "replace": "dog"},
-    "grammar": {"regex": "( [a-z]+)+"}, "logit_bias": {"bias": {"5": -100}}, "xtc": {"seed": 0},  # XTC draws its own
+    "antislop": {"slops": ["cat"]},
+    "replace": {"find": ["cat"], "replace": "dog"},
+    "grammar": {"regex": "( [a-z]+)+"},
+    "logit_bias": {"bias": {"5": -100}},
+    "xtc": {"seed": 0},  # XTC draws its own
 }
 
 
@@ -587,11 +632,14 @@ def test_every_builtin_strategy_by_name_runs_on_every_driver(driver, name):
     assert run.stats.finish_reason in ("length", "stop"), (name, run.stats.constraint)
     assert run.tokens and isinstance(run.events[-1], Done)
     if driver.batched:
-        alone = list(BacktrackSampler(driver.provider, build()).generate(driver.prompt, max_new_tokens=TOKENS,
-                                                                        temperature=0))
+        alone = list(
+            BacktrackSampler(driver.provider, build()).generate(driver.prompt, max_new_tokens=TOKENS, temperature=0)
+        )
         assert run.tokens == alone, name
     if name == "grammar":
         import re
 
         whole = run.stats.finish_reason == "stop"  # the token limit may end it inside a word: a prefix
-        assert re.fullmatch(r"( [a-z]+)+" if whole else r"( [a-z]*)+", run.text(driver.provider)), run.text(driver.provider)
+        assert re.fullmatch(r"( [a-z]+)+" if whole else r"( [a-z]*)+", run.text(driver.provider)), run.text(
+            driver.provider
+        )

@@ -10,12 +10,12 @@ import time
 
 import numpy as np
 import pytest
+from engine_fakes import FakeEngine, llama_entry, llama_final, llama_partial, sglang_chunk, vllm_chunk
 
 from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy, CreativeWritingStrategy
 from backtrack_sampler.engine import APIS, EngineError, EngineProvider, Finish, Step, accept, loop
 from backtrack_sampler.provider.fake_provider import FakeProvider
 from backtrack_sampler.strategy.base_strategy import BaseStrategy as _Base
-from engine_fakes import FakeEngine, llama_entry, llama_final, llama_partial, sglang_chunk, vllm_chunk
 
 ENGINES = ["llama-server", "vllm", "sglang"]
 
@@ -66,8 +66,12 @@ def test_llama_server_gap_ends_the_request():
 def test_vllm_stream_reads_token_id_keys_and_drops_filtered_tokens():
     chunk = vllm_chunk([12, 3], [{12: -0.1, 3: -2.5, 8: -math.inf}, {3: -0.7, 12: -0.7}], [-0.1, -0.7], None)
     final = vllm_chunk([1], [{1: 0.0}], [0.0], "stop")
-    usage = {"id": "cmpl-fake", "object": "text_completion", "choices": [],
-             "usage": {"prompt_tokens": 9, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 8}}}
+    usage = {
+        "id": "cmpl-fake",
+        "object": "text_completion",
+        "choices": [],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 8}},
+    }
     steps = list(APIS["vllm"].events(iter([chunk, final, usage]), (0.8, 2, None, None)))
     assert [s.token for s in steps[:3]] == [12, 3, 1] and steps[3] == Finish("stop", 8)
     assert sorted(steps[0].ids.tolist()) == [3, 12]  # -9999.0 (filtered out) is not a candidate
@@ -75,10 +79,14 @@ def test_vllm_stream_reads_token_id_keys_and_drops_filtered_tokens():
 
 def test_sglang_cumulative_and_incremental_streams_give_the_same_steps():
     own, tops = [(-0.2, 4), (-0.9, 6)], [[(-0.2, 4), (-1.8, 6)], [(-0.9, 6), (-0.6, 4)]]
-    cumulative = [sglang_chunk([4], own[:1], tops[:1], 7, 6, None),
-                  sglang_chunk([4, 6], own, tops, 7, 6, {"type": "length", "length": 2})]
-    incremental = [sglang_chunk([4], own[:1], tops[:1], 7, 6, None),
-                   sglang_chunk([6], own[1:], tops[1:], 7, 6, {"type": "length", "length": 2})]
+    cumulative = [
+        sglang_chunk([4], own[:1], tops[:1], 7, 6, None),
+        sglang_chunk([4, 6], own, tops, 7, 6, {"type": "length", "length": 2}),
+    ]
+    incremental = [
+        sglang_chunk([4], own[:1], tops[:1], 7, 6, None),
+        sglang_chunk([6], own[1:], tops[1:], 7, 6, {"type": "length", "length": 2}),
+    ]
     incremental[1]["meta_info"]["completion_tokens"] = 2
     for stream in (cumulative, incremental):
         steps = list(APIS["sglang"].events(iter(stream), (1.0, None, None, None)))
@@ -154,7 +162,9 @@ def test_creative_writing_runs_through_the_engine(engine, model, monkeypatch):
     provider = connect(engine, model)
     sampler = BacktrackSampler(provider, CreativeWritingStrategy(provider, eos_penalty=0.0))
     readers, read = [], loop._Stream._read
-    monkeypatch.setattr(loop._Stream, "_read", lambda self, *a: (readers.append(threading.current_thread()), read(self, *a)))
+    monkeypatch.setattr(
+        loop._Stream, "_read", lambda self, *a: (readers.append(threading.current_thread()), read(self, *a))
+    )
     tokens = list(sampler.generate(" it was", max_new_tokens=20, seed=1, top_k=10))
     # the streams were read by threads kept for the next one, not by a new thread per request (Thread.start waits
     # for the thread to run: tens of ms in the scheduler's thread on a busy machine)
@@ -167,7 +177,9 @@ def test_creative_writing_runs_through_the_engine(engine, model, monkeypatch):
 
 
 @pytest.mark.parametrize("opaque", [False, True])
-@pytest.mark.parametrize("gap_at", [1, 3])  # a token in the middle; the last one (EOS), then only the final event shows it
+@pytest.mark.parametrize(
+    "gap_at", [1, 3]
+)  # a token in the middle; the last one (EOS), then only the final event shows it
 def test_llama_server_gap_is_bridged_one_token_at_a_time(model, opaque, gap_at):
     """llama-server does not stream a token that ends in an incomplete UTF-8 character: the loop
     notices the jump in tokens_predicted and asks for that token alone (kept as drafted when it
@@ -297,8 +309,12 @@ def test_unreachable_engine_is_a_clear_error(model):
 @pytest.mark.parametrize("fault", ["fail", "die", "stall", "stream_error"])
 def test_engine_faults_are_clear_errors(engine, model, fault):
     provider = connect(engine, model, timeout=1.0)
-    messages = {"fail": "HTTP 500: fake engine failure", "die": "broke off|ended the stream",
-                "stall": "did not answer within 1 s", "stream_error": "fake error mid-stream"}
+    messages = {
+        "fail": "HTTP 500: fake engine failure",
+        "die": "broke off|ended the stream",
+        "stall": "did not answer within 1 s",
+        "stream_error": "fake error mid-stream",
+    }
     if fault == "fail":
         engine.fail = True
     elif fault == "die":
@@ -326,8 +342,9 @@ def test_bad_arguments():
 def test_server_in_front_of_an_engine_streams_and_reports_engine_failures(model):
     """create_app(Engine(EngineProvider)) on a real uvicorn: completions come from the engine with
     the bans held, and an engine failure answers 502 with code "engine_error"."""
-    from backtrack_sampler.server import Engine, create_app
     from serving import ServerThread
+
+    from backtrack_sampler.server.app import Engine, create_app
 
     fake = FakeEngine("vllm", model.logits_for, model.vocab_size, eos=model.get_eos_token_id())
     engine = Engine(connect(fake, model, timeout=5))
@@ -335,8 +352,14 @@ def test_server_in_front_of_an_engine_streams_and_reports_engine_failures(model)
         with ServerThread(create_app(engine)) as server:
             import httpx
 
-            body = {"model": "x", "prompt": " it was", "max_tokens": 20, "seed": 1, "top_k": 8,
-                    "banned_strings": [" the", " a"]}
+            body = {
+                "model": "x",
+                "prompt": " it was",
+                "max_tokens": 20,
+                "seed": 1,
+                "top_k": 8,
+                "banned_strings": [" the", " a"],
+            }
             answer = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
             assert answer.status_code == 200, answer.text
             text = answer.json()["choices"][0]["text"]
@@ -354,6 +377,7 @@ def test_server_in_front_of_an_engine_streams_and_reports_engine_failures(model)
 def test_a_vocabulary_mismatch_is_a_clear_error(model):
     """An engine serving another model (larger vocabulary) is caught: at connection for
     llama-server (/v1/models n_vocab), at the first token id out of range for the others."""
+
     def wider(tokens):
         logits = np.zeros(model.vocab_size + 10, dtype=np.float32)
         logits[model.vocab_size + 5] = 10.0

@@ -42,9 +42,29 @@ class LlamaServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            [binary, "-m", model, "--host", "127.0.0.1", "--port", str(self.port), "-np", str(slots),
-             "-c", str(n_ctx), "-t", str(os.cpu_count() or 2), "--no-webui", "--no-warmup", "--swa-full", "-fa", "on"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                binary,
+                "-m",
+                model,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "-np",
+                str(slots),
+                "-c",
+                str(n_ctx),
+                "-t",
+                str(os.cpu_count() or 2),
+                "--no-webui",
+                "--no-warmup",
+                "--swa-full",
+                "-fa",
+                "on",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -78,7 +98,7 @@ def binary():
 
 @pytest.fixture(scope="module")
 def gguf():
-    from backtrack_sampler.models import default_model_path
+    from backtrack_sampler.provider.models import default_model_path
 
     return str(default_model_path())
 
@@ -204,11 +224,27 @@ def test_engine_dying_mid_stream_is_a_clear_error(binary, gguf):
 def test_command_line_generate_through_the_engine(server, gguf):
     import io
 
-    from backtrack_sampler.cli import main
+    from backtrack_sampler.cli.commands import main
 
     out, err = io.StringIO(), io.StringIO()
-    status = main(["generate", "Water boils at", "--engine", server.url, "--tokenizer", gguf,
-                   "--ban", " 100", "--temperature", "0", "--max-new-tokens", "12"], stdout=out, stderr=err)
+    status = main(
+        [
+            "generate",
+            "Water boils at",
+            "--engine",
+            server.url,
+            "--tokenizer",
+            gguf,
+            "--ban",
+            " 100",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "12",
+        ],
+        stdout=out,
+        stderr=err,
+    )
     assert status == 0, err.getvalue()
     assert len(out.getvalue().split()) >= 3 and " 100" not in out.getvalue(), out.getvalue()
 
@@ -216,8 +252,11 @@ def test_command_line_generate_through_the_engine(server, gguf):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     err = io.StringIO()
-    status = main(["generate", "hi", "--engine", f"http://127.0.0.1:{port}", "--tokenizer", gguf],
-                  stdout=io.StringIO(), stderr=err)
+    status = main(
+        ["generate", "hi", "--engine", f"http://127.0.0.1:{port}", "--tokenizer", gguf],
+        stdout=io.StringIO(),
+        stderr=err,
+    )
     assert status == 1 and "error: cannot reach llama-server" in err.getvalue()
 
 
@@ -225,8 +264,17 @@ def test_serve_engine_runs_concurrent_requests_concurrently(server, gguf):
     """`backtrack-sampler serve --engine URL` (a real process): 4 streamed requests are all under
     way at once (each got its first text while the others were still open), and bans hold."""
     with serve_subprocess(["--engine", server.url, "--tokenizer", gguf], ready_path="/v1/models") as base:
-        bodies = [{"model": "x", "prompt": "Once upon a time", "max_tokens": 40, "seed": i, "stream": True,
-                   "banned_strings": [" the", " and"]} for i in range(4)]
+        bodies = [
+            {
+                "model": "x",
+                "prompt": "Once upon a time",
+                "max_tokens": 40,
+                "seed": i,
+                "stream": True,
+                "banned_strings": [" the", " and"],
+            }
+            for i in range(4)
+        ]
         texts = concurrent_streams(base + "/v1/completions", bodies, lambda chunk: chunk["choices"][0]["text"])
         for text in texts:
             assert text and " the " not in f"{text} " and " and " not in f"{text} ", text
@@ -249,11 +297,15 @@ def test_sillytavern_through_serve_engine(server, gguf):
         assert lines[-1] == "[DONE]"
         text = "".join(json.loads(line)["choices"][0]["text"] for line in lines[:-1])
         assert text and not any(f" {w} " in f" {text.lower()} " for w in ("the", "and")), text
-        events = httpx.post(base + "/api/extra/generate/stream", timeout=180,
-                            json=kobold_body(prompt, 30, ["\n\n"], banned_tokens=[" the"], sampler_seed=3)).text
+        events = httpx.post(
+            base + "/api/extra/generate/stream",
+            timeout=180,
+            json=kobold_body(prompt, 30, ["\n\n"], banned_tokens=[" the"], sampler_seed=3),
+        ).text
         parsed = [json.loads(block.split("data: ", 1)[1]) for block in events.split("\n\n") if block]
         story = "".join(event["token"] for event in parsed)
         assert parsed[-1]["finish_reason"] in ("stop", "length") and story and " the " not in f" {story.lower()} "
+
 
 def test_batch_through_the_engine(server, gguf, tmp_path):
     """`backtrack-sampler batch --engine URL`: every prompt once, 4 at a time on the server's slots,
@@ -261,17 +313,44 @@ def test_batch_through_the_engine(server, gguf, tmp_path):
     import io
     import json
 
-    from backtrack_sampler.cli import main
+    from backtrack_sampler.cli.commands import main
 
-    rows = [{"id": i, "prompt": prompt} for i, prompt in enumerate(
-        ["Once upon a time", "The lighthouse keeper", "In the morning the baker", "def fibonacci(n):\n"])]
+    rows = [
+        {"id": i, "prompt": prompt}
+        for i, prompt in enumerate(
+            ["Once upon a time", "The lighthouse keeper", "In the morning the baker", "def fibonacci(n):\n"]
+        )
+    ]
     rows[1]["max_tokens"] = 8
     prompts, out, trace = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl", tmp_path / "trace.jsonl"
     prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
     err = io.StringIO()
-    status = main(["batch", str(prompts), "-o", str(out), "--engine", server.url, "--tokenizer", gguf, "--ban", " the",
-                   "--ban", " a", "--parallel", "4", "--max-new-tokens", "24", "--seed", "1", "--trace", str(trace)],
-                  stdout=io.StringIO(), stderr=err)
+    status = main(
+        [
+            "batch",
+            str(prompts),
+            "-o",
+            str(out),
+            "--engine",
+            server.url,
+            "--tokenizer",
+            gguf,
+            "--ban",
+            " the",
+            "--ban",
+            " a",
+            "--parallel",
+            "4",
+            "--max-new-tokens",
+            "24",
+            "--seed",
+            "1",
+            "--trace",
+            str(trace),
+        ],
+        stdout=io.StringIO(),
+        stderr=err,
+    )
     assert status == 0, err.getvalue()
     records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert sorted(records) == [0, 1, 2, 3] and records[1]["delivered"] <= 8

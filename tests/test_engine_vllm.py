@@ -24,9 +24,9 @@ import pytest
 from serving import ServerThread, concurrent_streams, free_port, serve_subprocess, vllm_command, vllm_env
 
 from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy
-from backtrack_sampler.batch import BatchScheduler
-from backtrack_sampler.chat import chat_prompt_tokens
+from backtrack_sampler.core.batch import BatchScheduler
 from backtrack_sampler.engine import EngineProvider
+from backtrack_sampler.provider.chat import chat_prompt_tokens
 
 pytestmark = [pytest.mark.model, pytest.mark.vllm]
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +36,12 @@ STORY = [{"role": "user", "content": "Write a short story about a fox who finds 
 def vllm_build() -> dict:
     """``{"python": the vLLM venv's python, "model": the converted model folder}`` (the build
     script installs and converts on first use: a few minutes, then cached)."""
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "build_vllm.sh")], capture_output=True, text=True,
-                          env={**os.environ, "PYTHON": sys.executable})
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build_vllm.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     if done.returncode != 0:
         pytest.fail(f"scripts/build_vllm.sh failed:\n{done.stderr[-3000:]}")
     return dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
@@ -52,15 +56,23 @@ class VLLMServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="vllm-", suffix=".log", delete=False)
         started = time.monotonic()
-        self.proc = subprocess.Popen(vllm_command(python, model, self.port, max_logprobs), stdout=self.log,
-                                     stderr=subprocess.STDOUT, env=vllm_env(), start_new_session=True)
+        self.proc = subprocess.Popen(
+            vllm_command(python, model, self.port, max_logprobs),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=vllm_env(),
+            start_new_session=True,
+        )
         deadline = started + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.fail(f"vLLM exited with {self.proc.returncode}")
             try:
-                answer = httpx.post(self.url + "/v1/completions", timeout=60,
-                                    json={"prompt": [1, 504], "max_tokens": 2, "temperature": 0, "model": model})
+                answer = httpx.post(
+                    self.url + "/v1/completions",
+                    timeout=60,
+                    json={"prompt": [1, 504], "max_tokens": 2, "temperature": 0, "model": model},
+                )
                 if answer.status_code == 200:
                     self.seconds = time.monotonic() - started
                     return
@@ -177,7 +189,9 @@ def test_acceptance_is_exact_chi_square(engine):
     ids, q = ids[order], q[order]
     weights = np.array([0.25, 3.0, 0.0, 2.0, 4.0] + [1.0] * (len(ids) - 5))
     scheduler = BatchScheduler(engine, parallel=8)
-    jobs = [scheduler.submit(prompt, Reweight(ids, weights), max_new_tokens=1, seed=seed, top_k=5) for seed in range(400)]
+    jobs = [
+        scheduler.submit(prompt, Reweight(ids, weights), max_new_tokens=1, seed=seed, top_k=5) for seed in range(400)
+    ]
     for _ in scheduler.run():
         pass
     counts = np.array([sum(job.tokens == [int(t)] for job in jobs) for t in ids], dtype=float)
@@ -236,10 +250,20 @@ def test_serve_engine_runs_concurrent_streams(server, tokenizer):
     requests are all under way at once, and their bans hold."""
     args = ["--engine", server.url, "--engine-type", "vllm", "--tokenizer", tokenizer]
     with serve_subprocess(args, ready_path="/v1/models") as base:
-        bodies = [{"model": "x", "messages": STORY, "max_tokens": 40, "seed": i, "stream": True,
-                   "banned_strings": [" the", " and"]} for i in range(4)]
-        texts = concurrent_streams(base + "/v1/chat/completions", bodies,
-                                   lambda chunk: chunk["choices"][0]["delta"].get("content") or "")
+        bodies = [
+            {
+                "model": "x",
+                "messages": STORY,
+                "max_tokens": 40,
+                "seed": i,
+                "stream": True,
+                "banned_strings": [" the", " and"],
+            }
+            for i in range(4)
+        ]
+        texts = concurrent_streams(
+            base + "/v1/chat/completions", bodies, lambda chunk: chunk["choices"][0]["delta"].get("content") or ""
+        )
         for text in texts:
             assert text and " the" not in text.lower() and " and" not in text.lower(), text
 
@@ -247,13 +271,16 @@ def test_serve_engine_runs_concurrent_streams(server, tokenizer):
 def test_engine_errors_are_502(server, tokenizer):
     """A request vLLM refuses (more logprobs than its --max-logprobs; it says so in the stream) is an
     EngineError with vLLM's message; the server in front of it answers 502 engine_error."""
-    from backtrack_sampler.server import Engine, create_app
+    from backtrack_sampler.server.app import Engine, create_app
 
     engine = Engine(EngineProvider(server.url, "vllm", tokenizer=tokenizer, n_probs=100, timeout=60))
     try:
         with ServerThread(create_app(engine)) as proxy:
-            answer = httpx.post(proxy.url + "/v1/completions", timeout=60,
-                                json={"model": "x", "prompt": "Hello", "max_tokens": 5, "banned_strings": ["x"]})
+            answer = httpx.post(
+                proxy.url + "/v1/completions",
+                timeout=60,
+                json={"model": "x", "prompt": "Hello", "max_tokens": 5, "banned_strings": ["x"]},
+            )
             assert answer.status_code == 502 and answer.json()["error"]["code"] == "engine_error", answer.text
             assert "logprobs of 100, which is greater than max allowed: 64" in answer.json()["error"]["message"]
     finally:
@@ -266,14 +293,46 @@ def test_batch_through_vllm_interrupted_and_resumed(server, tokenizer, tmp_path)
     once, no duplicates, the bans held, and the trace holds pairs of written completions only."""
     topics = ["a fox", "a lighthouse", "a baker", "a robot", "the sea", "a violin", "a storm", "a garden"]
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"s{i}", "messages": [
-        {"role": "user", "content": f"Write a short story about {topic}."}]}) + "\n" for i, topic in enumerate(topics)))
+    prompts.write_text(
+        "".join(
+            json.dumps(
+                {"id": f"s{i}", "messages": [{"role": "user", "content": f"Write a short story about {topic}."}]}
+            )
+            + "\n"
+            for i, topic in enumerate(topics)
+        )
+    )
     slops = tmp_path / "slops.txt"
     slops.write_text("the\na\nonce upon a time\n")
     out, trace, pairs = tmp_path / "out.jsonl", tmp_path / "trace.jsonl", tmp_path / "pairs.jsonl"
-    argv = [sys.executable, "-m", "backtrack_sampler.cli", "batch", str(prompts), "-o", str(out), "--engine", server.url,
-            "--engine-type", "vllm", "--tokenizer", tokenizer, "--slops", str(slops), "--trace", str(trace),
-            "--pairs", str(pairs), "--whole-words", "--parallel", "2", "--max-new-tokens", "40", "--seed", "1"]
+    argv = [
+        sys.executable,
+        "-m",
+        "backtrack_sampler.cli",
+        "batch",
+        str(prompts),
+        "-o",
+        str(out),
+        "--engine",
+        server.url,
+        "--engine-type",
+        "vllm",
+        "--tokenizer",
+        tokenizer,
+        "--slops",
+        str(slops),
+        "--trace",
+        str(trace),
+        "--pairs",
+        str(pairs),
+        "--whole-words",
+        "--parallel",
+        "2",
+        "--max-new-tokens",
+        "40",
+        "--seed",
+        "1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180

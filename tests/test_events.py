@@ -1,4 +1,4 @@
-"""Live generation events (backtrack_sampler.events), the Transcript that rebuilds text from them,
+"""Live generation events (backtrack_sampler.core.events), the Transcript that rebuilds text from them,
 and ``generate --trace``: with the FakeProvider (fast, exact) and on the real embedded model."""
 
 from __future__ import annotations
@@ -8,9 +8,19 @@ import json
 
 import pytest
 
-from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, CreativeWritingStrategy, ReplaceStrategy, cli
-from backtrack_sampler.events import (Chosen, Done, EventTracker, Final, Provisional, Rewind, Transcript,
-                                      event_dict, stream_events)
+from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, CreativeWritingStrategy, ReplaceStrategy
+from backtrack_sampler.cli import commands as cli
+from backtrack_sampler.core.events import (
+    Chosen,
+    Done,
+    EventTracker,
+    Final,
+    Provisional,
+    Rewind,
+    Transcript,
+    event_dict,
+    stream_events,
+)
 from backtrack_sampler.provider.fake_provider import FakeProvider
 from backtrack_sampler.strategy.base_strategy import BaseStrategy
 
@@ -39,8 +49,11 @@ def test_events_rebuild_the_exact_final_text(name, seed):
     assert transcript.provisional == ""
     done = events[-1]
     assert isinstance(done, Done) and [e for e in events if isinstance(e, Done)] == [done]
-    assert (done.delivered, done.rewound, done.rewinds) == (sampler.stats.delivered, sampler.stats.rewound,
-                                                            sampler.stats.rewinds)
+    assert (done.delivered, done.rewound, done.rewinds) == (
+        sampler.stats.delivered,
+        sampler.stats.rewound,
+        sampler.stats.rewinds,
+    )
     rewinds = [e for e in events if isinstance(e, Rewind)]
     assert len(rewinds) == done.rewinds and sum(len(e.tokens) for e in rewinds) == done.rewound
     chosen = {e.rewind: e for e in events if isinstance(e, Chosen)}
@@ -70,7 +83,7 @@ def test_chosen_is_the_final_text_at_the_rewind():
     transcript, found = Transcript(), 0
     for event in stream_events(sampler, " the cat", max_new_tokens=60, seed=2):
         transcript.apply(event)
-    for index, record in transcript.rewinds.items():
+    for _index, record in transcript.rewinds.items():
         if record.get("chosen"):
             found += 1
             at = record["at"]
@@ -117,8 +130,10 @@ def test_a_rewind_to_an_earlier_position_discards_the_later_attempt_and_nests_it
 def test_the_tracker_works_for_any_driver():
     """A driver of its own (as the server's scheduler is) gets the same events from a Generation."""
     p = FakeProvider()
-    reference = [event_dict(e) for e in stream_events(BacktrackSampler(p, AntiSlopStrategy(p, ["a"])), " the",
-                                                      max_new_tokens=30, seed=5)]
+    reference = [
+        event_dict(e)
+        for e in stream_events(BacktrackSampler(p, AntiSlopStrategy(p, ["a"])), " the", max_new_tokens=30, seed=5)
+    ]
     generation = BacktrackSampler(p, AntiSlopStrategy(p, ["a"])).start(" the", max_new_tokens=30, seed=5)
     tracker, events = EventTracker(generation), []
     p.reset()
@@ -168,15 +183,39 @@ def read_trace(path):
 
 def test_trace_writes_one_record_per_rewind(fake_model, tmp_path):
     trace = tmp_path / "trace.jsonl"
-    status, out, err = run(["generate", " the cat", "--max-new-tokens", "40", "--seed", "3", "--ban", " the",
-                            "--ban", "a", "--trace", str(trace)])
+    status, out, err = run(
+        [
+            "generate",
+            " the cat",
+            "--max-new-tokens",
+            "40",
+            "--seed",
+            "3",
+            "--ban",
+            " the",
+            "--ban",
+            "a",
+            "--trace",
+            str(trace),
+        ]
+    )
     assert status == 0, err
     records = read_trace(trace)
     rewinds, end = records[:-1], records[-1]
     assert end["type"] == "end" and end["text"] == out[:-1] and end["rewinds"] == len(rewinds) > 0
     for r in rewinds:
-        assert set(r) == {"type", "index", "prompt", "prefix", "rejected", "chosen", "reason", "position",
-                          "rejected_tokens", "chosen_tokens"}
+        assert set(r) == {
+            "type",
+            "index",
+            "prompt",
+            "prefix",
+            "rejected",
+            "chosen",
+            "reason",
+            "position",
+            "rejected_tokens",
+            "chosen_tokens",
+        }
         assert r["prompt"] == " the cat" and r["rejected"] in (" the", " a") and r["reason"].startswith("phrase")
         assert out.startswith(r["prefix"] + r["chosen"])  # chosen: the final text at that prefix
         assert r["chosen"] != r["rejected"]
@@ -187,9 +226,26 @@ def test_trace_writes_one_record_per_rewind(fake_model, tmp_path):
 def test_trace_with_chat_records_the_messages_and_show_backtracking_still_works(fake_model, tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "chat_prompt_tokens", lambda provider, messages: provider.encode(" the cat"))
     trace = tmp_path / "t.jsonl"
-    status, out, err = run(["generate", "the cat", "--chat", "--system", "be brief", "--max-new-tokens", "30",
-                            "--seed", "1", "--ban", "a", "--trace", str(trace), "--show-backtracking",
-                            "--color", "never"])
+    status, out, err = run(
+        [
+            "generate",
+            "the cat",
+            "--chat",
+            "--system",
+            "be brief",
+            "--max-new-tokens",
+            "30",
+            "--seed",
+            "1",
+            "--ban",
+            "a",
+            "--trace",
+            str(trace),
+            "--show-backtracking",
+            "--color",
+            "never",
+        ]
+    )
     assert status == 0, err
     records = read_trace(trace)
     assert records[-1]["type"] == "end"
@@ -207,8 +263,9 @@ def test_trace_to_an_unwritable_path_is_a_one_line_error(fake_model, tmp_path):
 @pytest.mark.model
 def test_events_on_the_real_model(llama_provider):
     prompt = "The capital of France is"
-    plain = "".join(BacktrackSampler(llama_provider, BaseStrategy()).generate_text(prompt, max_new_tokens=12,
-                                                                                  temperature=0))
+    plain = "".join(
+        BacktrackSampler(llama_provider, BaseStrategy()).generate_text(prompt, max_new_tokens=12, temperature=0)
+    )
     word = max(plain.split(), key=len)
     sampler = BacktrackSampler(llama_provider, AntiSlopStrategy(llama_provider, [word]))
     expected = "".join(sampler.generate_text(prompt, max_new_tokens=20, temperature=0))
@@ -216,7 +273,9 @@ def test_events_on_the_real_model(llama_provider):
     for event in stream_events(sampler, prompt, max_new_tokens=20, temperature=0):
         transcript.apply(event)
     assert transcript.final == expected and word.lower() not in expected.lower()
-    assert transcript.rewinds and all(word.lower() in r["text"].lower() or r["text"].strip() for r in transcript.rewinds.values())
+    assert transcript.rewinds and all(
+        word.lower() in r["text"].lower() or r["text"].strip() for r in transcript.rewinds.values()
+    )
     assert word in transcript.render()  # the rejected attempt is still visible, struck out
 
 
@@ -224,9 +283,25 @@ def test_events_on_the_real_model(llama_provider):
 def test_trace_on_the_real_model(tmp_path, monkeypatch):
     trace = tmp_path / "trace.jsonl"
     out, err = io.StringIO(), io.StringIO()
-    status = cli.main(["generate", "The capital of France is", "--max-new-tokens", "12", "--temperature", "0",
-                       "--n-ctx", "256", "--ban", "country", "--trace", str(trace)],
-                      stdin=io.StringIO(""), stdout=out, stderr=err)
+    status = cli.main(
+        [
+            "generate",
+            "The capital of France is",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--n-ctx",
+            "256",
+            "--ban",
+            "country",
+            "--trace",
+            str(trace),
+        ],
+        stdin=io.StringIO(""),
+        stdout=out,
+        stderr=err,
+    )
     assert status == 0, err.getvalue()
     records = read_trace(trace)
     assert records[-1]["type"] == "end" and records[-1]["text"] == out.getvalue()[:-1]

@@ -175,8 +175,10 @@ def test_random_operations_keep_cache_exact(seed):
     gen = Checked(provider)
     tokens = [2]
     for _ in range(300):
-        op = rng.choice(["extend1", "extendN", "rewind", "diverge", "same", "crop", "reset"],
-                        p=[0.35, 0.15, 0.2, 0.1, 0.05, 0.1, 0.05])
+        op = rng.choice(
+            ["extend1", "extendN", "rewind", "diverge", "same", "crop", "reset"],
+            p=[0.35, 0.15, 0.2, 0.1, 0.05, 0.1, 0.05],
+        )
         if op == "extend1":
             tokens = tokens + [int(rng.integers(provider.vocab_size))]
         elif op == "extendN":

@@ -15,10 +15,10 @@ from serving import ServerThread
 from st_bodies import kobold_body, textgen_body
 
 from backtrack_sampler import BacktrackSampler
-from backtrack_sampler.frontends import KoboldRequest
 from backtrack_sampler.provider.fake_provider import FakeProvider
-from backtrack_sampler.schemas import APIError, CompletionRequest, Limits, parse_request
-from backtrack_sampler.server import Engine, build_strategy, create_app
+from backtrack_sampler.server.app import Engine, build_strategy, create_app
+from backtrack_sampler.server.frontends import KoboldRequest
+from backtrack_sampler.server.schemas import APIError, CompletionRequest, Limits, parse_request
 from backtrack_sampler.strategy.base_strategy import BaseStrategy
 from backtrack_sampler.strategy.chain_strategy import ChainStrategy
 from backtrack_sampler.strategy.dry_strategy import DryStrategy
@@ -42,16 +42,21 @@ def applied(strategy, probs, tokens=()):
 
 
 # --- the samplers against llama.cpp's own test vectors (tests/test-sampling.cpp) -----------------
-@pytest.mark.parametrize("probs, last, expected, repeat, freq, presence", [
-    ([0.2] * 5, [0], [0, 0.25, 0.25, 0.25, 0.25], 50.0, 0.0, 0.0),
-    ([0.2] * 5, [0, 1, 2], [0, 0, 0, 0.5, 0.5], 50.0, 0.0, 0.0),
-    ([0.2] * 5, [0, 1, 2, 0, 0], [0, 0, 0, 0.5, 0.5], 50.0, 0.0, 0.0),
-    ([0.2] * 5, [0], [0.000011, 0.249997, 0.249997, 0.249997, 0.249997], 1.0, 5.0, 5.0),
-    ([0.2] * 5, [0, 1, 2], [0.000023, 0.000023, 0.000023, 0.499966, 0.499966], 1.0, 5.0, 5.0),
-    ([0.2] * 5, [0, 1, 2, 0, 0], [0.000000, 0.000023, 0.000023, 0.499977, 0.499977], 1.0, 5.0, 5.0),
-])
+@pytest.mark.parametrize(
+    "probs, last, expected, repeat, freq, presence",
+    [
+        ([0.2] * 5, [0], [0, 0.25, 0.25, 0.25, 0.25], 50.0, 0.0, 0.0),
+        ([0.2] * 5, [0, 1, 2], [0, 0, 0, 0.5, 0.5], 50.0, 0.0, 0.0),
+        ([0.2] * 5, [0, 1, 2, 0, 0], [0, 0, 0, 0.5, 0.5], 50.0, 0.0, 0.0),
+        ([0.2] * 5, [0], [0.000011, 0.249997, 0.249997, 0.249997, 0.249997], 1.0, 5.0, 5.0),
+        ([0.2] * 5, [0, 1, 2], [0.000023, 0.000023, 0.000023, 0.499966, 0.499966], 1.0, 5.0, 5.0),
+        ([0.2] * 5, [0, 1, 2, 0, 0], [0.000000, 0.000023, 0.000023, 0.499977, 0.499977], 1.0, 5.0, 5.0),
+    ],
+)
 def test_penalties_match_llama_cpp(probs, last, expected, repeat, freq, presence):
-    strategy = PenaltyStrategy(repeat_penalty=repeat, frequency_penalty=freq, presence_penalty=presence, last_n=len(last))
+    strategy = PenaltyStrategy(
+        repeat_penalty=repeat, frequency_penalty=freq, presence_penalty=presence, last_n=len(last)
+    )
     assert np.allclose(softmax(applied(strategy, probs, last)), expected, atol=1e-5)
 
 
@@ -74,16 +79,25 @@ class _Text:
         return ":" if list(tokens) == [3] else "x"
 
 
-@pytest.mark.parametrize("probs, last, expected, multiplier, base, allowed, last_n, breakers", [
-    ([0.25] * 4, [0, 1], [0.25] * 4, 1.0, 1.1, 2, 4, []),
-    ([0.25] * 4, [0, 1, 2, 0, 1], [0.296923, 0.296923, 0.109232, 0.296923], 1.0, 1.1, 2, 5, []),
-    ([0.2] * 5, [0, 1, 3, 4, 0, 1], [0.2] * 5, 1.0, 1.1, 2, 6, [":"]),
-    ([0.2] * 5, [0, 1, 2, 0, 1], [0.241818, 0.241818, 0.032727, 0.241818, 0.241818], 2.0, 1.1, 2, 5, []),
-    ([0.2] * 5, [0, 1, 2, 3, 4, 0, 1], [0.2] * 5, 1.0, 1.1, 4, 7, []),
-])
+@pytest.mark.parametrize(
+    "probs, last, expected, multiplier, base, allowed, last_n, breakers",
+    [
+        ([0.25] * 4, [0, 1], [0.25] * 4, 1.0, 1.1, 2, 4, []),
+        ([0.25] * 4, [0, 1, 2, 0, 1], [0.296923, 0.296923, 0.109232, 0.296923], 1.0, 1.1, 2, 5, []),
+        ([0.2] * 5, [0, 1, 3, 4, 0, 1], [0.2] * 5, 1.0, 1.1, 2, 6, [":"]),
+        ([0.2] * 5, [0, 1, 2, 0, 1], [0.241818, 0.241818, 0.032727, 0.241818, 0.241818], 2.0, 1.1, 2, 5, []),
+        ([0.2] * 5, [0, 1, 2, 3, 4, 0, 1], [0.2] * 5, 1.0, 1.1, 4, 7, []),
+    ],
+)
 def test_dry_matches_llama_cpp(probs, last, expected, multiplier, base, allowed, last_n, breakers):
-    strategy = DryStrategy(_Text(), multiplier=multiplier, base=base, allowed_length=allowed, last_n=last_n,
-                           sequence_breakers=breakers or ["never"])
+    strategy = DryStrategy(
+        _Text(),
+        multiplier=multiplier,
+        base=base,
+        allowed_length=allowed,
+        last_n=last_n,
+        sequence_breakers=breakers or ["never"],
+    )
     assert np.allclose(softmax(applied(strategy, probs, last)), expected, atol=1e-5)
 
 
@@ -91,18 +105,21 @@ def test_dry_penalty_grows_with_the_repeat_and_spares_breakers():
     """A longer repeat is penalized more (base ** (length - allowed)); a breaker token is never penalized."""
     strategy = DryStrategy(_Text(), multiplier=1.0, base=2.0, allowed_length=1, sequence_breakers=[":"])
     logits = applied(strategy, [0.2] * 5, [0, 1, 2, 4, 0, 1, 2])  # "0 1 2" repeats: 4 followed it (length 3)
-    assert logits[4] == pytest.approx(np.log(0.2) - 1.0 * 2.0 ** 2, abs=1e-5)
+    assert logits[4] == pytest.approx(np.log(0.2) - 1.0 * 2.0**2, abs=1e-5)
     assert logits[3] == pytest.approx(np.log(0.2))
     breaker = applied(strategy, [0.2] * 5, [0, 3, 2, 0])  # 3 followed "0" but is a breaker
     assert breaker[3] == pytest.approx(np.log(0.2))
 
 
-@pytest.mark.parametrize("probs, threshold, survivors", [
-    ([0.4, 0.3, 0.2, 0.1], 0.09, [3]),
-    ([0.4, 0.3, 0.2, 0.1], 0.19, [2, 3]),
-    ([0.4, 0.3, 0.2, 0.1], 0.29, [1, 2, 3]),
-    ([0.4, 0.3, 0.2, 0.1], 0.39, [0, 1, 2, 3]),  # only one token above: nothing removed
-])
+@pytest.mark.parametrize(
+    "probs, threshold, survivors",
+    [
+        ([0.4, 0.3, 0.2, 0.1], 0.09, [3]),
+        ([0.4, 0.3, 0.2, 0.1], 0.19, [2, 3]),
+        ([0.4, 0.3, 0.2, 0.1], 0.29, [1, 2, 3]),
+        ([0.4, 0.3, 0.2, 0.1], 0.39, [0, 1, 2, 3]),  # only one token above: nothing removed
+    ],
+)
 def test_xtc_matches_llama_cpp(probs, threshold, survivors):
     logits = applied(XtcStrategy(probability=1.0, threshold=threshold, seed=0), probs)
     assert list(np.flatnonzero(np.isfinite(logits))) == survivors
@@ -114,10 +131,13 @@ def test_xtc_probability_is_the_chance_per_step():
     assert 0.25 < removed / 2000 < 0.35
 
 
-@pytest.mark.parametrize("probs, p, survivors", [
-    ([0.97, 0.01, 0.01, 0.01], 0.5, [0]),
-    ([0.4, 0.2, 0.2, 0.2], 0.5, [1, 2, 3]),
-])
+@pytest.mark.parametrize(
+    "probs, p, survivors",
+    [
+        ([0.97, 0.01, 0.01, 0.01], 0.5, [0]),
+        ([0.4, 0.2, 0.2, 0.2], 0.5, [1, 2, 3]),
+    ],
+)
 def test_typical_matches_llama_cpp(probs, p, survivors):
     assert list(np.flatnonzero(np.isfinite(applied(TypicalStrategy(p=p), probs)))) == survivors
 
@@ -172,8 +192,9 @@ def test_penalties_follow_rewinds(kind):
     provider = FakeProvider(seed=3)
     prompt = provider.encode(" the cat sat on the mat")
     if kind == "penalties":
-        penalty = PenaltyStrategy(provider, repeat_penalty=1.8, frequency_penalty=0.5, presence_penalty=0.25,
-                                  context=prompt)
+        penalty = PenaltyStrategy(
+            provider, repeat_penalty=1.8, frequency_penalty=0.5, presence_penalty=0.25, context=prompt
+        )
     else:
         penalty = DryStrategy(provider, multiplier=2.0, base=1.5, allowed_length=1, context=prompt)
     spy = _Spy()
@@ -190,7 +211,8 @@ def test_penalties_follow_rewinds(kind):
             expected[ids] = np.where(values <= 0, values * 1.8, values / 1.8) - counts * 0.5 - 0.25
         else:
             expected = DryStrategy(provider, multiplier=2.0, base=1.5, allowed_length=1).on_logits(
-                expected, prompt + tokens)
+                expected, prompt + tokens
+            )
         assert np.allclose(logits, expected, atol=1e-4)
         rewound_seen += len(tokens) == 2
     assert rewound_seen >= 4  # the steps right after each rewind were checked too
@@ -213,28 +235,54 @@ def test_sillytavern_bodies_parse(api_type):
     assert names == ["logit_bias", "penalties"]  # rep_pen 1.2; DRY, XTC, typical at their off values
 
 
-@pytest.mark.parametrize("body, field, value", [
-    ({"max_new_tokens": 7}, "max_tokens", 7), ({"max_length": 7}, "max_tokens", 7), ({"n_predict": 7}, "max_tokens", 7),
-    ({"stop_sequence": ["x"]}, "stop", ["x"]), ({"stopping_strings": "x"}, "stop", ["x"]),
-    ({"sampler_seed": 5}, "seed", 5), ({"seed": -1}, "seed", None),
-    ({"rep_pen": 1.3}, "repetition_penalty", 1.3), ({"repeat_penalty": 1.3}, "repetition_penalty", 1.3),
-    ({"rep_pen_range": 64}, "penalty_range", 64), ({"repetition_penalty_range": 64}, "penalty_range", 64),
-    ({"repeat_last_n": 64}, "penalty_range", 64), ({"repetition_range": 64}, "penalty_range", 64),
-    ({"typical": 0.9}, "typical_p", 0.9), ({"dry_range": 99}, "dry_penalty_last_n", 99),
-    ({"ignore_eos": True}, "ban_eos_token", True), ({"top_k": -1}, "top_k", 0),
-    ({"banned_tokens": "1, 2,3"}, "banned_tokens", [1, 2, 3]), ({"banned_tokens": [4]}, "banned_tokens", [4]),
-    ({"banned_tokens": ["a b"]}, "banned_tokens", ["a b"]), ({"custom_token_bans": [4]}, "custom_token_bans", [4]),
-    ({"dry_sequence_breakers": '"\\n", ":"'}, "dry_sequence_breakers", ["\n", ":"]),
-    ({"logit_bias": [[5, -1.5], [6, False]]}, "logit_bias", {"5": -1.5, "6": False}),
-    ({"grammar_string": ""}, "grammar_string", None), ({"json_schema": {}}, "json_schema", None),
-])
+@pytest.mark.parametrize(
+    "body, field, value",
+    [
+        ({"max_new_tokens": 7}, "max_tokens", 7),
+        ({"max_length": 7}, "max_tokens", 7),
+        ({"n_predict": 7}, "max_tokens", 7),
+        ({"stop_sequence": ["x"]}, "stop", ["x"]),
+        ({"stopping_strings": "x"}, "stop", ["x"]),
+        ({"sampler_seed": 5}, "seed", 5),
+        ({"seed": -1}, "seed", None),
+        ({"rep_pen": 1.3}, "repetition_penalty", 1.3),
+        ({"repeat_penalty": 1.3}, "repetition_penalty", 1.3),
+        ({"rep_pen_range": 64}, "penalty_range", 64),
+        ({"repetition_penalty_range": 64}, "penalty_range", 64),
+        ({"repeat_last_n": 64}, "penalty_range", 64),
+        ({"repetition_range": 64}, "penalty_range", 64),
+        ({"typical": 0.9}, "typical_p", 0.9),
+        ({"dry_range": 99}, "dry_penalty_last_n", 99),
+        ({"ignore_eos": True}, "ban_eos_token", True),
+        ({"top_k": -1}, "top_k", 0),
+        ({"banned_tokens": "1, 2,3"}, "banned_tokens", [1, 2, 3]),
+        ({"banned_tokens": [4]}, "banned_tokens", [4]),
+        ({"banned_tokens": ["a b"]}, "banned_tokens", ["a b"]),
+        ({"custom_token_bans": [4]}, "custom_token_bans", [4]),
+        ({"dry_sequence_breakers": '"\\n", ":"'}, "dry_sequence_breakers", ["\n", ":"]),
+        ({"logit_bias": [[5, -1.5], [6, False]]}, "logit_bias", {"5": -1.5, "6": False}),
+        ({"grammar_string": ""}, "grammar_string", None),
+        ({"json_schema": {}}, "json_schema", None),
+    ],
+)
 def test_aliases(body, field, value):
     assert getattr(parsed({"prompt": "x", **body}), field) == value
 
 
 def test_kobold_fields_and_defaults():
-    request = parsed(kobold_body("hi", 20, ["\n"], memory="M:", banned_tokens=["a b"], banned_strings=["c"],
-                                 use_default_badwordsids=True, sampler_seed=3), KoboldRequest)
+    request = parsed(
+        kobold_body(
+            "hi",
+            20,
+            ["\n"],
+            memory="M:",
+            banned_tokens=["a b"],
+            banned_strings=["c"],
+            use_default_badwordsids=True,
+            sampler_seed=3,
+        ),
+        KoboldRequest,
+    )
     assert request.prompt == "M:hi" and request.max_tokens == 20 and request.stop == ["\n"] and request.seed == 3
     assert request.banned_phrases == ["c", "a b"] and request.ban_eos_token
     defaults = parsed({"prompt": "hi", "rep_pen": 1.1}, KoboldRequest)
@@ -242,13 +290,22 @@ def test_kobold_fields_and_defaults():
     assert defaults.samplers()[0][1]["last_n"] == 320  # KoboldCpp's rep_pen_range
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"1": "big"}}, "logit_bias"),
-    ({"custom_token_bans": "1,a"}, "custom_token_bans"), ({"banned_tokens": [1, "a"]}, "banned_tokens"),
-    ({"dry_sequence_breakers": "[oops"}, "dry_sequence_breakers"), ({"repetition_penalty": 0}, "repetition_penalty"),
-    ({"penalty_range": -2}, "penalty_range"), ({"xtc_probability": 2}, "xtc_probability"),
-    ({"typical_p": 0}, "typical_p"), ({"frequency_penalty": 3}, "frequency_penalty"), ({"logprobs": 21}, "logprobs"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"1": "big"}}, "logit_bias"),
+        ({"custom_token_bans": "1,a"}, "custom_token_bans"),
+        ({"banned_tokens": [1, "a"]}, "banned_tokens"),
+        ({"dry_sequence_breakers": "[oops"}, "dry_sequence_breakers"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"penalty_range": -2}, "penalty_range"),
+        ({"xtc_probability": 2}, "xtc_probability"),
+        ({"typical_p": 0}, "typical_p"),
+        ({"frequency_penalty": 3}, "frequency_penalty"),
+        ({"logprobs": 21}, "logprobs"),
+    ],
+)
 def test_bad_sampler_fields_are_400(body, param):
     with pytest.raises(APIError) as caught:
         parsed({"prompt": "x", **body})
@@ -257,23 +314,44 @@ def test_bad_sampler_fields_are_400(body, param):
 
 def test_new_inputs_are_bounded():
     limits = Limits(max_token_ids=3, max_sequence_breakers=2)
-    for body, param in (({"logit_bias": {str(i): 1 for i in range(4)}}, "logit_bias"),
-                        ({"custom_token_bans": "1,2,3,4"}, "custom_token_bans"),
-                        ({"dry_sequence_breakers": ["a", "b", "c"]}, "dry_sequence_breakers"),
-                        ({"dry_sequence_breakers": ["x" * 201]}, "dry_sequence_breakers")):
+    for body, param in (
+        ({"logit_bias": {str(i): 1 for i in range(4)}}, "logit_bias"),
+        ({"custom_token_bans": "1,2,3,4"}, "custom_token_bans"),
+        ({"dry_sequence_breakers": ["a", "b", "c"]}, "dry_sequence_breakers"),
+        ({"dry_sequence_breakers": ["x" * 201]}, "dry_sequence_breakers"),
+    ):
         with pytest.raises(APIError) as caught:
             parsed({"prompt": "x", **body}, limits=limits)
-        assert caught.value.param == param and caught.value.code in ("array_above_max_length", "string_above_max_length")
+        assert caught.value.param == param and caught.value.code in (
+            "array_above_max_length",
+            "string_above_max_length",
+        )
 
 
 def test_request_samplers_become_the_chain():
     provider = FakeProvider()
-    request = parsed({"prompt": "x", "logit_bias": {"4": 2}, "rep_pen": 1.2, "dry_multiplier": 0.8,
-                      "typical_p": 0.9, "xtc_probability": 0.5, "banned_strings": ["cat"], "seed": 1})
+    request = parsed(
+        {
+            "prompt": "x",
+            "logit_bias": {"4": 2},
+            "rep_pen": 1.2,
+            "dry_multiplier": 0.8,
+            "typical_p": 0.9,
+            "xtc_probability": 0.5,
+            "banned_strings": ["cat"],
+            "seed": 1,
+        }
+    )
     chain = build_strategy(provider, request, prompt=[2, 5])
     names = [type(s).__name__ for s in chain.strategies]
-    assert names == ["LogitBiasStrategy", "PenaltyStrategy", "DryStrategy", "TypicalStrategy", "XtcStrategy",
-                     "AntiSlopStrategy"]
+    assert names == [
+        "LogitBiasStrategy",
+        "PenaltyStrategy",
+        "DryStrategy",
+        "TypicalStrategy",
+        "XtcStrategy",
+        "AntiSlopStrategy",
+    ]
     assert chain.strategies[1].window.context == [2, 5] and not chain.capabilities.reads_probs
     with pytest.raises(APIError) as caught:  # an id outside the vocabulary
         build_strategy(provider, parsed({"prompt": "x", "custom_token_bans": "999"}))
@@ -307,9 +385,14 @@ def test_tabby_model_routes(fake_server):
 def test_token_routes(fake_server):
     provider = FakeProvider()
     ids = provider.encode(" the cat")
-    assert call(fake_server, "POST", "/v1/token/encode", {"text": " the cat"}).json() == {"tokens": ids, "length": len(ids)}
+    assert call(fake_server, "POST", "/v1/token/encode", {"text": " the cat"}).json() == {
+        "tokens": ids,
+        "length": len(ids),
+    }
     assert call(fake_server, "POST", "/v1/token/decode", {"tokens": ids}).json() == {"text": " the cat"}
-    assert call(fake_server, "POST", "/tokenize", {"content": " the cat"}).json() == {"tokens": ids[1:]}  # add_special: false
+    assert call(fake_server, "POST", "/tokenize", {"content": " the cat"}).json() == {
+        "tokens": ids[1:]
+    }  # add_special: false
     pieces = call(fake_server, "POST", "/tokenize", {"content": " the cat", "with_pieces": True}).json()
     assert pieces == {"tokens": [{"id": ids[1], "piece": " the"}, {"id": ids[2], "piece": " cat"}]}
     assert call(fake_server, "POST", "/detokenize", {"tokens": ids}).json() == {"content": " the cat"}
@@ -338,7 +421,9 @@ def test_kobold_generate_check_and_errors(fake_server):
     assert text and " dog" not in text
     check = call(fake_server, "POST", "/api/extra/generate/check", {"genkey": "KCPP1"}).json()
     assert check == {"results": [{"text": text}]}
-    assert call(fake_server, "POST", "/api/extra/generate/check", {"genkey": "other"}).json() == {"results": [{"text": ""}]}
+    assert call(fake_server, "POST", "/api/extra/generate/check", {"genkey": "other"}).json() == {
+        "results": [{"text": ""}]
+    }
     bad = call(fake_server, "POST", "/api/v1/generate", {"prompt": " the", "rep_pen": -1})
     assert bad.status_code == 400 and bad.json()["detail"]["msg"] == bad.json()["error"]["message"]
 
@@ -374,8 +459,10 @@ def test_abort_ends_the_generation_with_its_text():
         def stream(name, **extra):
             answers[name] = call(server, "POST", "/api/extra/generate/stream", dict(body, **extra), key=None)
 
-        threads = [threading.Thread(target=stream, args=("st",)),
-                   threading.Thread(target=stream, args=("lite",), kwargs={"genkey": "KCPP7", "max_length": 300})]
+        threads = [
+            threading.Thread(target=stream, args=("st",)),
+            threading.Thread(target=stream, args=("lite",), kwargs={"genkey": "KCPP7", "max_length": 300}),
+        ]
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + 30
@@ -395,8 +482,9 @@ def test_abort_ends_the_generation_with_its_text():
 def test_sillytavern_body_on_the_openai_route(fake_server, api_type):
     """The exact body (seed -1, every field ST sends, custom_token_bans as a string) streams."""
     provider = FakeProvider()
-    body = textgen_body(api_type, " the cat", 12, ["\nUser:"], banned_tokens=str(provider.ids[" dog"]),
-                        banned_strings=[" mat"])
+    body = textgen_body(
+        api_type, " the cat", 12, ["\nUser:"], banned_tokens=str(provider.ids[" dog"]), banned_strings=[" mat"]
+    )
     response = call(fake_server, "POST", "/v1/completions", body)
     assert response.status_code == 200, response.text
     chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
@@ -430,8 +518,14 @@ def test_completion_logprobs_are_the_models(fake_server):
 
 def test_logprobs_only_for_final_tokens(fake_server):
     """Bans that rewind: the reported tokens are exactly the answer's, streamed or not."""
-    body = {"prompt": " the cat", "max_tokens": 30, "temperature": 1, "seed": 2, "logprobs": 2,
-            "banned_strings": ["a", "e", " the"]}
+    body = {
+        "prompt": " the cat",
+        "max_tokens": 30,
+        "temperature": 1,
+        "seed": 2,
+        "logprobs": 2,
+        "banned_strings": ["a", "e", " the"],
+    }
     whole = call(fake_server, "POST", "/v1/completions", body).json()
     assert whole["backtrack"]["rewinds"] > 0
     choice = whole["choices"][0]
@@ -453,15 +547,20 @@ def test_n_choices(fake_server):
     whole = call(fake_server, "POST", "/v1/completions", body).json()
     texts = [c["text"] for c in whole["choices"]]
     assert [c["index"] for c in whole["choices"]] == [0, 1, 2] and len(set(texts)) == 3
-    single = [call(fake_server, "POST", "/v1/completions", dict(body, n=1, seed=5 + i)).json()["choices"][0]["text"]
-              for i in range(3)]
+    single = [
+        call(fake_server, "POST", "/v1/completions", dict(body, n=1, seed=5 + i)).json()["choices"][0]["text"]
+        for i in range(3)
+    ]
     assert texts == single  # choice i is the request with seed + i
     assert whole["usage"]["completion_tokens"] == 24  # 8 each
-    stream = call(fake_server, "POST", "/v1/completions", dict(body, stream=True,
-                                                                stream_options={"include_usage": True}))
+    stream = call(
+        fake_server, "POST", "/v1/completions", dict(body, stream=True, stream_options={"include_usage": True})
+    )
     chunks = [json.loads(line[6:]) for line in stream.text.splitlines() if line.startswith("data: {")]
-    streamed = {i: "".join(c["choices"][0]["text"] for c in chunks if c["choices"] and c["choices"][0]["index"] == i)
-                for i in range(3)}
+    streamed = {
+        i: "".join(c["choices"][0]["text"] for c in chunks if c["choices"] and c["choices"][0]["index"] == i)
+        for i in range(3)
+    }
     assert [streamed[i] for i in range(3)] == texts
     finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert len(finishes) == 3 and chunks[-1]["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
@@ -486,8 +585,11 @@ def test_dry_repeat_lengths_match_a_naive_scan(kind):
 
     rng = np.random.default_rng(0)
     for size in (1, 2, 7, 300, 2000):
-        window = {"random": rng.integers(0, 4, size), "periodic": np.tile([5, 6, 7], size)[:size],
-                  "constant": np.full(size, 3)}[kind]
+        window = {
+            "random": rng.integers(0, 4, size),
+            "periodic": np.tile([5, 6, 7], size)[:size],
+            "constant": np.full(size, 3),
+        }[kind]
         for limit in (1, 3, size):
             ends, lengths = repeat_lengths(window, limit)
             assert dict(zip(ends.tolist(), lengths.tolist())) == _naive_repeat_lengths(window.tolist(), limit)
@@ -507,10 +609,20 @@ def test_dry_is_fast_on_a_long_loop():
 
 # --- every driver ----------------------------------------------------------------------------------
 def _samplers(provider, prompt, repeat_penalty=1.5):
-    return ChainStrategy([LogitBiasStrategy(provider, bias={"5": 2.0}, banned_tokens=[6]),
-                          PenaltyStrategy(provider, repeat_penalty=repeat_penalty, presence_penalty=0.3,
-                                          frequency_penalty=0.2, last_n=16, context=prompt),
-                          DryStrategy(provider, multiplier=1.0, allowed_length=1, context=prompt)])
+    return ChainStrategy(
+        [
+            LogitBiasStrategy(provider, bias={"5": 2.0}, banned_tokens=[6]),
+            PenaltyStrategy(
+                provider,
+                repeat_penalty=repeat_penalty,
+                presence_penalty=0.3,
+                frequency_penalty=0.2,
+                last_n=16,
+                context=prompt,
+            ),
+            DryStrategy(provider, multiplier=1.0, allowed_length=1, context=prompt),
+        ]
+    )
 
 
 def test_samplers_give_the_same_tokens_on_every_driver():
@@ -518,9 +630,10 @@ def test_samplers_give_the_same_tokens_on_every_driver():
     (fake) llama-server engine: the same tokens. (Through an engine the logits are its
     log-probabilities, so llama.cpp's repeat_penalty, which divides positive logits and multiplies
     negative ones, acts differently there; the additive penalties, DRY and the bias do not.)"""
-    from backtrack_sampler.batch import BatchScheduler
-    from backtrack_sampler.engine import EngineProvider
     from engine_fakes import FakeEngine
+
+    from backtrack_sampler.core.batch import BatchScheduler
+    from backtrack_sampler.engine import EngineProvider
 
     model = FakeProvider()
     prompt = model.encode(" it was the cat")
@@ -532,13 +645,15 @@ def test_samplers_give_the_same_tokens_on_every_driver():
     jobs = [scheduler.submit(prompt, _samplers(model, prompt), max_new_tokens=30, temperature=0) for _ in range(3)]
     list(scheduler.run())
     assert all(job.tokens == alone for job in jobs)
-    additive = list(BacktrackSampler(model, _samplers(model, prompt, 1.0)).generate(prompt, max_new_tokens=30,
-                                                                                      temperature=0))
+    additive = list(
+        BacktrackSampler(model, _samplers(model, prompt, 1.0)).generate(prompt, max_new_tokens=30, temperature=0)
+    )
     fake = FakeEngine("llama-server", model.logits_for, model.vocab_size, eos=model.get_eos_token_id())
     try:
         provider = EngineProvider(fake.url, "llama-server", tokenizer=model)
-        drafted = BacktrackSampler(provider, _samplers(provider, prompt, 1.0)).generate(prompt, max_new_tokens=30,
-                                                                                          temperature=0)
+        drafted = BacktrackSampler(provider, _samplers(provider, prompt, 1.0)).generate(
+            prompt, max_new_tokens=30, temperature=0
+        )
         assert list(drafted) == additive != plain
     finally:
         fake.close()
@@ -547,18 +662,20 @@ def test_samplers_give_the_same_tokens_on_every_driver():
 def test_streamed_logprobs_leave_out_the_stop_string(fake_server):
     body = {"prompt": " the cat", "max_tokens": 40, "temperature": 0, "logprobs": 1}
     text = call(fake_server, "POST", "/v1/completions", body).json()["choices"][0]["text"]
-    stop = text[len(text) // 2:][:3]
+    stop = text[len(text) // 2 :][:3]
     assert len(stop) == 3
     for stream in (False, True):
         response = call(fake_server, "POST", "/v1/completions", dict(body, stop=[stop], stream=stream))
         if stream:
-            chunks = [json.loads(line[6:])["choices"][0] for line in response.text.splitlines() if line.startswith("data: {")]
+            chunks = [
+                json.loads(line[6:])["choices"][0] for line in response.text.splitlines() if line.startswith("data: {")
+            ]
             answer = "".join(c["text"] for c in chunks)
             tokens = [t for c in chunks if c["logprobs"] for t in c["logprobs"]["tokens"]]
         else:
             choice = response.json()["choices"][0]
             answer, tokens = choice["text"], choice["logprobs"]["tokens"]
-        assert answer == text[:text.index(stop)] and "".join(tokens).startswith(answer)
+        assert answer == text[: text.index(stop)] and "".join(tokens).startswith(answer)
         assert len("".join(tokens)) - len(answer) < 3  # at most the token the stop string begins in
 
 

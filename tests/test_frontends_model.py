@@ -12,7 +12,7 @@ import pytest
 from serving import ServerThread
 from st_bodies import kobold_body, textgen_body
 
-from backtrack_sampler.server import Engine, Limits, create_app
+from backtrack_sampler.server.app import Engine, Limits, create_app
 
 pytestmark = pytest.mark.model
 KEY = "st-key"
@@ -78,6 +78,7 @@ def test_sillytavern_tabby_body_honours_banned_strings_and_token_bans(server, ll
 
 def test_kobold_stream_with_banned_tokens(server):
     """The KoboldAI stream: events of {"token"}, bans (KoboldCpp's banned_tokens phrases) and stop strings."""
+
     def stream(**extra):
         body = kobold_body(PROMPT, 40, ["\n\n"], temperature=0, **extra)
         response = post(server, "/api/extra/generate/stream", body)
@@ -110,8 +111,10 @@ def test_repetition_penalty_dry_and_logit_bias_change_the_output(server, llama_p
     """On a prompt the model just repeats: rep_pen and DRY break the loop; logit_bias +100 forces a token."""
     loop = greedy(server, LOOP)
     assert loop.startswith(" red blue green")  # greedy continues the pattern
-    for extra in ({"rep_pen": 2.0, "rep_pen_range": 64},
-                  {"dry_multiplier": 2.0, "dry_base": 1.75, "dry_allowed_length": 2, "dry_sequence_breakers": "[]"}):
+    for extra in (
+        {"rep_pen": 2.0, "rep_pen_range": 64},
+        {"dry_multiplier": 2.0, "dry_base": 1.75, "dry_allowed_length": 2, "dry_sequence_breakers": "[]"},
+    ):
         broken = greedy(server, LOOP, **extra)
         assert not broken.startswith(" red"), (extra, broken)  # the token that continues the loop is penalized
     banana = llama_provider.encode(" banana", add_special_tokens=False)
@@ -142,9 +145,17 @@ def test_sillytavern_token_probabilities(server):
     for c in with_text:  # greedy: the token taken is the likeliest
         top = c["logprobs"]["top_logprobs"][0]
         assert max(top.values()) == pytest.approx(c["logprobs"]["token_logprobs"][0])
-    chat = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Say hello."}],
-                                                  "max_tokens": 5, "temperature": 0, "logprobs": True,
-                                                  "top_logprobs": 2}).json()["choices"][0]
+    chat = post(
+        server,
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "Say hello."}],
+            "max_tokens": 5,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 2,
+        },
+    ).json()["choices"][0]
     content = chat["logprobs"]["content"]
     assert "".join(item["token"] for item in content) == chat["message"]["content"]
     assert all(len(item["top_logprobs"]) == 2 and item["logprob"] <= 0 for item in content)
@@ -172,11 +183,15 @@ def _llama_cpp(sampler, logits, accepted):
     data = np.zeros(len(logits), dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
     data["id"], data["logit"] = np.arange(len(logits)), logits
     base = data.ctypes.data
-    array = llama_cpp.llama_token_data_array(data=data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
-                                             size=len(logits), selected=-1, sorted=False)
+    array = llama_cpp.llama_token_data_array(
+        data=data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
+        size=len(logits),
+        selected=-1,
+        sorted=False,
+    )
     llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
     start = (ctypes.cast(array.data, ctypes.c_void_p).value - base) // data.itemsize  # XTC moves the start
-    kept = data[start:start + array.size]
+    kept = data[start : start + array.size]
     llama_cpp.llama_sampler_free(sampler)
     out = np.full(len(logits), -np.inf, dtype=np.float32)
     out[kept["id"]] = kept["logit"]
@@ -209,13 +224,15 @@ def test_samplers_match_llama_cpps_compiled_samplers(llama_provider, llm):
         logits = llama_provider.generate(sequence).astype(np.float32)
         n = len(logits)
         reference = _llama_cpp(llama_cpp.llama_sampler_init_penalties(n, 48, 1.3, 0.2, 0.1), logits, sequence)
-        ours = PenaltyStrategy(llama_provider, repeat_penalty=1.3, frequency_penalty=0.2, presence_penalty=0.1,
-                               last_n=48, context=prompt).on_logits(logits.copy(), sequence[6:])
+        ours = PenaltyStrategy(
+            llama_provider, repeat_penalty=1.3, frequency_penalty=0.2, presence_penalty=0.1, last_n=48, context=prompt
+        ).on_logits(logits.copy(), sequence[6:])
         assert np.allclose(ours, reference, atol=1e-5) and (reference != logits).any()
         dry = llama_cpp.llama_sampler_init_dry(vocab, 0.8, 1.75, 2, 64, (ctypes.c_char_p * 4)(*breakers), 4)
         reference = _llama_cpp(dry, logits, sequence)
-        ours = DryStrategy(llama_provider, multiplier=0.8, base=1.75, allowed_length=2, last_n=64,
-                           context=prompt).on_logits(logits.copy(), sequence[6:])
+        ours = DryStrategy(
+            llama_provider, multiplier=0.8, base=1.75, allowed_length=2, last_n=64, context=prompt
+        ).on_logits(logits.copy(), sequence[6:])
         assert np.allclose(ours, reference, atol=1e-5)
         changed += int((reference != logits).sum())
         for threshold in (0.05, 0.2):  # probability 1: no random draw decides

@@ -14,22 +14,63 @@ import pytest
 pytest.importorskip("llguidance")
 
 from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, ChainStrategy
-from backtrack_sampler.generation import Generation
+from backtrack_sampler.core.generation import Generation
 from backtrack_sampler.provider.fake_provider import FakeProvider
-from backtrack_sampler.registry import StrategyRegistry, make_strategy
 from backtrack_sampler.strategy.base_strategy import BaseStrategy
 from backtrack_sampler.strategy.grammar_strategy import GrammarError, GrammarStrategy, check_grammar
+from backtrack_sampler.strategy.registry import StrategyRegistry, make_strategy
 
-VOCAB = ["<pad>", "<eos>", "<bos>"] + [
-    '{"', '"}', "{", "}", "[", "]", '"', ":", ",", ": ", ", ", '": ', '", "', ' "', " ",
-    " the", " cat", " dog", " rug", "cat", "dog", "rug", "name", "color", "age", "red", "green", "blue",
-    "re", "gr", "bl", "ue", "d", "een", "x", "y",
-] + list("abcdefghijklmnopqrstuvwxyz0123456789.")
+VOCAB = (
+    ["<pad>", "<eos>", "<bos>"]
+    + [
+        '{"',
+        '"}',
+        "{",
+        "}",
+        "[",
+        "]",
+        '"',
+        ":",
+        ",",
+        ": ",
+        ", ",
+        '": ',
+        '", "',
+        ' "',
+        " ",
+        " the",
+        " cat",
+        " dog",
+        " rug",
+        "cat",
+        "dog",
+        "rug",
+        "name",
+        "color",
+        "age",
+        "red",
+        "green",
+        "blue",
+        "re",
+        "gr",
+        "bl",
+        "ue",
+        "d",
+        "een",
+        "x",
+        "y",
+    ]
+    + list("abcdefghijklmnopqrstuvwxyz0123456789.")
+)
 PERSON = {
     "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 12}, "color": {"enum": ["red", "green", "blue"]},
-                   "age": {"type": "integer", "minimum": 0, "maximum": 120}},
-    "required": ["name", "color", "age"], "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "color": {"enum": ["red", "green", "blue"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "color", "age"],
+    "additionalProperties": False,
 }
 
 
@@ -51,8 +92,14 @@ def fake(boost=(), **options) -> FakeProvider:
 def person_ok(text: str, colors=("red", "green", "blue")) -> bool:
     """``text`` is a JSON object valid for PERSON (with ``colors`` as its enum)."""
     value = json.loads(text)
-    return (set(value) == {"name", "color", "age"} and isinstance(value["name"], str) and len(value["name"]) <= 12
-            and value["color"] in colors and type(value["age"]) is int and 0 <= value["age"] <= 120)
+    return (
+        set(value) == {"name", "color", "age"}
+        and isinstance(value["name"], str)
+        and len(value["name"]) <= 12
+        and value["color"] in colors
+        and type(value["age"]) is int
+        and 0 <= value["age"] <= 120
+    )
 
 
 def run(provider, strategy, prompt=" the", **kwargs):
@@ -82,8 +129,13 @@ def test_json_is_compact_unless_whitespace_is_flexible():
     provider = fake(boost=(" ",))
     text, _ = run(provider, GrammarStrategy(provider, json_schema=PERSON), seed=1, temperature=0.5)
     assert person_ok(text) and re.fullmatch(r'\{"name": ".*", "color": "\w+", "age": \d+\}', text), text
-    loose, stats = run(provider, GrammarStrategy(provider, json_schema=PERSON, whitespace_flexible=True), seed=1,
-                       max_new_tokens=60, temperature=0.5)
+    loose, stats = run(
+        provider,
+        GrammarStrategy(provider, json_schema=PERSON, whitespace_flexible=True),
+        seed=1,
+        max_new_tokens=60,
+        temperature=0.5,
+    )
     assert loose.startswith(" ") or "  " in loose or stats.finish_reason == "length", loose  # spaces are allowed now
 
 
@@ -187,8 +239,9 @@ def test_a_dead_end_rewinds_further(order):
     for seed in range(3):
         bans = AntiSlopStrategy(provider, ["cat"], max_retries=30)
         grammar = GrammarStrategy(provider, regex="x cat|y dog")
-        text, stats = run(provider, ChainStrategy([bans, grammar] if order == "bans first" else [grammar, bans]),
-                          seed=seed)
+        text, stats = run(
+            provider, ChainStrategy([bans, grammar] if order == "bans first" else [grammar, bans]), seed=seed
+        )
         if order == "bans first":
             assert (text, stats.finish_reason) == ("y dog", "stop")
             assert any("dead end" in (event.reason or "") for event in stats.events)
@@ -200,7 +253,9 @@ def test_a_dead_end_past_the_lookback_ends_with_constraint():
     provider = fake(boost=("x", " cat", "cat", "c"))
     bans = AntiSlopStrategy(provider, ["cat"], max_retries=30)
     text, stats = run(provider, ChainStrategy([bans, GrammarStrategy(provider, regex="x cat|y dog", lookback=0)]))
-    assert stats.finish_reason == "constraint" and "GrammarStrategy" in stats.constraint and "banned" in stats.constraint
+    assert (
+        stats.finish_reason == "constraint" and "GrammarStrategy" in stats.constraint and "banned" in stats.constraint
+    )
     assert "cat" not in text
 
 
@@ -210,10 +265,15 @@ def test_rewinds_by_another_strategy_keep_the_output_valid(seed):
     matcher follows each rewind) and the JSON stays valid, without them."""
     provider = fake(boost=("cat", "dog", "c", "d"))
     bans = AntiSlopStrategy(provider, ["cat", "dog"])
-    schema = {"type": "object", "properties": {"name": {"type": "string", "minLength": 3, "maxLength": 20}},
-              "required": ["name"], "additionalProperties": False}
-    text, stats = run(provider, ChainStrategy([bans, GrammarStrategy(provider, json_schema=schema)]), seed=seed,
-                      max_new_tokens=60)
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "minLength": 3, "maxLength": 20}},
+        "required": ["name"],
+        "additionalProperties": False,
+    }
+    text, stats = run(
+        provider, ChainStrategy([bans, GrammarStrategy(provider, json_schema=schema)]), seed=seed, max_new_tokens=60
+    )
     assert stats.finish_reason == "stop", (text, stats.constraint)
     value = json.loads(text)
     assert 3 <= len(value["name"]) <= 20 and "cat" not in text and "dog" not in text
@@ -221,13 +281,16 @@ def test_rewinds_by_another_strategy_keep_the_output_valid(seed):
 
 
 # --- errors, limits, the registry -----------------------------------------------------------------
-@pytest.mark.parametrize("params, words", [
-    ({"json_schema": {"type": "objectx"}}, ["json_schema", "objectx"]),
-    ({"grammar": "start: foo"}, ["grammar", "foo"]),
-    ({"regex": "a(b"}, ["regex", "unclosed group"]),
-    ({}, ["exactly one"]),
-    ({"regex": "a", "grammar": "start: \"a\""}, ["exactly one", "grammar, regex"]),
-])
+@pytest.mark.parametrize(
+    "params, words",
+    [
+        ({"json_schema": {"type": "objectx"}}, ["json_schema", "objectx"]),
+        ({"grammar": "start: foo"}, ["grammar", "foo"]),
+        ({"regex": "a(b"}, ["regex", "unclosed group"]),
+        ({}, ["exactly one"]),
+        ({"regex": "a", "grammar": 'start: "a"'}, ["exactly one", "grammar, regex"]),
+    ],
+)
 def test_bad_grammars_name_the_problem(params, words):
     provider = fake()
     for attempt in (lambda: GrammarStrategy(provider, **params), lambda: check_grammar(**params)):
@@ -272,8 +335,14 @@ def test_a_strategy_that_changes_the_masked_logits_after_it_cannot_break_the_out
 
     provider = fake()
     for seed in range(3):
-        text, stats = run(provider, ChainStrategy([GrammarStrategy(provider, regex=" the cat"), Unmask()]), seed=seed,
-                          temperature=0.3, max_new_tokens=10, max_rewound_tokens=10_000)
+        text, stats = run(
+            provider,
+            ChainStrategy([GrammarStrategy(provider, regex=" the cat"), Unmask()]),
+            seed=seed,
+            temperature=0.3,
+            max_new_tokens=10,
+            max_rewound_tokens=10_000,
+        )
         assert " the cat".startswith(text), text  # always a prefix of a valid text
         assert stats.finish_reason != "stop" or text == " the cat", text
         assert any("not allowed" in (event.reason or "") for event in stats.events)
@@ -283,7 +352,7 @@ def test_a_strategy_that_changes_the_masked_logits_after_it_cannot_break_the_out
 def cli_run(argv, monkeypatch=None, provider=None):
     import io
 
-    from backtrack_sampler import cli
+    from backtrack_sampler.cli import commands as cli
 
     if monkeypatch is not None:
         monkeypatch.setattr(cli, "load_provider", lambda *args, **kwargs: provider)
@@ -297,53 +366,104 @@ def test_cli_flags_chain_the_grammar_last(tmp_path, monkeypatch):
     schema = tmp_path / "person.json"
     schema.write_text(json.dumps(PERSON))
     for seed in range(3):
-        status, out, err = cli_run(["generate", " the", "--json-schema", str(schema), "--ban", "red", "--ban", "green",
-                                    "--seed", str(seed), "--max-new-tokens", "80"], monkeypatch, provider)
+        status, out, err = cli_run(
+            [
+                "generate",
+                " the",
+                "--json-schema",
+                str(schema),
+                "--ban",
+                "red",
+                "--ban",
+                "green",
+                "--seed",
+                str(seed),
+                "--max-new-tokens",
+                "80",
+            ],
+            monkeypatch,
+            provider,
+        )
         assert status == 0 and person_ok(out, colors=("blue",)), (out, err)
-    status, out, err = cli_run(["generate", " the", "--regex-output", "( the| a)( cat| dog)", "--ban", "cat",
-                                "--seed", "3"], monkeypatch, provider)
+    status, out, err = cli_run(
+        ["generate", " the", "--regex-output", "( the| a)( cat| dog)", "--ban", "cat", "--seed", "3"],
+        monkeypatch,
+        provider,
+    )
     assert status == 0 and out in (" the dog", " a dog"), (out, err)
     (tmp_path / "g.lark").write_text('start: " cat" | " dog" | " rug"')
-    status, out, err = cli_run(["generate", " the", "--grammar", str(tmp_path / "g.lark"), "--ban", "dog", "--ban", "cat",
-                                "--seed", "3"], monkeypatch, provider)
+    status, out, err = cli_run(
+        ["generate", " the", "--grammar", str(tmp_path / "g.lark"), "--ban", "dog", "--ban", "cat", "--seed", "3"],
+        monkeypatch,
+        provider,
+    )
     assert (status, out) == (0, " rug"), err
-    status, out, err = cli_run(["generate", " the", "--json-object", "--seed", "1", "--max-new-tokens", "40",
-                                "--strategy", "antislop", "--strategy-args", '{"slops": ["cat"]}'], monkeypatch, provider)
+    status, out, err = cli_run(
+        [
+            "generate",
+            " the",
+            "--json-object",
+            "--seed",
+            "1",
+            "--max-new-tokens",
+            "40",
+            "--strategy",
+            "antislop",
+            "--strategy-args",
+            '{"slops": ["cat"]}',
+        ],
+        monkeypatch,
+        provider,
+    )
     assert status == 0 and (out.startswith("{") and "cat" not in out), (out, err)
 
 
 def test_cli_strategy_grammar_and_the_flags(tmp_path, monkeypatch):
     provider = fake()
-    args = json.dumps({"json_schema": {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"],
-                                       "additionalProperties": False}})
-    status, out, err = cli_run(["generate", " the", "--strategy", "grammar", "--strategy-args", args, "--seed", "0"],
-                               monkeypatch, provider)
+    args = json.dumps(
+        {
+            "json_schema": {
+                "type": "object",
+                "properties": {"age": {"type": "integer"}},
+                "required": ["age"],
+                "additionalProperties": False,
+            }
+        }
+    )
+    status, out, err = cli_run(
+        ["generate", " the", "--strategy", "grammar", "--strategy-args", args, "--seed", "0"], monkeypatch, provider
+    )
     assert status == 0 and set(json.loads(out)) == {"age"}, (out, err)
-    status, out, err = cli_run(["generate", " the", "--strategy", "grammar", "--regex-output", "( cat| dog)"],
-                               monkeypatch, provider)  # the flag fills the grammar of that --strategy grammar
+    status, out, err = cli_run(
+        ["generate", " the", "--strategy", "grammar", "--regex-output", "( cat| dog)"], monkeypatch, provider
+    )  # the flag fills the grammar of that --strategy grammar
     assert status == 0 and out in (" cat", " dog"), (out, err)
 
 
 def test_cli_impossible_combination_exits_3(tmp_path, monkeypatch):
     provider = fake()
-    status, out, err = cli_run(["generate", " the", "--regex-output", "( the| a) cat", "--ban", "cat"], monkeypatch,
-                               provider)
+    status, out, err = cli_run(
+        ["generate", " the", "--regex-output", "( the| a) cat", "--ban", "cat"], monkeypatch, provider
+    )
     assert status == 3 and "cat" not in out and "hard constraint could not be held" in err, (out, err)
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--json-schema", "MISSING.json"], ["JSON Schema file not found"]),
-    (["--json-schema", "BAD"], ["not valid JSON"]),
-    (["--json-schema", "TYPO"], ["--json-schema", "objectx"]),
-    (["--regex-output", "a(b"], ["--regex-output", "unclosed group"]),
-    (["--regex-output", "a", "--json-object"], ["give one of", "--json-object", "--regex-output"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--json-schema", "MISSING.json"], ["JSON Schema file not found"]),
+        (["--json-schema", "BAD"], ["not valid JSON"]),
+        (["--json-schema", "TYPO"], ["--json-schema", "objectx"]),
+        (["--regex-output", "a(b"], ["--regex-output", "unclosed group"]),
+        (["--regex-output", "a", "--json-object"], ["give one of", "--json-object", "--regex-output"]),
+    ],
+)
 def test_cli_bad_grammars_are_one_line_errors_before_the_model_loads(argv, words, tmp_path, monkeypatch):
     (tmp_path / "BAD").write_text("{not json")
     (tmp_path / "TYPO").write_text('{"type": "objectx"}')
     argv = [str(tmp_path / a) if a in ("BAD", "TYPO", "MISSING.json") else a for a in argv]
     loaded = []
-    monkeypatch.setattr("backtrack_sampler.cli.load_provider", lambda *a, **k: loaded.append(1) or fake())
+    monkeypatch.setattr("backtrack_sampler.cli.commands.load_provider", lambda *a, **k: loaded.append(1) or fake())
     status, out, err = cli_run(["generate", " the", *argv])
     assert status == 1 and not loaded and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     for word in words:
@@ -359,16 +479,18 @@ def engine_type(request):
 def test_through_an_engine_the_output_is_valid_and_free_of_bans(engine_type):
     """The engine drafts; the grammar masks its K candidates (and rewinds where none is allowed).
     With top-k off and K = the vocabulary the engine reports every token: exact, as in process."""
-    from backtrack_sampler.engine import EngineProvider
     from engine_fakes import FakeEngine
+
+    from backtrack_sampler.engine import EngineProvider
 
     model = fake(boost=("red", "re", "green", "gr"))
     engine = FakeEngine(engine_type, model.logits_for, model.vocab_size, eos=model.get_eos_token_id())
     try:
         provider = EngineProvider(engine.url, engine_type, tokenizer=model, n_probs=len(VOCAB))
         for seed in range(3):
-            strategy = ChainStrategy([AntiSlopStrategy(provider, ["red", "green"]),
-                                      GrammarStrategy(provider, json_schema=PERSON)])
+            strategy = ChainStrategy(
+                [AntiSlopStrategy(provider, ["red", "green"]), GrammarStrategy(provider, json_schema=PERSON)]
+            )
             text, stats = run(provider, strategy, seed=seed, top_k=0)
             assert stats.finish_reason == "stop" and person_ok(text, colors=("blue",)), text
     finally:
@@ -381,8 +503,9 @@ def test_through_an_engine_tokens_outside_the_candidates():
     the grammar allows several tokens and none is a candidate (here: "x" and "y", which the model
     ranks last), it is a dead end: the generation rewinds and, never finding them, ends with
     "constraint", never with text the grammar refuses. In process both are found."""
-    from backtrack_sampler.engine import EngineProvider
     from engine_fakes import FakeEngine
+
+    from backtrack_sampler.engine import EngineProvider
 
     base = fake()
 
@@ -399,8 +522,9 @@ def test_through_an_engine_tokens_outside_the_candidates():
         for seed in range(3):
             text, stats = run(provider, GrammarStrategy(provider, regex="( cat| dog)x"), seed=seed, top_k=8)
             assert stats.finish_reason == "stop" and text in (" catx", " dogx"), text
-        text, stats = run(provider, GrammarStrategy(provider, regex="( cat| dog)(x|y)"), seed=0, top_k=8,
-                          max_new_tokens=10)
+        text, stats = run(
+            provider, GrammarStrategy(provider, regex="( cat| dog)(x|y)"), seed=0, top_k=8, max_new_tokens=10
+        )
         assert stats.finish_reason == "constraint" and text in ("", " cat", " dog")
         assert any("dead end" in (event.reason or "") for event in stats.events)
         local, local_stats = run(model, GrammarStrategy(model, regex="( cat| dog)(x|y)"), seed=0, top_k=8)
@@ -414,11 +538,12 @@ def test_through_an_engine_tokens_outside_the_candidates():
 def fake_server():
     from starlette.testclient import TestClient
 
-    from backtrack_sampler.server import Engine, Limits, create_app
+    from backtrack_sampler.server.app import Engine, Limits, create_app
 
     provider = fake(boost=("red", "re", "green", "gr"))
-    with TestClient(create_app(Engine(provider, "fake"), limits=Limits(max_grammar_chars=5000,
-                                                                          max_grammar_seconds=1.0))) as client:
+    with TestClient(
+        create_app(Engine(provider, "fake"), limits=Limits(max_grammar_chars=5000, max_grammar_seconds=1.0))
+    ) as client:
         yield client
 
 
@@ -435,8 +560,14 @@ def sse(response):
 @pytest.mark.parametrize("stream", [False, True])
 def test_server_response_format_with_banned_strings(fake_server, stream):
     for seed in range(3):
-        body = {"prompt": " the", "max_tokens": 80, "seed": seed, "response_format": person_format(),
-                "banned_strings": ["red", "green"], "stream": stream}
+        body = {
+            "prompt": " the",
+            "max_tokens": 80,
+            "seed": seed,
+            "response_format": person_format(),
+            "banned_strings": ["red", "green"],
+            "stream": stream,
+        }
         if stream:
             with fake_server.stream("POST", "/v1/completions", json=body) as response:
                 text, last = sse(response)
@@ -447,15 +578,24 @@ def test_server_response_format_with_banned_strings(fake_server, stream):
         assert finish == "stop" and person_ok(text, colors=("blue",)), text
 
 
-@pytest.mark.parametrize("field, value, check", [
-    ("json_schema", PERSON, person_ok),  # llama-server / TabbyAPI: the schema itself
-    ("grammar", 'root ::= (" cat" | " dog" | " rug") ("," (" cat" | " dog" | " rug"))*', lambda t: re.fullmatch(r"( cat| dog| rug)(,( cat| dog| rug))*", t)),
-    ("grammar_string", 'start: " cat" | " rug"', lambda t: t in (" cat", " rug")),
-    ("regex_pattern", "( the| a)( cat| dog)", lambda t: re.fullmatch("( the| a)( cat| dog)", t)),
-    ("response_format", {"type": "json_object"}, None),
-])
+@pytest.mark.parametrize(
+    "field, value, check",
+    [
+        ("json_schema", PERSON, person_ok),  # llama-server / TabbyAPI: the schema itself
+        (
+            "grammar",
+            'root ::= (" cat" | " dog" | " rug") ("," (" cat" | " dog" | " rug"))*',
+            lambda t: re.fullmatch(r"( cat| dog| rug)(,( cat| dog| rug))*", t),
+        ),
+        ("grammar_string", 'start: " cat" | " rug"', lambda t: t in (" cat", " rug")),
+        ("regex_pattern", "( the| a)( cat| dog)", lambda t: re.fullmatch("( the| a)( cat| dog)", t)),
+        ("response_format", {"type": "json_object"}, None),
+    ],
+)
 def test_server_structured_output_fields(fake_server, field, value, check):
-    answer = fake_server.post("/v1/completions", json={"prompt": " the", "max_tokens": 60, "seed": 1, field: value}).json()
+    answer = fake_server.post(
+        "/v1/completions", json={"prompt": " the", "max_tokens": 60, "seed": 1, field: value}
+    ).json()
     choice = answer["choices"][0]
     if check is None:  # any object: this model writes one long key (the token limit ends it)
         assert choice["text"].startswith('{"') and choice["finish_reason"] in ("stop", "length"), choice
@@ -465,40 +605,64 @@ def test_server_structured_output_fields(fake_server, field, value, check):
 
 
 def test_server_strategy_grammar_is_checked_like_the_fields(fake_server):
-    answer = fake_server.post("/v1/completions", json={
-        "prompt": " the", "max_tokens": 40, "seed": 2, "strategy": [{"name": "grammar", "regex": "( cat| dog)"}]}).json()
+    answer = fake_server.post(
+        "/v1/completions",
+        json={"prompt": " the", "max_tokens": 40, "seed": 2, "strategy": [{"name": "grammar", "regex": "( cat| dog)"}]},
+    ).json()
     assert answer["choices"][0]["text"] in (" cat", " dog")
     hostile = {"allOf": [{"type": "string", "pattern": f".*{c}.*"} for c in "abcdefghijklmnopqrst"]}
-    response = fake_server.post("/v1/completions", json={"prompt": " the", "strategy": [{"name": "grammar", "json_schema": hostile}]})
+    response = fake_server.post(
+        "/v1/completions", json={"prompt": " the", "strategy": [{"name": "grammar", "json_schema": hostile}]}
+    )
     assert response.status_code == 400 and "max_grammar_seconds" in response.json()["error"]["message"]
     assert response.json()["error"]["param"] == "strategy[0]"
 
 
 def test_server_impossible_combination_is_content_filter(fake_server):
-    body = {"prompt": " the", "max_tokens": 80, "seed": 0, "response_format": person_format(),
-            "banned_strings": ["red", "green", "blue"]}
+    body = {
+        "prompt": " the",
+        "max_tokens": 80,
+        "seed": 0,
+        "response_format": person_format(),
+        "banned_strings": ["red", "green", "blue"],
+    }
     answer = fake_server.post("/v1/completions", json=body).json()
     assert answer["choices"][0]["finish_reason"] == "content_filter"
-    assert answer["backtrack"]["constraint"] and not any(c in answer["choices"][0]["text"] for c in ("red", "green", "blue"))
+    assert answer["backtrack"]["constraint"] and not any(
+        c in answer["choices"][0]["text"] for c in ("red", "green", "blue")
+    )
     with fake_server.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
         text, last = sse(response)
     assert last["choices"][0]["finish_reason"] == "content_filter" and last["backtrack"]["constraint"]
 
 
-@pytest.mark.parametrize("body, param, words", [
-    ({"json_schema": {"type": "objectx"}}, "json_schema", ["objectx"]),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
-     "response_format", ["objectx"]),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", ["schema"]),
-    ({"response_format": {"type": "xml"}}, "response_format.type", ["json_schema"]),
-    ({"grammar": "root ::= foo"}, "grammar", ["foo"]),
-    ({"regex_pattern": "a(b"}, "regex_pattern", ["unclosed group"]),
-    ({"json_schema": {"enum": ["x" * 100] * 100}}, "json_schema", ["max_grammar_chars"]),
-    ({"json_schema": {"allOf": [{"type": "string", "pattern": f".*{c}.*"} for c in "abcdefghijklmnopqrst"]}},
-     "json_schema", ["max_grammar_seconds"]),
-    ({"json_schema": {"type": "object"}, "regex_pattern": "a"}, None, ["give one of", "json_schema", "regex_pattern"]),
-    ({"strategy": [{"name": "grammar", "json_schema": "not a schema"}]}, "strategy[0].json_schema", []),
-])
+@pytest.mark.parametrize(
+    "body, param, words",
+    [
+        ({"json_schema": {"type": "objectx"}}, "json_schema", ["objectx"]),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
+            "response_format",
+            ["objectx"],
+        ),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", ["schema"]),
+        ({"response_format": {"type": "xml"}}, "response_format.type", ["json_schema"]),
+        ({"grammar": "root ::= foo"}, "grammar", ["foo"]),
+        ({"regex_pattern": "a(b"}, "regex_pattern", ["unclosed group"]),
+        ({"json_schema": {"enum": ["x" * 100] * 100}}, "json_schema", ["max_grammar_chars"]),
+        (
+            {"json_schema": {"allOf": [{"type": "string", "pattern": f".*{c}.*"} for c in "abcdefghijklmnopqrst"]}},
+            "json_schema",
+            ["max_grammar_seconds"],
+        ),
+        (
+            {"json_schema": {"type": "object"}, "regex_pattern": "a"},
+            None,
+            ["give one of", "json_schema", "regex_pattern"],
+        ),
+        ({"strategy": [{"name": "grammar", "json_schema": "not a schema"}]}, "strategy[0].json_schema", []),
+    ],
+)
 def test_server_bad_structured_output_is_a_400_at_once(fake_server, body, param, words):
     start = time.perf_counter()
     response = fake_server.post("/v1/completions", json={"prompt": " the", **body})
@@ -511,36 +675,43 @@ def test_server_bad_structured_output_is_a_400_at_once(fake_server, body, param,
 
 
 def test_server_text_response_format_is_plain_text(fake_server):
-    answer = fake_server.post("/v1/completions", json={"prompt": " the", "max_tokens": 8, "seed": 0,
-                                                       "response_format": {"type": "text"}}).json()
+    answer = fake_server.post(
+        "/v1/completions", json={"prompt": " the", "max_tokens": 8, "seed": 0, "response_format": {"type": "text"}}
+    ).json()
     assert answer["choices"][0]["finish_reason"] == "length"
 
 
 # --- real models: both providers, both embedded models -------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2_llama():
-    from backtrack_sampler.models import load_provider
+    from backtrack_sampler.provider.models import load_provider
 
     return load_provider("llamacpp", "smollm2-135m-instruct", n_ctx=2048)
 
 
 @pytest.fixture(scope="module")
 def smollm2_hf():
-    from backtrack_sampler.models import load_provider
+    from backtrack_sampler.provider.models import load_provider
 
     return load_provider("transformers", "smollm2-135m-instruct")
 
 
-REAL = {"gemma-llama": "llama_provider", "gemma-transformers": "transformers_provider",
-        "smollm2-llama": "smollm2_llama", "smollm2-transformers": "smollm2_hf"}
+REAL = {
+    "gemma-llama": "llama_provider",
+    "gemma-transformers": "transformers_provider",
+    "smollm2-llama": "smollm2_llama",
+    "smollm2-transformers": "smollm2_hf",
+}
 ASK = "Describe a person as JSON, with a name, a favourite colour and an age."
 
 
 def real_prompt(provider):
-    from backtrack_sampler.chat import chat_prompt_tokens
+    from backtrack_sampler.provider.chat import chat_prompt_tokens
 
-    if "gemma" in str(getattr(getattr(provider, "llm", None), "model_path", "")) or \
-            "gemma" in str(getattr(getattr(provider, "model", None), "name_or_path", "")).lower():
+    if (
+        "gemma" in str(getattr(getattr(provider, "llm", None), "model_path", ""))
+        or "gemma" in str(getattr(getattr(provider, "model", None), "name_or_path", "")).lower()
+    ):
         return f"{ASK}\nJSON:"  # Gemma 3 270M is a base model: a plain prompt
     return chat_prompt_tokens(provider, [{"role": "user", "content": ASK}])
 
@@ -568,8 +739,9 @@ def test_real_models_valid_json_that_composes_with_bans(request, name):
 @pytest.mark.parametrize("name", ["smollm2-llama", "gemma-transformers"])
 def test_real_models_impossible_combination_ends_with_constraint(request, name):
     provider = request.getfixturevalue(REAL[name])
-    strategy = ChainStrategy([AntiSlopStrategy(provider, ["red", "green", "blue"]),
-                              GrammarStrategy(provider, json_schema=PERSON)])
+    strategy = ChainStrategy(
+        [AntiSlopStrategy(provider, ["red", "green", "blue"]), GrammarStrategy(provider, json_schema=PERSON)]
+    )
     text, stats = run(provider, strategy, real_prompt(provider), temperature=0, max_new_tokens=60)
     assert stats.finish_reason == "constraint" and stats.constraint, text
     assert not any(c in text for c in ("red", "green", "blue"))
@@ -579,8 +751,13 @@ def test_real_models_impossible_combination_ends_with_constraint(request, name):
 @pytest.mark.parametrize("name", ["smollm2-llama", "gemma-llama"])
 def test_real_models_regex_and_gbnf(request, name):
     provider = request.getfixturevalue(REAL[name])
-    text, stats = run(provider, GrammarStrategy(provider, regex=r"The year is (19|20)[0-9]{2}\."),
-                      "When did the Second World War end?", temperature=0, max_new_tokens=20)
+    text, stats = run(
+        provider,
+        GrammarStrategy(provider, regex=r"The year is (19|20)[0-9]{2}\."),
+        "When did the Second World War end?",
+        temperature=0,
+        max_new_tokens=20,
+    )
     assert stats.finish_reason == "stop" and re.fullmatch(r"The year is (19|20)[0-9]{2}\.", text), text
     gbnf = 'root ::= "Answer: " ("yes" | "no")'
     text, stats = run(provider, GrammarStrategy(provider, grammar=gbnf), "Is the sky blue?", max_new_tokens=20, seed=0)
@@ -598,8 +775,24 @@ def test_real_cli(tmp_path):
     exe = Path(sys.executable).with_name("backtrack-sampler")
     schema = tmp_path / "person.json"
     schema.write_text(json.dumps(PERSON))
-    base = [str(exe), "generate", "--chat", ASK, "--json-schema", str(schema), "--ban", "red", "--ban", "green",
-            "--temperature", "0", "--max-new-tokens", "60", "--n-ctx", "2048"]
+    base = [
+        str(exe),
+        "generate",
+        "--chat",
+        ASK,
+        "--json-schema",
+        str(schema),
+        "--ban",
+        "red",
+        "--ban",
+        "green",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "60",
+        "--n-ctx",
+        "2048",
+    ]
     done = subprocess.run(base, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and person_ok(done.stdout.strip(), colors=("blue",)), (done.stdout, done.stderr)
     done = subprocess.run(base + ["--ban", "blue"], capture_output=True, text=True, timeout=300)
@@ -611,7 +804,7 @@ def test_real_cli(tmp_path):
 def chat_server(smollm2_llama):
     from serving import ServerThread
 
-    from backtrack_sampler.server import Engine, create_app
+    from backtrack_sampler.server.app import Engine, create_app
 
     with ServerThread(create_app(Engine(smollm2_llama, "smollm2"))) as running:
         yield running
@@ -624,8 +817,14 @@ def test_real_server_response_format_with_banned_strings(chat_server, stream):
     import openai
 
     with openai.OpenAI(base_url=chat_server.url + "/v1", api_key="none", timeout=300, max_retries=0) as client:
-        kwargs = dict(model="smollm2", messages=[{"role": "user", "content": ASK}], temperature=0, max_tokens=60,
-                      response_format=person_format(), extra_body={"banned_strings": ["red", "green"]})
+        kwargs = dict(
+            model="smollm2",
+            messages=[{"role": "user", "content": ASK}],
+            temperature=0,
+            max_tokens=60,
+            response_format=person_format(),
+            extra_body={"banned_strings": ["red", "green"]},
+        )
         if stream:
             chunks = list(client.chat.completions.create(stream=True, **kwargs))
             text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -651,11 +850,17 @@ def test_real_server_completions_with_llama_server_fields(chat_server):
 
     for body, check in [
         ({"json_schema": PERSON, "banned_strings": ["red", "green"]}, lambda t: person_ok(t, colors=("blue",))),
-        ({"grammar": 'root ::= "The answer is " ("yes" | "no") "."'}, lambda t: t in ("The answer is yes.", "The answer is no.")),
+        (
+            {"grammar": 'root ::= "The answer is " ("yes" | "no") "."'},
+            lambda t: t in ("The answer is yes.", "The answer is no."),
+        ),
         ({"regex_pattern": r"[A-Z][a-z]+, [A-Z][a-z]+"}, lambda t: re.fullmatch(r"[A-Z][a-z]+, [A-Z][a-z]+", t)),
     ]:
-        answer = httpx.post(chat_server.url + "/v1/completions", timeout=300, json={
-            "prompt": "Q: Name a person and a city.\nA:", "max_tokens": 60, "temperature": 0, **body}).json()
+        answer = httpx.post(
+            chat_server.url + "/v1/completions",
+            timeout=300,
+            json={"prompt": "Q: Name a person and a city.\nA:", "max_tokens": 60, "temperature": 0, **body},
+        ).json()
         choice = answer["choices"][0]
         assert choice["finish_reason"] == "stop" and check(choice["text"]), (body, choice)
 
@@ -671,8 +876,9 @@ def test_real_playground_json_schema_box(chat_server, tmp_path):
     if not chromium.exists():
         pytest.fail(f"{chromium} is missing: install Debian's chromium (apt-get install -y chromium)")
     with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(chromium), args=["--headless", "--no-sandbox",
-                                                                                  "--disable-gpu"])
+        browser = playwright.chromium.launch(
+            executable_path=str(chromium), args=["--headless", "--no-sandbox", "--disable-gpu"]
+        )
         try:
             page = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
             errors = []
@@ -704,18 +910,20 @@ def test_real_llama_server_engine_json_with_bans():
     """Through a real llama-server (the embedded chat model): sampled JSON with bans is valid and
     free of them. The K candidates often lack a key the schema forces; it is taken anyway (the
     grammar's only choice), so no rewinds are needed there."""
-    from backtrack_sampler.chat import chat_prompt_tokens
-    from backtrack_sampler.engine import EngineProvider
-    from backtrack_sampler.models import resolve_model
     from test_engine_llama_server import LlamaServer, llama_server_binary
+
+    from backtrack_sampler.engine import EngineProvider
+    from backtrack_sampler.provider.chat import chat_prompt_tokens
+    from backtrack_sampler.provider.models import resolve_model
 
     server = LlamaServer(llama_server_binary(), str(resolve_model("smollm2-135m-instruct")), slots=2, n_ctx=4096)
     try:
         provider = EngineProvider(server.url, "llama-server", tokenizer="smollm2-135m-instruct")
         prompt = chat_prompt_tokens(provider, [{"role": "user", "content": ASK}])
         for seed in range(3):
-            strategy = ChainStrategy([AntiSlopStrategy(provider, ["red", "green"]),
-                                      GrammarStrategy(provider, json_schema=PERSON)])
+            strategy = ChainStrategy(
+                [AntiSlopStrategy(provider, ["red", "green"]), GrammarStrategy(provider, json_schema=PERSON)]
+            )
             text, stats = run(provider, strategy, prompt, seed=seed, temperature=0.8, max_new_tokens=60)
             assert stats.finish_reason == "stop" and person_ok(text, colors=("blue",)), (text, stats.constraint)
     finally:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import unicodedata
 import zlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -28,18 +27,22 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy, ChainStrategy
-from backtrack_sampler.batch import BatchScheduler
+from backtrack_sampler.core.batch import BatchScheduler
 from backtrack_sampler.provider.fake_provider import FakeProvider
-from backtrack_sampler.server import StopFilter
+from backtrack_sampler.server.app import StopFilter
 
 SCALE = float(os.environ.get("BACKTRACK_PROPERTY_SCALE", "1"))
 
 
 def examples(n: int) -> settings:
     """Deterministic settings: the same ``n`` (x SCALE) examples on every run, no example database."""
-    return settings(max_examples=max(1, int(n * SCALE)), deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.filter_too_much])
+    return settings(
+        max_examples=max(1, int(n * SCALE)),
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )
 
 
 # --- the fake worlds -----------------------------------------------------------------------------
@@ -62,14 +65,20 @@ class Model(FakeProvider):
     model: tokens that would make an invalid sequence get -inf), so a character may take several
     tokens and a token may end inside a character."""
 
-    def __init__(self, pieces: Sequence[str], seed: int, byte_level: bool = False, eos_logit: float = -4.0,
-                 cuts: Sequence[int] = ()):
+    def __init__(
+        self,
+        pieces: Sequence[str],
+        seed: int,
+        byte_level: bool = False,
+        eos_logit: float = -4.0,
+        cuts: Sequence[int] = (),
+    ):
         self.byte_level = byte_level
         raw = [p.encode() for p in pieces]
         if byte_level:  # every byte of a multi-byte character alone, and each piece cut once inside
             for piece, cut in zip(list(raw), list(cuts) + [1] * len(raw)):
                 if len(piece) > 1 and any(b >= 0x80 for b in piece):
-                    raw += [piece[:cut % (len(piece) - 1) + 1], piece[cut % (len(piece) - 1) + 1:]]
+                    raw += [piece[: cut % (len(piece) - 1) + 1], piece[cut % (len(piece) - 1) + 1 :]]
                     raw += [bytes([b]) for b in piece if b >= 0x80]
         raw = list(dict.fromkeys(r for r in raw if r and r != SAFE.encode()))
         self.raw = [b"", b"", b"", SAFE.encode()] + raw
@@ -155,8 +164,12 @@ class World:
         return Model(self.pieces, self.model_seed, self.byte_level, eos_logit, self.cuts)
 
     def antislop(self, model: Model, **kwargs) -> AntiSlopStrategy:
-        options = dict(case_sensitive=self.case_sensitive, whole_words=self.whole_words,
-                       keep_index_buffer=self.keep_index_buffer, max_retries=len(model.vocab) + 1)
+        options = dict(
+            case_sensitive=self.case_sensitive,
+            whole_words=self.whole_words,
+            keep_index_buffer=self.keep_index_buffer,
+            max_retries=len(model.vocab) + 1,
+        )
         if self.regexes:
             options.update(regexes=list(self.regexes), regex_window=self.regex_window)
         options.update(kwargs)
@@ -174,14 +187,19 @@ def phrase_lists(draw, alphabet: str, min_size: int = 1) -> List[str]:
         phrases.append(first[: draw(st.integers(1, len(first)))])  # a prefix of another phrase
     if phrases and draw(st.booleans()):
         last = phrases[-1]
-        phrases.append(last[-draw(st.integers(1, len(last))):] + draw(text))  # overlaps another's end
+        phrases.append(last[-draw(st.integers(1, len(last))) :] + draw(text))  # overlaps another's end
     return list(dict.fromkeys(p for p in phrases if p.strip() or p))
 
 
 @st.composite
-def worlds(draw, alphabets: Sequence[str] = tuple(ALPHABETS), byte_level: Optional[bool] = None,
-           whole_words: Optional[bool] = None, case_sensitive: Optional[bool] = None,
-           max_new_tokens: Tuple[int, int] = (10, 40)) -> World:
+def worlds(
+    draw,
+    alphabets: Sequence[str] = tuple(ALPHABETS),
+    byte_level: Optional[bool] = None,
+    whole_words: Optional[bool] = None,
+    case_sensitive: Optional[bool] = None,
+    max_new_tokens: Tuple[int, int] = (10, 40),
+) -> World:
     alphabet = ALPHABETS[draw(st.sampled_from(alphabets))]
     pieces = draw(st.lists(st.text(alphabet, min_size=1, max_size=3), min_size=2, max_size=8, unique=True))
     byte = draw(st.booleans()) if byte_level is None else byte_level
@@ -212,8 +230,9 @@ def regex_patterns(draw, alphabet: str) -> Tuple[str, int]:
         st.just((".", 1, True)),
         char.map(lambda c: (f"{c}?", 1, False)),
         char.map(lambda c: (f"{c}{{1,3}}", 3, True)),
-        st.tuples(st.text(alphabet, min_size=1, max_size=2), st.text(alphabet, min_size=1, max_size=2))
-          .map(lambda p: (f"(?:{p[0]}|{p[1]})", max(map(len, p)), True)),
+        st.tuples(st.text(alphabet, min_size=1, max_size=2), st.text(alphabet, min_size=1, max_size=2)).map(
+            lambda p: (f"(?:{p[0]}|{p[1]})", max(map(len, p)), True)
+        ),
     )
     atoms = draw(st.lists(atom, min_size=1, max_size=4))
     if not any(required for _, _, required in atoms):
@@ -231,8 +250,9 @@ def _edge(text: str, i: int) -> bool:
     return i == 0 or i == len(text) or not (_word(text[i - 1]) and _word(text[i]))
 
 
-def banned_hits(text: str, phrases: Sequence[str], case_sensitive: bool = False,
-                whole_words: bool = False, end_is_edge: bool = True) -> List[Tuple[str, int]]:
+def banned_hits(
+    text: str, phrases: Sequence[str], case_sensitive: bool = False, whole_words: bool = False, end_is_edge: bool = True
+) -> List[Tuple[str, int]]:
     """Every (phrase, offset) where a banned phrase occurs in ``text`` (overlapping occurrences too);
     with ``whole_words`` only occurrences not glued to letters or digits on either side (the end of
     the text counts as a boundary unless ``end_is_edge`` is False)."""
@@ -243,8 +263,9 @@ def banned_hits(text: str, phrases: Sequence[str], case_sensitive: bool = False,
         start = haystack.find(needle)
         while start >= 0:
             end = start + len(needle)
-            if not whole_words or (_edge(haystack, start) and _edge(haystack, end)
-                                   and (end_is_edge or end < len(haystack))):
+            if not whole_words or (
+                _edge(haystack, start) and _edge(haystack, end) and (end_is_edge or end < len(haystack))
+            ):
                 hits.append((phrase, start))
             start = haystack.find(needle, start + 1)
     return hits
@@ -278,12 +299,20 @@ def generate(model: FakeProvider, strategy: BaseStrategy, world: World, **kwargs
         if event.position < len(delivered):
             early.append((event.position, len(delivered)))
 
-    for token in sampler.generate([BOS], max_new_tokens=world.max_new_tokens, temperature=world.temperature,
-                                  seed=world.seed, on_rewind=on_rewind, **kwargs):
+    for token in sampler.generate(
+        [BOS],
+        max_new_tokens=world.max_new_tokens,
+        temperature=world.temperature,
+        seed=world.seed,
+        on_rewind=on_rewind,
+        **kwargs,
+    ):
         delivered.append(token)
     text = model.decode(delivered)
     if isinstance(model, Model):
-        return Run(delivered, text, model.whole_text(delivered), model.committed_text(delivered), sampler.stats, early, [])
+        return Run(
+            delivered, text, model.whole_text(delivered), model.committed_text(delivered), sampler.stats, early, []
+        )
     return Run(delivered, text, text, text, sampler.stats, early, [])
 
 
@@ -309,8 +338,15 @@ def finish(stats) -> str:
     return f"finish_reason={stats.finish_reason!r} constraint={getattr(stats, 'constraint', None)!r}"
 
 
-def check_bans(world: World, run: Run, phrases=None, case_sensitive=None, whole_words=None, regexes=None,
-               end_is_edge: Optional[bool] = None) -> None:
+def check_bans(
+    world: World,
+    run: Run,
+    phrases=None,
+    case_sensitive=None,
+    whole_words=None,
+    regexes=None,
+    end_is_edge: Optional[bool] = None,
+) -> None:
     """No banned phrase or regex in the final text. By default what the token limit may leave
     unchecked is left out (a whole-word match that ends the text counts only when EOS ended it; the
     tokens of an unfinished last character are not searched): ``test_bans_hold_when_the_token_limit_
@@ -381,8 +417,13 @@ def test_hard_banned_regexes_never_appear():
     @st.composite
     def regex_worlds(draw):
         world = draw(worlds(whole_words=False))
-        alphabet = ALPHABETS["unicode" if any(ord(c) > 127 for c in "".join(world.pieces)) else
-                             "case" if any(c.isupper() for c in "".join(world.pieces)) else "ascii"]
+        alphabet = ALPHABETS[
+            "unicode"
+            if any(ord(c) > 127 for c in "".join(world.pieces))
+            else "case"
+            if any(c.isupper() for c in "".join(world.pieces))
+            else "ascii"
+        ]
         patterns = draw(st.lists(regex_patterns(alphabet), min_size=1, max_size=3))
         world.regexes = [p for p, _ in patterns]
         world.regex_window = max(n for _, n in patterns) + draw(st.integers(0, 4))  # a match may span the window
@@ -499,8 +540,9 @@ def test_chain_holds_each_members_guarantee():
         world, other, other_cs, other_ww, salt = case
         model = world.model()
         first = world.antislop(model)
-        second = AntiSlopStrategy(model, other, case_sensitive=other_cs, whole_words=other_ww,
-                                  max_retries=len(model.vocab) + 1)
+        second = AntiSlopStrategy(
+            model, other, case_sensitive=other_cs, whole_words=other_ww, max_retries=len(model.vocab) + 1
+        )
         run = generate(model, ChainStrategy([first, second, Chaos(salt)]), world)
         check_bans(world, run)
         check_bans(world, run, phrases=other, case_sensitive=other_cs, whole_words=other_ww)
@@ -518,8 +560,13 @@ def test_batch_gives_the_single_drivers_final_text():
     tally = Tally()
 
     @examples(400)
-    @given(world=worlds(), seeds=st.lists(st.integers(0, 2**16), min_size=1, max_size=5),
-           parallel=st.integers(1, 4), step_tokens=st.sampled_from([4, 16, 256]), chaos=st.booleans())
+    @given(
+        world=worlds(),
+        seeds=st.lists(st.integers(0, 2**16), min_size=1, max_size=5),
+        parallel=st.integers(1, 4),
+        step_tokens=st.sampled_from([4, 16, 256]),
+        chaos=st.booleans(),
+    )
     def prop(world, seeds, parallel, step_tokens, chaos):
         model = world.model()
 
@@ -528,15 +575,20 @@ def test_batch_gives_the_single_drivers_final_text():
             return ChainStrategy([antislop, Chaos(salt)]) if chaos else antislop
 
         scheduler = BatchScheduler(model, parallel=parallel, step_tokens=step_tokens)
-        jobs = [scheduler.submit([BOS], strategy(i), max_new_tokens=world.max_new_tokens,
-                                 temperature=world.temperature, seed=seed) for i, seed in enumerate(seeds)]
+        jobs = [
+            scheduler.submit(
+                [BOS], strategy(i), max_new_tokens=world.max_new_tokens, temperature=world.temperature, seed=seed
+            )
+            for i, seed in enumerate(seeds)
+        ]
         for _ in scheduler.run():
             pass
         for i, (job, seed) in enumerate(zip(jobs, seeds)):
             assert job.error is None, job.error
             sampler = BacktrackSampler(model, strategy(i))
-            single = list(sampler.generate([BOS], max_new_tokens=world.max_new_tokens,
-                                           temperature=world.temperature, seed=seed))
+            single = list(
+                sampler.generate([BOS], max_new_tokens=world.max_new_tokens, temperature=world.temperature, seed=seed)
+            )
             assert job.tokens == single, (model.decode(job.tokens), model.decode(single))
             assert job.stats.finish_reason == sampler.stats.finish_reason
             assert job.stats.rewinds == sampler.stats.rewinds
@@ -627,7 +679,7 @@ def fake_server():
     """The OpenAI-compatible app on a FakeProvider over a tiny vocabulary, in-process (TestClient)."""
     from starlette.testclient import TestClient
 
-    from backtrack_sampler.server import Engine, create_app
+    from backtrack_sampler.server.app import Engine, create_app
 
     model = Model(["a", "b", " ", "ab", "ba ", "a b"], seed=3)
     engine = Engine(model, "fake")
@@ -644,8 +696,12 @@ def test_server_stop_strings_and_bans_never_appear(fake_server):
     text_ = st.text("ab ", min_size=1, max_size=3)
 
     @examples(200)
-    @given(stops=st.lists(text_, min_size=1, max_size=3), bans=st.lists(text_, max_size=3),
-           seed=st.integers(0, 2**16), stream=st.booleans())
+    @given(
+        stops=st.lists(text_, min_size=1, max_size=3),
+        bans=st.lists(text_, max_size=3),
+        seed=st.integers(0, 2**16),
+        stream=st.booleans(),
+    )
     def prop(stops, bans, seed, stream):
         body = {"model": "fake", "prompt": [BOS], "max_tokens": 30, "seed": seed, "stop": stops}
         if bans:
@@ -677,7 +733,7 @@ def test_server_stop_strings_and_bans_never_appear(fake_server):
         cut = min(ends, default=-1)
         if cut >= 0:
             assert reason == "stop" and full.startswith(text), (text, full)
-            assert len(text) < cut and any(full[len(text):].startswith(s) for s in stops), (text, full)
+            assert len(text) < cut and any(full[len(text) :].startswith(s) for s in stops), (text, full)
         else:
             assert text == full, (text, full)
         tally.add(stopped=cut >= 0)
@@ -692,7 +748,7 @@ def test_server_stop_strings_and_bans_never_appear(fake_server):
 def test_issue_19_match_starting_in_final_text_is_not_dropped():
     """The keep index used to advance from the newest token: " was" made "una" final, then " was a"
     was rewound to " was", and " Inn" completed "a in" across the final "una": it was ignored."""
-    from backtrack_sampler.models import load_provider
+    from backtrack_sampler.provider.models import load_provider
 
     provider = load_provider("llamacpp", "smollm2-135m-instruct", None, None)
     strategy = AntiSlopStrategy(provider, ["a in", "was a"])

@@ -156,7 +156,11 @@ def test_without_a_terminal_the_script_fails_fast(tmp_path):
     script.write_text(MENU_SCRIPT)
     done = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "out")],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
     )
     assert done.returncode != 0 and "not a terminal" in done.stderr
 
@@ -176,8 +180,9 @@ def tmux():
     socket = f"bt-test-{uuid.uuid4().hex[:8]}"
 
     def run(*args):
-        return subprocess.run(["tmux", "-L", socket, "-f", "/dev/null", *args], capture_output=True, text=True,
-                              timeout=30, check=True).stdout
+        return subprocess.run(
+            ["tmux", "-L", socket, "-f", "/dev/null", *args], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
 
     yield run
     subprocess.run(["tmux", "-L", socket, "kill-server"], capture_output=True, timeout=30)
@@ -204,9 +209,13 @@ def test_real_terminal_menu_through_tmux(tmux, tmp_path):
         def shown(screen):
             lines = screen.splitlines()
             return (
-                "Text so far:" in screen and f"1. ' the'  {0.6652:.2%}" in screen and "3. ' dog'" in screen
-                and ("4. Go back" in screen) == go_back and (lines[1].strip() == text)
+                "Text so far:" in screen
+                and f"1. ' the'  {0.6652:.2%}" in screen
+                and "3. ' dog'" in screen
+                and ("4. Go back" in screen) == go_back
+                and (lines[1].strip() == text)
             )
+
         return shown
 
     wait_for_screen(tmux, menu("", go_back=False))

@@ -1,4 +1,4 @@
-"""Embedded models by short name (``backtrack_sampler.models``), the default model per command, and
+"""Embedded models by short name (``backtrack_sampler.provider.models``), the default model per command, and
 the second embedded model, SmolLM2 135M Instruct, for real: its chat template, end of turn, answers
 in sentences, AntiSlop bans on its output (llama.cpp and transformers), the server's chat endpoint
 with the default model, and the demo's output."""
@@ -12,15 +12,16 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 from serving import serve_subprocess
 
-from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy, cli, models
-from backtrack_sampler.chat import chat_prompt_tokens
+from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy
+from backtrack_sampler.cli import commands as cli
 from backtrack_sampler.errors import UsageError
+from backtrack_sampler.provider import models
+from backtrack_sampler.provider.chat import chat_prompt_tokens
 from backtrack_sampler.provider.fake_provider import FakeProvider
-from backtrack_sampler.slop_phrases import SLOP_PHRASES
-
-from conftest import ROOT
+from backtrack_sampler.strategy.slop_phrases import SLOP_PHRASES
 
 SMOL = "smollm2-135m-instruct"
 QUESTION = "Write two sentences about the sea."
@@ -126,10 +127,12 @@ def test_cli_default_model(argv, expected, monkeypatch):
 def test_serve_defaults_to_the_instruct_model(monkeypatch):
     import uvicorn
 
-    from backtrack_sampler import server
+    from backtrack_sampler.server import app as server
 
     seen = []
-    monkeypatch.setattr(server, "load_provider", lambda backend, model, *rest, **options: seen.append(model) or FakeProvider())
+    monkeypatch.setattr(
+        server, "load_provider", lambda backend, model, *rest, **options: seen.append(model) or FakeProvider()
+    )
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.append(kwargs["port"]))
     assert cli.main(["serve", "--port", "1234"]) == 0
     assert seen == [SMOL, 1234]
@@ -145,8 +148,11 @@ def smol():
 def smol_answer(smol):
     """The greedy answer to QUESTION, computed once."""
     sampler = BacktrackSampler(smol, BaseStrategy())
-    text = "".join(sampler.generate_text(chat_prompt_tokens(smol, [{"role": "user", "content": QUESTION}]),
-                                         max_new_tokens=120, temperature=0))
+    text = "".join(
+        sampler.generate_text(
+            chat_prompt_tokens(smol, [{"role": "user", "content": QUESTION}]), max_new_tokens=120, temperature=0
+        )
+    )
     return text, sampler.stats
 
 
@@ -190,8 +196,13 @@ def test_serve_chat_answers_in_sentences():
 
     with serve_subprocess(["--n-ctx", "1024", "--threads", "2"]) as url:
         assert httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"] == SMOL
-        body = {"model": SMOL, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 120,
-                "temperature": 0, "banned_strings": ["tapestry"]}
+        body = {
+            "model": SMOL,
+            "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 120,
+            "temperature": 0,
+            "banned_strings": ["tapestry"],
+        }
         result = httpx.post(url + "/v1/chat/completions", json=body, timeout=300).json()
         answer = result["choices"][0]["message"]["content"]
         assert result["model"] == SMOL and result["choices"][0]["finish_reason"] == "stop"
@@ -203,16 +214,30 @@ def test_serve_chat_answers_in_sentences():
 @pytest.mark.model
 def test_demo_output_shape():
     done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "story.py"), "--max-new-tokens", "60", "--seed", "3",
-         "--ban", "lighthouse"],  # a word the request makes sure to come up, so rewinds are shown
-        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [
+            sys.executable,
+            str(ROOT / "examples" / "story.py"),
+            "--max-new-tokens",
+            "60",
+            "--seed",
+            "3",
+            "--ban",
+            "lighthouse",
+        ],  # a word the request makes sure to come up, so rewinds are shown
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert out.startswith("> Write a short story")
     body, summary = out.rstrip("\n").rsplit("\n", 1)
-    pattern = (r"\[avoided (\d+) banned phrases? \((.*)\) in (\d+) rewinds; (?:no repeat|\d+ repeats? cut); "
-               r"(?:\d+ kept [^;]*; )?(\d+) tokens at [\d.]+ tokens/s\]")
+    pattern = (
+        r"\[avoided (\d+) banned phrases? \((.*)\) in (\d+) rewinds; (?:no repeat|\d+ repeats? cut); "
+        r"(?:\d+ kept [^;]*; )?(\d+) tokens at [\d.]+ tokens/s\]"
+    )
     match = re.fullmatch(pattern, summary)
     assert match, summary
     avoided, names, rewinds, tokens = int(match[1]), match[2], int(match[3]), int(match[4])

@@ -18,16 +18,23 @@ import httpx
 import openai
 import pytest
 from playwright.sync_api import expect, sync_playwright
-
-from backtrack_sampler.events import Transcript
-from backtrack_sampler.server import Engine, create_app
 from serving import ServerThread
+
+from backtrack_sampler.core.events import Transcript
+from backtrack_sampler.server.app import Engine, create_app
 
 pytestmark = pytest.mark.model
 KEY = "playground-key"
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 SLOW = 240_000  # ms: the shared test machine can be slow
 PROMPT = "The capital of France is"  # greedy: " the capital of the country of France. It is the largest ..."
 
@@ -58,7 +65,9 @@ def health(server) -> dict:
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium; scripts/test.sh does)")
+        pytest.fail(
+            f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium; scripts/test.sh does)"
+        )
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield chromium
@@ -133,8 +142,9 @@ def test_a_banned_phrase_is_struck_out_and_absent_from_the_final_text(page, serv
     assert page.locator("#output .provisional").count() == 0  # everything is final at the end
     assert page.locator("#rewinds li .rej").first.text_content().strip() == "country"
     # the page shows exactly what the API returns for the same request
-    answer = post(server, "/v1/completions", {"prompt": PROMPT, "banned_strings": ["country"], "temperature": 0,
-                                              "max_tokens": 16}).json()
+    answer = post(
+        server, "/v1/completions", {"prompt": PROMPT, "banned_strings": ["country"], "temperature": 0, "max_tokens": 16}
+    ).json()
     assert answer["choices"][0]["text"] == text
     assert page.locator("#st-rewinds").text_content() == str(answer["backtrack"]["rewinds"])
 
@@ -148,8 +158,11 @@ def test_stop_stops_the_generation_on_the_server(page, server):
     page.fill("#temperature", "0.9")
     page.fill("#max_tokens", "2000")  # minutes of work: only Stop can end it in time
     page.click("#generate")
-    page.wait_for_function("Number(document.getElementById('st-rewinds').textContent) >= 4"
-                           " && Number(document.getElementById('st-delivered').textContent) >= 25", timeout=SLOW)
+    page.wait_for_function(
+        "Number(document.getElementById('st-rewinds').textContent) >= 4"
+        " && Number(document.getElementById('st-delivered').textContent) >= 25",
+        timeout=SLOW,
+    )
     assert health(server)["busy"] is True
     screenshot = os.environ.get("PLAYGROUND_SCREENSHOT")
     if screenshot:
@@ -207,9 +220,19 @@ def test_chat_mode_and_a_slop_file(page, server, tmp_path):
     page.fill("#max_tokens", "6")
     page.click("#generate")
     expect(page.locator("#st-status")).to_have_text(re.compile("^done"), timeout=SLOW)
-    answer = post(server, "/v1/chat/completions", {
-        "messages": [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a colour."}],
-        "banned_strings": ["tapestry", "a testament to"], "temperature": 0, "max_tokens": 6}).json()
+    answer = post(
+        server,
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {"role": "system", "content": "Answer in one word."},
+                {"role": "user", "content": "Name a colour."},
+            ],
+            "banned_strings": ["tapestry", "a testament to"],
+            "temperature": 0,
+            "max_tokens": 6,
+        },
+    ).json()
     assert final_text(page) == answer["choices"][0]["message"]["content"] != ""
 
 
@@ -217,16 +240,32 @@ YEAR = "The Second World War ended in"  # greedy: " 1945, and the United States 
 
 
 def test_the_strategy_controls_come_from_the_server(page, server):
-    listed = httpx.get(server.url + "/v1/backtrack/strategies", headers={"Authorization": f"Bearer {KEY}"},
-                       timeout=10).json()["data"]
+    listed = httpx.get(
+        server.url + "/v1/backtrack/strategies", headers={"Authorization": f"Bearer {KEY}"}, timeout=10
+    ).json()["data"]
     names = [entry["name"] for entry in listed]
-    assert names == ["none", "antislop", "creative", "adaptive", "replace", "repetition", "grammar", "confidence",
-                     "penalties", "dry", "xtc", "typical", "logit_bias", "NoDigits"]
+    assert names == [
+        "none",
+        "antislop",
+        "creative",
+        "adaptive",
+        "replace",
+        "repetition",
+        "grammar",
+        "confidence",
+        "penalties",
+        "dry",
+        "xtc",
+        "typical",
+        "logit_bias",
+        "NoDigits",
+    ]
     assert page.locator("#strategy-select option").all_text_contents() == names[1:]
     replace = add_strategy(page, "replace")
     params = replace.locator("[data-param]")
-    assert [params.nth(i).get_attribute("data-param") for i in range(params.count())] == \
-        list(listed[names.index("replace")]["parameters"]["properties"])
+    assert [params.nth(i).get_attribute("data-param") for i in range(params.count())] == list(
+        listed[names.index("replace")]["parameters"]["properties"]
+    )
     assert replace.locator('[data-param="find"]').get_attribute("data-kind") == "lines"
     assert replace.locator('[data-param="whole_words"]').get_attribute("type") == "checkbox"
     assert replace.locator('[data-param="max_prob"]').get_attribute("type") == "number"
@@ -252,8 +291,11 @@ def test_a_loaded_strategy_shows_up_and_is_used(page, server):
     page.click("#generate")
     expect(page.locator("#st-status")).to_have_text(re.compile("^done"), timeout=SLOW)
     text = final_text(page)
-    answer = post(server, "/v1/completions", {"prompt": YEAR, "temperature": 0, "max_tokens": 10,
-                                              "strategy": [{"name": "NoDigits", "max_bans": 1000}]}).json()
+    answer = post(
+        server,
+        "/v1/completions",
+        {"prompt": YEAR, "temperature": 0, "max_tokens": 10, "strategy": [{"name": "NoDigits", "max_bans": 1000}]},
+    ).json()
     assert text == answer["choices"][0]["text"] and re.search(r"[a-z]{3}", text)
     assert not any(c.isdigit() for c in text)
 
@@ -264,7 +306,9 @@ def test_a_bad_parameter_shows_the_servers_message(page, server):
     page.click("#generate")
     error = page.locator("#error")
     expect(error).to_be_visible(timeout=SLOW)
-    message = post(server, "/v1/completions", {"prompt": PROMPT, "temperature": -1, "stream": True}).json()["error"]["message"]
+    message = post(server, "/v1/completions", {"prompt": PROMPT, "temperature": -1, "stream": True}).json()["error"][
+        "message"
+    ]
     assert "temperature" in message
     expect(error).to_have_text(message)
     expect(page.locator("#st-status")).to_have_text("error")
@@ -276,8 +320,13 @@ def sse(response) -> list:
 
 
 def test_the_backtrack_stream_rebuilds_the_final_text_and_its_history(server):
-    body = {"prompt": PROMPT, "banned_strings": ["country", "largest"], "temperature": 0, "max_tokens": 24,
-            "stream": True}
+    body = {
+        "prompt": PROMPT,
+        "banned_strings": ["country", "largest"],
+        "temperature": 0,
+        "max_tokens": 24,
+        "stream": True,
+    }
     plain = sse(post(server, "/v1/completions", body))
     assert all("backtrack" not in chunk and chunk["choices"] for chunk in plain)
     plain_text = "".join(chunk["choices"][0]["text"] for chunk in plain)
@@ -298,8 +347,14 @@ def test_the_backtrack_stream_rebuilds_the_final_text_and_its_history(server):
 
 
 def test_the_backtrack_stream_honours_stop_strings(server):
-    body = {"prompt": PROMPT, "banned_strings": ["country"], "temperature": 0, "max_tokens": 24, "stream": True,
-            "stop": [" of the"]}
+    body = {
+        "prompt": PROMPT,
+        "banned_strings": ["country"],
+        "temperature": 0,
+        "max_tokens": 24,
+        "stream": True,
+        "stop": [" of the"],
+    }
     plain = "".join(chunk["choices"][0]["text"] for chunk in sse(post(server, "/v1/completions", body)))
     chunks = sse(post(server, "/v1/completions", {**body, "stream_options": {"include_backtrack": True}}))
     transcript = Transcript()
@@ -315,8 +370,14 @@ def test_the_backtrack_stream_honours_stop_strings(server):
 
 def test_openai_clients_see_the_plain_stream_unless_they_ask(server):
     with openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, timeout=300, max_retries=0) as client:
-        args = dict(model="any", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=12,
-                    temperature=0, stream=True, extra_body={"banned_strings": ["red"]})
+        args = dict(
+            model="any",
+            messages=[{"role": "user", "content": "Name a colour."}],
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            extra_body={"banned_strings": ["red"]},
+        )
         plain = list(client.chat.completions.create(**args))
         assert all(chunk.choices and not (chunk.model_extra or {}).get("backtrack") for chunk in plain)
         extended = list(client.chat.completions.create(**args, stream_options={"include_backtrack": True}))
@@ -329,8 +390,11 @@ def test_openai_clients_see_the_plain_stream_unless_they_ask(server):
 
 def test_candidates_replay_the_strategy_and_validate_their_input(server, llama_provider):
     tokens = llama_provider.encode(" the capital of the country", add_special_tokens=False)
-    answer = post(server, "/v1/backtrack/candidates", {"prompt": PROMPT, "tokens": tokens,
-                                                       "banned_strings": ["country"], "top_n": 3}).json()
+    answer = post(
+        server,
+        "/v1/backtrack/candidates",
+        {"prompt": PROMPT, "tokens": tokens, "banned_strings": ["country"], "top_n": 3},
+    ).json()
     assert answer["rewind"]["reason"] == "phrase 'country'" and "country" in answer["rewind"]["text"]
     assert answer["tokens"] == tokens[: answer["rewind"]["position"]] and "country" not in answer["text"]
     assert len(answer["candidates"]) == 3

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from backtrack_sampler import AntiSlopStrategy, CreativeWritingStrategy
-from backtrack_sampler.playground import STATIC, candidates, public_path
 from backtrack_sampler.provider.fake_provider import FakeProvider
+from backtrack_sampler.server.playground import STATIC, candidates, public_path
 from backtrack_sampler.strategy.base_strategy import BaseStrategy
 
 
@@ -41,8 +41,12 @@ def test_a_banned_phrase_completed_by_the_user_is_rewound_and_then_banned():
     prompt, ids = p.encode(" the cat"), p.ids
     chosen = [ids[" dog"], ids[" sat"], ids[" on"], ids[" the"]]
     answer = candidates(p, AntiSlopStrategy(p, [" sat on"]), prompt, chosen, top_n=50)
-    assert answer["rewind"] == {"position": 1, "tokens": [ids[" sat"], ids[" on"]], "reason": "phrase ' sat on'",
-                                "text": " sat on"}
+    assert answer["rewind"] == {
+        "position": 1,
+        "tokens": [ids[" sat"], ids[" on"]],
+        "reason": "phrase ' sat on'",
+        "text": " sat on",
+    }
     assert answer["tokens"] == [ids[" dog"]] and answer["text"] == " dog"
     assert ids[" sat"] not in [c["token"] for c in answer["candidates"]]  # banned at that position now
 

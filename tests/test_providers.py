@@ -108,8 +108,8 @@ def test_llamacpp_pruned_sliding_window_falls_back_to_a_full_evaluation(llama_pr
     re-evaluate instead of silently returning wrong logits (which is what happens without the check)."""
     import llama_cpp
 
-    from backtrack_sampler.models import load_llamacpp
     from backtrack_sampler.provider.llamacpp_provider import LlamacppProvider
+    from backtrack_sampler.provider.models import load_llamacpp
 
     def pruned_provider():
         with pytest.warns(UserWarning, match="swa_full"):
@@ -161,7 +161,7 @@ def test_text_that_starts_with_bos_gets_one_bos(provider):
     assert provider.encode("<bos>" + CHAT, add_special_tokens=False) == plain
     sampler = BacktrackSampler(provider, BaseStrategy())
     list(sampler.generate("<bos>" + CHAT, max_new_tokens=1, temperature=0))
-    assert provider.cached_tokens[:len(plain)] == plain
+    assert provider.cached_tokens[: len(plain)] == plain
 
 
 def test_llamacpp_notices_a_direct_evaluation_of_the_same_length(llama_provider, llm):

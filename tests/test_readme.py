@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
-BLOCKS = [b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S) if b.startswith("import ")]
+BLOCKS = [
+    b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S) if b.startswith("import ")
+]
 
 
 @pytest.mark.model

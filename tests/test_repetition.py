@@ -5,7 +5,6 @@ embedded chat model where a plain run loops, and the demo (-m model)."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import subprocess
@@ -13,23 +12,37 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy, ChainStrategy, cli
+from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy, ChainStrategy
+from backtrack_sampler.cli import commands as cli
 from backtrack_sampler.provider.fake_provider import FakeProvider
-from backtrack_sampler.quality import (RepeatDetector, RepeatRules, distinct_n, find_repeat, find_repeats,
-                                       is_degenerate, rep_n, repeated_fraction)
-from backtrack_sampler.registry import StrategyRegistry, make_strategy
+from backtrack_sampler.quality import (
+    RepeatDetector,
+    RepeatRules,
+    distinct_n,
+    find_repeat,
+    find_repeats,
+    is_degenerate,
+    rep_n,
+    repeated_fraction,
+)
+from backtrack_sampler.strategy.registry import StrategyRegistry, make_strategy
 from backtrack_sampler.strategy.repetition_strategy import RepetitionStrategy
-from conftest import ROOT
 
 
 def examples(n: int) -> settings:
     """Deterministic examples (x BACKTRACK_PROPERTY_SCALE, as tests/test_guarantees.py)."""
     n = max(1, int(n * float(os.environ.get("BACKTRACK_PROPERTY_SCALE", "1"))))
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 # --- the detector: its rules ---------------------------------------------------------------------
@@ -46,14 +59,17 @@ def test_a_character_loop_is_found_where_its_copy_begins():
     assert found is not None and found.start >= len("Once upon a time, Lysa-lh-l-h")
 
 
-@pytest.mark.parametrize("text", [
-    "no, no, no, I said. Ha ha ha! Hahaha.",  # short units, repeated a little
-    "|---|---|---|---|---|---|",  # a markdown table rule: no letter, under symbol_chars
-    "-" * 60 + "\n" + "=" * 60,
-    "The keeper looked at the sea. The keeper looked at the sky.",  # the same start, not the same sentence
-    "It was dark. It was dark.",  # a short sentence again (under sentence_words)
-    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "no, no, no, I said. Ha ha ha! Hahaha.",  # short units, repeated a little
+        "|---|---|---|---|---|---|",  # a markdown table rule: no letter, under symbol_chars
+        "-" * 60 + "\n" + "=" * 60,
+        "The keeper looked at the sea. The keeper looked at the sky.",  # the same start, not the same sentence
+        "It was dark. It was dark.",  # a short sentence again (under sentence_words)
+        "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16",
+    ],
+)
 def test_prose_that_repeats_a_little_is_not_a_repeat(text):
     assert find_repeat(text) is None and not is_degenerate(text)
 
@@ -116,14 +132,29 @@ def test_quality_scores():
 # --- the detector: incremental, rewinds, hold (properties) -----------------------------------------
 ALPHABET = "ab .\n-'\u2019"  # small: loops, repeated words and sentences come up all the time
 texts = st.text(alphabet=ALPHABET, min_size=0, max_size=160)
-rules = st.builds(RepeatRules, min_chars=st.integers(4, 12), min_repeats=st.integers(2, 4),
-                  max_period=st.integers(1, 6), symbol_chars=st.integers(4, 20), ngram_words=st.sampled_from([0, 2, 3, 5]),
-                  window=st.integers(1, 30), sentence_words=st.integers(0, 3))
+rules = st.builds(
+    RepeatRules,
+    min_chars=st.integers(4, 12),
+    min_repeats=st.integers(2, 4),
+    max_period=st.integers(1, 6),
+    symbol_chars=st.integers(4, 20),
+    ngram_words=st.sampled_from([0, 2, 3, 5]),
+    window=st.integers(1, 30),
+    sentence_words=st.integers(0, 3),
+)
 
 
 def state(detector: RepeatDetector):
-    return (detector.text, detector._runs, detector._words, {k: v for k, v in detector._grams.items()},
-            detector._sentences, {k: v for k, v in detector._said.items()}, detector._said_log, detector.hold)
+    return (
+        detector.text,
+        detector._runs,
+        detector._words,
+        {k: v for k, v in detector._grams.items()},
+        detector._sentences,
+        {k: v for k, v in detector._said.items()},
+        detector._said_log,
+        detector.hold,
+    )
 
 
 def char_by_char(text, rules):
@@ -172,8 +203,35 @@ def test_no_repeat_found_later_begins_before_the_hold(text, rules):
 
 
 # --- the strategy on scripted models ------------------------------------------------------------
-VOCAB = ["<pad>", "<eos>", "<bos>", " the", " cat", " sat", " on", " a", " rug", " tapestry", " of", " light",
-         " it", " was", " dark", " The", " dog", " ran", " away", " quickly", " It", " and", ".", " l", "l", "o", "x"]
+VOCAB = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    " the",
+    " cat",
+    " sat",
+    " on",
+    " a",
+    " rug",
+    " tapestry",
+    " of",
+    " light",
+    " it",
+    " was",
+    " dark",
+    " The",
+    " dog",
+    " ran",
+    " away",
+    " quickly",
+    " It",
+    " and",
+    ".",
+    " l",
+    "l",
+    "o",
+    "x",
+]
 
 
 def markov(table, vocab=VOCAB):
@@ -192,13 +250,48 @@ def markov(table, vocab=VOCAB):
     return fp
 
 
-CHAR_LOOP = {"<bos>": [" it"], " it": [" was"], " was": [" l"], " l": ["o"], "l": ["o"], "o": ["l", " and"],
-             " and": [" ran"], " ran": [" away"], " away": ["."], ".": ["<eos>"]}
-WORD_LOOP = {"<bos>": [" the"], " the": [" cat"], " cat": [" sat"], " sat": [" on"], " on": [" a"], " a": [" rug"],
-             " rug": [" and"], " and": [" the", " it", " The"], " it": [" was"], " was": [" dark"], " dark": ["."],
-             ".": ["<eos>"], " The": [" dog"], " dog": [" ran"], " ran": [" away"], " away": ["."]}
-SENTENCE_LOOP = {"<bos>": [" The"], " The": [" dog"], " dog": [" ran"], " ran": [" away"], " away": [" quickly"],
-                 " quickly": ["."], ".": [" The", " It"], " It": [" was"], " was": [" dark"], " dark": ["<eos>"]}
+CHAR_LOOP = {
+    "<bos>": [" it"],
+    " it": [" was"],
+    " was": [" l"],
+    " l": ["o"],
+    "l": ["o"],
+    "o": ["l", " and"],
+    " and": [" ran"],
+    " ran": [" away"],
+    " away": ["."],
+    ".": ["<eos>"],
+}
+WORD_LOOP = {
+    "<bos>": [" the"],
+    " the": [" cat"],
+    " cat": [" sat"],
+    " sat": [" on"],
+    " on": [" a"],
+    " a": [" rug"],
+    " rug": [" and"],
+    " and": [" the", " it", " The"],
+    " it": [" was"],
+    " was": [" dark"],
+    " dark": ["."],
+    ".": ["<eos>"],
+    " The": [" dog"],
+    " dog": [" ran"],
+    " ran": [" away"],
+    " away": ["."],
+}
+SENTENCE_LOOP = {
+    "<bos>": [" The"],
+    " The": [" dog"],
+    " dog": [" ran"],
+    " ran": [" away"],
+    " away": [" quickly"],
+    " quickly": ["."],
+    ".": [" The", " It"],
+    " It": [" was"],
+    " was": [" dark"],
+    " dark": ["<eos>"],
+}
 
 
 def generate(fp, strategy, max_new_tokens=60, **kwargs):
@@ -209,11 +302,19 @@ def generate(fp, strategy, max_new_tokens=60, **kwargs):
     return fp.decode(tokens), events, sampler.stats
 
 
-@pytest.mark.parametrize("table, plain_kind, expected, reason", [
-    (CHAR_LOOP, "loop", " it was lo and ran away.", "repeat: loop 'lo' x10"),
-    (WORD_LOOP, "ngram", " the cat sat on a rug and it was dark.", "repeat: ngram 'the cat sat on a rug and the'"),
-    (SENTENCE_LOOP, "sentence", " The dog ran away quickly. It was dark", "repeat: sentence 'The dog ran away quickly'"),
-])
+@pytest.mark.parametrize(
+    "table, plain_kind, expected, reason",
+    [
+        (CHAR_LOOP, "loop", " it was lo and ran away.", "repeat: loop 'lo' x10"),
+        (WORD_LOOP, "ngram", " the cat sat on a rug and it was dark.", "repeat: ngram 'the cat sat on a rug and the'"),
+        (
+            SENTENCE_LOOP,
+            "sentence",
+            " The dog ran away quickly. It was dark",
+            "repeat: sentence 'The dog ran away quickly'",
+        ),
+    ],
+)
 def test_a_loop_is_rewound_to_where_its_copy_began_and_written_otherwise(table, plain_kind, expected, reason):
     fp = markov(table)
     plain, _, stats = generate(fp, BaseStrategy())
@@ -231,7 +332,9 @@ def test_a_loop_it_cannot_leave_is_accepted_after_max_retries():
     only_h = np.array([-np.inf, -np.inf, -np.inf, 5.0, -np.inf], dtype=np.float32)
     fp.logits_fn = lambda tokens: only_h
     accepted = []
-    strategy = RepetitionStrategy(fp, max_retries=3, on_accept=lambda position, reason: accepted.append((position, reason)))
+    strategy = RepetitionStrategy(
+        fp, max_retries=3, on_accept=lambda position, reason: accepted.append((position, reason))
+    )
     text, events, stats = generate(fp, strategy, max_new_tokens=50)
     assert text == "h" * 50 and stats.finish_reason == "length"
     assert stats.rewinds == 3 and len(accepted) == 1  # three retries, then the loop is kept (and said so)
@@ -287,16 +390,21 @@ def test_no_repeat_in_the_final_text_unless_it_said_so():
     rewound = []
 
     @examples(120)
-    @given(model_seed=st.integers(0, 10_000), seed=st.integers(0, 10_000), scale=st.sampled_from([2.0, 4.0, 8.0]),
-           chained=st.booleans())
+    @given(
+        model_seed=st.integers(0, 10_000),
+        seed=st.integers(0, 10_000),
+        scale=st.sampled_from([2.0, 4.0, 8.0]),
+        chained=st.booleans(),
+    )
     def check(model_seed, seed, scale, chained):
         vocab = ["<pad>", "<eos>", "<bos>"] + WORLD
         world = FakeProvider(vocab=vocab, seed=model_seed, scale=scale)
         special = np.array([-np.inf, -4.0 * scale, -np.inf] + [0.0] * len(WORLD), dtype=np.float32)  # EOS rarely
         fp = FakeProvider(vocab=vocab, logits_fn=lambda tokens: world.logits_for(tokens) + special)
         accepted = []
-        repetition = RepetitionStrategy(fp, min_chars=8, ngram_words=4, sentence_words=3,
-                                        on_accept=lambda position, reason: accepted.append(reason))
+        repetition = RepetitionStrategy(
+            fp, min_chars=8, ngram_words=4, sentence_words=3, on_accept=lambda position, reason: accepted.append(reason)
+        )
         strategy = ChainStrategy([AntiSlopStrategy(fp, ["ab ba"]), repetition]) if chained else repetition
         text, events, stats = generate(fp, strategy, max_new_tokens=80, temperature=1.0, seed=seed)
         if not accepted:
@@ -314,7 +422,9 @@ def test_it_is_a_builtin_with_json_parameters(fake):
     entry = StrategyRegistry().get("repetition", per_request=True)
     schema = entry.schema()
     assert schema["capabilities"] == {"reads_probs": False, "edits_logits": True, "hard_constraint": False}
-    assert {"min_chars", "ngram_words", "sentence_words", "max_retries", "heat", "min_p"} <= set(schema["parameters"]["properties"])
+    assert {"min_chars", "ngram_words", "sentence_words", "max_retries", "heat", "min_p"} <= set(
+        schema["parameters"]["properties"]
+    )
     strategy = make_strategy("repetition", fake, ngram_words=5, max_retries=2)
     assert strategy.rules.ngram_words == 5 and strategy.max_retries == 2
     for bad in ({"ngram_words": "5"}, {"min_p": 1.5}, {"nope": 1}):
@@ -326,8 +436,12 @@ def test_generate_strategy_repetition_on_the_command_line(monkeypatch):
     fp = markov(dict(WORD_LOOP, x=[" the"]))
     monkeypatch.setattr(cli, "load_provider", lambda *args, **kwargs: fp)
     out, err = io.StringIO(), io.StringIO()
-    status = cli.main(["generate", "x", "--strategy", "repetition", "--temperature", "0", "--show-backtracking",
-                       "--color", "never"], stdin=io.StringIO(""), stdout=out, stderr=err)
+    status = cli.main(
+        ["generate", "x", "--strategy", "repetition", "--temperature", "0", "--show-backtracking", "--color", "never"],
+        stdin=io.StringIO(""),
+        stdout=out,
+        stderr=err,
+    )
     assert status == 0, err.getvalue()
     assert out.getvalue().strip() == "the cat sat on a rug and it was dark."
     assert "1 rewind" in err.getvalue()
@@ -336,7 +450,7 @@ def test_generate_strategy_repetition_on_the_command_line(monkeypatch):
 def test_the_server_takes_it_by_name(fake):
     from starlette.testclient import TestClient
 
-    from backtrack_sampler.server import Engine, create_app
+    from backtrack_sampler.server.app import Engine, create_app
 
     fp = markov(dict(WORD_LOOP, x=[" the"]))
     engine = Engine(fp, "fake")
@@ -345,7 +459,10 @@ def test_the_server_takes_it_by_name(fake):
         plain = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
         fixed = client.post("/v1/completions", json={**body, "strategy": [{"name": "repetition"}]}).json()
         assert is_degenerate(plain)
-        assert fixed["choices"][0]["text"] == " the cat sat on a rug and it was dark." and fixed["choices"][0]["finish_reason"] == "stop"
+        assert (
+            fixed["choices"][0]["text"] == " the cat sat on a rug and it was dark."
+            and fixed["choices"][0]["finish_reason"] == "stop"
+        )
     engine.close()
 
 
@@ -375,9 +492,12 @@ def confident(script=SCRIPT, runner_up=6.0):
 def test_an_unlikely_draw_is_revised():
     fp = confident()
     first = len(fp.encode(" the cat sat", add_special_tokens=False))  # (the first 3 tokens are never revised)
-    seeds = [seed for seed in range(300)
-             if generate(fp, BaseStrategy(), temperature=1.0, seed=seed)[0].startswith(" the cat sat")
-             and generate(fp, BaseStrategy(), temperature=1.0, seed=seed)[0] != SCRIPT][:5]
+    seeds = [
+        seed
+        for seed in range(300)
+        if generate(fp, BaseStrategy(), temperature=1.0, seed=seed)[0].startswith(" the cat sat")
+        and generate(fp, BaseStrategy(), temperature=1.0, seed=seed)[0] != SCRIPT
+    ][:5]
     assert len(seeds) == 5 and first == 3  # plain sampling drew the runner-up in these
     for seed in seeds:
         text, events, stats = generate(fp, ConfidenceStrategy(fp), temperature=1.0, seed=seed)
@@ -439,13 +559,13 @@ SAMPLING = dict(temperature=0.8, min_p=0.05, max_new_tokens=160)
 
 @pytest.fixture(scope="module")
 def smol1():
-    from backtrack_sampler.models import load_provider
+    from backtrack_sampler.provider.models import load_provider
 
     return load_provider("llamacpp", "smollm2-135m-instruct", threads=1)  # one thread: the seeds' outputs
 
 
 def story(provider, strategy, seed):
-    from backtrack_sampler.chat import chat_prompt_tokens
+    from backtrack_sampler.provider.chat import chat_prompt_tokens
 
     sampler = BacktrackSampler(provider, strategy)
     prompt = chat_prompt_tokens(provider, [{"role": "user", "content": STORY}])
@@ -456,7 +576,7 @@ def story(provider, strategy, seed):
 @pytest.mark.model
 @pytest.mark.parametrize("seed", LOOPING_SEEDS)
 def test_the_chat_model_loops_and_the_strategy_cuts_it(smol1, seed):
-    from backtrack_sampler.slop_phrases import SLOP_PHRASES
+    from backtrack_sampler.strategy.slop_phrases import SLOP_PHRASES
 
     plain, _ = story(smol1, BaseStrategy(), seed)
     assert find_repeat(plain).kind in ("loop", "ngram")
@@ -466,8 +586,12 @@ def test_the_chat_model_loops_and_the_strategy_cuts_it(smol1, seed):
     assert stats.delivered == SAMPLING["max_new_tokens"]  # it wrote on (cutting the loop did not end the story)
     assert_prose(text)
     # chained with AntiSlop: no banned phrase and no repeat
-    chain = ChainStrategy([AntiSlopStrategy(smol1, list(SLOP_PHRASES)),
-                           RepetitionStrategy(smol1, on_accept=lambda p, reason: accepted.append(reason))])
+    chain = ChainStrategy(
+        [
+            AntiSlopStrategy(smol1, list(SLOP_PHRASES)),
+            RepetitionStrategy(smol1, on_accept=lambda p, reason: accepted.append(reason)),
+        ]
+    )
     text, stats = story(smol1, chain, seed)
     assert not is_degenerate(text) and not accepted, text
     assert not [p for p in SLOP_PHRASES if p in text.lower()], text
@@ -482,12 +606,31 @@ def assert_prose(text):
 def test_generate_chat_strategy_repetition():
     """The issue's command: `generate --chat PROMPT --strategy repetition` where the plain run loops."""
     exe = os.path.join(os.path.dirname(sys.executable), "backtrack-sampler")
-    base = [exe, "generate", "--chat", STORY, "--temperature", "0.8", "--min-p", "0.05", "--seed", "15", "--threads", "1",
-            "--max-new-tokens", "160"]
+    base = [
+        exe,
+        "generate",
+        "--chat",
+        STORY,
+        "--temperature",
+        "0.8",
+        "--min-p",
+        "0.05",
+        "--seed",
+        "15",
+        "--threads",
+        "1",
+        "--max-new-tokens",
+        "160",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     plain = subprocess.run(base, capture_output=True, text=True, timeout=600, env=env)
-    fixed = subprocess.run(base + ["--strategy", "repetition", "--show-backtracking", "--color", "never"],
-                           capture_output=True, text=True, timeout=600, env=env)
+    fixed = subprocess.run(
+        base + ["--strategy", "repetition", "--show-backtracking", "--color", "never"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert plain.returncode == 0 and fixed.returncode == 0, fixed.stderr[-2000:]
     assert is_degenerate(plain.stdout) and not is_degenerate(fixed.stdout)
     assert re.search(r"\[160 tokens delivered, \d+ rewound in [1-9]\d* rewinds?, ", fixed.stderr), fixed.stderr
@@ -497,19 +640,27 @@ README = ROOT / "README.md"
 
 
 def demo(*args):
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), *args], capture_output=True, text=True,
-                          timeout=900, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "demo.sh"), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
 
-SUMMARY = re.compile(r"\[avoided (\d+) banned phrases? \((.*)\) in (\d+) rewinds; (no repeat|\d+ repeats? cut); "
-                     r"(?:\d+ kept [^;]*; )?(\d+) tokens at [\d.]+ tokens/s\]")
+SUMMARY = re.compile(
+    r"\[avoided (\d+) banned phrases? \((.*)\) in (\d+) rewinds; (no repeat|\d+ repeats? cut); "
+    r"(?:\d+ kept [^;]*; )?(\d+) tokens at [\d.]+ tokens/s\]"
+)
 
 
 def check_demo(out):
     """The demo's promise: a struck-out phrase, no loop and no banned phrase in the story, the summary."""
-    from backtrack_sampler.slop_phrases import SLOP_PHRASES
+    from backtrack_sampler.strategy.slop_phrases import SLOP_PHRASES
 
     assert out.startswith(f"> {STORY}\n\n")
     body, summary = out.rstrip("\n").rsplit("\n", 1)

@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
+from test_antislop import generate, scripted
 
 from backtrack_sampler import BacktrackSampler, ReplaceStrategy
-
-from test_antislop import generate, scripted
 
 
 def test_replaces_and_keeps_the_rest_of_the_token():

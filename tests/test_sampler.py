@@ -1,5 +1,4 @@
-"""Unit tests of BacktrackSampler with the numpy-only FakeProvider and small inline strategies.
-"""
+"""Unit tests of BacktrackSampler with the numpy-only FakeProvider and small inline strategies."""
 
 from __future__ import annotations
 
@@ -333,7 +332,9 @@ def test_every_eos_id_stops():
             return frozenset({1, 0})
 
     base = forced_provider([5, 6, 7])
-    provider = TwoEos(logits_fn=lambda t: base.logits_for(t) if len(t) < 7 else np.eye(base.vocab_size, dtype=np.float32)[0] * 100)
+    provider = TwoEos(
+        logits_fn=lambda t: base.logits_for(t) if len(t) < 7 else np.eye(base.vocab_size, dtype=np.float32)[0] * 100
+    )
     sampler = BacktrackSampler(provider, Plain(ban_eos=False))
     assert list(sampler.generate(PROMPT, max_new_tokens=10)) == [5, 6, 7]
     assert sampler.stats.finish_reason == "stop"
@@ -449,7 +450,11 @@ def test_on_rewind_events(fake, in_place):
 def test_rewind_event_reason_none_by_default(fake):
     class Once(Plain):
         def backtrack(self, tokens):
-            return tokens[:1] if len(tokens) == 3 and not hasattr(self, "done") and not setattr(self, "done", 1) else tokens
+            return (
+                tokens[:1]
+                if len(tokens) == 3 and not hasattr(self, "done") and not setattr(self, "done", 1)
+                else tokens
+            )
 
         def get_keep_index(self):
             return 0
@@ -503,7 +508,9 @@ def test_reusable_and_reset_called(fake):
 def test_abandoned_generator_then_new_call(fake, how):
     strategy = RandomRewinder(seed=3)
     sampler = BacktrackSampler(fake, strategy)
-    reference = list(BacktrackSampler(FakeProvider(), RandomRewinder(seed=3)).generate(PROMPT, max_new_tokens=20, seed=4))
+    reference = list(
+        BacktrackSampler(FakeProvider(), RandomRewinder(seed=3)).generate(PROMPT, max_new_tokens=20, seed=4)
+    )
 
     gen = sampler.generate(PROMPT + [9, 10], max_new_tokens=30, seed=8)
     next(gen), next(gen)

@@ -1,5 +1,4 @@
-"""Unit tests of backtrack_sampler.sampling against a plain reference (full softmax + full sort).
-"""
+"""Unit tests of backtrack_sampler.strategy.sampling against a plain reference (full softmax + full sort)."""
 
 from __future__ import annotations
 
@@ -9,13 +8,12 @@ import zlib
 import numpy as np
 import pytest
 
-from backtrack_sampler.sampling import NEGLIGIBLE, check_sampling_args, filter_logits, sample
+from backtrack_sampler.strategy.sampling import NEGLIGIBLE, check_sampling_args, filter_logits, sample
 
 TEMPERATURES = [0, 0.3, 1, 2]
 TOP_KS = [None, 0, 1, 5, 50]
 TOP_PS = [None, 0.1, 0.5, 0.9, 1.0]
 MIN_PS = [None, 0.0, 0.05, 0.5]
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,9 +67,7 @@ def assert_matches_reference(logits, temperature, top_k, top_p, min_p, atol=1e-6
     for t in set(got) - set(want):
         assert float(logits[t]) == boundary, f"token {t} survived but the reference dropped it"
     for t in set(want) - set(got):
-        assert float(logits[t]) == boundary or want[t] < 1e-12, (
-            f"token {t} (reference p={want[t]:.3g}) was dropped"
-        )
+        assert float(logits[t]) == boundary or want[t] < 1e-12, f"token {t} (reference p={want[t]:.3g}) was dropped"
     for t in set(got) | set(want):
         assert abs(got.get(t, 0.0) - want.get(t, 0.0)) <= atol, (t, got.get(t), want.get(t))
 
@@ -89,8 +85,6 @@ def _grid():
             for p in TOP_PS:
                 for m in MIN_PS:
                     yield pytest.param(t, k, p, m, id=f"T{t}-k{k}-p{p}-m{m}")
-
-
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 from serving import ServerThread
 
 from backtrack_sampler.provider.fake_provider import FakeProvider
-from backtrack_sampler.server import Engine, Limits, StopFilter, create_app
+from backtrack_sampler.server.app import Engine, Limits, StopFilter, create_app
 
 pytestmark = pytest.mark.model
 KEY = "test-key"
@@ -74,13 +74,17 @@ PROMPT = "The capital of France is"
 
 
 def greedy(client, prompt=PROMPT, max_tokens=6, **extra):
-    return client.completions.create(model="gemma-test", prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                      extra_body=extra or None)
+    return client.completions.create(
+        model="gemma-test", prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=extra or None
+    )
 
 
 def assert_finish(finish_reason, completion_tokens, max_tokens):
     """``length`` exactly when the token budget ran out, ``stop`` (end of turn or stop string) before it."""
-    assert finish_reason == ("length" if completion_tokens == max_tokens else "stop"), (finish_reason, completion_tokens)
+    assert finish_reason == ("length" if completion_tokens == max_tokens else "stop"), (
+        finish_reason,
+        completion_tokens,
+    )
 
 
 _BASELINES = {}
@@ -119,8 +123,9 @@ def test_completion(baseline):
 
 def test_streamed_completion_matches_the_plain_one(any_client, baseline):
     plain = baseline.choices[0]
-    chunks = list(any_client.completions.create(model="gemma-test", prompt=PROMPT, max_tokens=6,
-                                            temperature=0, stream=True))
+    chunks = list(
+        any_client.completions.create(model="gemma-test", prompt=PROMPT, max_tokens=6, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks) == plain.text
     assert chunks[-1].choices[0].finish_reason == plain.finish_reason
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
@@ -128,8 +133,10 @@ def test_streamed_completion_matches_the_plain_one(any_client, baseline):
 
 def test_chat_completion(any_client):
     result = any_client.chat.completions.create(
-        model="gemma-test", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}],
-        max_tokens=4, temperature=0,
+        model="gemma-test",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}],
+        max_tokens=4,
+        temperature=0,
     )
     choice = result.choices[0]
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
@@ -138,10 +145,17 @@ def test_chat_completion(any_client):
 
 
 def test_streamed_chat_completion_with_usage(client):
-    chunks = list(client.chat.completions.create(
-        model="gemma-test", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=4,
-        temperature=0, seed=1, stream=True, stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model="gemma-test",
+            messages=[{"role": "user", "content": "Name a colour."}],
+            max_tokens=4,
+            temperature=0,
+            seed=1,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert_finish(finishes[-1], chunks[-1].usage.completion_tokens, 4)
@@ -151,8 +165,9 @@ def test_streamed_chat_completion_with_usage(client):
 
 def test_raw_stream_ends_with_done(server):
     body = {"prompt": "Once upon a time", "max_tokens": 3, "stream": True, "seed": 3}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
-                      timeout=TIMEOUT) as response:
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=TIMEOUT
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in response.iter_lines() if line]
@@ -167,8 +182,9 @@ def test_stop_string_is_never_sent(any_client, baseline):
     stop = words[1][:3]  # a piece of the second word
     expected = text[: text.index(stop)]
     for stream in (False, True):
-        result = any_client.completions.create(model="gemma-test", prompt=PROMPT, max_tokens=6,
-                                           temperature=0, stop=[stop, "zzzz-never"], stream=stream)
+        result = any_client.completions.create(
+            model="gemma-test", prompt=PROMPT, max_tokens=6, temperature=0, stop=[stop, "zzzz-never"], stream=stream
+        )
         if stream:
             chunks = list(result)
             out, finish = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
@@ -182,8 +198,14 @@ def test_banned_strings_never_in_output(any_client, baseline):
     text = baseline.choices[0].text
     word = max(text.split(), key=len).strip(".,;:!?")
     for stream in (False, True):
-        result = any_client.completions.create(model="gemma-test", prompt=PROMPT, max_tokens=6, temperature=0,
-                                               stream=stream, extra_body={"banned_strings": [word]})
+        result = any_client.completions.create(
+            model="gemma-test",
+            prompt=PROMPT,
+            max_tokens=6,
+            temperature=0,
+            stream=stream,
+            extra_body={"banned_strings": [word]},
+        )
         out = "".join(c.choices[0].text for c in result) if stream else result.choices[0].text
         assert out and word.lower() not in out.lower(), (word, out)
         if not stream:
@@ -200,8 +222,9 @@ def test_regex_only_ban(any_client, baseline):
 
 def test_regex_the_linear_engine_cannot_run_is_a_clear_400(server):
     for pattern, feature in (("(a)\\1", "backreference"), ("x(?=y)", "lookahead")):
-        error = assert_error(post(server, "/v1/completions", {"prompt": "hi", "banned_regex": [pattern]}), 400,
-                             "banned_regex")
+        error = assert_error(
+            post(server, "/v1/completions", {"prompt": "hi", "banned_regex": [pattern]}), 400, "banned_regex"
+        )
         assert feature in error["message"] and error["code"] == "invalid_value", error
         body = {"prompt": "hi", "strategy": {"name": "antislop", "slops": ["a"], "regexes": [pattern]}}
         assert feature in assert_error(post(server, "/v1/completions", body), 400)["message"]
@@ -234,7 +257,10 @@ def test_strategy_per_request(any_client, baseline):
         ({"prompt": "hi", "n": 9}, "n"),
         ({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
         ({"prompt": "hi", "logit_bias": {"ten": 5}}, "logit_bias"),
-        ({"prompt": "hi", "strategy": ["creative", {"name": "creative", "top_p_flat": "high"}]}, "strategy[1].top_p_flat"),
+        (
+            {"prompt": "hi", "strategy": ["creative", {"name": "creative", "top_p_flat": "high"}]},
+            "strategy[1].top_p_flat",
+        ),
         ({"prompt": "hi", "stream": "yes"}, "stream"),
         ({"prompt": "hi", "banned_strings": [1]}, "banned_strings[0]"),
         ({"prompt": "hi", "banned_regex": "(unclosed"}, "banned_regex"),
@@ -257,9 +283,13 @@ def test_unknown_strategy_parameter(server):
 
 @pytest.mark.parametrize(
     "messages, param",
-    [(None, "messages"), ([], "messages"), ([{"role": "wizard", "content": "hi"}], "messages[0].role"),
-     ([{"role": "user", "content": 5}], "messages[0].content"),
-     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages[0].content")],
+    [
+        (None, "messages"),
+        ([], "messages"),
+        ([{"role": "wizard", "content": "hi"}], "messages[0].role"),
+        ([{"role": "user", "content": 5}], "messages[0].content"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages[0].content"),
+    ],
 )
 def test_bad_chat_requests(server, messages, param):
     assert_error(post(server, "/v1/chat/completions", {"messages": messages}), 400, param)
@@ -311,7 +341,9 @@ def test_two_concurrent_requests_both_succeed(client):
 
     def run(i):
         try:
-            results[i] = client.completions.create(model="gemma-test", prompt=f"Story number {i}:", max_tokens=3, seed=i)
+            results[i] = client.completions.create(
+                model="gemma-test", prompt=f"Story number {i}:", max_tokens=3, seed=i
+            )
         except Exception as error:  # reported below
             errors.append(error)
 
@@ -327,8 +359,13 @@ def test_two_concurrent_requests_both_succeed(client):
 
 
 def test_disconnect_mid_stream_frees_the_model(server, client, engine):
-    body = {"prompt": "Write a very long story about a dragon:", "max_tokens": 2000, "stream": True, "seed": 0,
-            "stop": ["never-appears-0xdeadbeef"]}
+    body = {
+        "prompt": "Write a very long story about a dragon:",
+        "max_tokens": 2000,
+        "stream": True,
+        "seed": 0,
+        "stop": ["never-appears-0xdeadbeef"],
+    }
     headers = {"Authorization": f"Bearer {KEY}"}
     with httpx.Client(timeout=TIMEOUT) as raw:
         with raw.stream("POST", server.url + "/v1/completions", json=body, headers=headers) as response:
@@ -360,16 +397,23 @@ def test_non_streaming_client_that_gives_up_frees_the_model(server, client, engi
 # --- hostile requests and limits -------------------------------------------------------------------
 # Greedy continues " a a a ...": with Python's re, each search of the 100-character window takes
 # about 2**50 steps (holding the GIL) once 50 tokens are out; on RE2 it takes linear time.
-HOSTILE_REGEX = {"prompt": "a a a a a a a a a a a a", "banned_regex": ["(\\s*a\\s*)*b"], "banned_strings": ["zebra"],
-                 "temperature": 0, "max_tokens": 64}
+HOSTILE_REGEX = {
+    "prompt": "a a a a a a a a a a a a",
+    "banned_regex": ["(\\s*a\\s*)*b"],
+    "banned_strings": ["zebra"],
+    "temperature": 0,
+    "max_tokens": 64,
+}
 
 
 class ServerProcess:
     """``serve()`` (default limits, the embedded model) in a child process on 127.0.0.1: a request
     that stalls it (e.g. holding the GIL) makes the test fail on its timeouts instead of hanging it."""
 
-    CODE = "import sys; from backtrack_sampler.server import serve; serve(port=int(sys.argv[1]), n_ctx=4096, " \
-           "model_name='gemma-test', log_level='warning')"
+    CODE = (
+        "import sys; from backtrack_sampler.server.app import serve; serve(port=int(sys.argv[1]), n_ctx=4096, "
+        "model_name='gemma-test', log_level='warning')"
+    )
 
     def __enter__(self):
         import os
@@ -383,8 +427,13 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-        self.process = subprocess.Popen([sys.executable, "-c", self.CODE, str(self.port)], env=env,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", self.CODE, str(self.port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 120
         while True:
             assert self.process.poll() is None, self.process.stderr.read()
@@ -451,11 +500,17 @@ def test_hostile_requests_get_prompt_answers_and_the_server_stays_responsive():
 def _send_hostile_requests(requests):
     requests.send("regex", "/v1/completions", HOSTILE_REGEX)
     requests.send("phrase", "/v1/completions", {"prompt": "Hello", "banned_strings": ["x" * 200_000], "max_tokens": 4})
-    requests.send("phrase in a strategy", "/v1/completions",
-                  {"prompt": "Hello", "strategy": {"name": "antislop", "slops": ["x" * 200_000]}})
+    requests.send(
+        "phrase in a strategy",
+        "/v1/completions",
+        {"prompt": "Hello", "strategy": {"name": "antislop", "slops": ["x" * 200_000]}},
+    )
     requests.send("max_tokens", "/v1/completions", {"prompt": "Hello", "max_tokens": 10**9})
-    requests.send("chat max_tokens", "/v1/chat/completions",
-                  {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 10**9})
+    requests.send(
+        "chat max_tokens",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 10**9},
+    )
     requests.send("normal", "/v1/completions", {"prompt": PROMPT, "max_tokens": 4, "temperature": 0})
 
 
@@ -487,8 +542,9 @@ def busy_model(server, engine):
     """The model busy with a long streamed generation while the tests of a class run (hung up after)."""
     body = {"prompt": COUNTING, "max_tokens": 3000, "stream": True, "temperature": 0}
     with httpx.Client(timeout=TIMEOUT) as raw:
-        with raw.stream("POST", server.url + "/v1/completions", json=body,
-                        headers={"Authorization": f"Bearer {KEY}"}) as response:
+        with raw.stream(
+            "POST", server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+        ) as response:
             assert response.status_code == 200
             lines = response.iter_lines()  # kept: an abandoned iterator closes the connection when collected
             for line in lines:
@@ -502,8 +558,18 @@ def busy_model(server, engine):
         time.sleep(0.05)
 
 
-TIGHT = Limits(max_body_bytes=4000, max_banned_strings=3, max_banned_string_chars=10, max_regexes=2,
-               max_regex_chars=20, max_stop=2, max_stop_chars=5, max_messages=3, max_message_chars=50, max_tokens=8)
+TIGHT = Limits(
+    max_body_bytes=4000,
+    max_banned_strings=3,
+    max_banned_string_chars=10,
+    max_regexes=2,
+    max_regex_chars=20,
+    max_stop=2,
+    max_stop_chars=5,
+    max_messages=3,
+    max_message_chars=50,
+    max_tokens=8,
+)
 
 
 @pytest.fixture(scope="module")
@@ -522,27 +588,66 @@ class TestLimitsWhileTheModelIsBusy:
     @pytest.mark.parametrize(
         "path, body, param, code",
         [
-            ("completions", {"prompt": "hi", "banned_strings": ["a", "b", "c", "d"]}, "banned_strings", "array_above_max_length"),
-            ("completions", {"prompt": "hi", "banned_strings": ["x" * 11]}, "banned_strings", "string_above_max_length"),
-            ("completions", {"prompt": "hi", "strategy": {"name": "antislop", "slops": ["a", "b", "c", "d"]}},
-             "strategy[0]", "array_above_max_length"),
-            ("completions", {"prompt": "hi", "strategy": {"name": "replace", "find": "x" * 11, "replace": "y"}},
-             "strategy[0]", "string_above_max_length"),
-            ("completions", {"prompt": "hi", "banned_regex": ["a", "b", "c"]}, "banned_regex", "array_above_max_length"),
+            (
+                "completions",
+                {"prompt": "hi", "banned_strings": ["a", "b", "c", "d"]},
+                "banned_strings",
+                "array_above_max_length",
+            ),
+            (
+                "completions",
+                {"prompt": "hi", "banned_strings": ["x" * 11]},
+                "banned_strings",
+                "string_above_max_length",
+            ),
+            (
+                "completions",
+                {"prompt": "hi", "strategy": {"name": "antislop", "slops": ["a", "b", "c", "d"]}},
+                "strategy[0]",
+                "array_above_max_length",
+            ),
+            (
+                "completions",
+                {"prompt": "hi", "strategy": {"name": "replace", "find": "x" * 11, "replace": "y"}},
+                "strategy[0]",
+                "string_above_max_length",
+            ),
+            (
+                "completions",
+                {"prompt": "hi", "banned_regex": ["a", "b", "c"]},
+                "banned_regex",
+                "array_above_max_length",
+            ),
             ("completions", {"prompt": "hi", "banned_regex": ["a" * 21]}, "banned_regex", "string_above_max_length"),
-            ("completions", {"prompt": "hi", "strategy": {"name": "antislop", "slops": ["a"], "regexes": ["a", "b", "c"]}},
-             "strategy[0]", "array_above_max_length"),
+            (
+                "completions",
+                {"prompt": "hi", "strategy": {"name": "antislop", "slops": ["a"], "regexes": ["a", "b", "c"]}},
+                "strategy[0]",
+                "array_above_max_length",
+            ),
             ("completions", {"prompt": "hi", "stop": ["a", "b", "c"]}, "stop", "array_above_max_length"),
             ("completions", {"prompt": "hi", "stop": "abcdef"}, "stop", "string_above_max_length"),
             ("completions", {"prompt": "hi", "max_tokens": 9}, "max_tokens", "integer_above_max_value"),
             ("completions", {"prompt": "hi", "max_tokens": 10**9}, "max_tokens", "integer_above_max_value"),
             ("chat/completions", {"messages": [USER] * 4}, "messages", "array_above_max_length"),
-            ("chat/completions", {"messages": [{"role": "user", "content": "x" * 51}]}, "messages[0].content",
-             "string_above_max_length"),
-            ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "x" * 51}]}]},
-             "messages[0].content", "string_above_max_length"),
-            ("chat/completions", {"messages": [USER], "max_completion_tokens": 9}, "max_completion_tokens",
-             "integer_above_max_value"),
+            (
+                "chat/completions",
+                {"messages": [{"role": "user", "content": "x" * 51}]},
+                "messages[0].content",
+                "string_above_max_length",
+            ),
+            (
+                "chat/completions",
+                {"messages": [{"role": "user", "content": [{"type": "text", "text": "x" * 51}]}]},
+                "messages[0].content",
+                "string_above_max_length",
+            ),
+            (
+                "chat/completions",
+                {"messages": [USER], "max_completion_tokens": 9},
+                "max_completion_tokens",
+                "integer_above_max_value",
+            ),
         ],
     )
     def test_each_limit_answers_at_once_in_openais_shape(self, tight_server, busy_model, path, body, param, code):
@@ -551,7 +656,6 @@ class TestLimitsWhileTheModelIsBusy:
         error = assert_error(post(tight_server, "/v1/" + path, body), 400, param)
         assert error["code"] == code, error
         assert busy_model.busy  # answered while the other generation still runs
-
 
     def test_body_size_limit_is_413_before_the_body_is_read(self, tight_server, busy_model):
         body = {"prompt": "x" * 5000}
@@ -564,21 +668,33 @@ class TestLimitsWhileTheModelIsBusy:
                 yield b"x" * 100
             yield b'"}'
 
-        response = httpx.post(tight_server.url + "/v1/completions", content=chunks(), timeout=TIMEOUT,
-                              headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        response = httpx.post(
+            tight_server.url + "/v1/completions",
+            content=chunks(),
+            timeout=TIMEOUT,
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        )
         assert assert_error(response, 413)["code"] == "request_too_large"
         assert busy_model.busy
 
 
 def test_max_tokens_above_the_context_room(server, engine):
     room = engine.provider.context_length - len(engine.provider.encode("Hello", add_special_tokens=True))
-    error = assert_error(post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": room + 1}), 400, "max_tokens")
+    error = assert_error(
+        post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": room + 1}), 400, "max_tokens"
+    )
     assert error["code"] == "context_length_exceeded" and str(engine.provider.context_length) in error["message"]
 
 
 def test_limits_within_the_tight_server_are_accepted(tight_server):
-    body = {"prompt": PROMPT, "max_tokens": 8, "banned_strings": ["a" * 10, "b", "c"], "banned_regex": ["q+z", "zz"],
-            "stop": ["abcde", "\n\n"], "temperature": 0}
+    body = {
+        "prompt": PROMPT,
+        "max_tokens": 8,
+        "banned_strings": ["a" * 10, "b", "c"],
+        "banned_regex": ["q+z", "zz"],
+        "stop": ["abcde", "\n\n"],
+        "temperature": 0,
+    }
     response = post(tight_server, "/v1/completions", body)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] <= 8
@@ -619,13 +735,16 @@ def test_readme_limits_table_matches_the_defaults():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     rows = dict(re.findall(r"^\| `--([a-z-]+)` \| (\w+)", readme, re.M))
-    expected = {name.replace("_", "-"): "none" if field.default is None else f"{field.default:.12g}"
-                for name, field in Limits.model_fields.items()}
+    expected = {
+        name.replace("_", "-"): "none" if field.default is None else f"{field.default:.12g}"
+        for name, field in Limits.model_fields.items()
+    }
     assert rows == expected
 
 
 def test_serve_options_become_limits(monkeypatch):
-    from backtrack_sampler import cli, server
+    from backtrack_sampler.cli import commands as cli
+    from backtrack_sampler.server import app as server
 
     seen = {}
     monkeypatch.setattr(server, "serve", lambda **kwargs: seen.update(kwargs))
@@ -640,7 +759,7 @@ def test_the_time_limit_keeps_the_sparse_path():
     own strategy, which reads no probabilities unless it declares so."""
     import asyncio
 
-    from backtrack_sampler.runner import Plan
+    from backtrack_sampler.server.runner import Plan
     from backtrack_sampler.strategy.base_strategy import BaseStrategy
     from backtrack_sampler.strategy.creative_writing_strategy import CreativeWritingStrategy
 
@@ -674,10 +793,14 @@ def test_stop_filter_holds_back_partial_matches():
 
 
 def test_chat_prompt_formats():
-    from backtrack_sampler.chat import _gemma_prompt, chat_prompt_tokens
+    from backtrack_sampler.provider.chat import _gemma_prompt, chat_prompt_tokens
 
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+    ]
     assert _gemma_prompt(messages) == (
         "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
         "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
@@ -701,10 +824,12 @@ def test_chat_prompt_formats():
 
 
 def test_chat_template_from_gguf_metadata(llama_provider, monkeypatch):
-    from backtrack_sampler.chat import chat_prompt_tokens
+    from backtrack_sampler.provider.chat import chat_prompt_tokens
 
-    template = "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}" \
-               "{% if add_generation_prompt %}<assistant>{% endif %}"
+    template = (
+        "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     monkeypatch.setitem(llama_provider.llm.metadata, "tokenizer.chat_template", template)
     tokens = chat_prompt_tokens(llama_provider, [{"role": "user", "content": "Hi"}])
     assert tokens[0] == llama_provider.llm.token_bos() and tokens[1] != tokens[0]  # one BOS, from the template

@@ -45,8 +45,31 @@ def words(fake, tokens):
 
 
 # 20 equally likely words: the 8 best hold 40% < top_p_flat=0.65, so this is flat for the defaults
-FLAT = {w: 0.0 for w in [" a", " dog", " sat", " mat", " and", " ran", " away", " quickly", " tapestry", " of",
-                         " light", " it", " was", " not", " but", " bright", " dark", " night", ".", ","]}
+FLAT = {
+    w: 0.0
+    for w in [
+        " a",
+        " dog",
+        " sat",
+        " mat",
+        " and",
+        " ran",
+        " away",
+        " quickly",
+        " tapestry",
+        " of",
+        " light",
+        " it",
+        " was",
+        " not",
+        " but",
+        " bright",
+        " dark",
+        " night",
+        ".",
+        ",",
+    ]
+}
 
 
 # --- CreativeWritingStrategy -------------------------------------------------------------------

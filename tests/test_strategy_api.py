@@ -5,13 +5,12 @@ import warnings
 
 import numpy as np
 import pytest
+from test_antislop import generate
 
 from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy, ChainStrategy
 from backtrack_sampler.provider.fake_provider import FakeProvider
+from backtrack_sampler.provider.text import TextView, text_after
 from backtrack_sampler.strategy.base_strategy import Capabilities, ConstraintError
-from backtrack_sampler.text import TextView, text_after
-
-from test_antislop import generate
 
 
 class Recorder(BaseStrategy):
@@ -181,8 +180,10 @@ def test_antislop_that_cannot_hold_a_hard_ban_says_so():
     assert sampler.stats.finish_reason == "constraint" and text == ""
     assert sampler.stats.constraint.startswith("AntiSlopStrategy: phrase ")
     accepted = []
-    sampler = BacktrackSampler(fp, AntiSlopStrategy(fp, everything, max_retries=2, on_exhausted="accept",
-                                                    on_accept=lambda *a: accepted.append(a)))
+    sampler = BacktrackSampler(
+        fp,
+        AntiSlopStrategy(fp, everything, max_retries=2, on_exhausted="accept", on_accept=lambda *a: accepted.append(a)),
+    )
     list(sampler.generate("the", max_new_tokens=5, seed=0))
     assert sampler.stats.finish_reason in ("length", "stop") and accepted  # the documented way to let a ban go
 

@@ -19,12 +19,13 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from backtrack_sampler import BacktrackSampler, BaseStrategy, cli
-from backtrack_sampler.batch import BatchScheduler
+from backtrack_sampler import BacktrackSampler, BaseStrategy
+from backtrack_sampler.cli import commands as cli
+from backtrack_sampler.core.batch import BatchScheduler
 from backtrack_sampler.errors import UsageError
 from backtrack_sampler.provider.fake_provider import FakeProvider
-from backtrack_sampler.registry import StrategyRegistry, json_type, load_class, public_name
-from backtrack_sampler.server import Engine, create_app
+from backtrack_sampler.server.app import Engine, create_app
+from backtrack_sampler.strategy.registry import StrategyRegistry, json_type, load_class, public_name
 
 ROOT = Path(__file__).resolve().parents[1]
 EXE = Path(sys.executable).with_name("backtrack-sampler")
@@ -38,7 +39,7 @@ import re
 import numpy as np
 
 from backtrack_sampler import BaseStrategy
-from backtrack_sampler.text import TextView
+from backtrack_sampler.provider.text import TextView
 
 WORD = re.compile(r"[^\\W\\d_]+")  # letters
 
@@ -140,21 +141,26 @@ class GiveUp(BaseStrategy):
         return continuation_tokens
 '''
 
-NOT_A_STRATEGY = '''
+NOT_A_STRATEGY = """
 class Helper:
     pass
 
 
 def broken(:
-'''
+"""
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """The strategy files, in a tmp dir outside the package; ``pkgs`` holds the package ``mystrategies``."""
     root = tmp_path_factory.mktemp("user_strategies")
-    for name, text in [("no_digits.py", NO_DIGITS), ("max_word_length.py", MAX_WORD_LENGTH), ("give_up.py", GIVE_UP),
-                       ("helper.py", "class Helper:\n    pass\n"), ("broken.py", NOT_A_STRATEGY)]:
+    for name, text in [
+        ("no_digits.py", NO_DIGITS),
+        ("max_word_length.py", MAX_WORD_LENGTH),
+        ("give_up.py", GIVE_UP),
+        ("helper.py", "class Helper:\n    pass\n"),
+        ("broken.py", NOT_A_STRATEGY),
+    ]:
         (root / name).write_text(textwrap.dedent(text))
     package = root / "pkgs" / "mystrategies"
     package.mkdir(parents=True)
@@ -230,10 +236,30 @@ def test_file_strategies_in_a_batch(files, fake):
 def test_a_registry_names_builtins_and_loaded_classes(files, on_path):
     strategies = StrategyRegistry()
     samplers = ["penalties", "dry", "xtc", "typical", "logit_bias"]
-    assert strategies.names() == ["none", "antislop", "creative", "adaptive", "replace", "debug", "human", "repetition",
-                                  "grammar", "confidence", *samplers]
-    assert strategies.names(per_request=True) == ["none", "antislop", "creative", "adaptive", "replace", "repetition",
-                                                  "grammar", "confidence", *samplers]
+    assert strategies.names() == [
+        "none",
+        "antislop",
+        "creative",
+        "adaptive",
+        "replace",
+        "debug",
+        "human",
+        "repetition",
+        "grammar",
+        "confidence",
+        *samplers,
+    ]
+    assert strategies.names(per_request=True) == [
+        "none",
+        "antislop",
+        "creative",
+        "adaptive",
+        "replace",
+        "repetition",
+        "grammar",
+        "confidence",
+        *samplers,
+    ]
     loaded = strategies.load(f"{files}/no_digits.py:NoDigits")
     assert loaded.name == "NoDigits" and strategies.get("NoDigits") is loaded
     assert strategies.load(f"{files}/no_digits.py:NoDigits") is loaded  # loading it again is a no-op
@@ -314,8 +340,12 @@ def test_a_declared_params_model(on_path, fake):
     assert bans.validate({"texts": [" quickly"]}) == {"texts": [" quickly"], "penalty": 1000.0}
     schema = bans.schema()["parameters"]
     assert schema["properties"]["texts"]["description"] == "the token texts to ban" and schema["required"] == ["texts"]
-    for params, param in [({"texts": []}, "texts"), ({"texts": [" quickly"], "penalty": "1"}, "penalty"),
-                          ({"texts": [" quickly"], "oops": 1}, "oops"), ({}, "texts")]:
+    for params, param in [
+        ({"texts": []}, "texts"),
+        ({"texts": [" quickly"], "penalty": "1"}, "penalty"),
+        ({"texts": [" quickly"], "oops": 1}, "oops"),
+        ({}, "texts"),
+    ]:
         with pytest.raises(UsageError, match=f"parameter '{param}'"):
             bans.make(fake, params)
     plain, _ = greedy(fake, BaseStrategy())
@@ -330,7 +360,10 @@ def test_json_types_of_hints():
     assert json_type(Sequence[float]) == List[float]
     assert json_type(Optional[Iterable[str]]) == Optional[List[str]]
     assert json_type(Tuple[int, ...]) == List[int]
-    assert json_type(Union[Iterable[str], Iterable[tuple], Dict[str, float]]) == Union[Dict[str, float], List[Union[str, List[Any]]]]
+    assert (
+        json_type(Union[Iterable[str], Iterable[tuple], Dict[str, float]])
+        == Union[Dict[str, float], List[Union[str, List[Any]]]]
+    )
     assert json_type(Optional[Callable[[int], None]]) is json_type(TextIO)  # neither has a JSON form
 
 
@@ -363,14 +396,30 @@ def test_generate_with_a_file_strategy_and_its_args(files, fake_model):
 
 
 def test_generate_chains_strategies_in_order_with_the_flags(files, fake_model, on_path):
-    argv = GREEDY + ["--strategy", f"{files}/no_digits.py:NoDigits",
-                     "--strategy", f"{files}/max_word_length.py:MaxWordLength", "--strategy-args", '{"max_letters": 5}',
-                     "--strategy", "mystrategies.bans:BanTokens", "--strategy-args", '{"texts": [" quickly"]}',
-                     "--ban", "cat", "--show-backtracking", "--color", "never"]
+    argv = GREEDY + [
+        "--strategy",
+        f"{files}/no_digits.py:NoDigits",
+        "--strategy",
+        f"{files}/max_word_length.py:MaxWordLength",
+        "--strategy-args",
+        '{"max_letters": 5}',
+        "--strategy",
+        "mystrategies.bans:BanTokens",
+        "--strategy-args",
+        '{"texts": [" quickly"]}',
+        "--ban",
+        "cat",
+        "--show-backtracking",
+        "--color",
+        "never",
+    ]
     plan = cli.strategy_plan(cli.build_parser().parse_args(argv))
     assert [(call.name, call.kwargs) for call in plan] == [
-        ("antislop", {"slops": ["cat"]}), ("NoDigits", {}), ("MaxWordLength", {"max_letters": 5}),
-        ("ban-tokens", {"texts": [" quickly"], "penalty": 1000.0})]
+        ("antislop", {"slops": ["cat"]}),
+        ("NoDigits", {}),
+        ("MaxWordLength", {"max_letters": 5}),
+        ("ban-tokens", {"texts": [" quickly"], "penalty": 1000.0}),
+    ]
     status, out, err = run(argv)
     assert status == 0, err
     text = out.rstrip("\n")
@@ -381,10 +430,14 @@ def test_generate_chains_strategies_in_order_with_the_flags(files, fake_model, o
 @pytest.mark.parametrize(
     "extra, words",
     [
-        (["--strategy", "{files}/no_digits.py:NoDigits", "--strategy-args", '{"max_bans": "3"}'],
-         ["parameter 'max_bans'", "valid integer", "'3'", "no_digits.py:NoDigits"]),
-        (["--strategy", "{files}/no_digits.py:NoDigits", "--strategy-args", '{"max_bams": 3}'],
-         ["parameter 'max_bams'", "it takes: max_bans"]),
+        (
+            ["--strategy", "{files}/no_digits.py:NoDigits", "--strategy-args", '{"max_bans": "3"}'],
+            ["parameter 'max_bans'", "valid integer", "'3'", "no_digits.py:NoDigits"],
+        ),
+        (
+            ["--strategy", "{files}/no_digits.py:NoDigits", "--strategy-args", '{"max_bams": 3}'],
+            ["parameter 'max_bams'", "it takes: max_bans"],
+        ),
         (["--strategy", "{files}/no_digits.py:NoDigits", "--strategy-args", '{"max_bans": 3'], ["not valid JSON"]),
         (["--strategy", "{files}/no_digits.py:NoDigits", "--strategy-args", "[3]"], ["must be a JSON object"]),
         (["--strategy", "{files}/missing.py:NoDigits"], ["strategy file not found"]),
@@ -403,12 +456,16 @@ def test_generate_strategy_errors_are_one_line(files, fake_model, extra, words):
 
 
 def test_a_hard_constraint_that_cannot_hold_is_an_error_not_a_stop(files, fake_model):
-    status, out, err = run(GREEDY + ["--strategy", f"{files}/give_up.py:GiveUp", "--show-backtracking", "--color", "never"])
+    status, out, err = run(
+        GREEDY + ["--strategy", f"{files}/give_up.py:GiveUp", "--show-backtracking", "--color", "never"]
+    )
     assert status == cli.CONSTRAINT_EXIT == 3
     lines = err.strip().splitlines()
     assert "finish: constraint]" in lines[0]
-    assert lines[-1] == ("error: the generation stopped: a hard constraint could not be held "
-                         "(GiveUp: three tokens are too many); the text above ends before it")
+    assert lines[-1] == (
+        "error: the generation stopped: a hard constraint could not be held "
+        "(GiveUp: three tokens are too many); the text above ends before it"
+    )
     assert out == "\n"  # nothing was final: nothing is printed
     status, _, err = run(GREEDY + ["--strategy", f"{files}/give_up.py:GiveUp", "--ban", "zzz"])  # in a chain
     assert status == 3 and "(GiveUp: three tokens are too many)" in err
@@ -418,21 +475,33 @@ def test_a_spent_rewind_budget_ends_a_hard_constraint_with_exit_status_3(files, 
     spec = f"{files}/max_word_length.py:MaxWordLength"
     status, out, err = run(GREEDY + ["--strategy", spec, "--strategy-args", '{"max_letters": 0}'])
     assert status == 0 and longest_word(out) == 0, err  # the budget is large enough for no words at all
-    status, out, err = run(GREEDY + ["--strategy", spec, "--strategy-args", '{"max_letters": 0}',
-                                     "--max-rewound-tokens", "5"])
+    status, out, err = run(
+        GREEDY + ["--strategy", spec, "--strategy-args", '{"max_letters": 0}', "--max-rewound-tokens", "5"]
+    )
     assert status == 3 and longest_word(out) == 0
     assert err.strip().splitlines() == [
         "error: the generation stopped: a hard constraint could not be held (MaxWordLength: rewound 5 tokens "
-        "(max_rewound_tokens=5) without satisfying its constraint); the text above ends before it"]
+        "(max_rewound_tokens=5) without satisfying its constraint); the text above ends before it"
+    ]
 
 
 def test_serve_loads_its_strategies_before_the_model(files, monkeypatch, on_path):
-    from backtrack_sampler import server
+    from backtrack_sampler.server import app as server
 
     seen = {}
     monkeypatch.setattr(server, "serve", lambda **kwargs: seen.update(kwargs))
-    assert cli.main(["serve", "--load-strategy", f"{files}/no_digits.py:NoDigits",
-                     "--load-strategy", "mystrategies.bans:BanTokens"]) == 0
+    assert (
+        cli.main(
+            [
+                "serve",
+                "--load-strategy",
+                f"{files}/no_digits.py:NoDigits",
+                "--load-strategy",
+                "mystrategies.bans:BanTokens",
+            ]
+        )
+        == 0
+    )
     assert seen["strategies"].names(per_request=True)[-2:] == ["NoDigits", "ban-tokens"]
     status, _, err = run(["serve", "--load-strategy", f"{files}/missing.py:X"])
     assert status == 1 and err.strip() == f"error: strategy file not found: {files}/missing.py"
@@ -442,8 +511,14 @@ def test_serve_loads_its_strategies_before_the_model(files, monkeypatch, on_path
 @pytest.fixture
 def client(files, on_path, fake):
     engine = Engine(fake, "fake")
-    app = create_app(engine, strategies=[f"{files}/no_digits.py:NoDigits", "mystrategies.bans:BanTokens",
-                                         f"{files}/max_word_length.py:MaxWordLength"])
+    app = create_app(
+        engine,
+        strategies=[
+            f"{files}/no_digits.py:NoDigits",
+            "mystrategies.bans:BanTokens",
+            f"{files}/max_word_length.py:MaxWordLength",
+        ],
+    )
     with TestClient(app) as test_client:
         yield test_client
     engine.close()
@@ -465,8 +540,24 @@ def assert_400(response, param):
 def test_the_server_lists_its_strategies_with_their_parameters(client):
     data = client.get("/v1/backtrack/strategies").json()["data"]
     names = [entry["name"] for entry in data]
-    assert names == ["none", "antislop", "creative", "adaptive", "replace", "repetition", "grammar", "confidence", "penalties", "dry",
-                     "xtc", "typical", "logit_bias", "NoDigits", "ban-tokens", "MaxWordLength"]
+    assert names == [
+        "none",
+        "antislop",
+        "creative",
+        "adaptive",
+        "replace",
+        "repetition",
+        "grammar",
+        "confidence",
+        "penalties",
+        "dry",
+        "xtc",
+        "typical",
+        "logit_bias",
+        "NoDigits",
+        "ban-tokens",
+        "MaxWordLength",
+    ]
     entry = data[names.index("NoDigits")]
     assert entry["parameters"]["properties"] == {"max_bans": {"default": 100, "title": "Max Bans", "type": "integer"}}
     assert entry["description"].startswith("Never writes a digit") and entry["builtin"] is False
@@ -484,10 +575,19 @@ def test_a_loaded_strategy_is_used_by_name(client, fake):
     assert text == greedy(fake, load_class_from(client, "NoDigits")(fake))[0]
     once = complete(client, strategy={"name": "NoDigits", "max_bans": 1}).json()["choices"][0]["text"]
     assert digits(once) > 0 and once != plain
-    chained = complete(client, max_tokens=60, strategy=["NoDigits", {"name": "MaxWordLength", "max_letters": 5},
-                                                        {"name": "ban-tokens", "texts": [" quickly"]}]).json()
+    chained = complete(
+        client,
+        max_tokens=60,
+        strategy=[
+            "NoDigits",
+            {"name": "MaxWordLength", "max_letters": 5},
+            {"name": "ban-tokens", "texts": [" quickly"]},
+        ],
+    ).json()
     text = chained["choices"][0]["text"]
-    assert digits(text) == 0 and longest_word(text) <= 5 and " quickly" not in text and chained["backtrack"]["rewinds"] > 0
+    assert (
+        digits(text) == 0 and longest_word(text) <= 5 and " quickly" not in text and chained["backtrack"]["rewinds"] > 0
+    )
 
 
 def load_class_from(client, name):
@@ -521,8 +621,10 @@ def test_bad_strategies_in_a_request_are_400s(client, strategy, param, code):
 def test_a_request_never_imports_code(client, files, tmp_path):
     marker = tmp_path / "imported"
     evil = tmp_path / "evil.py"
-    evil.write_text(f"open({str(marker)!r}, 'w').close()\nfrom backtrack_sampler import BaseStrategy\n"
-                    "class Evil(BaseStrategy):\n    pass\n")
+    evil.write_text(
+        f"open({str(marker)!r}, 'w').close()\nfrom backtrack_sampler import BaseStrategy\n"
+        "class Evil(BaseStrategy):\n    pass\n"
+    )
     for name in (f"{evil}:Evil", "evil:Evil", str(evil)):
         error = assert_400(complete(client, strategy=[{"name": name}]), "strategy[0].name")
         assert "never a module or a file" in error["message"] and "--load-strategy" in error["message"]
@@ -531,16 +633,23 @@ def test_a_request_never_imports_code(client, files, tmp_path):
 
 
 def test_strategy_limits_still_hold_for_loaded_strategies(files, on_path, fake):
-    from backtrack_sampler.server import Limits
+    from backtrack_sampler.server.app import Limits
 
     engine = Engine(fake, "fake")
     app = create_app(engine, limits=Limits(max_banned_strings=2), strategies=[f"{files}/no_digits.py:NoDigits"])
     with TestClient(app) as test_client:
-        error = assert_400(test_client.post("/v1/completions", json={
-            "prompt": "the", "strategy": ["NoDigits", {"name": "antislop", "slops": ["a", "b", "c"]}]}), "strategy[1]")
+        error = assert_400(
+            test_client.post(
+                "/v1/completions",
+                json={"prompt": "the", "strategy": ["NoDigits", {"name": "antislop", "slops": ["a", "b", "c"]}]},
+            ),
+            "strategy[1]",
+        )
         assert error["code"] == "array_above_max_length"
-        ok = test_client.post("/v1/completions", json={"prompt": "the", "max_tokens": 4,
-                                                         "strategy": ["NoDigits", {"name": "antislop", "slops": ["a"]}]})
+        ok = test_client.post(
+            "/v1/completions",
+            json={"prompt": "the", "max_tokens": 4, "strategy": ["NoDigits", {"name": "antislop", "slops": ["a"]}]},
+        )
         assert ok.status_code == 200, ok.text
     engine.close()
 
@@ -549,9 +658,24 @@ def test_the_default_app_offers_the_builtins_only(fake):
     engine = Engine(fake, "fake")
     with TestClient(create_app(engine)) as test_client:
         names = [entry["name"] for entry in test_client.get("/v1/backtrack/strategies").json()["data"]]
-        assert names == ["none", "antislop", "creative", "adaptive", "replace", "repetition", "grammar", "confidence", "penalties", "dry", "xtc",
-                         "typical", "logit_bias"]
-        assert_400(test_client.post("/v1/completions", json={"prompt": "the", "strategy": "NoDigits"}), "strategy[0].name")
+        assert names == [
+            "none",
+            "antislop",
+            "creative",
+            "adaptive",
+            "replace",
+            "repetition",
+            "grammar",
+            "confidence",
+            "penalties",
+            "dry",
+            "xtc",
+            "typical",
+            "logit_bias",
+        ]
+        assert_400(
+            test_client.post("/v1/completions", json={"prompt": "the", "strategy": "NoDigits"}), "strategy[0].name"
+        )
     engine.close()
 
 
@@ -562,21 +686,41 @@ YEAR = "The Second World War ended in"  # greedy: " 1945, and the United States 
 @pytest.mark.model
 def test_the_console_script_runs_a_file_strategy(files):
     assert EXE.exists(), f"{EXE} is not installed (pip install -e .)"
-    base = [str(EXE), "generate", YEAR, "--max-new-tokens", "12", "--temperature", "0", "--n-ctx", "256",
-            "--threads", "1"]
+    base = [
+        str(EXE),
+        "generate",
+        YEAR,
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--n-ctx",
+        "256",
+        "--threads",
+        "1",
+    ]
     plain = subprocess.run(base, capture_output=True, text=True, timeout=300)
     assert plain.returncode == 0 and digits(plain.stdout) >= 4, plain
-    result = subprocess.run(base + ["--strategy", f"{files}/no_digits.py:NoDigits", "--strategy-args", '{"max_bans": 3}'],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        base + ["--strategy", f"{files}/no_digits.py:NoDigits", "--strategy-args", '{"max_bans": 3}'],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
-    never = subprocess.run(base + ["--strategy", f"{files}/no_digits.py:NoDigits"], capture_output=True, text=True,
-                           timeout=300)
+    never = subprocess.run(
+        base + ["--strategy", f"{files}/no_digits.py:NoDigits"], capture_output=True, text=True, timeout=300
+    )
     assert never.returncode == 0 and re.search(r"[a-z]{3}", never.stdout) and digits(never.stdout) == 0, never
     # three bans, then digits pass: the year is gone, a later number is written
     assert not result.stdout.startswith(plain.stdout[:5]) and digits(result.stdout) > 0, (result.stdout, plain.stdout)
     assert result.stdout != never.stdout
-    bad = subprocess.run(base + ["--strategy", f"{files}/no_digits.py:NoDigits", "--strategy-args", '{"max_bans": "3"}'],
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        base + ["--strategy", f"{files}/no_digits.py:NoDigits", "--strategy-args", '{"max_bans": "3"}'],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "parameter 'max_bans'" in bad.stderr
 
 
@@ -585,8 +729,16 @@ def test_serve_load_strategy_as_a_subprocess(files):
     import openai
     from serving import serve_subprocess
 
-    args = ["--load-strategy", f"{files}/no_digits.py:NoDigits", "--n-ctx", "512", "--threads", "1",
-            "--model-name", "tiny"]
+    args = [
+        "--load-strategy",
+        f"{files}/no_digits.py:NoDigits",
+        "--n-ctx",
+        "512",
+        "--threads",
+        "1",
+        "--model-name",
+        "tiny",
+    ]
     with serve_subprocess(args) as url:
         listed = httpx.get(url + "/v1/backtrack/strategies", timeout=10).json()["data"]
         assert [entry["name"] for entry in listed][-1] == "NoDigits"
@@ -594,12 +746,21 @@ def test_serve_load_strategy_as_a_subprocess(files):
         plain = httpx.post(url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
         assert digits(plain) >= 4
         with openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=120, max_retries=0) as client:
-            answer = client.completions.create(model="tiny", prompt=YEAR, max_tokens=12, temperature=0,
-                                               extra_body={"strategy": [{"name": "NoDigits", "max_bans": 100}]})
+            answer = client.completions.create(
+                model="tiny",
+                prompt=YEAR,
+                max_tokens=12,
+                temperature=0,
+                extra_body={"strategy": [{"name": "NoDigits", "max_bans": 100}]},
+            )
             assert re.search(r"[a-z]{3}", answer.choices[0].text) and digits(answer.choices[0].text) == 0
             with pytest.raises(openai.BadRequestError) as raised:
-                client.completions.create(model="tiny", prompt=YEAR, max_tokens=4,
-                                          extra_body={"strategy": [{"name": "NoDigits", "max_bans": "lots"}]})
+                client.completions.create(
+                    model="tiny",
+                    prompt=YEAR,
+                    max_tokens=4,
+                    extra_body={"strategy": [{"name": "NoDigits", "max_bans": "lots"}]},
+                )
             assert raised.value.body["param"] == "strategy[0].max_bans"
         for name in (f"{files}/no_digits.py:NoDigits", "backtrack_sampler.strategy.debug_strategy:DebugStrategy"):
             response = httpx.post(url + "/v1/completions", json={**body, "strategy": [{"name": name}]}, timeout=30)

@@ -17,5 +17,19 @@ from .errors import EngineError
 from .loop import Draft, EngineBackend, EngineLoop, accept
 from .provider import ENGINE_TYPES, EngineProvider, connect, load_engine_provider
 
-__all__ = ["APIS", "ENGINE_TYPES", "Draft", "EngineBackend", "EngineClient", "EngineError", "EngineLoop", "EngineProvider",
-           "EngineStats", "Finish", "Step", "accept", "connect", "load_engine_provider"]
+__all__ = [
+    "APIS",
+    "ENGINE_TYPES",
+    "Draft",
+    "EngineBackend",
+    "EngineClient",
+    "EngineError",
+    "EngineLoop",
+    "EngineProvider",
+    "EngineStats",
+    "Finish",
+    "Step",
+    "accept",
+    "connect",
+    "load_engine_provider",
+]

@@ -82,8 +82,16 @@ class EngineAPI:
     name = ""
     path = ""
 
-    def body(self, tokens: List[int], n: int, sampling: tuple, k: int, seed: Optional[int], model: Optional[str],
-             slot: int = -1) -> dict:
+    def body(
+        self,
+        tokens: List[int],
+        n: int,
+        sampling: tuple,
+        k: int,
+        seed: Optional[int],
+        model: Optional[str],
+        slot: int = -1,
+    ) -> dict:
         """The request for ``n`` tokens after ``tokens``; ``slot``: llama-server's ``id_slot`` (the
         other engines place sequences themselves)."""
         raise NotImplementedError
@@ -124,14 +132,34 @@ class LlamaServerAPI(EngineAPI):
     def body(self, tokens, n, sampling, k, seed, model=None, slot=-1, stream=True):
         temperature, top_k, top_p, min_p = sampling
         return {
-            "prompt": tokens, "n_predict": n, "stream": stream, "cache_prompt": True, "id_slot": slot,
-            "n_probs": k, "post_sampling_probs": temperature > 0, "return_tokens": True,
-            "timings_per_token": True, "samplers": ["top_k", "temperature", "min_p", "top_p"],
-            "temperature": temperature, "top_k": top_k or 0, "top_p": 1.0 if top_p is None else top_p,
-            "min_p": min_p or 0.0, "seed": -1 if seed is None else seed, "min_keep": 0,
-            "repeat_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "dry_multiplier": 0.0,
-            "xtc_probability": 0.0, "typical_p": 1.0, "top_n_sigma": -1.0, "dynatemp_range": 0.0,
-            "mirostat": 0, "ignore_eos": False, "n_indent": 0, "t_max_predict_ms": 0,
+            "prompt": tokens,
+            "n_predict": n,
+            "stream": stream,
+            "cache_prompt": True,
+            "id_slot": slot,
+            "n_probs": k,
+            "post_sampling_probs": temperature > 0,
+            "return_tokens": True,
+            "timings_per_token": True,
+            "samplers": ["top_k", "temperature", "min_p", "top_p"],
+            "temperature": temperature,
+            "top_k": top_k or 0,
+            "top_p": 1.0 if top_p is None else top_p,
+            "min_p": min_p or 0.0,
+            "seed": -1 if seed is None else seed,
+            "min_keep": 0,
+            "repeat_penalty": 1.0,
+            "frequency_penalty": 0.0,
+            "presence_penalty": 0.0,
+            "dry_multiplier": 0.0,
+            "xtc_probability": 0.0,
+            "typical_p": 1.0,
+            "top_n_sigma": -1.0,
+            "dynatemp_range": 0.0,
+            "mirostat": 0,
+            "ignore_eos": False,
+            "n_indent": 0,
+            "t_max_predict_ms": 0,
         }
 
     def _entry(self, entry: dict, token: int, post: bool, cached=None) -> Step:
@@ -208,10 +236,20 @@ class VLLMAPI(EngineAPI):
     def body(self, tokens, n, sampling, k, seed, model=None, slot=-1):
         temperature, top_k, top_p, min_p = sampling
         body = {
-            "prompt": tokens, "max_tokens": n, "stream": True, "logprobs": k, "return_token_ids": True,
-            "return_tokens_as_token_ids": True, "temperature": temperature, "top_k": top_k or 0,
-            "top_p": 1.0 if top_p is None else top_p, "min_p": min_p or 0.0, "repetition_penalty": 1.0,
-            "frequency_penalty": 0.0, "presence_penalty": 0.0, "skip_special_tokens": False,
+            "prompt": tokens,
+            "max_tokens": n,
+            "stream": True,
+            "logprobs": k,
+            "return_token_ids": True,
+            "return_tokens_as_token_ids": True,
+            "temperature": temperature,
+            "top_k": top_k or 0,
+            "top_p": 1.0 if top_p is None else top_p,
+            "min_p": min_p or 0.0,
+            "repetition_penalty": 1.0,
+            "frequency_penalty": 0.0,
+            "presence_penalty": 0.0,
+            "skip_special_tokens": False,
             "stream_options": {"include_usage": True},
         }
         if model:
@@ -239,8 +277,10 @@ class VLLMAPI(EngineAPI):
                 tops = logprobs.get("top_logprobs") or []
                 own = logprobs.get("token_logprobs") or []
                 if ids and len(tops) != len(ids):
-                    raise EngineError("vLLM returned token ids without their logprobs: is 'logprobs' allowed "
-                                      "(--max-logprobs) and is it vLLM >= 0.10.2 (return_token_ids)?")
+                    raise EngineError(
+                        "vLLM returned token ids without their logprobs: is 'logprobs' allowed "
+                        "(--max-logprobs) and is it vLLM >= 0.10.2 (return_token_ids)?"
+                    )
                 for i, token in enumerate(ids):
                     pairs = [(_token_id(key), value) for key, value in (tops[i] or {}).items()]
                     pairs.append((token, own[i] if i < len(own) else None))
@@ -256,7 +296,9 @@ def _token_id(key: str) -> int:
     try:
         return int(key.rpartition(":")[2])
     except ValueError:
-        raise EngineError(f"vLLM top_logprobs key {key!r} is not 'token_id:N': send return_tokens_as_token_ids") from None
+        raise EngineError(
+            f"vLLM top_logprobs key {key!r} is not 'token_id:N': send return_tokens_as_token_ids"
+        ) from None
 
 
 class SGLangAPI(EngineAPI):
@@ -274,14 +316,27 @@ class SGLangAPI(EngineAPI):
     def body(self, tokens, n, sampling, k, seed, model=None, slot=-1):
         temperature, top_k, top_p, min_p = sampling
         params = {
-            "max_new_tokens": n, "temperature": temperature, "top_k": top_k or -1,
-            "top_p": 1.0 if top_p is None else top_p, "min_p": min_p or 0.0, "repetition_penalty": 1.0,
-            "frequency_penalty": 0.0, "presence_penalty": 0.0, "skip_special_tokens": False,
+            "max_new_tokens": n,
+            "temperature": temperature,
+            "top_k": top_k or -1,
+            "top_p": 1.0 if top_p is None else top_p,
+            "min_p": min_p or 0.0,
+            "repetition_penalty": 1.0,
+            "frequency_penalty": 0.0,
+            "presence_penalty": 0.0,
+            "skip_special_tokens": False,
         }
         if seed is not None:
             params["sampling_seed"] = seed
-        return {"input_ids": tokens, "sampling_params": params, "stream": True, "return_logprob": True,
-                "top_logprobs_num": k, "logprob_start_len": -1, "return_text_in_logprobs": False}
+        return {
+            "input_ids": tokens,
+            "sampling_params": params,
+            "stream": True,
+            "return_logprob": True,
+            "top_logprobs_num": k,
+            "logprob_start_len": -1,
+            "return_text_in_logprobs": False,
+        }
 
     def events(self, payloads, sampling):
         """Chunks ``{"output_ids": [...], "meta_info": {"output_token_logprobs": [[lp, id, null], ...],
@@ -309,7 +364,9 @@ class SGLangAPI(EngineAPI):
                 seen += 1
             reason = meta.get("finish_reason")
             if reason:
-                finish = "length" if (reason.get("type") if isinstance(reason, dict) else reason) == "length" else "stop"
+                finish = (
+                    "length" if (reason.get("type") if isinstance(reason, dict) else reason) == "length" else "stop"
+                )
                 if isinstance(reason, dict) and reason.get("type") == "abort":
                     raise EngineError(f"SGLang aborted the request: {reason.get('message', reason)}")
         if finish is None:

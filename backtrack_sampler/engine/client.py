@@ -43,16 +43,25 @@ class EngineClient:
     is reported instead of hanging).
     """
 
-    def __init__(self, url: str, engine_type: str = "llama-server", timeout: float = 60.0,
-                 transport: Optional[httpx.BaseTransport] = None):
+    def __init__(
+        self,
+        url: str,
+        engine_type: str = "llama-server",
+        timeout: float = 60.0,
+        transport: Optional[httpx.BaseTransport] = None,
+    ):
         if engine_type not in APIS:
             raise ValueError(f"unknown engine type {engine_type!r}: choose one of {', '.join(APIS)}")
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"the engine URL must start with http:// or https://, got {url!r}")
         self.url, self.api, self.timeout = url.rstrip("/"), APIS[engine_type], timeout
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-                                 limits=limits, transport=transport)
+        self.http = httpx.Client(
+            base_url=self.url,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            limits=limits,
+            transport=transport,
+        )
         self.stats = EngineStats()
 
     def close(self) -> None:
@@ -60,8 +69,9 @@ class EngineClient:
 
     # --------------------------------------------------------------------------------------
     @contextmanager
-    def stream(self, body: dict, sampling: tuple,
-               on_open: Optional[Callable[[Callable[[], None]], None]] = None) -> Iterator[Iterator[Event]]:
+    def stream(
+        self, body: dict, sampling: tuple, on_open: Optional[Callable[[Callable[[], None]], None]] = None
+    ) -> Iterator[Iterator[Event]]:
         """POST ``body`` with streaming; yields the engine's events. Leaving the ``with`` block
         closes the connection, which makes the engine stop decoding this request. ``on_open``
         (optional) is given, once the engine answered, a function that cuts the connection from

@@ -38,10 +38,10 @@ from typing import Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..driver import Backend, BatchJob, Failure, Logits, Proposal
-from ..generation import Generation
-from ..sampling import filter_logits, sample
+from ..core.generation import Generation
+from ..core.scheduler import Backend, BatchJob, Failure, Logits, Proposal
 from ..strategy.base_strategy import ConstraintError
+from ..strategy.sampling import filter_logits, sample
 from .apis import Finish, LlamaServerAPI, Step
 from .client import EngineClient
 from .errors import EngineError
@@ -73,8 +73,9 @@ def engine_q(step: Step, sampling: tuple) -> Tuple[np.ndarray, np.ndarray]:
     return step.ids[idx], probs
 
 
-def accept(draft: int, q: Tuple[np.ndarray, np.ndarray], p: Tuple[np.ndarray, np.ndarray],
-           rng: np.random.Generator) -> int:
+def accept(
+    draft: int, q: Tuple[np.ndarray, np.ndarray], p: Tuple[np.ndarray, np.ndarray], rng: np.random.Generator
+) -> int:
     """Speculative sampling: keep ``draft`` (drawn from q) with probability min(1, p(draft)/q(draft)),
     else draw from the residual max(0, p - q), normalised. The result is distributed as p.
     q, p: ``(ids, weights)``; weights need not be normalised. No random number is used when the
@@ -122,7 +123,7 @@ class Draft(Proposal):
 
     __slots__ = ("backend", "step")
 
-    def __init__(self, backend: "EngineBackend", step: Step):
+    def __init__(self, backend: EngineBackend, step: Step):
         self.backend, self.step = backend, step
 
     def distribution(self, generation: Generation):
@@ -174,7 +175,7 @@ class _Readers:
     idle_seconds = 30.0
 
     def __init__(self):
-        self._tasks: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._idle = 0  # threads waiting for a task (or about to)
         self._lock = threading.Lock()
 
@@ -213,8 +214,7 @@ class _Stream:
     ``expected``: the continuation the generation has while it follows this stream (its tokens
     when the request was made, then each draft proposed from it)."""
 
-    def __init__(self, client: EngineClient, body: dict, sampling: tuple, tokens: Sequence[int],
-                 wake: threading.Event):
+    def __init__(self, client: EngineClient, body: dict, sampling: tuple, tokens: Sequence[int], wake: threading.Event):
         self.expected = list(tokens)
         self.events: Deque[object] = collections.deque()
         self.got = 0  # drafts proposed from it
@@ -273,8 +273,11 @@ class _Sequence:
     def follow(self, tokens: List[int]) -> None:
         """Forget the candidates received after tokens the generation no longer has."""
         path, n = self.path, len(self.path)
-        same = n if n <= len(tokens) and tokens[:n] == path else next(
-            (i for i, (a, b) in enumerate(zip(path, tokens)) if a != b), min(n, len(tokens)))
+        same = (
+            n
+            if n <= len(tokens) and tokens[:n] == path
+            else next((i for i, (a, b) in enumerate(zip(path, tokens)) if a != b), min(n, len(tokens)))
+        )
         for position in [p for p in self.known if p > same]:
             del self.known[position]
         self.path = list(tokens)
@@ -294,9 +297,17 @@ class EngineBackend(Backend):
 
     poll = 0.05
 
-    def __init__(self, provider, client: EngineClient, vocab_size: int, n_probs: Optional[int] = None,
-                 chunk: Optional[int] = None, model: Optional[str] = None, slots: Union[None, int, _Slots] = None,
-                 max_sequences: int = 64):
+    def __init__(
+        self,
+        provider,
+        client: EngineClient,
+        vocab_size: int,
+        n_probs: Optional[int] = None,
+        chunk: Optional[int] = None,
+        model: Optional[str] = None,
+        slots: Union[None, int, _Slots] = None,
+        max_sequences: int = 64,
+    ):
         self.provider, self.client, self.vocab_size = provider, client, vocab_size
         self.n_probs, self.chunk, self.model = n_probs, chunk, model
         self.slots = slots if isinstance(slots, _Slots) else _Slots(slots)
@@ -387,8 +398,9 @@ class EngineBackend(Backend):
                 if event.reason == "gap":
                     return self._gap(generation, sequence)
                 if stream.got == 0:
-                    return Failure(EngineError(f"{name} finished a request without generating a token "
-                                               "(its context may be full)"))
+                    return Failure(
+                        EngineError(f"{name} finished a request without generating a token (its context may be full)")
+                    )
                 stream = None  # the request is done: the next one continues from the kept tokens
                 continue
             if event is _END:
@@ -403,15 +415,19 @@ class EngineBackend(Backend):
             if most:
                 n = min(n, most)
         seed = int(generation.rng.integers(2**31 - 1)) if user[0] > 0 else None
-        body = self.client.api.body(generation.sequence, max(n, 1), user, self.k_for(user), seed, self.model,
-                                    sequence.slot)
+        body = self.client.api.body(
+            generation.sequence, max(n, 1), user, self.k_for(user), seed, self.model, sequence.slot
+        )
         return _Stream(self.client, body, user, generation.tokens, self._wake)
 
     def _draft(self, generation: Generation, sequence: _Sequence, stream: Optional[_Stream], step: Step) -> Proposal:
         if int(step.ids.max()) >= self.vocab_size or int(step.ids.min()) < 0:
-            return Failure(EngineError(
-                f"{self.client.api.name} sent token id {int(step.ids.max())}, outside the local tokenizer's "
-                f"{self.vocab_size} tokens: pass the tokenizer of the model it serves"))
+            return Failure(
+                EngineError(
+                    f"{self.client.api.name} sent token id {int(step.ids.max())}, outside the local tokenizer's "
+                    f"{self.vocab_size} tokens: pass the tokenizer of the model it serves"
+                )
+            )
         sequence.known[len(generation.tokens)] = step
         if stream is not None:
             stream.expected.append(step.token)

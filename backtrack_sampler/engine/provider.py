@@ -31,7 +31,11 @@ class _GGUFTokenizer:
         self.llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
         vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         ids = {llama_cpp.llama_vocab_eos(vocab), llama_cpp.llama_vocab_eot(vocab)}
-        self.eos, self.eos_ids, self.size = self.llm.token_eos(), frozenset(i for i in ids if i >= 0), self.llm.n_vocab()
+        self.eos, self.eos_ids, self.size = (
+            self.llm.token_eos(),
+            frozenset(i for i in ids if i >= 0),
+            self.llm.n_vocab(),
+        )
 
     def encode(self, text: str, add_special_tokens: bool) -> List[int]:
         tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=True)
@@ -51,8 +55,12 @@ class _HFTokenizer:
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
         self.tok = tokenizer
         self.eos = tokenizer.eos_token_id
-        ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>"),
-               tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|eot_id|>")}
+        ids = {
+            tokenizer.eos_token_id,
+            tokenizer.convert_tokens_to_ids("<end_of_turn>"),
+            tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            tokenizer.convert_tokens_to_ids("<|eot_id|>"),
+        }
         self.eos_ids = frozenset(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
         self.size = len(tokenizer)
 
@@ -81,9 +89,20 @@ class EngineProvider(BaseProvider):
     vocab_size: the width of the logits arrays (default: the tokenizer's, or the engine's when larger).
     """
 
-    def __init__(self, url: str, engine_type: str = "llama-server", tokenizer=None, *, model: Optional[str] = None,
-                 timeout: float = 60.0, n_probs: Optional[int] = None, chunk: Optional[int] = None,
-                 context_length: Optional[int] = None, vocab_size: Optional[int] = None, transport=None):
+    def __init__(
+        self,
+        url: str,
+        engine_type: str = "llama-server",
+        tokenizer=None,
+        *,
+        model: Optional[str] = None,
+        timeout: float = 60.0,
+        n_probs: Optional[int] = None,
+        chunk: Optional[int] = None,
+        context_length: Optional[int] = None,
+        vocab_size: Optional[int] = None,
+        transport=None,
+    ):
         super().__init__()
         if engine_type not in ENGINE_TYPES:
             raise ValueError(f"unknown engine type {engine_type!r}: choose one of {', '.join(ENGINE_TYPES)}")
@@ -106,11 +125,11 @@ class EngineProvider(BaseProvider):
         if isinstance(tokenizer, BaseProvider):
             return _Borrowed(tokenizer)
         if tokenizer is None:
-            from ..models import default_model_path
+            from ..provider.models import default_model_path
 
             tokenizer = default_model_path()
         if isinstance(tokenizer, (str, Path)):
-            from ..models import resolve_model
+            from ..provider.models import resolve_model
 
             path = resolve_model(str(tokenizer))  # a path, or an embedded model's name; FileNotFoundError
             return _GGUFTokenizer(str(path)) if path.is_file() else _HFTokenizer(path)
@@ -135,8 +154,10 @@ class EngineProvider(BaseProvider):
         else:
             info["model"] = client.get("/model_info").get("served_model_name")
         if info.get("n_vocab") and info["n_vocab"] != self._tok.size:
-            raise EngineError(f"the engine's vocabulary has {info['n_vocab']} tokens but the local tokenizer has "
-                              f"{self._tok.size}: pass the tokenizer of the model the engine serves")
+            raise EngineError(
+                f"the engine's vocabulary has {info['n_vocab']} tokens but the local tokenizer has "
+                f"{self._tok.size}: pass the tokenizer of the model the engine serves"
+            )
         return info
 
     # --- tokenizer -------------------------------------------------------------------------
@@ -165,8 +186,9 @@ class EngineProvider(BaseProvider):
     def backend(self, batched: bool = False, step_tokens: int = 256) -> EngineBackend:
         """The engine's backend for the scheduler (the same for one generation or many: the engine
         batches them itself; ``step_tokens`` does not apply)."""
-        return EngineBackend(self, self.client, self._n_vocab, self._n_probs, self._chunk, self.model, self._slots,
-                             self.max_sequences)
+        return EngineBackend(
+            self, self.client, self._n_vocab, self._n_probs, self._chunk, self.model, self._slots, self.max_sequences
+        )
 
     @property
     def max_sequences(self) -> int:
@@ -207,14 +229,20 @@ class _Borrowed:
         return self.p.decode(tokens)
 
 
-def connect(url: str, engine_type: str = "llama-server", tokenizer: Union[str, Path, BaseProvider, None] = None,
-            **options) -> EngineProvider:
+def connect(
+    url: str, engine_type: str = "llama-server", tokenizer: Union[str, Path, BaseProvider, None] = None, **options
+) -> EngineProvider:
     """An ``EngineProvider`` for the engine at ``url`` (see its arguments)."""
     return EngineProvider(url, engine_type, tokenizer, **options)
 
 
-def load_engine_provider(url: str, engine_type: str = "llama-server", tokenizer: Optional[str] = None,
-                         n_ctx: Optional[int] = None, timeout: float = 60.0) -> EngineProvider:
+def load_engine_provider(
+    url: str,
+    engine_type: str = "llama-server",
+    tokenizer: Optional[str] = None,
+    n_ctx: Optional[int] = None,
+    timeout: float = 60.0,
+) -> EngineProvider:
     """``EngineProvider`` for the command line and the server: anything the user can fix (a bad
     URL or type, a missing tokenizer, an unreachable engine) raises UsageError."""
     from ..errors import UsageError
@@ -224,4 +252,6 @@ def load_engine_provider(url: str, engine_type: str = "llama-server", tokenizer:
     except (ValueError, FileNotFoundError, EngineError) as error:
         raise UsageError(str(error)) from None
     except ImportError as error:
-        raise UsageError(f"the engine provider needs httpx: pip install 'backtrack-sampler[engine]' ({error})") from None
+        raise UsageError(
+            f"the engine provider needs httpx: pip install 'backtrack-sampler[engine]' ({error})"
+        ) from None

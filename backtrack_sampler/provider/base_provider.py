@@ -46,6 +46,10 @@ class BaseProvider(ABC):
     positions are kept, so a short rewind evaluates nothing. After any number of rewinds the
     logits are those of a fresh forward pass over the same tokens.
 
+    A provider whose model runs elsewhere (``engine.EngineProvider``) also defines
+    ``backend(batched, step_tokens)``, the ``core.scheduler.Backend`` the scheduler steps it on;
+    for the others the scheduler drives ``generate`` / ``generate_batch`` (``core.scheduler.backend_for``).
+
     Thread-safe: one call at a time uses the backend (a lock), so two drivers sharing a provider
     (say, a server and a script) get the right logits, one after the other, never a mixed cache.
     """
@@ -109,16 +113,6 @@ class BaseProvider(ABC):
             self._remember(self._cached, self._recent, tokens[n:], logits)
             return logits
 
-    def backend(self, batched: bool = False, step_tokens: int = 256):
-        """The backend a ``driver.Scheduler`` steps generations on with this model:
-        ``driver.LocalBackend`` (``generate``, one generation at a time, the driver of
-        ``BacktrackSampler``) or, ``batched``, ``driver.BatchBackend`` (``generate_batch``, up to
-        ``max_sequences`` at once, prompts read ``step_tokens`` at a time). A provider whose model
-        runs elsewhere returns its own (``engine.EngineProvider``: ``engine.EngineBackend``)."""
-        from ..driver import BatchBackend, LocalBackend
-
-        return BatchBackend(self, step_tokens) if batched else LocalBackend(self)
-
     # --- several sequences at once ------------------------------------------------------------
     @property
     def max_sequences(self) -> int:
@@ -141,7 +135,9 @@ class BaseProvider(ABC):
         for key, input_ids in requests.items():
             tokens = self._checked(input_ids)
             seq = self._batch_sequence(key)
-            known, n = self._reuse(seq.cached, seq.recent, tokens, lambda length, seq=seq: self._cut_sequence(seq, length))
+            known, n = self._reuse(
+                seq.cached, seq.recent, tokens, lambda length, seq=seq: self._cut_sequence(seq, length)
+            )
             if known is not None:
                 answers[key] = known
             else:
@@ -181,24 +177,27 @@ class BaseProvider(ABC):
         cache): then both keep one record of what it holds."""
         return type(self)._forward_batch is BaseProvider._forward_batch
 
-    def _batch_sequence(self, key: Hashable) -> "_Sequence":
+    def _batch_sequence(self, key: Hashable) -> _Sequence:
         seq = self._batch.get(key)
         if seq is None:
             if self._free is None:
                 self._free = list(range(self.max_sequences - 1, -1, -1))
             if not self._free:
-                raise RuntimeError(f"{type(self).__name__} holds {self.max_sequences} sequences at most: "
-                                   "release() one first")
+                raise RuntimeError(
+                    f"{type(self).__name__} holds {self.max_sequences} sequences at most: release() one first"
+                )
             slot = self._free.pop()
             if self._shares_generate_cache():
-                self._cut(0)  # a new sequence starts from an empty cache, as in a slot of its own (same call, same tokens)
+                self._cut(
+                    0
+                )  # a new sequence starts from an empty cache, as in a slot of its own (same call, same tokens)
                 seq = _Sequence(slot, self._cached, self._recent)
             else:
                 seq = _Sequence(slot, [], {})
             self._batch[key] = seq
         return seq
 
-    def _cut_sequence(self, seq: "_Sequence", length: int) -> None:
+    def _cut_sequence(self, seq: _Sequence, length: int) -> None:
         length = self._truncate_slot(seq.slot, length)
         del seq.cached[length:]
         for known in [k for k in seq.recent if k > length]:
@@ -214,7 +213,9 @@ class BaseProvider(ABC):
         return tokens
 
     @staticmethod
-    def _reuse(cached: List[int], recent: Dict[int, np.ndarray], tokens: List[int], cut) -> Tuple[Optional[np.ndarray], int]:
+    def _reuse(
+        cached: List[int], recent: Dict[int, np.ndarray], tokens: List[int], cut
+    ) -> Tuple[Optional[np.ndarray], int]:
         """Keep the longest cached prefix of ``tokens`` (``cut(length)`` drops the rest): returns
         ``(known logits, _)`` for a short rewind, else ``(None, n)`` with ``tokens[n:]`` to evaluate."""
         n = len(cached)

@@ -10,11 +10,38 @@ import numpy as np
 
 from .base_provider import BaseProvider, without_double_bos
 
-DEFAULT_VOCAB = ["<pad>", "<eos>", "<bos>"] + [
-    " the", " a", " cat", " dog", " sat", " on", " mat", " rug", " and", " ran", " away", " quickly",
-    " tapestry", " of", " light", " it", " was", " not", " but", " bright", " dark", " night", ".", ",",
-    " ", "\n",
-] + list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'\"!?-:;")
+DEFAULT_VOCAB = (
+    ["<pad>", "<eos>", "<bos>"]
+    + [
+        " the",
+        " a",
+        " cat",
+        " dog",
+        " sat",
+        " on",
+        " mat",
+        " rug",
+        " and",
+        " ran",
+        " away",
+        " quickly",
+        " tapestry",
+        " of",
+        " light",
+        " it",
+        " was",
+        " not",
+        " but",
+        " bright",
+        " dark",
+        " night",
+        ".",
+        ",",
+        " ",
+        "\n",
+    ]
+    + list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'\"!?-:;")
+)
 
 
 class FakeProvider(BaseProvider):

@@ -67,8 +67,10 @@ class LlamacppProvider(BaseProvider):
         self._batch_context = LlamaContext(model=self.llm._model, params=params, verbose=self.llm.verbose)
         ctx = self._batch_context.ctx
         if llama_cpp.llama_n_ctx_seq(ctx) < self.llm.n_ctx():
-            raise RuntimeError(f"llama.cpp gave each sequence {llama_cpp.llama_n_ctx_seq(ctx)} positions, "
-                               f"fewer than n_ctx={self.llm.n_ctx()}")
+            raise RuntimeError(
+                f"llama.cpp gave each sequence {llama_cpp.llama_n_ctx_seq(ctx)} positions, "
+                f"fewer than n_ctx={self.llm.n_ctx()}"
+            )
         self._n_batch = int(params.n_batch)
         self._lengths = [0] * slots  # positions cached per slot
         # the llama_batch's arrays are numpy buffers, filled with slices instead of per-token ctypes calls
@@ -80,7 +82,8 @@ class LlamacppProvider(BaseProvider):
         self._out = np.zeros(n, dtype=np.int8)
         item = ctypes.sizeof(ctypes.c_int32)
         self._seq_ptrs = (ctypes.POINTER(ctypes.c_int32) * n)(
-            *(ctypes.cast(self._seq.ctypes.data + i * item, ctypes.POINTER(ctypes.c_int32)) for i in range(n)))
+            *(ctypes.cast(self._seq.ctypes.data + i * item, ctypes.POINTER(ctypes.c_int32)) for i in range(n))
+        )
         self._llama_batch = llama_cpp.llama_batch(
             n_tokens=0,
             token=self._tok.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token)),
@@ -186,7 +189,9 @@ class LlamacppProvider(BaseProvider):
         if code != 0:
             raise RuntimeError(f"llama_decode failed with code {code} on a batch of {n} tokens")
         for index, row in rows:
-            results[index] = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, row), shape=(self._n_vocab,)).copy()
+            results[index] = np.ctypeslib.as_array(
+                llama_cpp.llama_get_logits_ith(ctx, row), shape=(self._n_vocab,)
+            ).copy()
 
     def _shares_generate_cache(self) -> bool:
         return self._slots == 1  # one sequence: the cache of generate()

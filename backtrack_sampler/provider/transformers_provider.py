@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-
 from typing import FrozenSet, List, Sequence, Tuple
 
 import numpy as np
@@ -11,7 +10,6 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .base_provider import BaseProvider, check_device, without_double_bos
-
 
 END_OF_TURN = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")  # chat models' end markers
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from ..text import TextView
+from ..provider.text import TextView
 from ._regex import CompiledRegex
 
 
@@ -65,9 +65,15 @@ class TextMatcher:
     ``update(tokens, at_end=True)`` when the text ends there.
     """
 
-    def __init__(self, decode: Callable[[Sequence[int]], str], phrases: Dict[str, float],
-                 regexes: Sequence[CompiledRegex], case_sensitive: bool = False, whole_words: bool = False,
-                 regex_window: int = 100):
+    def __init__(
+        self,
+        decode: Callable[[Sequence[int]], str],
+        phrases: Dict[str, float],
+        regexes: Sequence[CompiledRegex],
+        case_sensitive: bool = False,
+        whole_words: bool = False,
+        regex_window: int = 100,
+    ):
         self.phrases, self.regexes = phrases, list(regexes)
         self.view = TextView(decode)
         # sorted: phrases sharing a beginning are neighbours; first: first character -> its range in sorted
@@ -143,6 +149,7 @@ class TextMatcher:
             return self._scan(start, True) if at_end and self.whole_words else []  # the end confirms a word
         self.folded += fold(piece, self.case_sensitive)
         return self._scan(start, at_end) + self._search_regexes(start)
+
     def _scan(self, start: int, at_end: bool) -> List[Match]:
         text, whole, phrases = self.folded, self.whole_words, self.sorted
         found = []

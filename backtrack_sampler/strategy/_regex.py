@@ -52,7 +52,9 @@ def compile_regex(pattern: str, case_sensitive: bool = True) -> CompiledRegex:
     try:
         return re2.compile(pattern, options)
     except re2.error as error:
-        reason = error.args[0].decode("utf-8", "replace") if error.args and isinstance(error.args[0], bytes) else str(error)
+        reason = (
+            error.args[0].decode("utf-8", "replace") if error.args and isinstance(error.args[0], bytes) else str(error)
+        )
     feature = _unsupported_feature(pattern)
     if feature:
         raise ValueError(f"regex {pattern!r} uses {feature}, which the linear-time regex engine (RE2) does not support")
@@ -95,4 +97,3 @@ def _unsupported_feature(pattern: str) -> Optional[str]:
         elif isinstance(item, (tuple, list)):
             stack.extend(item)
     return None
-

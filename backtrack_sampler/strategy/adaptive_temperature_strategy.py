@@ -6,8 +6,8 @@ from typing import List, Sequence
 
 import numpy as np
 
-from ..sampling import log_partition
 from .base_strategy import BaseStrategy
+from .sampling import log_partition
 
 
 class AdaptiveTemperatureStrategy(BaseStrategy):

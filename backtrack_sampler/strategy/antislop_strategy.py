@@ -79,8 +79,12 @@ class AntiSlopStrategy(BaseStrategy):
     ):
         if on_exhausted not in ("rewind", "accept"):
             raise ValueError(f'on_exhausted must be "rewind" or "accept", got {on_exhausted!r}')
-        for name, value in dict(keep_index_buffer=keep_index_buffer, skip_tokens=skip_tokens,
-                                max_retries=max_retries, regex_window=regex_window).items():
+        for name, value in dict(
+            keep_index_buffer=keep_index_buffer,
+            skip_tokens=skip_tokens,
+            max_retries=max_retries,
+            regex_window=regex_window,
+        ).items():
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if not (isinstance(adjustment_strength, (int, float)) and adjustment_strength >= 0):
@@ -161,8 +165,10 @@ class AntiSlopStrategy(BaseStrategy):
         while self._retries.get(position, 0) >= self.max_retries:  # exhausted here
             if self.on_exhausted == "accept" or position - 1 < self._keep:
                 if hard and self.on_exhausted == "rewind":
-                    raise ConstraintError(f"{reason}: every position it could rewind to is exhausted "
-                                          f"(max_retries={self.max_retries}; the {self._keep} tokens before are final)")
+                    raise ConstraintError(
+                        f"{reason}: every position it could rewind to is exhausted "
+                        f"(max_retries={self.max_retries}; the {self._keep} tokens before are final)"
+                    )
                 if self.on_accept:
                     self.on_accept(position, reason)
                 return tokens
@@ -221,4 +227,3 @@ def _build_penalties(items: list, strength: float, case_sensitive: bool) -> Dict
         key = fold(phrase, case_sensitive)
         penalties[key] = min(penalty, penalties.get(key, 0.0))
     return {phrase: penalty for phrase, penalty in penalties.items() if penalty < 0}
-

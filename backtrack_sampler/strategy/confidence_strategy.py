@@ -9,8 +9,8 @@ from typing import Dict, List, Optional, Set
 import numpy as np
 
 from ..provider.base_provider import BaseProvider
-from ..sampling import log_partition
 from .base_strategy import BaseStrategy
+from .sampling import log_partition
 
 
 class ConfidenceStrategy(BaseStrategy):
@@ -37,8 +37,18 @@ class ConfidenceStrategy(BaseStrategy):
     reads_probs = False
     edits_logits = True
 
-    def __init__(self, provider: BaseProvider, *, min_prob: float = 0.1, span: int = 3, drop: float = 1.0,
-                 spike: float = 1.0, window: int = 32, max_retries: int = 2, max_revisions: int = 16):
+    def __init__(
+        self,
+        provider: BaseProvider,
+        *,
+        min_prob: float = 0.1,
+        span: int = 3,
+        drop: float = 1.0,
+        spike: float = 1.0,
+        window: int = 32,
+        max_retries: int = 2,
+        max_revisions: int = 16,
+    ):
         for key, value in dict(span=span, window=window, max_retries=max_retries, max_revisions=max_revisions).items():
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "span" else 0):
                 raise ValueError(f"{key} must be an int >= {1 if key == 'span' else 0}, got {value!r}")

@@ -7,8 +7,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from ..provider.base_provider import BaseProvider
-from ..sampling import NEGLIGIBLE
 from .base_strategy import BaseStrategy
+from .sampling import NEGLIGIBLE
 
 
 class CreativeWritingStrategy(BaseStrategy):

@@ -35,9 +35,17 @@ class DryStrategy(BaseStrategy):
     reads_probs = False
     edits_logits = True
 
-    def __init__(self, provider, *, multiplier: float = 0.8, base: float = 1.75, allowed_length: int = 2,
-                 last_n: int = -1, sequence_breakers: Sequence[str] = DEFAULT_BREAKERS,
-                 context: Optional[List[int]] = None):
+    def __init__(
+        self,
+        provider,
+        *,
+        multiplier: float = 0.8,
+        base: float = 1.75,
+        allowed_length: int = 2,
+        last_n: int = -1,
+        sequence_breakers: Sequence[str] = DEFAULT_BREAKERS,
+        context: Optional[List[int]] = None,
+    ):
         if not isinstance(multiplier, (int, float)) or multiplier < 0:
             raise ValueError(f"multiplier must be a number >= 0 (0: off), got {multiplier!r}")
         if not isinstance(base, (int, float)) or base < 1:
@@ -47,7 +55,12 @@ class DryStrategy(BaseStrategy):
         breakers = [sequence_breakers] if isinstance(sequence_breakers, str) else list(sequence_breakers)
         if not all(isinstance(b, str) and b for b in breakers):
             raise ValueError("sequence_breakers must be non-empty strings")
-        self.provider, self.multiplier, self.base, self.allowed_length = provider, float(multiplier), float(base), allowed_length
+        self.provider, self.multiplier, self.base, self.allowed_length = (
+            provider,
+            float(multiplier),
+            float(base),
+            allowed_length,
+        )
         self.breakers = breakers
         self.window = TokenWindow(last_n, context, provider)
         self.max_exponent = int(_FLOAT_MAX_LOG / np.log(self.base)) if self.base > 1.000001 else 0
@@ -87,7 +100,7 @@ class DryStrategy(BaseStrategy):
                 exponent = size - allowed
                 if self.max_exponent > 0:
                     exponent = min(exponent, self.max_exponent)
-                logits[token] -= self.multiplier * self.base ** exponent
+                logits[token] -= self.multiplier * self.base**exponent
         return logits
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import warnings
-from typing import Any, Dict, FrozenSet, List, Optional, Set, Union
+from typing import Any, Dict, FrozenSet, List, Optional, Set
 
 import numpy as np
 
@@ -43,19 +43,27 @@ def _llguidance():
 # --------------------------------------------------------------------------------------------
 # grammars: what the user gives -> llguidance's grammar text
 # --------------------------------------------------------------------------------------------
-def grammar_source(json_schema: Optional[JsonSchema] = None, grammar: Optional[str] = None,
-                   regex: Optional[str] = None, whitespace_flexible: bool = False) -> str:
+def grammar_source(
+    json_schema: Optional[JsonSchema] = None,
+    grammar: Optional[str] = None,
+    regex: Optional[str] = None,
+    whitespace_flexible: bool = False,
+) -> str:
     """llguidance's grammar text for exactly one of ``json_schema`` (a JSON Schema as a dict; ``{}``
     or True: any JSON value), ``grammar`` (Lark, or llama.cpp's GBNF, told apart by llguidance)
     and ``regex`` (the whole output must match it; Rust ``regex`` syntax). JSON is compact
     (``{"a": 1, "b": [2, 3]}``: one space after ``:`` and ``,``, none elsewhere) unless
     ``whitespace_flexible``; a schema's own ``x-guidance`` options win. GrammarError when none or
     several are given, or a schema is not a JSON object."""
-    given = [name for name, value in (("json_schema", json_schema), ("grammar", grammar), ("regex", regex))
-             if value is not None]
+    given = [
+        name
+        for name, value in (("json_schema", json_schema), ("grammar", grammar), ("regex", regex))
+        if value is not None
+    ]
     if len(given) != 1:
-        raise GrammarError("give exactly one of json_schema, grammar and regex" +
-                           (f" (got {', '.join(given)})" if given else ""))
+        raise GrammarError(
+            "give exactly one of json_schema, grammar and regex" + (f" (got {', '.join(given)})" if given else "")
+        )
     llg = _llguidance()
     if json_schema is not None:
         if json_schema is True:
@@ -157,8 +165,14 @@ class GrammarChecker:
     def _start(self) -> subprocess.Popen:
         if self._process is None or self._process.poll() is not None:
             self._process = subprocess.Popen(
-                [sys.executable, "-c", _WORKER, str(self.memory)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, text=True, bufsize=1, close_fds=True)
+                [sys.executable, "-c", _WORKER, str(self.memory)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                bufsize=1,
+                close_fds=True,
+            )
         return self._process
 
     def _kill(self) -> None:
@@ -175,9 +189,15 @@ class GrammarChecker:
 _CHECKER = GrammarChecker()
 
 
-def check_grammar(json_schema: Optional[JsonSchema] = None, grammar: Optional[str] = None,
-                  regex: Optional[str] = None, whitespace_flexible: bool = False, *,
-                  max_chars: Optional[int] = None, timeout: Optional[float] = None) -> str:
+def check_grammar(
+    json_schema: Optional[JsonSchema] = None,
+    grammar: Optional[str] = None,
+    regex: Optional[str] = None,
+    whitespace_flexible: bool = False,
+    *,
+    max_chars: Optional[int] = None,
+    timeout: Optional[float] = None,
+) -> str:
     """The checks for a grammar from an untrusted source (the server runs them on every request's):
     at most ``max_chars`` characters (a schema: its compact JSON text), and valid once compiled
     within ``timeout`` seconds, in a child process that is killed beyond it (``GrammarChecker``;
@@ -185,8 +205,9 @@ def check_grammar(json_schema: Optional[JsonSchema] = None, grammar: Optional[st
     which = _which(json_schema, grammar, regex)
     text = json.dumps(json_schema, separators=(",", ":")) if which == "json_schema" else (grammar or regex or "")
     if max_chars is not None and len(text) > max_chars:
-        raise GrammarError(f"the {which} is {len(text)} characters long; at most {max_chars} are allowed "
-                           "(max_grammar_chars)")
+        raise GrammarError(
+            f"the {which} is {len(text)} characters long; at most {max_chars} are allowed (max_grammar_chars)"
+        )
     source = grammar_source(json_schema, grammar, regex, whitespace_flexible)
     if timeout is not None and os.name == "posix":
         try:
@@ -235,8 +256,9 @@ def tokenizer_for(provider: BaseProvider):
 
             with warnings.catch_warnings():  # it calls llama_token_get_attr (deprecated) once per token
                 warnings.simplefilter("ignore", DeprecationWarning)
-                tokenizer = lltokenizer_from_vocab(llama_cpp.llama_model_get_vocab(llm.model), n_vocab=size,
-                                                   eos_token=eos)
+                tokenizer = lltokenizer_from_vocab(
+                    llama_cpp.llama_model_get_vocab(llm.model), n_vocab=size, eos_token=eos
+                )
         elif hf is not None:
             from llguidance.hf import from_tokenizer
 
@@ -276,8 +298,11 @@ class _DecodedVocabulary:
 
     def _greedy(self, text: str) -> List[int]:
         if not hasattr(self, "_ids"):
-            self._ids = {piece.decode("utf-8", "replace"): i for i, piece in enumerate(self.tokens)
-                         if i not in self.special_token_ids}
+            self._ids = {
+                piece.decode("utf-8", "replace"): i
+                for i, piece in enumerate(self.tokens)
+                if i not in self.special_token_ids
+            }
             self._longest = max(map(len, self._ids), default=1)
         tokens, i = [], 0
         while i < len(text):
@@ -340,8 +365,15 @@ class GrammarStrategy(BaseStrategy):
     edits_logits = True
     hard_constraint = True
 
-    def __init__(self, provider: BaseProvider, json_schema: Optional[JsonSchema] = None, grammar: Optional[str] = None,
-                 regex: Optional[str] = None, lookback: int = 8, whitespace_flexible: bool = False):
+    def __init__(
+        self,
+        provider: BaseProvider,
+        json_schema: Optional[JsonSchema] = None,
+        grammar: Optional[str] = None,
+        regex: Optional[str] = None,
+        lookback: int = 8,
+        whitespace_flexible: bool = False,
+    ):
         if not isinstance(lookback, int) or isinstance(lookback, bool) or lookback < 0:
             raise ValueError(f"lookback must be an int >= 0, got {lookback!r}")
         llg = _llguidance()
@@ -388,8 +420,10 @@ class GrammarStrategy(BaseStrategy):
         position = len(continuation_tokens)
         bad = self._sync(continuation_tokens)
         if bad is not None:
-            raise ConstraintError(f"token {continuation_tokens[bad]} at position {bad} is not allowed by the "
-                                  f"{self.kind} and was kept (a driver that does not rewind)")
+            raise ConstraintError(
+                f"token {continuation_tokens[bad]} at position {bad} is not allowed by the "
+                f"{self.kind} and was kept (a driver that does not rewind)"
+            )
         allowed = self.allowed(len(logits))
         np.copyto(logits, np.float32(-np.inf), where=~allowed)
         bans = self._bans.get(position)
@@ -406,8 +440,10 @@ class GrammarStrategy(BaseStrategy):
         if position == 0 or position - 1 < self._keep:
             count = int(allowed.sum())
             why = "banned or not among the engine's candidates" if self.candidates_only else "banned"
-            raise ConstraintError(f"every token the {self.kind} allows here ({count}) is {why}, after "
-                                  f"{self._tail(continuation_tokens)!r}, and the tokens before are final")
+            raise ConstraintError(
+                f"every token the {self.kind} allows here ({count}) is {why}, after "
+                f"{self._tail(continuation_tokens)!r}, and the tokens before are final"
+            )
         self._dead = position
         logits.fill(-np.inf)
         logits[self._placeholder] = 0.0  # sampled, then rewound by backtrack with the token before it
@@ -419,7 +455,9 @@ class GrammarStrategy(BaseStrategy):
         if self._dead is not None:
             position, self._dead = self._dead, None
             if len(tokens) == position + 1:  # the placeholder of a dead end: back up one more token
-                return self._refuse(tokens, position - 1, f"dead end: every token the {self.kind} allows after it is banned")
+                return self._refuse(
+                    tokens, position - 1, f"dead end: every token the {self.kind} allows after it is banned"
+                )
         bad = self._sync(tokens)
         if bad is not None:
             return self._refuse(tokens, bad, f"token not allowed by the {self.kind}")
@@ -439,7 +477,7 @@ class GrammarStrategy(BaseStrategy):
     def _refuse(self, tokens: List[int], position: int, reason: str) -> List[int]:
         """Ban ``tokens[position]`` at ``position`` and rewind to there."""
         if position < self._keep:
-            raise ConstraintError(f"{reason} ({self._tail(tokens[:position + 1])!r}), and the tokens before are final")
+            raise ConstraintError(f"{reason} ({self._tail(tokens[: position + 1])!r}), and the tokens before are final")
         self._bans.setdefault(position, set()).add(tokens[position])
         self.on_rewind(position)
         self.rewind_reason = f"{self.kind}: {reason}"
@@ -471,7 +509,7 @@ class GrammarStrategy(BaseStrategy):
         matcher that cannot roll back is reset and given the tokens that stay)."""
         if count <= 0:
             return
-        del self._consumed[len(self._consumed) - count:]
+        del self._consumed[len(self._consumed) - count :]
         if self.matcher.is_error() or not self.matcher.rollback(count) or self.matcher.is_error():
             self.matcher.reset()
             self.matcher.consume_tokens(self._consumed)  # an error state here is raised by the next hook

@@ -22,8 +22,9 @@ class LogitBiasStrategy(BaseStrategy):
     reads_probs = False
     edits_logits = True
 
-    def __init__(self, provider=None, *, bias: Optional[Dict[str, float]] = None,
-                 banned_tokens: Optional[List[int]] = None):
+    def __init__(
+        self, provider=None, *, bias: Optional[Dict[str, float]] = None, banned_tokens: Optional[List[int]] = None
+    ):
         vocab = getattr(provider, "vocab_size", None)
         biased: Dict[int, float] = {}
         for key, value in dict(bias or {}).items():
@@ -49,4 +50,3 @@ def _token_id(key: Union[int, str], vocab: Optional[int]) -> int:
         where = f"in [0, {vocab})" if vocab is not None else ">= 0"
         raise ValueError(f"token ids must be integers {where}, got {key!r}")
     return key
-

@@ -52,8 +52,16 @@ class PenaltyStrategy(BaseStrategy):
     reads_probs = False
     edits_logits = True
 
-    def __init__(self, provider=None, *, repeat_penalty: float = 1.1, frequency_penalty: float = 0.0,
-                 presence_penalty: float = 0.0, last_n: int = -1, context: Optional[List[int]] = None):
+    def __init__(
+        self,
+        provider=None,
+        *,
+        repeat_penalty: float = 1.1,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        last_n: int = -1,
+        context: Optional[List[int]] = None,
+    ):
         if not isinstance(repeat_penalty, (int, float)) or not repeat_penalty > 0:
             raise ValueError(f"repeat_penalty must be a number > 0 (1: off), got {repeat_penalty!r}")
         for key, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):

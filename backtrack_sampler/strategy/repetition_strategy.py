@@ -8,8 +8,8 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 import numpy as np
 
 from ..provider.base_provider import BaseProvider
+from ..provider.text import TextView, text_after
 from ..quality import Repeat, RepeatDetector, RepeatRules
-from ..text import TextView, text_after
 from .base_strategy import BaseStrategy
 
 _CANDIDATES = 64  # widening looks at the best this many tokens (the others are too unlikely to matter)
@@ -106,7 +106,11 @@ class RepetitionStrategy(BaseStrategy):
             edited[list(bans)] = -np.inf
         rejected = self._rejected.get(position) if level >= 2 else None
         if rejected and np.isfinite(np.max(edited)):
-            best = np.argpartition(edited, -_CANDIDATES)[-_CANDIDATES:] if len(edited) > _CANDIDATES else range(len(edited))
+            best = (
+                np.argpartition(edited, -_CANDIDATES)[-_CANDIDATES:]
+                if len(edited) > _CANDIDATES
+                else range(len(edited))
+            )
             before = continuation_tokens[-1:]
             for token in best:  # the same copy again through another tokenization
                 if np.isfinite(edited[token]):

@@ -6,8 +6,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..sampling import NEGLIGIBLE
 from .base_strategy import BaseStrategy
+from .sampling import NEGLIGIBLE
 
 
 def softmax_support(logits: np.ndarray):

@@ -16,16 +16,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from starlette.requests import Request
 
+from ..core.batch import BatchJob, BatchScheduler
+from ..core.events import Done, EventTracker, Final, event_dict
+from ..core.sampler import BacktrackSampler, Generation
+from ..core.scheduler import Policy
+from ..provider.base_provider import BaseProvider
+from ..provider.models import provider_name
+from ..provider.text import TextView
+from ..strategy.base_strategy import BaseStrategy
 from . import playground
-from .backtrack_sampler import BacktrackSampler, Generation
-from .batch import BatchJob, BatchScheduler, default_parallel
-from .driver import Policy
-from .events import Done, EventTracker, Final, event_dict
-from .models import provider_name
-from .provider.base_provider import BaseProvider
 from .schemas import APIError
-from .strategy.base_strategy import BaseStrategy
-from .text import TextView
 
 
 @dataclass
@@ -53,8 +53,13 @@ class QueueFull(APIError):
     """429: every slot is busy and the queue is full; ``Retry-After`` says when to try again."""
 
     def __init__(self, running: int, queued: int, retry_after: int = 1):
-        super().__init__(f"the server is busy ({running} generations running, {queued} queued, the most it "
-                         "queues): retry later", None, "rate_limit_exceeded", 429, "rate_limit_error")
+        super().__init__(
+            f"the server is busy ({running} generations running, {queued} queued, the most it queues): retry later",
+            None,
+            "rate_limit_exceeded",
+            429,
+            "rate_limit_error",
+        )
         self.headers = {"Retry-After": str(retry_after)}
 
 
@@ -154,7 +159,7 @@ class _Output:
     def on_tokens(self, batch: BatchJob, tokens: List[int]) -> None:
         if self.plan.logprobs is not None and not self.stopped:  # before the text they make
             end = len(batch.tokens)
-            self.job.put("logprobs", batch.generation.token_logprobs[end - len(tokens):end])
+            self.job.put("logprobs", batch.generation.token_logprobs[end - len(tokens) : end])
         if self.stopped or self.tracker is not None:
             return
         piece = self.view.update(batch.tokens)
@@ -179,8 +184,15 @@ class _Output:
         error = batch.error
         if error is not None:  # a strategy failed mid-generation
             status = getattr(error, "http_status", 500)  # engine.EngineError (the serving engine failed): 502
-            self.job.put("error", APIError(f"generation failed: {type(error).__name__}: {error}", status=status,
-                                           type="server_error", code="engine_error" if status == 502 else "generation_failed"))
+            self.job.put(
+                "error",
+                APIError(
+                    f"generation failed: {type(error).__name__}: {error}",
+                    status=status,
+                    type="server_error",
+                    code="engine_error" if status == 502 else "generation_failed",
+                ),
+            )
             return
         if batch.stats.finish_reason is None:  # cancelled: the client went away, or an abort
             if not self.job.aborted:
@@ -213,11 +225,22 @@ class _Output:
     def _done(self, batch: BatchJob, finish: str) -> None:
         stats = batch.stats
         if self.tracker is not None:
-            self.job.put("backtrack", event_dict(Done(finish, stats.delivered, stats.rewound, stats.rewinds,
-                                                      stats.steps, round(stats.seconds, 4))))
-        self.job.put("done", {"finish_reason": finish, "completion_tokens": stats.delivered,
-                              "rewound_tokens": stats.rewound, "rewinds": stats.rewinds,
-                              "constraint": stats.constraint if finish == "constraint" else None})
+            self.job.put(
+                "backtrack",
+                event_dict(
+                    Done(finish, stats.delivered, stats.rewound, stats.rewinds, stats.steps, round(stats.seconds, 4))
+                ),
+            )
+        self.job.put(
+            "done",
+            {
+                "finish_reason": finish,
+                "completion_tokens": stats.delivered,
+                "rewound_tokens": stats.rewound,
+                "rewinds": stats.rewinds,
+                "constraint": stats.constraint if finish == "constraint" else None,
+            },
+        )
 
 
 class Runner:
@@ -228,8 +251,13 @@ class Runner:
     served, and a request beyond that gets a 429 with ``Retry-After``. The event loop (and
     ``/health``) never waits for the model. ``close()`` stops the thread."""
 
-    def __init__(self, provider: BaseProvider, name: Optional[str] = None, parallel: Optional[int] = None,
-                 max_queue: Optional[int] = None):
+    def __init__(
+        self,
+        provider: BaseProvider,
+        name: Optional[str] = None,
+        parallel: Optional[int] = None,
+        max_queue: Optional[int] = None,
+    ):
         self.provider = provider
         self.name = name or provider_name(provider)
         self.created = int(time.time())
@@ -271,8 +299,14 @@ class Runner:
             raise APIError(str(error), None, "invalid_value") from None
         generation.logprobs = plan.logprobs
         output = _Output(self.provider, job, plan, generation)
-        job.batch = scheduler.add(generation, output.on_tokens, output.on_finish, output.on_start,
-                                  output.on_step if plan.include_backtrack else None, max_seconds=plan.max_seconds)
+        job.batch = scheduler.add(
+            generation,
+            output.on_tokens,
+            output.on_finish,
+            output.on_start,
+            output.on_step if plan.include_backtrack else None,
+            max_seconds=plan.max_seconds,
+        )
         self._wake.set()
         return job
 

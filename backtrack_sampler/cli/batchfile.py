@@ -24,20 +24,27 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from .batch import BatchJob, BatchScheduler
-from .chat import chat_prompt_tokens
-from .events import EventTracker, TraceWriter
-from .provider.base_provider import BaseProvider
-from .sampling import check_sampling_args
-from .strategy.base_strategy import BaseStrategy
+from ..core.batch import BatchJob, BatchScheduler
+from ..core.events import EventTracker, TraceWriter
+from ..provider.base_provider import BaseProvider
+from ..provider.chat import chat_prompt_tokens
+from ..strategy.base_strategy import BaseStrategy
+from ..strategy.sampling import check_sampling_args
 
 __all__ = ["BadLine", "BatchSummary", "JsonlOutput", "PromptLine", "preference_pair", "read_prompts", "run_batch"]
 
 Id = Union[str, int]
 ROLES = ("system", "developer", "user", "assistant")
 # per-line sampling fields -> generate()'s arguments
-OVERRIDES = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "seed": "seed",
-             "max_tokens": "max_new_tokens", "max_new_tokens": "max_new_tokens"}
+OVERRIDES = {
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "seed": "seed",
+    "max_tokens": "max_new_tokens",
+    "max_new_tokens": "max_new_tokens",
+}
 
 
 class BadLine(ValueError):
@@ -77,17 +84,26 @@ def _parse_line(number: int, text: str) -> PromptLine:
         raise BadLine(number, f"'id' must be a string or an integer, got {ident!r}")
     prompt, messages = data.get("prompt"), data.get("messages")
     if (prompt is None) == (messages is None):
-        raise BadLine(number, "give either 'prompt' (text) or 'messages' (a chat), not both" if prompt is not None
-                      else "no 'prompt' or 'messages'")
+        raise BadLine(
+            number,
+            "give either 'prompt' (text) or 'messages' (a chat), not both"
+            if prompt is not None
+            else "no 'prompt' or 'messages'",
+        )
     if prompt is not None and (not isinstance(prompt, str) or not prompt):
         raise BadLine(number, f"'prompt' must be a non-empty string, got {prompt!r:.80}")
     if messages is not None:
         if not isinstance(messages, list) or not messages:
-            raise BadLine(number, "'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+            raise BadLine(number, '\'messages\' must be a non-empty list of {"role", "content"} objects')
         for i, message in enumerate(messages):
-            if not (isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)):
-                raise BadLine(number, f"messages[{i}] must be {{\"role\": one of {', '.join(ROLES)}, \"content\": text}}, "
-                                      f"got {message!r:.80}")
+            if not (
+                isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)
+            ):
+                raise BadLine(
+                    number,
+                    f'messages[{i}] must be {{"role": one of {", ".join(ROLES)}, "content": text}}, '
+                    f"got {message!r:.80}",
+                )
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     overrides: Dict[str, Any] = {}
     for key, name in OVERRIDES.items():
@@ -103,7 +119,9 @@ def _parse_line(number: int, text: str) -> PromptLine:
     return PromptLine(number, ident, prompt, messages, overrides)
 
 
-def read_prompts(lines: Iterable[str], defaults: Optional[Dict[str, Any]] = None) -> Tuple[List[PromptLine], List[BadLine]]:
+def read_prompts(
+    lines: Iterable[str], defaults: Optional[Dict[str, Any]] = None
+) -> Tuple[List[PromptLine], List[BadLine]]:
     """Parse a JSONL prompts file (its lines): the good prompts and the bad lines, in order.
     Blank lines are skipped; a repeated id is a bad line (the first one counts). Each line's
     sampling (its overrides over ``defaults``, generate()'s arguments) is checked too."""
@@ -120,8 +138,12 @@ def read_prompts(lines: Iterable[str], defaults: Optional[Dict[str, Any]] = None
             continue
         sampling = {**(defaults or {}), **prompt.overrides}
         try:
-            check_sampling_args(sampling.get("temperature", 1.0), sampling.get("top_k", 50), sampling.get("top_p"),
-                                sampling.get("min_p"))
+            check_sampling_args(
+                sampling.get("temperature", 1.0),
+                sampling.get("top_k", 50),
+                sampling.get("top_p"),
+                sampling.get("min_p"),
+            )
         except ValueError as error:
             bad.append(BadLine(number, str(error)))
             continue
@@ -163,8 +185,10 @@ class JsonlOutput:
                 record = json.loads(raw)
                 key = id_key(record["id"])
             except (ValueError, KeyError, TypeError):
-                raise ValueError(f"{path} line {number} is not a JSON record with an 'id': is it the output of "
-                                 "`backtrack-sampler batch`? (move it away or name another file)") from None
+                raise ValueError(
+                    f"{path} line {number} is not a JSON record with an 'id': is it the output of "
+                    "`backtrack-sampler batch`? (move it away or name another file)"
+                ) from None
             if keep is not None and key not in keep:
                 self.dropped += 1
                 continue
@@ -193,7 +217,7 @@ class JsonlOutput:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "JsonlOutput":
+    def __enter__(self) -> JsonlOutput:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -250,8 +274,14 @@ class _Run:
         self.fatal: Optional[BaseException] = None
         self.tokens = 0
 
-    def submit(self, scheduler: BatchScheduler, item: PromptLine, strategy: BaseStrategy, sampling: Dict[str, Any],
-               messages: Optional[List[Dict[str, str]]]) -> BatchJob:
+    def submit(
+        self,
+        scheduler: BatchScheduler,
+        item: PromptLine,
+        strategy: BaseStrategy,
+        sampling: Dict[str, Any],
+        messages: Optional[List[Dict[str, str]]],
+    ) -> BatchJob:
         prompt: Any = chat_prompt_tokens(self.provider, messages) if messages else item.prompt
         records: List[Dict[str, Any]] = []
         tracker: List[EventTracker] = []
@@ -261,8 +291,9 @@ class _Run:
             if not tracker:
                 tracker.append(EventTracker(job.generation))
             for event in tracker[0].update():
-                records.extend({"type": r["type"], "id": item.id, **r} for r in writer.records(event)
-                               if r["type"] == "rewind")
+                records.extend(
+                    {"type": r["type"], "id": item.id, **r} for r in writer.records(event) if r["type"] == "rewind"
+                )
 
         def on_tokens(job: BatchJob, tokens: List[int]) -> None:
             self.tokens += len(tokens)
@@ -272,8 +303,14 @@ class _Run:
                 on_step(job)
             self.finish(job, item, records)
 
-        return scheduler.submit(prompt, strategy, on_tokens=on_tokens, on_finish=on_finish,
-                                on_step=on_step if writer is not None else None, **sampling)
+        return scheduler.submit(
+            prompt,
+            strategy,
+            on_tokens=on_tokens,
+            on_finish=on_finish,
+            on_step=on_step if writer is not None else None,
+            **sampling,
+        )
 
     def finish(self, job: BatchJob, item: PromptLine, records: List[Dict[str, Any]]) -> None:
         summary, stats = self.summary, job.stats
@@ -286,8 +323,15 @@ class _Run:
             return
         if stats.finish_reason is None:  # cancelled (interrupted): not written, a rerun does it
             return
-        record = {"id": item.id, "text": job.text, "finish_reason": stats.finish_reason, "delivered": stats.delivered,
-                  "rewound": stats.rewound, "rewinds": stats.rewinds, "seconds": round(stats.seconds, 3)}
+        record = {
+            "id": item.id,
+            "text": job.text,
+            "finish_reason": stats.finish_reason,
+            "delivered": stats.delivered,
+            "rewound": stats.rewound,
+            "rewinds": stats.rewinds,
+            "seconds": round(stats.seconds, 3),
+        }
         if stats.constraint:
             record["constraint"] = stats.constraint
         if self.trace is not None:  # first the pairs, then the completion: a rerun drops pairs without one
@@ -309,14 +353,24 @@ class _Run:
             self.progress(summary, self.tokens)
 
 
-def run_batch(provider: BaseProvider, prompts: Sequence[PromptLine], make_strategy: Callable[[], BaseStrategy],
-              output: JsonlOutput, *, defaults: Optional[Dict[str, Any]] = None, parallel: Optional[int] = None,
-              chat: bool = False, system: Optional[str] = None, base_seed: Optional[int] = None,
-              trace: Optional[JsonlOutput] = None, pairs: Optional[JsonlOutput] = None,
-              progress: Optional[Callable[[BatchSummary, int], None]] = None,
-              on_error: Optional[Callable[[PromptLine, BaseException], None]] = None,
-              on_bad: Optional[Callable[[BadLine], None]] = None,
-              fatal: Tuple[type, ...] = ()) -> BatchSummary:
+def run_batch(
+    provider: BaseProvider,
+    prompts: Sequence[PromptLine],
+    make_strategy: Callable[[], BaseStrategy],
+    output: JsonlOutput,
+    *,
+    defaults: Optional[Dict[str, Any]] = None,
+    parallel: Optional[int] = None,
+    chat: bool = False,
+    system: Optional[str] = None,
+    base_seed: Optional[int] = None,
+    trace: Optional[JsonlOutput] = None,
+    pairs: Optional[JsonlOutput] = None,
+    progress: Optional[Callable[[BatchSummary, int], None]] = None,
+    on_error: Optional[Callable[[PromptLine, BaseException], None]] = None,
+    on_bad: Optional[Callable[[BadLine], None]] = None,
+    fatal: Tuple[type, ...] = (),
+) -> BatchSummary:
     """Generate every prompt whose id ``output`` does not hold yet, ``parallel`` at a time (default:
     the provider's ``max_sequences``) on one ``BatchScheduler``, appending a record per completion:
     ``{"id", "text", "finish_reason", "delivered", "rewound", "rewinds", "seconds"}`` (and
@@ -352,7 +406,8 @@ def run_batch(provider: BaseProvider, prompts: Sequence[PromptLine], make_strate
                 messages = item.messages
                 if messages is None and (chat or system is not None):
                     messages = ([{"role": "system", "content": system}] if system is not None else []) + [
-                        {"role": "user", "content": item.prompt}]
+                        {"role": "user", "content": item.prompt}
+                    ]
                 try:
                     run.submit(scheduler, item, make_strategy(), sampling, messages)
                 except ValueError as error:

@@ -52,22 +52,41 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .chat import chat_prompt_tokens
+from ..core.batch import default_parallel
+from ..core.generation import TokenLogprob
+from ..errors import UsageError
+from ..provider.base_provider import BaseProvider
+from ..provider.chat import chat_prompt_tokens
+from ..provider.models import default_model, load_provider
+from ..strategy.base_strategy import BaseStrategy
+from ..strategy.registry import StrategyRegistry, as_registry, chain
 from . import frontends, playground
-from .errors import UsageError
-from .generation import TokenLogprob
-from .models import default_model, load_provider
-from .provider.base_provider import BaseProvider
-from .registry import StrategyRegistry, as_registry, chain
-from .runner import Job, Plan, QueueFull, Runner, StopFilter, _ClientGone, default_parallel  # noqa: F401 (re-exported)
-from .schemas import (BUILTIN_STRATEGIES, GRAMMAR_KEYS, APIError, ChatCompletionRequest, CompletionRequest, Limits,
-                      _is_grammar, parse_request)
-from .strategy.base_strategy import BaseStrategy
+from .runner import Job, Plan, QueueFull, Runner, StopFilter, _ClientGone  # noqa: F401 (re-exported)
+from .schemas import (
+    BUILTIN_STRATEGIES,
+    GRAMMAR_KEYS,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Limits,
+    _is_grammar,
+    parse_request,
+)
 
 Engine = Runner  # the old name of the local runner (the remote serving engines are ``engine/``)
 
-__all__ = ["APIError", "Engine", "Limits", "Plan", "QueueFull", "StopFilter", "create_app", "default_parallel",
-           "plan_request", "serve"]
+__all__ = [
+    "APIError",
+    "Engine",
+    "Limits",
+    "Plan",
+    "QueueFull",
+    "StopFilter",
+    "create_app",
+    "default_parallel",
+    "plan_request",
+    "serve",
+]
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -80,8 +99,12 @@ def error_response(error: APIError) -> JSONResponse:
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body; a 413 as soon as it is known to exceed ``limit`` bytes (from its
     Content-Length, else while it streams in), without reading the rest."""
-    too_large = APIError(f"the request body is larger than this server's limit of {limit} bytes "
-                         "(max_body_bytes)", None, "request_too_large", status=413)
+    too_large = APIError(
+        f"the request body is larger than this server's limit of {limit} bytes (max_body_bytes)",
+        None,
+        "request_too_large",
+        status=413,
+    )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
@@ -96,8 +119,9 @@ async def read_body(request: Request, limit: int) -> bytes:
 # --------------------------------------------------------------------------------------------
 # 2. plan: a validated request becomes the tokens, strategy and limits of one generation
 # --------------------------------------------------------------------------------------------
-def plan_request(provider: BaseProvider, request: Union[CompletionRequest, ChatCompletionRequest],
-                 limits: Limits, index: int = 0) -> Plan:
+def plan_request(
+    provider: BaseProvider, request: Union[CompletionRequest, ChatCompletionRequest], limits: Limits, index: int = 0
+) -> Plan:
     """Tokens, strategy and limits for ``request``; raises ``APIError`` (400). Blocking (it
     tokenizes and builds the strategy): the server runs it in a worker thread. ``index``: which of
     the request's ``n`` generations (its seed is the request's + index)."""
@@ -107,9 +131,19 @@ def plan_request(provider: BaseProvider, request: Union[CompletionRequest, ChatC
     if index and sampling["seed"] is not None:
         sampling["seed"] += index
     strategy = build_strategy(provider, request, limits, prompt)
-    return Plan(chat, prompt, strategy, sampling, request.stop or [], limits.max_seconds,
-                bool(request.stream), request.include_usage, request.include_backtrack, request.logprob_count,
-                tuple(getattr(request, "ignored_fields", ())))
+    return Plan(
+        chat,
+        prompt,
+        strategy,
+        sampling,
+        request.stop or [],
+        limits.max_seconds,
+        bool(request.stream),
+        request.include_usage,
+        request.include_backtrack,
+        request.logprob_count,
+        tuple(getattr(request, "ignored_fields", ())),
+    )
 
 
 def _prompt_tokens(provider: BaseProvider, prompt: Union[str, List[int]]) -> List[int]:
@@ -133,8 +167,11 @@ def _chat_tokens(provider: BaseProvider, request: ChatCompletionRequest) -> List
 def _check_room(provider: BaseProvider, tokens: List[int], param: str) -> List[int]:
     context = provider.context_length
     if len(tokens) >= context:
-        raise APIError(f"the prompt is {len(tokens)} tokens long, which leaves no room in the model's context "
-                       f"of {context} tokens", param, "context_length_exceeded")
+        raise APIError(
+            f"the prompt is {len(tokens)} tokens long, which leaves no room in the model's context of {context} tokens",
+            param,
+            "context_length_exceeded",
+        )
     return tokens
 
 
@@ -147,13 +184,17 @@ def _token_limit(provider: BaseProvider, prompt_length: int, request, limits: Li
         raise APIError(
             f"This model's maximum context length is {provider.context_length} tokens. However, you requested "
             f"{prompt_length + asked} tokens ({prompt_length} in the prompt, {asked} for the completion). "
-            "Please reduce the prompt or the completion length.", param, "context_length_exceeded")
+            "Please reduce the prompt or the completion length.",
+            param,
+            "context_length_exceeded",
+        )
     limit = min(room, request.default_max_tokens or room) if asked is None else asked
     return limit if limits.max_tokens is None else min(limit, limits.max_tokens)
 
 
-def build_strategy(provider: BaseProvider, request, limits: Optional[Limits] = None,
-                   prompt: Sequence[int] = ()) -> BaseStrategy:
+def build_strategy(
+    provider: BaseProvider, request, limits: Optional[Limits] = None, prompt: Sequence[int] = ()
+) -> BaseStrategy:
     """The request's strategy: first the samplers it turns on (``request.samplers``: logit bias
     and token bans, penalties, DRY, typical-p, XTC; ``prompt`` counts toward the penalties), then
     AntiSlop for ``banned_strings``/``banned_regex`` (and KoboldCpp's ``banned_tokens`` phrases),
@@ -191,18 +232,23 @@ def build_strategy(provider: BaseProvider, request, limits: Optional[Limits] = N
 def _checked_grammar(params: Dict[str, Any], limits: Limits, param: str) -> None:
     """A request's grammar within ``max_grammar_chars`` and compiled within ``max_grammar_seconds``
     (``grammar_strategy.check_grammar``: a child process, killed beyond it); else a 400 naming it."""
-    from .strategy.grammar_strategy import GrammarError, check_grammar
+    from ..strategy.grammar_strategy import GrammarError, check_grammar
 
     grammar = {key: params.get(key) for key in GRAMMAR_KEYS}
     try:
-        check_grammar(**grammar, whitespace_flexible=bool(params.get("whitespace_flexible")),
-                      max_chars=limits.max_grammar_chars, timeout=limits.max_grammar_seconds)
+        check_grammar(
+            **grammar,
+            whitespace_flexible=bool(params.get("whitespace_flexible")),
+            max_chars=limits.max_grammar_chars,
+            timeout=limits.max_grammar_seconds,
+        )
     except GrammarError as error:
         message = str(error) if str(error).startswith(f"{param}: ") else f"{param}: {error}"
         raise APIError(message, param, "invalid_value") from None
     except ImportError as error:
-        raise APIError(f"{param}: structured output is not available on this server ({error})", param,
-                       "unsupported_value") from None
+        raise APIError(
+            f"{param}: structured output is not available on this server ({error})", param, "unsupported_value"
+        ) from None
 
 
 def _built(build, param: str) -> BaseStrategy:
@@ -236,19 +282,26 @@ class _Reply:
             entries = self.covering(entries, text)[0]
         pieces = [self.decode([entry.token]) for entry in entries]
         if self.plan.chat:
+
             def item(token: str, logprob: float) -> dict:
                 return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
-            return {"content": [{**item(piece, entry.logprob),
-                                 "top_logprobs": [item(self.decode([t]), lp) for t, lp in entry.top]}
-                                for entry, piece in zip(entries, pieces)]}
+            return {
+                "content": [
+                    {**item(piece, entry.logprob), "top_logprobs": [item(self.decode([t]), lp) for t, lp in entry.top]}
+                    for entry, piece in zip(entries, pieces)
+                ]
+            }
         offsets = []
         for piece in pieces:
             offsets.append(self.offsets[index])
             self.offsets[index] += len(piece)
-        return {"tokens": pieces, "token_logprobs": [entry.logprob for entry in entries],
-                "top_logprobs": [{self.decode([t]): lp for t, lp in entry.top} for entry in entries],
-                "text_offset": offsets}
+        return {
+            "tokens": pieces,
+            "token_logprobs": [entry.logprob for entry in entries],
+            "top_logprobs": [{self.decode([t]): lp for t, lp in entry.top} for entry in entries],
+            "text_offset": offsets,
+        }
 
     def covering(self, entries: List[TokenLogprob], text: str) -> tuple:
         """``(the first entries, the rest)``: as many tokens as it takes to cover ``text`` (the
@@ -269,8 +322,11 @@ class _Reply:
         """``results``: ``(text, done, logprobs)`` of each generation."""
         choices = []
         for index, (text, done, logprobs) in enumerate(results):
-            choice: Dict[str, Any] = {"index": index, "finish_reason": openai_finish(done["finish_reason"]),
-                                      "logprobs": self.logprobs(logprobs, text, index)}
+            choice: Dict[str, Any] = {
+                "index": index,
+                "finish_reason": openai_finish(done["finish_reason"]),
+                "logprobs": self.logprobs(logprobs, text, index),
+            }
             if self.plan.chat:
                 choice["message"] = {"role": "assistant", "content": text}
             else:
@@ -280,15 +336,25 @@ class _Reply:
         info = _backtrack_info(dones)
         if self.plan.ignored:
             info["ignored"] = list(self.plan.ignored)
-        return {**self._head("chat.completion" if self.plan.chat else "text_completion"), "choices": choices,
-                "usage": self.usage(dones), "backtrack": info}
+        return {
+            **self._head("chat.completion" if self.plan.chat else "text_completion"),
+            "choices": choices,
+            "usage": self.usage(dones),
+            "backtrack": info,
+        }
 
     @property
     def chunk_object(self) -> str:
         return "chat.completion.chunk" if self.plan.chat else "text_completion"
 
-    def chunk(self, text: Optional[str], finish: Optional[str] = None, first: bool = False,
-              logprobs: Optional[List[TokenLogprob]] = None, index: int = 0) -> dict:
+    def chunk(
+        self,
+        text: Optional[str],
+        finish: Optional[str] = None,
+        first: bool = False,
+        logprobs: Optional[List[TokenLogprob]] = None,
+        index: int = 0,
+    ) -> dict:
         report = self.logprobs(logprobs, index=index) if logprobs else None
         if self.plan.chat:
             delta: Dict[str, Any] = {} if text is None else {"content": text}
@@ -404,8 +470,9 @@ def _streamed_answer(jobs: List[Job], reply: _Reply) -> StreamingResponse:
             for job in jobs:
                 job.cancel()  # the client went away (or we are done): free the model for the next request
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,8 +543,17 @@ async def model(request: Request) -> Response:
 async def health(request: Request) -> Response:
     """Answers at once, whatever the model is doing: how many generations run and wait."""
     engine: Engine = request.app.state.engine
-    return JSONResponse({"status": "ok", "model": engine.name, "busy": engine.busy, "running": engine.running,
-                         "queued": engine.queued, "parallel": engine.parallel, "max_queue": engine.max_queue})
+    return JSONResponse(
+        {
+            "status": "ok",
+            "model": engine.name,
+            "busy": engine.busy,
+            "running": engine.running,
+            "queued": engine.queued,
+            "parallel": engine.parallel,
+            "max_queue": engine.max_queue,
+        }
+    )
 
 
 async def _api_error(request: Request, error: APIError) -> Response:
@@ -506,8 +582,12 @@ async def backtrack_candidates(request: Request) -> Response:
     ``playground.CandidateSearch`` run by the engine's scheduler like any generation)."""
     engine: Engine = request.app.state.engine
     limits: Limits = request.app.state.limits
-    body = parse_request(playground.CandidatesRequest, await read_body(request, limits.max_body_bytes), limits,
-                         request.app.state.strategies)
+    body = parse_request(
+        playground.CandidatesRequest,
+        await read_body(request, limits.max_body_bytes),
+        limits,
+        request.app.state.strategies,
+    )
 
     def plan() -> playground.CandidateSearch:
         provider = engine.provider
@@ -515,14 +595,25 @@ async def backtrack_candidates(request: Request) -> Response:
         if body.tokens and max(body.tokens) >= provider.vocab_size:
             raise APIError(f"token ids must be in [0, {provider.vocab_size})", "tokens", "invalid_value")
         sampling = {key: value for key, value in body.sampling().items() if key != "seed"}
-        return playground.CandidateSearch(provider, build_strategy(provider, body, limits), prompt, body.tokens, body.top_n,
-                                          _token_limit(provider, len(prompt), body, limits), **sampling)
+        return playground.CandidateSearch(
+            provider,
+            build_strategy(provider, body, limits),
+            prompt,
+            body.tokens,
+            body.top_n,
+            _token_limit(provider, len(prompt), body, limits),
+            **sampling,
+        )
 
     search = await run_in_threadpool(plan)
     batch = await engine.finish(search)
     if batch.error is not None:
-        raise APIError(f"generation failed: {type(batch.error).__name__}: {batch.error}", status=500,
-                       type="server_error", code="generation_failed")
+        raise APIError(
+            f"generation failed: {type(batch.error).__name__}: {batch.error}",
+            status=500,
+            type="server_error",
+            code="generation_failed",
+        )
     return JSONResponse(search.result)
 
 
@@ -550,8 +641,16 @@ async def kobold_generate(request: Request) -> Response:
             if kind == "error":
                 raise value
             if kind == "done":
-                return JSONResponse({"results": [{"text": "".join(live.parts),
-                                                  "finish_reason": frontends.kobold_finish(value["finish_reason"])}]})
+                return JSONResponse(
+                    {
+                        "results": [
+                            {
+                                "text": "".join(live.parts),
+                                "finish_reason": frontends.kobold_finish(value["finish_reason"]),
+                            }
+                        ]
+                    }
+                )
     finally:
         job.cancel()
 
@@ -578,8 +677,9 @@ async def kobold_stream(request: Request) -> Response:
         finally:
             job.cancel()
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    )
 
 
 async def _small_body(request: Request, schema, optional: bool = False):
@@ -652,8 +752,9 @@ async def kobold_info(request: Request) -> Response:
     engine: Engine = request.app.state.engine
     path, context = request.url.path.rstrip("/"), engine.provider.context_length
     if path.endswith("/model"):
-        hidden = request.app.state.api_key and not _authorized(request.headers.get("authorization", ""),
-                                                                request.app.state.api_key)
+        hidden = request.app.state.api_key and not _authorized(
+            request.headers.get("authorization", ""), request.app.state.api_key
+        )
         return JSONResponse({"result": "koboldcpp/protected-model" if hidden else engine.name})
     if path.endswith("/info/version"):
         return JSONResponse({"result": frontends.KOBOLD_API_VERSION})
@@ -664,8 +765,14 @@ async def kobold_info(request: Request) -> Response:
     return JSONResponse({"value": context})  # max_context_length, true_max_context_length
 
 
-KOBOLD_INFO = ("/api/v1/model", "/api/v1/info/version", "/api/extra/version", "/api/v1/config/max_context_length",
-               "/api/v1/config/max_length", "/api/extra/true_max_context_length")
+KOBOLD_INFO = (
+    "/api/v1/model",
+    "/api/v1/info/version",
+    "/api/extra/version",
+    "/api/v1/config/max_context_length",
+    "/api/v1/config/max_length",
+    "/api/extra/true_max_context_length",
+)
 
 ROUTES = [
     Route("/v1/backtrack/strategies", backtrack_strategies, methods=["GET"]),
@@ -695,8 +802,12 @@ ROUTES = [
 LIVE = 256  # generations the KoboldAI routes remember for check and abort (the latest)
 
 
-def create_app(engine: Engine, api_key: Optional[str] = None, limits: Optional[Limits] = None,
-               strategies: Union[None, StrategyRegistry, Iterable[Union[str, type]]] = None) -> Starlette:
+def create_app(
+    engine: Engine,
+    api_key: Optional[str] = None,
+    limits: Optional[Limits] = None,
+    strategies: Union[None, StrategyRegistry, Iterable[Union[str, type]]] = None,
+) -> Starlette:
     """The Starlette application serving ``engine``. ``api_key`` (optional) is then required as
     ``Authorization: Bearer KEY`` on every route except ``/health``; ``limits``: what one request
     may ask for (default: ``Limits()``); ``strategies``: what a request may name, a
@@ -706,8 +817,12 @@ def create_app(engine: Engine, api_key: Optional[str] = None, limits: Optional[L
     strategy_list = [kind.schema() for kind in registry if kind.per_request]  # fails now, not on a request
     app = Starlette(
         routes=list(ROUTES) + playground.routes(),
-        exception_handlers={APIError: _api_error, HTTPException: _http_error, _ClientGone: _client_gone,
-                            Exception: _server_error},
+        exception_handlers={
+            APIError: _api_error,
+            HTTPException: _http_error,
+            _ClientGone: _client_gone,
+            Exception: _server_error,
+        },
     )
     app.state.engine = engine
     app.state.limits = limits or Limits()
@@ -727,8 +842,12 @@ class _ApiKey:
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
-        if scope["type"] == "http" and path != "/health" and not playground.public_path(path) and not (
-                path.rstrip("/") in KOBOLD_INFO and scope.get("method") == "GET"):
+        if (
+            scope["type"] == "http"
+            and path != "/health"
+            and not playground.public_path(path)
+            and not (path.rstrip("/") in KOBOLD_INFO and scope.get("method") == "GET")
+        ):
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 message = "invalid API key" if given else "missing API key: send 'Authorization: Bearer KEY'"
@@ -741,12 +860,22 @@ def _authorized(header: str, api_key: str) -> bool:
     return hmac.compare_digest(header.encode(), f"Bearer {api_key}".encode())
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None, backend: str = "llamacpp",
-          model: Optional[str] = None, n_ctx: Optional[int] = None, threads: Optional[int] = None,
-          model_name: Optional[str] = None, log_level: str = "info", limits: Optional[Limits] = None,
-          parallel: Optional[int] = None, max_queue: Optional[int] = None,
-          provider: Optional[BaseProvider] = None,
-          strategies: Union[None, StrategyRegistry, Iterable[Union[str, type]]] = None) -> None:
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: Optional[str] = None,
+    backend: str = "llamacpp",
+    model: Optional[str] = None,
+    n_ctx: Optional[int] = None,
+    threads: Optional[int] = None,
+    model_name: Optional[str] = None,
+    log_level: str = "info",
+    limits: Optional[Limits] = None,
+    parallel: Optional[int] = None,
+    max_queue: Optional[int] = None,
+    provider: Optional[BaseProvider] = None,
+    strategies: Union[None, StrategyRegistry, Iterable[Union[str, type]]] = None,
+) -> None:
     """Load the model (default: the embedded instruct model, for chat clients), or use ``provider``
     (e.g. an ``engine.EngineProvider``), and serve it until interrupted (Ctrl-C). ``parallel``:
     generations run at once (default: ``default_parallel()``; with an engine provider, its
@@ -761,7 +890,12 @@ def serve(host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = No
         provider = load_provider(backend, model or default_model(chat=True), n_ctx, threads, slots=parallel)
     engine = Engine(provider, model_name, parallel, max_queue)
     try:
-        uvicorn.run(create_app(engine, api_key, limits, strategies), host=host, port=port, log_level=log_level,
-                    timeout_graceful_shutdown=5)
+        uvicorn.run(
+            create_app(engine, api_key, limits, strategies),
+            host=host,
+            port=port,
+            log_level=log_level,
+            timeout_graceful_shutdown=5,
+        )
     finally:
         engine.close()

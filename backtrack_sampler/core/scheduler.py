@@ -34,8 +34,8 @@ from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tu
 
 import numpy as np
 
+from ..provider.base_provider import BaseProvider
 from .generation import Generation, GenerationStats
-from .provider.base_provider import BaseProvider
 
 TokensCallback = Callable[["BatchJob", List[int]], None]
 JobCallback = Callable[["BatchJob"], None]
@@ -116,13 +116,13 @@ class Backend:
     def max_sequences(self) -> int:
         return self.provider.max_sequences
 
-    def admit(self, job: "BatchJob") -> None:
+    def admit(self, job: BatchJob) -> None:
         pass
 
-    def propose(self, jobs: Sequence["BatchJob"]) -> Dict["BatchJob", Proposal]:
+    def propose(self, jobs: Sequence[BatchJob]) -> Dict[BatchJob, Proposal]:
         raise NotImplementedError
 
-    def release(self, job: "BatchJob") -> None:
+    def release(self, job: BatchJob) -> None:
         pass
 
     def notify(self) -> None:
@@ -142,10 +142,10 @@ class LocalBackend(Backend):
     def __init__(self, provider: BaseProvider):
         self.provider = provider
 
-    def admit(self, job: "BatchJob") -> None:
+    def admit(self, job: BatchJob) -> None:
         self.provider.reset()
 
-    def propose(self, jobs: Sequence["BatchJob"]) -> Dict["BatchJob", Proposal]:
+    def propose(self, jobs: Sequence[BatchJob]) -> Dict[BatchJob, Proposal]:
         answers: Dict[BatchJob, Proposal] = {}
         for job in jobs:
             try:
@@ -169,10 +169,10 @@ class BatchBackend(Backend):
         self.provider, self.step_tokens = provider, step_tokens
         self._fed: Dict[BatchJob, int] = {}  # tokens of each job's sequence the provider holds
 
-    def admit(self, job: "BatchJob") -> None:
+    def admit(self, job: BatchJob) -> None:
         self._fed[job] = 0
 
-    def propose(self, jobs: Sequence["BatchJob"]) -> Dict["BatchJob", Proposal]:
+    def propose(self, jobs: Sequence[BatchJob]) -> Dict[BatchJob, Proposal]:
         fed = self._fed
         decoding, reading = [], []
         for job in jobs:
@@ -201,9 +201,21 @@ class BatchBackend(Backend):
                 answers[job] = Logits(logits[job])  # (a chunk of a prompt: its logits are not needed)
         return answers
 
-    def release(self, job: "BatchJob") -> None:
+    def release(self, job: BatchJob) -> None:
         self._fed.pop(job, None)
         self.provider.release(job)
+
+
+def backend_for(provider: BaseProvider, batched: bool = False, step_tokens: int = 256) -> Backend:
+    """The backend a ``Scheduler`` steps generations on with ``provider``: ``LocalBackend``
+    (``generate``, one generation at a time, the driver of ``BacktrackSampler``) or, ``batched``,
+    ``BatchBackend`` (``generate_batch``, up to ``max_sequences`` at once, prompts read
+    ``step_tokens`` at a time). A provider whose model runs elsewhere brings its own
+    (``provider.backend(batched, step_tokens)``: ``engine.EngineProvider`` gives ``engine.EngineBackend``)."""
+    own = getattr(provider, "backend", None)
+    if own is not None:
+        return own(batched=batched, step_tokens=step_tokens)
+    return BatchBackend(provider, step_tokens) if batched else LocalBackend(provider)
 
 
 # --- jobs and the scheduler ----------------------------------------------------------------------
@@ -220,10 +232,16 @@ class BatchJob:
 
     _ids = itertools.count()
 
-    def __init__(self, generation: Generation, on_tokens: Optional[TokensCallback] = None,
-                 on_finish: Optional[JobCallback] = None, on_start: Optional[JobCallback] = None,
-                 on_step: Optional[JobCallback] = None, policy: Optional[Policy] = None,
-                 max_seconds: Optional[float] = None):
+    def __init__(
+        self,
+        generation: Generation,
+        on_tokens: Optional[TokensCallback] = None,
+        on_finish: Optional[JobCallback] = None,
+        on_start: Optional[JobCallback] = None,
+        on_step: Optional[JobCallback] = None,
+        policy: Optional[Policy] = None,
+        max_seconds: Optional[float] = None,
+    ):
         self.generation = generation
         self.on_tokens, self.on_finish, self.on_start, self.on_step = on_tokens, on_finish, on_start, on_step
         self.policy = policy or SAMPLE
@@ -272,17 +290,27 @@ class Scheduler:
         capacity = backend.max_sequences
         parallel = capacity if parallel is None else parallel
         if not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= capacity:
-            raise ValueError(f"parallel must be an integer in [1, {capacity}] ({type(backend.provider).__name__}"
-                             f".max_sequences), got {parallel!r}")
+            raise ValueError(
+                f"parallel must be an integer in [1, {capacity}] ({type(backend.provider).__name__}"
+                f".max_sequences), got {parallel!r}"
+            )
         self.backend, self.provider, self.parallel = backend, backend.provider, parallel
         self._queue: Deque[BatchJob] = collections.deque()
         self._running: List[BatchJob] = []
         self._lock = threading.Lock()
 
     # --- joining ---------------------------------------------------------------------------------
-    def add(self, generation, on_tokens: Optional[TokensCallback] = None, on_finish: Optional[JobCallback] = None,
-            on_start: Optional[JobCallback] = None, on_step: Optional[JobCallback] = None, *,
-            policy: Optional[Policy] = None, max_seconds: Optional[float] = None) -> BatchJob:
+    def add(
+        self,
+        generation,
+        on_tokens: Optional[TokensCallback] = None,
+        on_finish: Optional[JobCallback] = None,
+        on_start: Optional[JobCallback] = None,
+        on_step: Optional[JobCallback] = None,
+        *,
+        policy: Optional[Policy] = None,
+        max_seconds: Optional[float] = None,
+    ) -> BatchJob:
         """Queue a ``Generation`` built elsewhere (``BacktrackSampler.start``) on this provider, or
         a policy that holds one (``playground.CandidateSearch``). Callbacks, all from the thread
         that steps: ``on_start(job)`` when it leaves the queue, ``on_tokens(job, tokens)`` with the

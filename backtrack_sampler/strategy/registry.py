@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
-from .errors import UsageError
-from .provider.base_provider import BaseProvider
-from .strategy._regex import compile_regex
-from .strategy.base_strategy import BaseStrategy
+from ..errors import UsageError
+from ..provider.base_provider import BaseProvider
+from ._regex import compile_regex
+from .base_strategy import BaseStrategy
 
 BUILTINS: Dict[str, str] = {
     "none": "backtrack_sampler.strategy.base_strategy:BaseStrategy",
@@ -81,7 +81,9 @@ def load_class(reference: str) -> Type[BaseStrategy]:
     module or file is missing, fails to import, has no such class, or it is not a strategy."""
     where, colon, attribute = reference.rpartition(":")
     if not colon or not where or not attribute:
-        raise UsageError(f"{reference!r} is not a strategy reference: use " + REFERENCE_HELP.format(", ".join(BUILTINS)))
+        raise UsageError(
+            f"{reference!r} is not a strategy reference: use " + REFERENCE_HELP.format(", ".join(BUILTINS))
+        )
     is_file = where.endswith(".py") or "/" in where or "\\" in where
     module = _import_file(where) if is_file else _import_module(where)
     target: Any = module
@@ -190,15 +192,20 @@ def _init_parameters(cls: type) -> List[Tuple[inspect.Parameter, Any]]:
         hints = typing.get_type_hints(init, include_extras=True)
     except Exception:  # a hint that names something not importable at run time: accept any value
         hints = {}
-    found = [(p, hints.get(key, p.annotation if not isinstance(p.annotation, str) else inspect.Parameter.empty))
-             for key, p in list(parameters.items())[1:]
-             if key != "provider" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    found = [
+        (p, hints.get(key, p.annotation if not isinstance(p.annotation, str) else inspect.Parameter.empty))
+        for key, p in list(parameters.items())[1:]
+        if key != "provider" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
     if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
         parents = [base for base in owner.__mro__[1:] if base is not object]
         if parents:
             names = set(parameters)
-            found += [(p, hint) for p, hint in _init_parameters(parents[0])
-                      if p.name not in names and p.default is not p.empty]
+            found += [
+                (p, hint)
+                for p, hint in _init_parameters(parents[0])
+                if p.name not in names and p.default is not p.empty
+            ]
     return found
 
 
@@ -214,11 +221,12 @@ def params_model(cls: type, title: Optional[str] = None):
     """The pydantic model of the parameters ``cls`` takes from JSON (see the module docstring):
     its ``Params`` model with unknown fields forbidden, or one built from its constructor (strict,
     unknown fields forbidden, no inf/nan)."""
-    from pydantic import BaseModel, ConfigDict, create_model
+    from pydantic import ConfigDict, create_model
 
     title = title or public_name(cls)
     declared = getattr(cls, "Params", None)
     if _is_model(declared):
+
         class Params(declared):  # type: ignore[valid-type,misc]
             model_config = ConfigDict(extra="forbid", title=title, strict=declared.model_config.get("strict", True))
 
@@ -239,8 +247,9 @@ def params_model(cls: type, title: Optional[str] = None):
     return create_model(f"{cls.__name__}Params", __config__=config, **fields)
 
 
-def describe_error(error, prefix: Sequence[Union[str, int]] = (),
-                   says_value: Iterable[str] = ("missing", "extra_forbidden")) -> Tuple[Optional[str], str, str]:
+def describe_error(
+    error, prefix: Sequence[Union[str, int]] = (), says_value: Iterable[str] = ("missing", "extra_forbidden")
+) -> Tuple[Optional[str], str, str]:
     """``(param, message, pydantic error type)`` for the first error of a pydantic
     ``ValidationError``: ``param`` is its location as ``strategy[0].max_bans`` (under
     ``prefix``); the message ends with the value given (short ones), unless its type is in
@@ -287,7 +296,9 @@ class StrategyType:
                 model = params_model(self.cls, self.name)
                 model.model_json_schema()
             except (PydanticUserError, TypeError, ValueError) as error:
-                raise UsageError(f"strategy {self.name!r}: cannot make a JSON Schema of its parameters: {error}") from None
+                raise UsageError(
+                    f"strategy {self.name!r}: cannot make a JSON Schema of its parameters: {error}"
+                ) from None
             self._params = model
         return self._params
 
@@ -299,10 +310,17 @@ class StrategyType:
     def schema(self) -> Dict[str, Any]:
         """Name, description, declared capabilities and the JSON Schema of its parameters."""
         cls = self.cls
-        return {"name": self.name, "description": self.description, "builtin": self.builtin,
-                "capabilities": {"reads_probs": cls.reads_probs, "edits_logits": cls.edits_logits,
-                                 "hard_constraint": cls.hard_constraint if isinstance(cls.hard_constraint, bool) else None},
-                "parameters": self.params.model_json_schema()}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "builtin": self.builtin,
+            "capabilities": {
+                "reads_probs": cls.reads_probs,
+                "edits_logits": cls.edits_logits,
+                "hard_constraint": cls.hard_constraint if isinstance(cls.hard_constraint, bool) else None,
+            },
+            "parameters": self.params.model_json_schema(),
+        }
 
     def validate(self, params: Mapping[str, Any]) -> Dict[str, Any]:
         """Constructor keyword arguments from the JSON object ``params``; raises pydantic's
@@ -326,13 +344,20 @@ class StrategyType:
         except (TypeError, ValueError, re.error) as error:
             raise UsageError(f"strategy {self.name!r}: {error}") from None
 
-    def make(self, provider: BaseProvider, params: Mapping[str, Any], extra: Optional[Mapping[str, Any]] = None,
-             where: Optional[str] = None) -> BaseStrategy:
+    def make(
+        self,
+        provider: BaseProvider,
+        params: Mapping[str, Any],
+        extra: Optional[Mapping[str, Any]] = None,
+        where: Optional[str] = None,
+    ) -> BaseStrategy:
         """``build(provider, validate(params) + extra)``; a parameter error is a UsageError
         naming the parameter (prefixed with ``where``, default: the strategy's name)."""
         return StrategyCall(self, self.checked(params, where), dict(extra or {})).build(provider)
 
-    def explain(self, error, prefix: Sequence[Union[str, int]] = (), says_value: Iterable[str] = ()) -> Tuple[Optional[str], str, str]:
+    def explain(
+        self, error, prefix: Sequence[Union[str, int]] = (), says_value: Iterable[str] = ()
+    ) -> Tuple[Optional[str], str, str]:
         """``describe_error`` of a ``validate`` error; an unknown parameter's message lists the known ones."""
         param, message, kind = describe_error(error, prefix, {"missing", "extra_forbidden", *says_value})
         if kind == "extra_forbidden":
@@ -349,8 +374,9 @@ class StrategyType:
         except ValidationError as error:
             param, message, _ = self.explain(error)
             where = where or f"strategy {self.name!r}"
-            raise UsageError(f"{where}: {message}" if param is None else
-                             f"{where}: parameter {param!r}: {message}") from None
+            raise UsageError(
+                f"{where}: {message}" if param is None else f"{where}: parameter {param!r}: {message}"
+            ) from None
 
 
 @dataclass
@@ -410,8 +436,10 @@ class StrategyRegistry:
         if not _NAME.fullmatch(name):
             raise UsageError(f"strategy name {name!r} must be letters, digits, _ and - (set the class's `name`)")
         if name in self._types:
-            raise UsageError(f"a strategy named {name!r} is already registered ({self._types[name].reference}): "
-                             "give the new class another `name` attribute")
+            raise UsageError(
+                f"a strategy named {name!r} is already registered ({self._types[name].reference}): "
+                "give the new class another `name` attribute"
+            )
         entry = StrategyType(name, cls if cls is not None else target, per_request)
         self._types[name] = entry
         return entry
@@ -427,7 +455,9 @@ class StrategyRegistry:
         if entry is None or (per_request and not entry.per_request):
             names = ", ".join(self.names(per_request))
             if entry is not None:
-                raise UsageError(f"strategy {name!r} needs a terminal: it is for the command line only (offered: {names})")
+                raise UsageError(
+                    f"strategy {name!r} needs a terminal: it is for the command line only (offered: {names})"
+                )
             raise UsageError(f"unknown strategy {name!r}: choose one of {names}")
         return entry
 
@@ -462,7 +492,7 @@ def chain(strategies: Sequence[BaseStrategy]) -> BaseStrategy:
     strategies = [s for s in strategies if type(s) is not BaseStrategy] or [BaseStrategy()]
     if len(strategies) == 1:
         return strategies[0]
-    from .strategy.chain_strategy import ChainStrategy
+    from .chain_strategy import ChainStrategy
 
     try:
         return ChainStrategy(strategies)
@@ -496,11 +526,16 @@ def read_slops(path: str) -> list:
     if data is not None:
         for item in data:
             ok = isinstance(item, str) or (
-                isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
-                and isinstance(item[1], (int, float)) and not isinstance(item[1], bool)
+                isinstance(item, list)
+                and len(item) == 2
+                and isinstance(item[0], str)
+                and isinstance(item[1], (int, float))
+                and not isinstance(item[1], bool)
             )
             if not ok:
-                raise UsageError(f"{path}: expected a JSON list of strings or of [phrase, multiplier] pairs, found {item!r}")
+                raise UsageError(
+                    f"{path}: expected a JSON list of strings or of [phrase, multiplier] pairs, found {item!r}"
+                )
         return data
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
@@ -513,7 +548,7 @@ def read_regexes(path: str) -> List[str]:
     patterns = _json_list(text, path)
     if patterns is None:
         patterns = []
-        for number, line in enumerate(text.splitlines(), 1):
+        for _number, line in enumerate(text.splitlines(), 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue

@@ -32,8 +32,9 @@ class KoboldRequest(CompletionRequest):
     temperature: Optional[float] = Field(0.7, ge=0)
     top_k: Optional[int] = Field(100, ge=0)
     top_p: Optional[float] = Field(0.92, gt=0, le=1)
-    ban_eos_token: Optional[bool] = Field(None, validation_alias=_alias("ban_eos_token", "use_default_badwordsids",
-                                                                        "ignore_eos"))
+    ban_eos_token: Optional[bool] = Field(
+        None, validation_alias=_alias("ban_eos_token", "use_default_badwordsids", "ignore_eos")
+    )
     memory: Optional[str] = None
     genkey: Optional[str] = Field(None, max_length=200)
     max_context_length: Optional[int] = Field(None, ge=1)
@@ -51,7 +52,7 @@ class KoboldRequest(CompletionRequest):
         return value
 
     @model_validator(mode="after")
-    def _with_memory(self) -> "KoboldRequest":
+    def _with_memory(self) -> KoboldRequest:
         if self.memory and isinstance(self.prompt, str):
             self.prompt = self.memory + self.prompt
         return self
@@ -75,8 +76,10 @@ class TextToTokens(_TokenRequest):
     def _size(cls, value: str, info: ValidationInfo) -> str:
         cap = _limits(info).max_message_chars
         if len(value) > cap:
-            raise _error("string_above_max_length", f"the text is at most {cap} characters long (max_message_chars), "
-                         f"got {len(value)}")
+            raise _error(
+                "string_above_max_length",
+                f"the text is at most {cap} characters long (max_message_chars), got {len(value)}",
+            )
         return value
 
 
@@ -101,22 +104,41 @@ class AbortRequest(_TokenRequest):
 # --- answers ------------------------------------------------------------------------------------
 def tabby_model_card(name: str, created: int, context_length: int, parallel: int) -> Dict[str, Any]:
     """TabbyAPI's ``ModelCard`` (``GET /v1/model``; ``/v1/model/list`` lists it)."""
-    return {"id": name, "object": "model", "created": created, "owned_by": "backtrack-sampler",
-            "parameters": {"max_seq_len": context_length, "cache_size": context_length, "max_batch_size": parallel,
-                           "prompt_template": None}}
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "backtrack-sampler",
+        "parameters": {
+            "max_seq_len": context_length,
+            "cache_size": context_length,
+            "max_batch_size": parallel,
+            "prompt_template": None,
+        },
+    }
 
 
 def kobold_version(protected: bool) -> Dict[str, Any]:
     """KoboldCpp's ``GET /api/extra/version``."""
-    return {"result": "KoboldCpp", "version": KOBOLDCPP_VERSION, "protected": protected, "txt2img": False,
-            "vision": False, "transcribe": False, "multiplayer": False, "websearch": False}
+    return {
+        "result": "KoboldCpp",
+        "version": KOBOLDCPP_VERSION,
+        "protected": protected,
+        "txt2img": False,
+        "vision": False,
+        "transcribe": False,
+        "multiplayer": False,
+        "websearch": False,
+    }
 
 
 def kobold_event(token: str, finish_reason: Optional[str] = None) -> str:
     """One event of KoboldCpp's stream (``send_kai_sse_event``)."""
     import json
 
-    return f"event: message\ndata: {json.dumps({'token': token, 'finish_reason': finish_reason}, ensure_ascii=False)}\n\n"
+    return (
+        f"event: message\ndata: {json.dumps({'token': token, 'finish_reason': finish_reason}, ensure_ascii=False)}\n\n"
+    )
 
 
 def kobold_error(body: Dict[str, Any]) -> Dict[str, Any]:
@@ -147,5 +169,16 @@ def text_answer(kind: str, text: str) -> Dict[str, Any]:
     return {"tabby": {"text": text}, "llama": {"content": text}}.get(kind) or {"result": text, "success": True}
 
 
-__all__ = ["AbortRequest", "KoboldRequest", "TextToTokens", "TokensToText", "kobold_error", "kobold_event",
-           "kobold_finish", "kobold_version", "tabby_model_card", "text_answer", "tokens_answer"]
+__all__ = [
+    "AbortRequest",
+    "KoboldRequest",
+    "TextToTokens",
+    "TokensToText",
+    "kobold_error",
+    "kobold_event",
+    "kobold_finish",
+    "kobold_version",
+    "tabby_model_card",
+    "text_answer",
+    "tokens_answer",
+]

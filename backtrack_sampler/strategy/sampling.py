@@ -20,7 +20,7 @@ import numpy as np
 NEGLIGIBLE = 30.0  # logit gap, in units of temperature, below which a token's probability vanishes
 
 
-def log_partition(logits: np.ndarray) -> "tuple[float, float]":
+def log_partition(logits: np.ndarray) -> tuple[float, float]:
     """``(logsumexp, entropy in nats)`` of softmax(logits) (``(-inf, 0.0)`` when no logit is
     finite). Tokens more than NEGLIGIBLE below the best logit have probabilities under e^-30 and
     add nothing, so only the others are summed."""

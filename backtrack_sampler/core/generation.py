@@ -15,9 +15,9 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from .provider.base_provider import BaseProvider
-from .sampling import filter_logits, log_partition, sample
-from .strategy.base_strategy import BaseStrategy, ConstraintError
+from ..provider.base_provider import BaseProvider
+from ..strategy.base_strategy import BaseStrategy, ConstraintError
+from ..strategy.sampling import filter_logits, log_partition, sample
 
 
 @dataclass
@@ -95,9 +95,17 @@ class Generation:
     recorded as a ``RewindEvent`` and told to the strategy with ``on_rewind(position)``.
     """
 
-    def __init__(self, provider: BaseProvider, strategy: BaseStrategy, prompt: List[int], limit: int,
-                 sampling: tuple, seed: Optional[int] = None,
-                 on_rewind: Optional[Callable[[RewindEvent], None]] = None, budget: int = 1000):
+    def __init__(
+        self,
+        provider: BaseProvider,
+        strategy: BaseStrategy,
+        prompt: List[int],
+        limit: int,
+        sampling: tuple,
+        seed: Optional[int] = None,
+        on_rewind: Optional[Callable[[RewindEvent], None]] = None,
+        budget: int = 1000,
+    ):
         self.provider, self.strategy, self.prompt = provider, strategy, list(prompt)
         self.limit, self.sampling, self.on_rewind, self.budget = limit, sampling, on_rewind, budget
         self.rng = np.random.default_rng(seed)
@@ -124,8 +132,9 @@ class Generation:
         """Prompt + continuation: the tokens whose next-token logits ``advance`` needs."""
         return self.prompt + self.tokens
 
-    def distribution(self, logits: np.ndarray, sampling: Optional[tuple] = None
-                     ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    def distribution(
+        self, logits: np.ndarray, sampling: Optional[tuple] = None
+    ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """``(ids, probs, dense)``: the tokens the strategy and the filters allow after ``sequence``
         and their probabilities (weights, not always normalised); ``dense`` is the vocabulary-sized
         array the strategy's ``on_probs`` returned, or None when the strategy reads no probabilities.
@@ -176,7 +185,7 @@ class Generation:
             tokens = self.tokens
             if not self.done and len(tokens) == before and token in self._eos:
                 tokens.pop()
-                del self.token_logprobs[len(tokens):]
+                del self.token_logprobs[len(tokens) :]
                 return self._finish("stop")
             if not self.done and len(tokens) >= self.limit and self.backtracking:
                 self._ask(strategy.on_end)  # the last look before the token limit ends it
@@ -196,8 +205,10 @@ class Generation:
         tail = tokens[released:]  # a strategy may cut the list in place
         kept = hook(tokens)
         if len(kept) < released:
-            raise RuntimeError(f"{type(self.strategy).__name__} rewound to {len(kept)} tokens, but {released} were "
-                               "already delivered as final (its keep index)")
+            raise RuntimeError(
+                f"{type(self.strategy).__name__} rewound to {len(kept)} tokens, but {released} were "
+                "already delivered as final (its keep index)"
+            )
         if len(kept) < released + len(tail):
             self.tokens = tokens[:released] + tail  # as it was before the strategy cut it
             self._cut(len(kept), self.strategy.rewind_reason)
@@ -235,7 +246,7 @@ class Generation:
             self._closed = True
             self.strategy.reset()
 
-    def _logprob(self, token: int) -> "TokenLogprob":
+    def _logprob(self, token: int) -> TokenLogprob:
         scores, self._scores = self._scores, None
         if scores is None:  # pushed without a distribution of its own (nothing to report)
             return TokenLogprob(token, float("nan"), [])
@@ -277,8 +288,10 @@ class Generation:
             message = f"{name} rewound {stats.rewound} tokens (max_rewound_tokens={self.budget})"
             if self._hard:
                 hard = getattr(self.strategy, "hard_members", None)
-                error = ConstraintError(f"{hard() if hard else name}: rewound {stats.rewound} tokens "
-                                        f"(max_rewound_tokens={self.budget}) without satisfying its constraint")
+                error = ConstraintError(
+                    f"{hard() if hard else name}: rewound {stats.rewound} tokens "
+                    f"(max_rewound_tokens={self.budget}) without satisfying its constraint"
+                )
                 error.named = True
                 self.fail(error)
                 return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
 
-from .provider.base_provider import BaseProvider
+from .base_provider import BaseProvider
 
 # Used when the model ships no chat template (the embedded Gemma 3 GGUF has none): Gemma's format.
 GEMMA_TURN = "<start_of_turn>{role}\n{content}<end_of_turn>\n"
@@ -62,7 +62,10 @@ def chat_prompt_tokens(provider: BaseProvider, messages: Sequence[Dict[str, str]
         bos, eos = special(llm.token_bos()), special(llm.token_eos())
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         text = env.from_string(template).render(
-            messages=list(messages), add_generation_prompt=True, bos_token=bos, eos_token=eos,
+            messages=list(messages),
+            add_generation_prompt=True,
+            bos_token=bos,
+            eos_token=eos,
             raise_exception=raise_exception,
         )
     tokens = provider.encode(text, add_special_tokens=False)

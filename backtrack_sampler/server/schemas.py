@@ -15,14 +15,23 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar, Dict, List, Literal, Optional, Sequence, Type, TypeVar, Union
 
-from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
-from .errors import UsageError
-from .registry import StrategyCall, StrategyRegistry, describe_error, is_reference
-from .sampling import check_sampling_args
-from .strategy._regex import compile_regex
+from ..errors import UsageError
+from ..strategy._regex import compile_regex
+from ..strategy.registry import StrategyCall, StrategyRegistry, describe_error, is_reference
+from ..strategy.sampling import check_sampling_args
 
 MAX_STRATEGIES = 8  # strategies in one request's chain
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs maximum)
@@ -36,7 +45,9 @@ class Limits(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_body_bytes: int = Field(4 * 2**20, gt=0, description="request body size in bytes (413 beyond it)")
-    max_banned_strings: int = Field(10_000, gt=0, description="banned_strings per request (also a strategy's slops/find)")
+    max_banned_strings: int = Field(
+        10_000, gt=0, description="banned_strings per request (also a strategy's slops/find)"
+    )
     max_banned_string_chars: int = Field(200, gt=0, description="characters in one banned string")
     max_regexes: int = Field(32, gt=0, description="banned_regex patterns per request")
     max_regex_chars: int = Field(500, gt=0, description="characters in one pattern")
@@ -44,27 +55,54 @@ class Limits(BaseModel):
     max_stop_chars: int = Field(500, gt=0, description="characters in one stop string")
     max_messages: int = Field(1000, gt=0, description="messages in one chat request")
     max_message_chars: int = Field(200_000, gt=0, description="characters in one message")
-    max_tokens: Optional[int] = Field(None, gt=0, description="largest max_tokens (default: the room the context "
-                                      "leaves after the prompt; beyond that room: context_length_exceeded)")
-    max_seconds: float = Field(300.0, gt=0, description="wall-clock seconds one generation may run, from when it "
-                               'starts; then it ends with finish_reason "length"')
-    max_grammar_chars: int = Field(100_000, gt=0, description="characters in one structured-output JSON Schema "
-                                   "(as compact JSON), grammar or regex (response_format, json_schema, grammar, ...)")
-    max_grammar_seconds: float = Field(2.0, gt=0, description="seconds a structured-output grammar may take to "
-                                       "compile (in a child process, killed beyond it)")
-    max_token_ids: int = Field(10_000, gt=0, description="token ids in one request's logit_bias, banned_tokens "
-                               "and custom_token_bans (each), and in a tokenize/detokenize request")
-    max_sequence_breakers: int = Field(64, gt=0, description="dry_sequence_breakers per request (each at most "
-                                       "max_banned_string_chars characters)")
-    max_choices: int = Field(8, gt=0, description="n: generations of one request (each takes a slot or a place in "
-                             "the queue)")
+    max_tokens: Optional[int] = Field(
+        None,
+        gt=0,
+        description="largest max_tokens (default: the room the context "
+        "leaves after the prompt; beyond that room: context_length_exceeded)",
+    )
+    max_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="wall-clock seconds one generation may run, from when it "
+        'starts; then it ends with finish_reason "length"',
+    )
+    max_grammar_chars: int = Field(
+        100_000,
+        gt=0,
+        description="characters in one structured-output JSON Schema "
+        "(as compact JSON), grammar or regex (response_format, json_schema, grammar, ...)",
+    )
+    max_grammar_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="seconds a structured-output grammar may take to compile (in a child process, killed beyond it)",
+    )
+    max_token_ids: int = Field(
+        10_000,
+        gt=0,
+        description="token ids in one request's logit_bias, banned_tokens "
+        "and custom_token_bans (each), and in a tokenize/detokenize request",
+    )
+    max_sequence_breakers: int = Field(
+        64, gt=0, description="dry_sequence_breakers per request (each at most max_banned_string_chars characters)"
+    )
+    max_choices: int = Field(
+        8, gt=0, description="n: generations of one request (each takes a slot or a place in the queue)"
+    )
 
 
 class APIError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with ``status``."""
 
-    def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 status: int = 400, type: str = "invalid_request_error"):
+    def __init__(
+        self,
+        message: str,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        status: int = 400,
+        type: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.message, self.param, self.code, self.status, self.type = message, param, code, status, type
 
@@ -84,8 +122,14 @@ _CODES = {
 }
 
 
-_OURS = {"invalid_value", "invalid_type", "unsupported_value", "array_above_max_length", "string_above_max_length",
-         "integer_above_max_value"}  # the codes of the errors raised below
+_OURS = {
+    "invalid_value",
+    "invalid_type",
+    "unsupported_value",
+    "array_above_max_length",
+    "string_above_max_length",
+    "integer_above_max_value",
+}  # the codes of the errors raised below
 
 
 def _code(kind: str) -> str:
@@ -135,8 +179,9 @@ def _check_strings(values: List[str], what: str, max_count: int, max_chars: int)
         if not value:
             raise _error("invalid_value", f"{what} must not be empty (item {i})")
         if len(value) > max_chars:
-            raise _error("string_above_max_length",
-                         f"{what} are at most {max_chars} characters long, item {i} has {len(value)}")
+            raise _error(
+                "string_above_max_length", f"{what} are at most {max_chars} characters long, item {i} has {len(value)}"
+            )
     return values
 
 
@@ -155,8 +200,9 @@ def _token_ids(value: Any, what: str, limit: int) -> List[int]:
     if isinstance(value, str):
         pieces = [piece.strip() for piece in value.split(",")]
         if not all(piece.isdigit() for piece in pieces if piece):
-            raise _error("invalid_value", f"{what} must be token ids: a list of integers or a comma-separated string "
-                         "of them")
+            raise _error(
+                "invalid_value", f"{what} must be token ids: a list of integers or a comma-separated string of them"
+            )
         value = [int(piece) for piece in pieces if piece]
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
         raise _error("invalid_type", f"{what} must be token ids: a list of integers >= 0 or a comma-separated string")
@@ -175,8 +221,11 @@ def _breakers(value: Any) -> Any:
         try:
             value = json.loads(text if text.startswith("[") else f"[{text}]")
         except ValueError:
-            raise _error("invalid_value", 'dry_sequence_breakers must be a list of strings or a JSON array of them '
-                         'in a string (\'["\\n", ":"]\')') from None
+            raise _error(
+                "invalid_value",
+                "dry_sequence_breakers must be a list of strings or a JSON array of them "
+                'in a string (\'["\\n", ":"]\')',
+            ) from None
     return value
 
 
@@ -225,8 +274,11 @@ class StrategySpec(BaseModel):
         strategies = _strategies(info)
         offered = ", ".join(strategies.names(per_request=True))
         if is_reference(name):
-            raise _error("invalid_value", f"a request names a strategy this server offers ({offered}), never a module "
-                         "or a file: start the server with --load-strategy to offer one")
+            raise _error(
+                "invalid_value",
+                f"a request names a strategy this server offers ({offered}), never a module "
+                "or a file: start the server with --load-strategy to offer one",
+            )
         try:
             strategies.get(name, per_request=True)
         except UsageError as error:
@@ -248,7 +300,7 @@ class StrategySpec(BaseModel):
         return self._call
 
 
-def check_strategies(request: "_Request", strategies: StrategyRegistry, limits: Limits) -> None:
+def check_strategies(request: _Request, strategies: StrategyRegistry, limits: Limits) -> None:
     """Validate each ``request.strategy`` spec's parameters with its strategy's model (the same
     check as the command line's) and this server's limits (``max_banned_strings`` for ``slops``
     and ``find``, ``max_regexes`` for ``regexes``); raises ``APIError`` naming the parameter
@@ -265,7 +317,9 @@ def check_strategies(request: "_Request", strategies: StrategyRegistry, limits: 
                 check_grammar_size(kwargs, limits)
             for key in ("slops", "find"):
                 if key in kwargs:
-                    _check_strings(_phrases(kwargs[key]), key, limits.max_banned_strings, limits.max_banned_string_chars)
+                    _check_strings(
+                        _phrases(kwargs[key]), key, limits.max_banned_strings, limits.max_banned_string_chars
+                    )
             regexes = kwargs.get("regexes")
             if isinstance(regexes, list) and all(isinstance(p, str) for p in regexes):
                 for pattern in _check_strings(regexes, "regexes", limits.max_regexes, limits.max_regex_chars):
@@ -276,7 +330,7 @@ def check_strategies(request: "_Request", strategies: StrategyRegistry, limits: 
 
 
 def _is_grammar(kind) -> bool:
-    from .strategy.grammar_strategy import GrammarStrategy
+    from ..strategy.grammar_strategy import GrammarStrategy
 
     return isinstance(kind.cls, type) and issubclass(kind.cls, GrammarStrategy)
 
@@ -295,8 +349,11 @@ def check_grammar_size(params: Dict[str, Any], limits: Limits) -> None:
             continue
         size = len(value) if isinstance(value, str) else len(json.dumps(value, separators=(",", ":")))
         if size > limits.max_grammar_chars:
-            raise _error("string_above_max_length", f"the {key} is {size} characters long; this server takes at "
-                         f"most {limits.max_grammar_chars} (max_grammar_chars)")
+            raise _error(
+                "string_above_max_length",
+                f"the {key} is {size} characters long; this server takes at "
+                f"most {limits.max_grammar_chars} (max_grammar_chars)",
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,7 +381,7 @@ class ResponseFormat(BaseModel):
     json_schema: Optional[JsonSchemaFormat] = None
 
     @model_validator(mode="after")
-    def _needs_schema(self) -> "ResponseFormat":
+    def _needs_schema(self) -> ResponseFormat:
         if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
             raise _error("missing", 'response_format of type "json_schema" needs json_schema.schema')
         return self
@@ -345,10 +402,28 @@ class StreamOptions(BaseModel):
 # samplers and options the frontends send that have no effect here, with the values that mean "off":
 # accepted (as TabbyAPI accepts what its backend lacks) and, when set otherwise, named in the answer
 IGNORED_FIELDS = {
-    "top_a": 0, "tfs": 1, "tfs_z": 1, "mirostat_mode": 0, "mirostat": 0, "smoothing_factor": 0, "skew": 0,
-    "dynamic_temperature": False, "dynatemp_range": 0, "min_tokens": 0, "min_length": 0, "rep_pen_slope": 1,
-    "repetition_decay": 0, "guidance_scale": 1, "negative_prompt": "", "max_tokens_second": 0, "epsilon_cutoff": 0,
-    "eta_cutoff": 0, "num_beams": 1, "penalty_alpha": 0, "encoder_repetition_penalty": 1, "no_repeat_ngram_size": 0,
+    "top_a": 0,
+    "tfs": 1,
+    "tfs_z": 1,
+    "mirostat_mode": 0,
+    "mirostat": 0,
+    "smoothing_factor": 0,
+    "skew": 0,
+    "dynamic_temperature": False,
+    "dynatemp_range": 0,
+    "min_tokens": 0,
+    "min_length": 0,
+    "rep_pen_slope": 1,
+    "repetition_decay": 0,
+    "guidance_scale": 1,
+    "negative_prompt": "",
+    "max_tokens_second": 0,
+    "epsilon_cutoff": 0,
+    "eta_cutoff": 0,
+    "num_beams": 1,
+    "penalty_alpha": 0,
+    "encoder_repetition_penalty": 1,
+    "no_repeat_ngram_size": 0,
 }
 
 
@@ -362,8 +437,9 @@ class _Request(BaseModel):
     model: Optional[str] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
-    max_tokens: Optional[int] = Field(None, ge=0, validation_alias=_alias("max_tokens", "max_new_tokens", "max_length",
-                                                                          "n_predict"))
+    max_tokens: Optional[int] = Field(
+        None, ge=0, validation_alias=_alias("max_tokens", "max_new_tokens", "max_length", "n_predict")
+    )
     temperature: Optional[float] = Field(1.0, ge=0)
     top_p: Optional[float] = Field(None, gt=0, le=1)
     top_k: Optional[int] = Field(50, ge=0, description="0 (or -1) turns it off")
@@ -377,10 +453,16 @@ class _Request(BaseModel):
     # the samplers the frontends send (each becomes a strategy of the chain, see ``samplers``)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    repetition_penalty: Optional[float] = Field(None, gt=0, validation_alias=_alias("repetition_penalty", "rep_pen",
-                                                                                     "repeat_penalty"))
-    penalty_range: Optional[int] = Field(None, ge=-1, validation_alias=_alias(
-        "penalty_range", "repetition_penalty_range", "rep_pen_range", "repetition_range", "repeat_last_n"))
+    repetition_penalty: Optional[float] = Field(
+        None, gt=0, validation_alias=_alias("repetition_penalty", "rep_pen", "repeat_penalty")
+    )
+    penalty_range: Optional[int] = Field(
+        None,
+        ge=-1,
+        validation_alias=_alias(
+            "penalty_range", "repetition_penalty_range", "rep_pen_range", "repetition_range", "repeat_last_n"
+        ),
+    )
     dry_multiplier: Optional[float] = Field(None, ge=0)
     dry_base: Optional[float] = Field(None, ge=0)
     dry_allowed_length: Optional[int] = Field(None, ge=0)
@@ -448,7 +530,9 @@ class _Request(BaseModel):
     def _banned_tokens(cls, value: Any, info: ValidationInfo) -> Any:
         limits = _limits(info)
         if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
-            return _check_strings(value, "banned_tokens phrases", limits.max_banned_strings, limits.max_banned_string_chars)
+            return _check_strings(
+                value, "banned_tokens phrases", limits.max_banned_strings, limits.max_banned_string_chars
+            )
         return None if value is None else _token_ids(value, "banned_tokens", limits.max_token_ids)
 
     @field_validator("custom_token_bans", mode="before")
@@ -466,13 +550,18 @@ class _Request(BaseModel):
         if isinstance(value, dict):
             cap = _limits(info).max_token_ids
             if len(value) > cap:
-                raise _error("array_above_max_length", f"at most {cap} token ids in logit_bias (max_token_ids), got {len(value)}")
+                raise _error(
+                    "array_above_max_length", f"at most {cap} token ids in logit_bias (max_token_ids), got {len(value)}"
+                )
             for key, bias in value.items():
                 if not (isinstance(key, str) and key.isdigit()):
                     raise _error("invalid_value", f"logit_bias keys are token ids, got {key!r}")
                 if bias is True or not (isinstance(bias, (int, float)) and math.isfinite(bias)) and bias is not False:
-                    raise _error("invalid_value", f"logit_bias values are numbers (clamped to [-100, 100]) or false (a "
-                                 f"ban), got {bias!r} for token {key}")
+                    raise _error(
+                        "invalid_value",
+                        f"logit_bias values are numbers (clamped to [-100, 100]) or false (a "
+                        f"ban), got {bias!r} for token {key}",
+                    )
         return value
 
     @field_validator("strategy", mode="before")
@@ -495,7 +584,9 @@ class _Request(BaseModel):
     @classmethod
     def _banned(cls, value: Optional[List[str]], info: ValidationInfo) -> Optional[List[str]]:
         limits = _limits(info)
-        return value and _check_strings(value, "banned strings", limits.max_banned_strings, limits.max_banned_string_chars)
+        return value and _check_strings(
+            value, "banned strings", limits.max_banned_strings, limits.max_banned_string_chars
+        )
 
     @field_validator("banned_regex")
     @classmethod
@@ -525,15 +616,19 @@ class _Request(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _dry_base(self) -> "_Request":
+    def _dry_base(self) -> _Request:
         if self.dry_multiplier and self.dry_base is not None and self.dry_base < 1:
             raise _error("invalid_value", f"dry_base must be >= 1 when dry_multiplier is set, got {self.dry_base}")
         return self
 
     @model_validator(mode="after")
-    def _one_structured_output(self) -> "_Request":
-        given = [name for name in STRUCTURED_FIELDS if getattr(self, name) is not None
-                 and not (name == "response_format" and self.response_format.type == "text")]
+    def _one_structured_output(self) -> _Request:
+        given = [
+            name
+            for name in STRUCTURED_FIELDS
+            if getattr(self, name) is not None
+            and not (name == "response_format" and self.response_format.type == "text")
+        ]
         if len(given) > 1:
             raise _error("invalid_value", f"give one of {', '.join(given)} (each asks for structured output)")
         return self
@@ -545,8 +640,13 @@ class _Request(BaseModel):
             schema = value.json_schema.schema_ if value.type == "json_schema" else None
             params = {"json_schema": schema}
         else:
-            params = {"regex" if info.field_name == "regex_pattern" else
-                      "json_schema" if info.field_name == "json_schema" else "grammar": value}
+            params = {
+                "regex"
+                if info.field_name == "regex_pattern"
+                else "json_schema"
+                if info.field_name == "json_schema"
+                else "grammar": value
+            }
         check_grammar_size(params, _limits(info))
         return value
 
@@ -569,9 +669,11 @@ class _Request(BaseModel):
         return None
 
     @model_validator(mode="after")
-    def _sampling_args(self) -> "_Request":
+    def _sampling_args(self) -> _Request:
         try:
-            check_sampling_args(self.temperature if self.temperature is not None else 1.0, self.top_k, self.top_p, self.min_p)
+            check_sampling_args(
+                self.temperature if self.temperature is not None else 1.0, self.top_k, self.top_p, self.min_p
+            )
         except ValueError as error:
             raise _error("invalid_value", str(error)) from None
         return self
@@ -603,29 +705,53 @@ class _Request(BaseModel):
         banned = [t for t in self.banned_tokens or [] if isinstance(t, int)] + list(self.custom_token_bans or [])
         banned += list(eos) if self.ban_eos_token else []
         if bias or banned:
-            out.append(("logit_bias", {"bias": bias, "banned_tokens": banned},
-                        "logit_bias" if bias else "banned_tokens"))
+            out.append(
+                ("logit_bias", {"bias": bias, "banned_tokens": banned}, "logit_bias" if bias else "banned_tokens")
+            )
         rep, freq, presence = self.repetition_penalty, self.frequency_penalty or 0.0, self.presence_penalty or 0.0
         if (rep is not None and rep != 1) or freq or presence:
             last_n = self.default_penalty_range if self.penalty_range is None else self.penalty_range
-            out.append(("penalties", {"repeat_penalty": 1.0 if rep is None else rep, "frequency_penalty": freq,
-                                      "presence_penalty": presence, "last_n": last_n, "context": list(prompt)},
-                        "repetition_penalty"))
+            out.append(
+                (
+                    "penalties",
+                    {
+                        "repeat_penalty": 1.0 if rep is None else rep,
+                        "frequency_penalty": freq,
+                        "presence_penalty": presence,
+                        "last_n": last_n,
+                        "context": list(prompt),
+                    },
+                    "repetition_penalty",
+                )
+            )
         if self.dry_multiplier:
-            params: Dict[str, Any] = {"multiplier": self.dry_multiplier, "context": list(prompt),
-                                      "last_n": self.default_dry_range if self.dry_penalty_last_n is None
-                                      else self.dry_penalty_last_n}
-            for key, value in (("base", self.dry_base), ("allowed_length", self.dry_allowed_length),
-                               ("sequence_breakers", self.dry_sequence_breakers)):
+            params: Dict[str, Any] = {
+                "multiplier": self.dry_multiplier,
+                "context": list(prompt),
+                "last_n": self.default_dry_range if self.dry_penalty_last_n is None else self.dry_penalty_last_n,
+            }
+            for key, value in (
+                ("base", self.dry_base),
+                ("allowed_length", self.dry_allowed_length),
+                ("sequence_breakers", self.dry_sequence_breakers),
+            ):
                 if value is not None:
                     params[key] = value
             out.append(("dry", params, "dry_multiplier"))
         if self.typical_p is not None and self.typical_p < 1:
             out.append(("typical", {"p": self.typical_p}, "typical_p"))
         if self.xtc_probability:
-            out.append(("xtc", {"probability": self.xtc_probability, "seed": self.seed,
-                                "threshold": 0.1 if self.xtc_threshold is None else self.xtc_threshold},
-                        "xtc_probability"))
+            out.append(
+                (
+                    "xtc",
+                    {
+                        "probability": self.xtc_probability,
+                        "seed": self.seed,
+                        "threshold": 0.1 if self.xtc_threshold is None else self.xtc_threshold,
+                    },
+                    "xtc_probability",
+                )
+            )
         return out
 
     default_penalty_range: ClassVar[int] = -1  # the whole context, as TabbyAPI (KoboldCpp: 320)
@@ -633,8 +759,13 @@ class _Request(BaseModel):
 
     def sampling(self) -> Dict[str, Any]:
         """Keyword arguments for ``BacktrackSampler.generate`` (without the token limit)."""
-        return {"temperature": 1.0 if self.temperature is None else self.temperature, "top_k": self.top_k,
-                "top_p": self.top_p, "min_p": self.min_p, "seed": self.seed}
+        return {
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "min_p": self.min_p,
+            "seed": self.seed,
+        }
 
     default_max_tokens: ClassVar[Optional[int]] = None  # when max_tokens is not given (None: as many as fit)
     logprob_count: ClassVar[Optional[int]] = None  # the routes that report logprobs say how many alternatives
@@ -721,7 +852,7 @@ class ChatMessage(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _content(self) -> "ChatMessage":
+    def _content(self) -> ChatMessage:
         if self.content is None:
             if self.role != "assistant":
                 raise _error("invalid_type", "content must be a string or a list of text parts")
