@@ -499,7 +499,7 @@ def _grammar_params(args) -> Optional[Dict[str, Any]]:
     if len(given) > 1:
         raise UsageError(f"give one of {', '.join(given)}")
     if args.json_schema:
-        text = registry._read_text(args.json_schema, "JSON Schema file")
+        text = registry.read_text(args.json_schema, "JSON Schema file")
         try:
             params: Dict[str, Any] = {"json_schema": json.loads(text)}
         except json.JSONDecodeError as error:
@@ -507,7 +507,7 @@ def _grammar_params(args) -> Optional[Dict[str, Any]]:
     elif args.json_object:
         params = {"json_schema": {"type": "object"}}
     elif args.grammar:
-        params = {"grammar": registry._read_text(args.grammar, "grammar file")}
+        params = {"grammar": registry.read_text(args.grammar, "grammar file")}
     else:
         params = {"regex": args.regex_output}
     from ..strategy.grammar_strategy import GrammarError, check_grammar

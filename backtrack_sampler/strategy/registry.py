@@ -521,7 +521,7 @@ def _json_list(text: str, path: str) -> Optional[list]:
 def read_slops(path: str) -> list:
     """Phrases from a JSON file (a list of strings, or of [phrase, multiplier] pairs) or a text
     file with one phrase per line (blank lines and lines starting with # are skipped)."""
-    text = _read_text(path, "slop file")
+    text = read_text(path, "slop file")
     data = _json_list(text, path)
     if data is not None:
         for item in data:
@@ -544,7 +544,7 @@ def read_regexes(path: str) -> List[str]:
     """Regular expressions from a JSON list, or one per line; a line may be quoted ("...", as a
     JSON string or with regex backslashes left as they are) and end with a comma. Blank lines and
     lines starting with # are skipped."""
-    text = _read_text(path, "regex file")
+    text = read_text(path, "regex file")
     patterns = _json_list(text, path)
     if patterns is None:
         patterns = []
@@ -575,7 +575,7 @@ def check_regexes(patterns: Sequence[str]) -> List[str]:
     return list(patterns)
 
 
-def _read_text(path: str, what: str) -> str:
+def read_text(path: str, what: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
