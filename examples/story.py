@@ -2,6 +2,9 @@
 list of overused phrases and RepetitionStrategy cuts loops. Every rewind is shown where it happened,
 struck out, and a summary line ends the output. The same seed gives the same story (default 1).
 
+The story streams a sentence at a time: when the token limit comes in the middle of a sentence, the
+story ends at the last full sentence, and a line before the summary says how many tokens were left out.
+
     .venv/bin/python examples/story.py ["Write a story about ..."] [--max-new-tokens N] [--seed N] [--ban PHRASE]
 """
 
@@ -40,8 +43,12 @@ prompt = chat_prompt_tokens(provider, [{"role": "user", "content": args.request}
 strike = (lambda text: f"\x1b[9;31m{text}\x1b[0m") if sys.stdout.isatty() else (lambda text: f"[-{text}-]")
 
 # The sampler streams only final tokens; a rewind event (at `position`) arrives while the text
-# before it may still be held back. So rewinds wait here until the text reaches their position.
-tokens, shown, pending = [], "", []
+# before it may still be held back. So rewinds wait here until the text reaches their position, then
+# are shown at that place in the text (a character offset).
+tokens, text, printed = [], "", 0
+pending, strikes = [], []  # rewinds not reached yet; (character offset, rewound text) to show
+# a sentence ends at . ! ? or an ellipsis, with any closing quotes or brackets after it
+SENTENCE_END = re.compile(r"""(?:[.!?\u2026])['"\u2019\u201d)\]]*""")
 
 
 def on_rewind(event):
@@ -49,24 +56,54 @@ def on_rewind(event):
     pending = [e for e in pending if e.position <= event.position] + [event]
 
 
-def show_rewinds():
+def reach_rewinds():
     while pending and pending[0].position <= len(tokens):
         event = pending.pop(0)
-        print(strike(event.text), end="", flush=True)
+        strikes.append((len(provider.decode(tokens[: event.position]).rstrip("\ufffd")), event.text))
+
+
+def show(upto):
+    """Print the text up to character `upto`, with the rewinds that happened before it."""
+    global printed
+    while strikes and strikes[0][0] <= upto:
+        offset, gone = strikes.pop(0)
+        print(text[printed:offset] + strike(gone), end="")
+        printed = offset
+    print(text[printed:upto], end="", flush=True)
+    printed = upto
+
+
+def sentence_ends(start, at_end=False):
+    """Where the sentences that end after `start` end (followed by a space, or by the end of the text)."""
+    return [
+        m.end()
+        for m in SENTENCE_END.finditer(text, start)
+        if m.end() < len(text) and text[m.end()].isspace() or at_end and m.end() == len(text)
+    ]
 
 
 print(f"> {args.request}\n")
 for token in sampler.generate(
     prompt, max_new_tokens=args.max_new_tokens, temperature=0.8, min_p=0.05, seed=args.seed, on_rewind=on_rewind
 ):
-    show_rewinds()
+    reach_rewinds()
     tokens.append(token)
-    text = provider.decode(tokens)
-    if not text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
-        print(text[len(shown) :], end="", flush=True)
-        shown = text
-print(provider.decode(tokens)[len(shown) :], end="")
-show_rewinds()
+    decoded = provider.decode(tokens)
+    if not decoded.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+        text = decoded
+        ends = sentence_ends(printed)
+        if ends:  # what follows the last sentence end waits: the limit may cut it off
+            show(ends[-1])
+reach_rewinds()
+text = provider.decode(tokens)
+left_out, end = 0, len(text.rstrip())
+ends = sentence_ends(0, at_end=True)
+if sampler.stats.finish_reason == "length" and ends:
+    end = ends[-1]  # the limit may have come mid-sentence: the story ends at its last full sentence
+    if text[end:].strip():
+        left_out = next(n for n in range(len(tokens) + 1) if len(provider.decode(tokens[: len(tokens) - n])) <= end)
+        strikes[:] = [(offset, gone) for offset, gone in strikes if offset < end]  # rewinds in what is left out
+show(end)  # with the rewinds at the very end
 
 stats = sampler.stats
 # rewind reasons: "AntiSlopStrategy: phrase 'a lone'", "RepetitionStrategy: repeat: loop '-h' x10" ("; " between two)
@@ -77,7 +114,13 @@ repeats = reasons.count("RepetitionStrategy: repeat: ")
 phrases = f"{len(avoided)} banned phrase{'s' * (len(avoided) != 1)} ({', '.join(avoided) or 'none came up'})"
 cut = f"{repeats} repeat{'s' * (repeats != 1)} cut" if repeats else "no repeat"
 kept_note = f"{len(kept)} kept for want of an alternative; " if kept else ""
+if left_out:
+    print(
+        f"\n\n[stopped at the {args.max_new_tokens}-token limit in the middle of a sentence: "
+        f"that sentence ({left_out} token{'s' * (left_out != 1)}) is left out]",
+        end="",
+    )
 print(
-    f"\n\n[avoided {phrases} in {stats.rewinds} rewinds; {cut}; {kept_note}"
+    ("\n" if left_out else "\n\n") + f"[avoided {phrases} in {stats.rewinds} rewinds; {cut}; {kept_note}"
     f"{stats.delivered} tokens at {stats.tokens_per_second:.1f} tokens/s]"
 )
