@@ -9,311 +9,36 @@ vocabulary in tens of microseconds, and rolls back consumed tokens (``LLMatcher.
 
 from __future__ import annotations
 
-import json
-import os
-import select
-import subprocess
-import sys
-import threading
-import warnings
-from typing import Any, Dict, FrozenSet, List, Optional, Set
+from typing import Dict, FrozenSet, List, Optional, Set
 
 import numpy as np
 
 from ..provider.base_provider import BaseProvider
 from .base_strategy import BaseStrategy, ConstraintError
+from .grammar import (
+    INSTALL,
+    GrammarChecker,
+    GrammarError,
+    JsonSchema,
+    check_grammar,
+    grammar_kind,
+    grammar_source,
+    llguidance_module,
+    short_message,
+)
+from .grammar_tokenizer import tokenizer_for
 
-JsonSchema = Dict[str, Any]
-INSTALL = "pip install 'backtrack-sampler[grammar]'"
-
-
-class GrammarError(ValueError):
-    """A JSON Schema, grammar or regex that cannot be used: malformed, unsupported, too large, or
-    too slow to compile (the message names the problem)."""
-
-
-def _llguidance():
-    try:
-        import llguidance
-    except ImportError:
-        raise ImportError(f"GrammarStrategy needs llguidance: {INSTALL}") from None
-    return llguidance
-
-
-# --------------------------------------------------------------------------------------------
-# grammars: what the user gives -> llguidance's grammar text
-# --------------------------------------------------------------------------------------------
-def grammar_source(
-    json_schema: Optional[JsonSchema] = None,
-    grammar: Optional[str] = None,
-    regex: Optional[str] = None,
-    whitespace_flexible: bool = False,
-) -> str:
-    """llguidance's grammar text for exactly one of ``json_schema`` (a JSON Schema as a dict; ``{}``
-    or True: any JSON value), ``grammar`` (Lark, or llama.cpp's GBNF, told apart by llguidance)
-    and ``regex`` (the whole output must match it; Rust ``regex`` syntax). JSON is compact
-    (``{"a": 1, "b": [2, 3]}``: one space after ``:`` and ``,``, none elsewhere) unless
-    ``whitespace_flexible``; a schema's own ``x-guidance`` options win. GrammarError when none or
-    several are given, or a schema is not a JSON object."""
-    given = [
-        name
-        for name, value in (("json_schema", json_schema), ("grammar", grammar), ("regex", regex))
-        if value is not None
-    ]
-    if len(given) != 1:
-        raise GrammarError(
-            "give exactly one of json_schema, grammar and regex" + (f" (got {', '.join(given)})" if given else "")
-        )
-    llg = _llguidance()
-    if json_schema is not None:
-        if json_schema is True:
-            json_schema = {}
-        if not isinstance(json_schema, dict):
-            raise GrammarError(f"json_schema must be a JSON object, got {type(json_schema).__name__}")
-        options: Dict[str, Any] = {"whitespace_flexible": bool(whitespace_flexible)}
-        if not whitespace_flexible:
-            options.update(item_separator=", ", key_separator=": ")
-        try:
-            return llg.LLMatcher.grammar_from_json_schema(json_schema, defaults=options)
-        except (ValueError, TypeError) as error:
-            raise GrammarError(f"json_schema: {error}") from None
-    if grammar is not None:
-        if not isinstance(grammar, str) or not grammar.strip():
-            raise GrammarError("grammar must be a non-empty string (Lark or GBNF)")
-        try:
-            return llg.grammar_from("grammar", grammar)
-        except Exception as error:  # the GBNF converter raises its own errors
-            raise GrammarError(f"grammar: {error}") from None
-    if not isinstance(regex, str) or not regex:
-        raise GrammarError("regex must be a non-empty string")
-    return llg.LLMatcher.grammar_from_regex(regex)
-
-
-def _which(json_schema, grammar, regex) -> str:
-    return "json_schema" if json_schema is not None else "grammar" if grammar is not None else "regex"
-
-
-def _short(message: str, limit: int = 400) -> str:
-    """llguidance's message on one line, without its parser-state dump and caret lines."""
-    message = message.split("\n<state>")[0]
-    message = " ".join(line.strip() for line in message.splitlines() if line.strip() and line.strip() != "^")
-    return message if len(message) <= limit else message[: limit - 3] + "..."
-
-
-# --------------------------------------------------------------------------------------------
-# bounded compilation: a child process that can be killed (for grammars from a request)
-# --------------------------------------------------------------------------------------------
-_WORKER = r"""
-import json, sys
-try:
-    import resource
-    cap = int(sys.argv[1])
-    if cap > 0:
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-except Exception:
-    pass
-import llguidance as llg
-for line in sys.stdin:
-    try:
-        error = llg.LLMatcher.validate_grammar(json.loads(line)["grammar"], None)
-    except BaseException as e:
-        error = f"{type(e).__name__}: {e}"
-    sys.stdout.write(json.dumps({"error": error}) + "\n")
-    sys.stdout.flush()
-"""
-
-
-class GrammarChecker:
-    """Validates grammars in a child process (one, started on first use, reused) and kills it when
-    one takes longer than ``timeout`` seconds: a hostile schema (llguidance's compile time grows
-    exponentially with, e.g., the number of ``allOf`` regex patterns: 20 took 35 s here) costs
-    at most ``timeout``. ``memory``: the child's address-space cap in bytes (0: none). One check at
-    a time (a lock); a grammar that passed is remembered (by its text) and not checked again."""
-
-    def __init__(self, memory: int = 4 << 30, remember: int = 256):
-        self.memory, self.remember = memory, remember
-        self._process: Optional[subprocess.Popen] = None
-        self._lock = threading.Lock()
-        self._passed: Dict[str, None] = {}
-
-    def check(self, source: str, timeout: float) -> None:
-        """GrammarError when ``source`` (llguidance's grammar text) is invalid or its check takes
-        longer than ``timeout`` seconds."""
-        if source in self._passed:
-            return
-        with self._lock:
-            process = self._start()
-            try:
-                process.stdin.write(json.dumps({"grammar": source}) + "\n")
-                process.stdin.flush()
-                ready, _, _ = select.select([process.stdout], [], [], timeout)
-                line = process.stdout.readline() if ready else ""
-            except (OSError, ValueError):
-                line = ""
-            if not line:
-                self._kill()
-                if ready:
-                    raise GrammarError("it could not be compiled (the compiler ran out of memory)")
-                raise GrammarError(f"it takes longer than {timeout:g} s to compile (max_grammar_seconds)")
-        error = json.loads(line)["error"]
-        if error:
-            raise GrammarError(_short(error))
-        if len(self._passed) >= self.remember:
-            self._passed.pop(next(iter(self._passed)))
-        self._passed[source] = None
-
-    def _start(self) -> subprocess.Popen:
-        if self._process is None or self._process.poll() is not None:
-            self._process = subprocess.Popen(
-                [sys.executable, "-c", _WORKER, str(self.memory)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-                bufsize=1,
-                close_fds=True,
-            )
-        return self._process
-
-    def _kill(self) -> None:
-        if self._process is not None:
-            self._process.kill()
-            self._process.wait()
-            self._process = None
-
-    def close(self) -> None:
-        with self._lock:
-            self._kill()
-
-
-_CHECKER = GrammarChecker()
-
-
-def check_grammar(
-    json_schema: Optional[JsonSchema] = None,
-    grammar: Optional[str] = None,
-    regex: Optional[str] = None,
-    whitespace_flexible: bool = False,
-    *,
-    max_chars: Optional[int] = None,
-    timeout: Optional[float] = None,
-) -> str:
-    """The checks for a grammar from an untrusted source (the server runs them on every request's):
-    at most ``max_chars`` characters (a schema: its compact JSON text), and valid once compiled
-    within ``timeout`` seconds, in a child process that is killed beyond it (``GrammarChecker``;
-    without ``timeout``: in this process, unbounded). Returns llguidance's grammar text; GrammarError naming the problem."""
-    which = _which(json_schema, grammar, regex)
-    text = json.dumps(json_schema, separators=(",", ":")) if which == "json_schema" else (grammar or regex or "")
-    if max_chars is not None and len(text) > max_chars:
-        raise GrammarError(
-            f"the {which} is {len(text)} characters long; at most {max_chars} are allowed (max_grammar_chars)"
-        )
-    source = grammar_source(json_schema, grammar, regex, whitespace_flexible)
-    if timeout is not None and os.name == "posix":
-        try:
-            _CHECKER.check(source, timeout)
-        except GrammarError as error:
-            raise GrammarError(f"{which}: {error}") from None
-    else:
-        error = _llguidance().LLMatcher.validate_grammar(source, None)
-        if error:
-            raise GrammarError(f"{which}: {_short(error)}")
-    return source
-
-
-# --------------------------------------------------------------------------------------------
-# tokenizers: the provider's vocabulary as llguidance sees it (built once per model)
-# --------------------------------------------------------------------------------------------
-_TOKENIZERS: Dict[tuple, Any] = {}
-_TOKENIZER_LOCK = threading.Lock()
-
-
-def tokenizer_for(provider: BaseProvider):
-    """An ``llguidance.LLTokenizer`` of ``provider``'s vocabulary (``vocab_size`` wide, with every
-    one of its ``eos_token_ids``): from the llama.cpp vocabulary (``provider.llm``: a
-    ``LlamacppProvider``, or an ``EngineProvider`` with a GGUF tokenizer), from a Hugging Face fast
-    tokenizer (``provider.tokenizer``), else from each token's decoded text (any provider; a token
-    whose text is empty counts as special). Cached by model: building one takes 0.3-7 s."""
-    llg = _llguidance()
-    eos = sorted(provider.eos_token_ids)
-    size = provider.vocab_size
-    llm, hf = getattr(provider, "llm", None), getattr(provider, "tokenizer", None)
-    if llm is not None and type(llm).__module__.startswith("llama_cpp"):
-        key: tuple = ("llama.cpp", getattr(llm, "model_path", None) or id(llm))
-    elif hf is not None and hasattr(hf, "backend_tokenizer"):
-        key = ("hf", getattr(hf, "name_or_path", None) or id(hf), len(hf))
-    else:
-        llm = hf = None
-        key = ("decoded", id(provider))
-    key += (size, tuple(eos))
-    with _TOKENIZER_LOCK:
-        found = _TOKENIZERS.get(key)
-        if found is not None and (key[0] != "decoded" or found[1] is provider):
-            return found[0]
-        if llm is not None:
-            import llama_cpp
-            from llguidance.llamacpp import lltokenizer_from_vocab
-
-            with warnings.catch_warnings():  # it calls llama_token_get_attr (deprecated) once per token
-                warnings.simplefilter("ignore", DeprecationWarning)
-                tokenizer = lltokenizer_from_vocab(
-                    llama_cpp.llama_model_get_vocab(llm.model), n_vocab=size, eos_token=eos
-                )
-        elif hf is not None:
-            from llguidance.hf import from_tokenizer
-
-            tokenizer = from_tokenizer(hf, n_vocab=max(size, len(hf)), eos_token=eos)
-        else:
-            tokenizer = llg.LLTokenizer(llg.TokenizerWrapper(_DecodedVocabulary(provider)), n_vocab=size, eos_token=eos)
-        if len(_TOKENIZERS) >= 8:
-            _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
-        _TOKENIZERS[key] = (tokenizer, provider if key[0] == "decoded" else None)
-        return tokenizer
-
-
-class _DecodedVocabulary:
-    """What ``llguidance.TokenizerWrapper`` needs, from a provider's ``decode`` and ``encode``."""
-
-    def __init__(self, provider: BaseProvider):
-        self.provider = provider
-        self.tokens: List[bytes] = []
-        self.special_token_ids: List[int] = []
-        for token in range(provider.vocab_size):
-            text = provider.decode([token])
-            if text:
-                self.tokens.append(text.encode("utf-8"))
-            else:
-                self.special_token_ids.append(token)
-                self.tokens.append(f"<|special_{token}|>".encode())
-        self.eos_token_id = provider.get_eos_token_id()
-        self.bos_token_id = None
-
-    def __call__(self, text) -> List[int]:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="replace")
-        try:
-            return self.provider.encode(text, add_special_tokens=False)
-        except Exception:  # text the provider cannot encode: greedy longest pieces (llguidance must get tokens)
-            return self._greedy(text)
-
-    def _greedy(self, text: str) -> List[int]:
-        if not hasattr(self, "_ids"):
-            self._ids = {
-                piece.decode("utf-8", "replace"): i
-                for i, piece in enumerate(self.tokens)
-                if i not in self.special_token_ids
-            }
-            self._longest = max(map(len, self._ids), default=1)
-        tokens, i = [], 0
-        while i < len(text):
-            for size in range(min(self._longest, len(text) - i), 0, -1):
-                if text[i : i + size] in self._ids:
-                    tokens.append(self._ids[text[i : i + size]])
-                    i += size
-                    break
-            else:
-                i += 1  # a character no token has: skipped
-        return tokens
+__all__ = [
+    "GrammarStrategy",
+    # grammar.py and grammar_tokenizer.py, importable from here as before
+    "INSTALL",
+    "GrammarChecker",
+    "GrammarError",
+    "JsonSchema",
+    "check_grammar",
+    "grammar_source",
+    "tokenizer_for",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,14 +101,14 @@ class GrammarStrategy(BaseStrategy):
     ):
         if not isinstance(lookback, int) or isinstance(lookback, bool) or lookback < 0:
             raise ValueError(f"lookback must be an int >= 0, got {lookback!r}")
-        llg = _llguidance()
+        llg = llguidance_module()
         self.provider, self.lookback = provider, lookback
-        self.kind = _which(json_schema, grammar, regex)
+        self.kind = grammar_kind(json_schema, grammar, regex)
         self.source = grammar_source(json_schema, grammar, regex, whitespace_flexible)
         self.tokenizer = tokenizer_for(provider)
         self.matcher = llg.LLMatcher(self.tokenizer, self.source, log_level=0)
         if self.matcher.is_error():
-            raise GrammarError(f"{self.kind}: {_short(self.matcher.get_error())}")
+            raise GrammarError(f"{self.kind}: {short_message(self.matcher.get_error())}")
         # an engine's logits hold only its K candidates (-inf elsewhere): a token the grammar forces
         # may be missing from them; it is taken anyway (below), as in process
         self.candidates_only = hasattr(provider, "engine_type")
@@ -516,7 +241,7 @@ class GrammarStrategy(BaseStrategy):
 
     def _check_matcher(self) -> None:
         if self.matcher.is_error():
-            raise ConstraintError(f"the {self.kind} engine failed: {_short(self.matcher.get_error(), 300)}")
+            raise ConstraintError(f"the {self.kind} engine failed: {short_message(self.matcher.get_error(), 300)}")
 
     def _tail(self, tokens: List[int]) -> str:
         return self.provider.decode(tokens[-8:])
