@@ -15,7 +15,7 @@ from typing import Any, Iterator, List, Optional, Protocol
 try:  # Python 3.11+
     from re import _parser as _sre_parse  # type: ignore[attr-defined]
 except ImportError:  # Python 3.10
-    import sre_parse as _sre_parse  # type: ignore[no-redef]
+    import sre_parse as _sre_parse
 
 
 class CompiledRegex(Protocol):

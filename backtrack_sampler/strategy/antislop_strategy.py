@@ -4,7 +4,7 @@ and make the token that began it less likely (or impossible) there."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Iterable, List, Optional, Union
+from typing import Callable, Dict, Iterable, List, Optional, Union, cast
 
 import numpy as np
 
@@ -93,8 +93,8 @@ class AntiSlopStrategy(BaseStrategy):
         self.keep_index_buffer, self.skip_tokens, self.max_retries = keep_index_buffer, skip_tokens, max_retries
         self.on_exhausted, self.on_accept = on_exhausted, on_accept
         case_sensitive = not with_variants if case_sensitive is None else case_sensitive
-        if isinstance(regexes, str) or hasattr(regexes, "finditer"):
-            regexes = [regexes]
+        if isinstance(regexes, str) or hasattr(regexes, "finditer"):  # one pattern given alone
+            regexes = [cast(Union[str, CompiledRegex], regexes)]
         compiled = [r if not isinstance(r, str) else compile_regex(r, case_sensitive) for r in regexes]
         items = _items(slops)
         if not items and not compiled:

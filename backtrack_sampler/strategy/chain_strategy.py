@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Literal, Sequence
 
 import numpy as np
 
@@ -102,7 +102,7 @@ class _named:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind, error, traceback) -> bool:
+    def __exit__(self, kind, error, traceback) -> Literal[False]:
         if isinstance(error, ConstraintError) and not getattr(error, "named", False):
             error.args = (f"{type(self.strategy).__name__}: {error}",)
             error.named = True

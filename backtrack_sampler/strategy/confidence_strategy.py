@@ -54,9 +54,9 @@ class ConfidenceStrategy(BaseStrategy):
                 raise ValueError(f"{key} must be an int >= {1 if key == 'span' else 0}, got {value!r}")
         if not (isinstance(min_prob, (int, float)) and 0 < min_prob < 1):
             raise ValueError(f"min_prob must be in (0, 1), got {min_prob!r}")
-        for key, value in dict(drop=drop, spike=spike).items():
-            if not (isinstance(value, (int, float)) and math.isfinite(value)):
-                raise ValueError(f"{key} must be a finite number (nats), got {value!r}")
+        for key, nats in dict(drop=drop, spike=spike).items():
+            if not (isinstance(nats, (int, float)) and math.isfinite(nats)):
+                raise ValueError(f"{key} must be a finite number (nats), got {nats!r}")
         self.provider = provider
         self.min_prob, self.span, self.drop, self.spike = float(min_prob), span, float(drop), float(spike)
         self.window, self.max_retries, self.max_revisions = window, max_retries, max_revisions

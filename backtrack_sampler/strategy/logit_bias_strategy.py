@@ -32,8 +32,8 @@ class LogitBiasStrategy(BaseStrategy):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or np.isnan(value):
                 raise ValueError(f"the bias of token {key} must be a number, got {value!r}")
             biased[token] = -np.inf if value == -np.inf else float(min(max(value, -MAX_BIAS), MAX_BIAS))
-        for key in banned_tokens or ():
-            biased[_token_id(key, vocab)] = -np.inf
+        for banned in banned_tokens or ():
+            biased[_token_id(banned, vocab)] = -np.inf
         self.ids = np.fromiter(biased, dtype=np.int64, count=len(biased))
         self.values = np.fromiter(biased.values(), dtype=np.float32, count=len(biased))
 

@@ -84,18 +84,18 @@ def filter_logits(
         ids = ids[np.argpartition(logits[ids], -top_k)[-top_k:]]
     weights = np.exp((logits[ids].astype(np.float64) - top) / temperature)
     total = weights.sum()
-    nucleus = top_p is not None and top_p < 1
+    nucleus = top_p if top_p is not None and top_p < 1 else None  # the mass top-p keeps, when it filters
     k = 64  # for top-p, sort only the k most likely, for the smallest k in 64, 256, ... holding top_p
-    while nucleus and k < len(ids):
+    while nucleus is not None and k < len(ids):
         part = np.argpartition(weights, -k)[-k:]
-        if weights[part].sum() >= top_p * total:
+        if weights[part].sum() >= nucleus * total:
             ids, weights = ids[part], weights[part]
             break
         k *= 4
     order = np.argsort(-weights, kind="stable")
     ids, probs = ids[order], weights[order] / total
-    if nucleus:
-        keep = int(np.searchsorted(np.cumsum(probs), top_p)) + 1  # smallest prefix with mass >= top_p
+    if nucleus is not None:
+        keep = int(np.searchsorted(np.cumsum(probs), nucleus)) + 1  # smallest prefix with mass >= top_p
         ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
     return ids, probs
 
