@@ -268,7 +268,17 @@ class BatchSummary:
 class _Run:
     """The state of one run_batch: the scheduler's callbacks write the records."""
 
-    def __init__(self, provider, output, trace, pairs, summary, progress, on_error, fatal_types):
+    def __init__(
+        self,
+        provider: BaseProvider,
+        output: JsonlOutput,
+        trace: Optional[JsonlOutput],
+        pairs: Optional[JsonlOutput],
+        summary: BatchSummary,
+        progress: Optional[Callable[[BatchSummary, int], None]],
+        on_error: Callable[[PromptLine, BaseException], None],
+        fatal_types: Tuple[type, ...],
+    ):
         self.provider, self.output, self.trace, self.pairs = provider, output, trace, pairs
         self.summary, self.progress, self.on_error, self.fatal_types = summary, progress, on_error, fatal_types
         self.fatal: Optional[BaseException] = None
@@ -282,12 +292,20 @@ class _Run:
         sampling: Dict[str, Any],
         messages: Optional[List[Dict[str, str]]],
     ) -> BatchJob:
-        prompt: Any = chat_prompt_tokens(self.provider, messages) if messages else item.prompt
+        source: Union[str, List[Dict[str, str]]]  # the prompt as the trace records it
+        prompt: Union[str, Sequence[int]]  # as the scheduler takes it
+        if messages:
+            source, prompt = messages, chat_prompt_tokens(self.provider, messages)
+        else:
+            assert item.prompt is not None  # a line without messages has a prompt (_parse_line)
+            source = prompt = item.prompt
         records: List[Dict[str, Any]] = []
         tracker: List[EventTracker] = []
-        writer = TraceWriter(None, messages or item.prompt) if self.trace or self.pairs else None
+        writer = TraceWriter(None, source) if self.trace or self.pairs else None
 
         def on_step(job: BatchJob) -> None:
+            if writer is None:  # not called: on_step is only given with a trace or pairs
+                return
             if not tracker:
                 tracker.append(EventTracker(job.generation))
             for event in tracker[0].update():
@@ -404,7 +422,7 @@ def run_batch(
                 if "seed" not in item.overrides and base_seed is not None:
                     sampling["seed"] = base_seed + item.line
                 messages = item.messages
-                if messages is None and (chat or system is not None):
+                if messages is None and item.prompt is not None and (chat or system is not None):
                     messages = ([{"role": "system", "content": system}] if system is not None else []) + [
                         {"role": "user", "content": item.prompt}
                     ]
