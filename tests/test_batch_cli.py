@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from backtrack_sampler import cli
 from backtrack_sampler.cli import batchfile
-from backtrack_sampler.cli import commands as cli
+from backtrack_sampler.cli import model as cli_model
 from backtrack_sampler.cli.batchfile import JsonlOutput, preference_pair, read_prompts
 from backtrack_sampler.provider.fake_provider import FakeProvider
 
@@ -26,7 +27,7 @@ PROMPTS = [
 @pytest.fixture
 def fake_model(monkeypatch):
     provider = FakeProvider(context_length=256)
-    monkeypatch.setattr(cli, "load_provider", lambda *args, **kwargs: provider)
+    monkeypatch.setattr(cli_model, "load_provider", lambda *args, **kwargs: provider)
     # the fake has no chat format: a chat is its messages' contents in a row
     monkeypatch.setattr(
         batchfile, "chat_prompt_tokens", lambda p, messages: p.encode("".join(m["content"] for m in messages))
@@ -275,7 +276,7 @@ def test_through_a_fake_engine(monkeypatch, tmp_path):
     fake = FakeEngine("vllm", model.logits_for, model.vocab_size, eos=model.get_eos_token_id())
     try:
         monkeypatch.setattr(
-            cli, "_load", lambda args, chat: EngineProvider(fake.url, "vllm", tokenizer=model, timeout=5)
+            cli_model, "load", lambda args, chat, slots=1: EngineProvider(fake.url, "vllm", tokenizer=model, timeout=5)
         )
         rows = [{"id": i, "prompt": " it was"} for i in range(6)]
         prompts, out = write_jsonl(tmp_path / "p.jsonl", rows), tmp_path / "out.jsonl"

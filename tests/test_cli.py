@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from backtrack_sampler.cli import commands as cli
+from backtrack_sampler import cli
+from backtrack_sampler.cli import generate
+from backtrack_sampler.cli import model as cli_model
 from backtrack_sampler.provider.fake_provider import FakeProvider
 from backtrack_sampler.strategy import registry
 from backtrack_sampler.strategy.base_strategy import BaseStrategy
@@ -24,7 +26,7 @@ EXE = Path(sys.executable).with_name("backtrack-sampler")
 def fake_model(monkeypatch):
     """Make the CLI load a FakeProvider instead of a real model."""
     provider = FakeProvider(context_length=256)
-    monkeypatch.setattr(cli, "load_provider", lambda *args, **kwargs: provider)
+    monkeypatch.setattr(cli_model, "load_provider", lambda *args, **kwargs: provider)
     return provider
 
 
@@ -230,7 +232,7 @@ class RewindOnce(BaseStrategy):
 def test_show_backtracking_marks_rewinds_in_place(fake_model, monkeypatch):
     from backtrack_sampler import BacktrackSampler
 
-    monkeypatch.setattr(cli, "build_strategies", lambda plan, provider: RewindOnce())
+    monkeypatch.setattr(generate, "build_strategies", lambda plan, provider: RewindOnce())
     both = io.StringIO()  # stdout and stderr interleaved, as on a terminal
     argv = [
         "generate",
@@ -253,7 +255,7 @@ def test_show_backtracking_marks_rewinds_in_place(fake_model, monkeypatch):
 
 
 def test_show_backtracking_colours(fake_model, monkeypatch):
-    monkeypatch.setattr(cli, "build_strategies", lambda plan, provider: RewindOnce())
+    monkeypatch.setattr(generate, "build_strategies", lambda plan, provider: RewindOnce())
     status, out, err = run(
         ["generate", "the", "--max-new-tokens", "8", "--temperature", "0", "--show-backtracking", "--color", "always"]
     )

@@ -224,7 +224,7 @@ def test_engine_dying_mid_stream_is_a_clear_error(binary, gguf):
 def test_command_line_generate_through_the_engine(server, gguf):
     import io
 
-    from backtrack_sampler.cli.commands import main
+    from backtrack_sampler.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     status = main(
@@ -313,7 +313,7 @@ def test_batch_through_the_engine(server, gguf, tmp_path):
     import io
     import json
 
-    from backtrack_sampler.cli.commands import main
+    from backtrack_sampler.cli import main
 
     rows = [
         {"id": i, "prompt": prompt}

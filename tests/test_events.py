@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, CreativeWritingStrategy, ReplaceStrategy
-from backtrack_sampler.cli import commands as cli
+from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, CreativeWritingStrategy, ReplaceStrategy, cli
+from backtrack_sampler.cli import generate
+from backtrack_sampler.cli import model as cli_model
 from backtrack_sampler.core.events import (
     Chosen,
     Done,
@@ -167,7 +168,7 @@ def test_a_closed_generation_ends_with_done_without_finish_reason():
 @pytest.fixture
 def fake_model(monkeypatch):
     provider = FakeProvider(context_length=256)
-    monkeypatch.setattr(cli, "load_provider", lambda *args, **kwargs: provider)
+    monkeypatch.setattr(cli_model, "load_provider", lambda *args, **kwargs: provider)
     return provider
 
 
@@ -224,7 +225,7 @@ def test_trace_writes_one_record_per_rewind(fake_model, tmp_path):
 
 
 def test_trace_with_chat_records_the_messages_and_show_backtracking_still_works(fake_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "chat_prompt_tokens", lambda provider, messages: provider.encode(" the cat"))
+    monkeypatch.setattr(generate, "chat_prompt_tokens", lambda provider, messages: provider.encode(" the cat"))
     trace = tmp_path / "t.jsonl"
     status, out, err = run(
         [

@@ -352,10 +352,11 @@ def test_a_strategy_that_changes_the_masked_logits_after_it_cannot_break_the_out
 def cli_run(argv, monkeypatch=None, provider=None):
     import io
 
-    from backtrack_sampler.cli import commands as cli
+    from backtrack_sampler import cli
+    from backtrack_sampler.cli import model as cli_model
 
     if monkeypatch is not None:
-        monkeypatch.setattr(cli, "load_provider", lambda *args, **kwargs: provider)
+        monkeypatch.setattr(cli_model, "load_provider", lambda *args, **kwargs: provider)
     out, err = io.StringIO(), io.StringIO()
     status = cli.main(argv, stdin=io.StringIO(""), stdout=out, stderr=err)
     return status, out.getvalue().rstrip("\n"), err.getvalue()
@@ -463,7 +464,7 @@ def test_cli_bad_grammars_are_one_line_errors_before_the_model_loads(argv, words
     (tmp_path / "TYPO").write_text('{"type": "objectx"}')
     argv = [str(tmp_path / a) if a in ("BAD", "TYPO", "MISSING.json") else a for a in argv]
     loaded = []
-    monkeypatch.setattr("backtrack_sampler.cli.commands.load_provider", lambda *a, **k: loaded.append(1) or fake())
+    monkeypatch.setattr("backtrack_sampler.cli.model.load_provider", lambda *a, **k: loaded.append(1) or fake())
     status, out, err = cli_run(["generate", " the", *argv])
     assert status == 1 and not loaded and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     for word in words:

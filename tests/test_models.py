@@ -15,8 +15,9 @@ import pytest
 from conftest import ROOT
 from serving import serve_subprocess
 
-from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy
-from backtrack_sampler.cli import commands as cli
+from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy, cli
+from backtrack_sampler.cli import generate
+from backtrack_sampler.cli import model as cli_model
 from backtrack_sampler.errors import UsageError
 from backtrack_sampler.provider import models
 from backtrack_sampler.provider.chat import chat_prompt_tokens
@@ -117,8 +118,8 @@ def test_cli_default_model(argv, expected, monkeypatch):
         seen.append(model)
         return FakeProvider(context_length=64)
 
-    monkeypatch.setattr(cli, "load_provider", load)
-    monkeypatch.setattr(cli, "chat_prompt_tokens", lambda provider, messages: provider.encode("the"))
+    monkeypatch.setattr(cli_model, "load_provider", load)
+    monkeypatch.setattr(generate, "chat_prompt_tokens", lambda provider, messages: provider.encode("the"))
     out, err = io.StringIO(), io.StringIO()
     assert cli.main(argv + ["--max-new-tokens", "2"], stdout=out, stderr=err) == 0, err.getvalue()
     assert seen == [expected]

@@ -16,8 +16,8 @@ from conftest import ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy, ChainStrategy
-from backtrack_sampler.cli import commands as cli
+from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy, ChainStrategy, cli
+from backtrack_sampler.cli import model as cli_model
 from backtrack_sampler.provider.fake_provider import FakeProvider
 from backtrack_sampler.quality import (
     RepeatDetector,
@@ -434,7 +434,7 @@ def test_it_is_a_builtin_with_json_parameters(fake):
 
 def test_generate_strategy_repetition_on_the_command_line(monkeypatch):
     fp = markov(dict(WORD_LOOP, x=[" the"]))
-    monkeypatch.setattr(cli, "load_provider", lambda *args, **kwargs: fp)
+    monkeypatch.setattr(cli_model, "load_provider", lambda *args, **kwargs: fp)
     out, err = io.StringIO(), io.StringIO()
     status = cli.main(
         ["generate", "x", "--strategy", "repetition", "--temperature", "0", "--show-backtracking", "--color", "never"],

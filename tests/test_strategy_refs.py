@@ -19,8 +19,8 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from backtrack_sampler import BacktrackSampler, BaseStrategy
-from backtrack_sampler.cli import commands as cli
+from backtrack_sampler import BacktrackSampler, BaseStrategy, cli
+from backtrack_sampler.cli import model as cli_model
 from backtrack_sampler.core.batch import BatchScheduler
 from backtrack_sampler.errors import UsageError
 from backtrack_sampler.provider.fake_provider import FakeProvider
@@ -377,7 +377,7 @@ def run(argv):
 @pytest.fixture
 def fake_model(monkeypatch):
     provider = FakeProvider(context_length=256)
-    monkeypatch.setattr(cli, "load_provider", lambda *args, **kwargs: provider)
+    monkeypatch.setattr(cli_model, "load_provider", lambda *args, **kwargs: provider)
     return provider
 
 
