@@ -58,9 +58,10 @@ SLOPS = ROOT.parent / "shared" / "data" / "antislop" / "slop_phrase_prob_adjustm
 from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy  # noqa: E402
 from backtrack_sampler.engine import EngineProvider  # noqa: E402
 from backtrack_sampler.provider.chat import chat_prompt_tokens  # noqa: E402
+from backtrack_sampler.strategy.sampling import Sampling  # noqa: E402
 
 STORY = [{"role": "user", "content": "Write a long fantasy story about a young woman who discovers a hidden city."}]
-SAMPLING = (1.0, 50, None, None)
+SAMPLING = Sampling(1.0, 50)
 SUBJECTS = [
     "a fox",
     "a lighthouse keeper",
@@ -326,7 +327,9 @@ def through(provider: EngineProvider, strategy, prompt_ids, tokens: int, seed: i
     sampler = BacktrackSampler(provider, strategy)
     started = time.perf_counter()
     out = list(
-        sampler.generate(prompt_ids, max_new_tokens=tokens, temperature=SAMPLING[0], top_k=SAMPLING[1], seed=seed)
+        sampler.generate(
+            prompt_ids, max_new_tokens=tokens, temperature=SAMPLING.temperature, top_k=SAMPLING.top_k, seed=seed
+        )
     )
     return len(out), time.perf_counter() - started, sampler.stats
 

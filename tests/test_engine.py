@@ -16,6 +16,7 @@ from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy, 
 from backtrack_sampler.engine import APIS, EngineError, EngineProvider, Finish, Step, accept, loop
 from backtrack_sampler.provider.fake_provider import FakeProvider
 from backtrack_sampler.strategy.base_strategy import BaseStrategy as _Base
+from backtrack_sampler.strategy.sampling import Sampling
 
 ENGINES = ["llama-server", "vllm", "sglang"]
 
@@ -49,7 +50,7 @@ def test_llama_server_stream_is_read_token_by_token():
         llama_partial(7, llama_entry(7, post, True), 2, 5, 4),
         llama_final([9, 7], "limit", 5, 4),
     ]
-    steps = list(APIS["llama-server"].events(iter(events), (1.0, 3, None, None)))
+    steps = list(APIS["llama-server"].events(iter(events), Sampling(1.0, 3)))
     assert [s.token for s in steps[:2]] == [9, 7] and steps[2] == Finish("length", 4)
     assert steps[0].kind == "post" and steps[0].cached == 4 and steps[1].cached is None
     assert dict(zip(steps[0].ids.tolist(), np.exp(steps[0].logp).round(6).tolist())) == {7: 0.5, 9: 0.3, 4: 0.2}
@@ -59,7 +60,7 @@ def test_llama_server_gap_ends_the_request():
     """A token ending in an incomplete UTF-8 character is not streamed: tokens_predicted jumps."""
     entry = llama_entry(5, [(5, 1.0)], True)
     events = [llama_partial(5, entry, 1, 3, 0), llama_partial(5, entry, 3, 3, 0)]
-    steps = list(APIS["llama-server"].events(iter(events), (1.0, 3, None, None)))
+    steps = list(APIS["llama-server"].events(iter(events), Sampling(1.0, 3)))
     assert [type(s) for s in steps] == [Step, Finish] and steps[1].reason == "gap"
 
 
@@ -72,7 +73,7 @@ def test_vllm_stream_reads_token_id_keys_and_drops_filtered_tokens():
         "choices": [],
         "usage": {"prompt_tokens": 9, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 8}},
     }
-    steps = list(APIS["vllm"].events(iter([chunk, final, usage]), (0.8, 2, None, None)))
+    steps = list(APIS["vllm"].events(iter([chunk, final, usage]), Sampling(0.8, 2)))
     assert [s.token for s in steps[:3]] == [12, 3, 1] and steps[3] == Finish("stop", 8)
     assert sorted(steps[0].ids.tolist()) == [3, 12]  # -9999.0 (filtered out) is not a candidate
 
@@ -89,7 +90,7 @@ def test_sglang_cumulative_and_incremental_streams_give_the_same_steps():
     ]
     incremental[1]["meta_info"]["completion_tokens"] = 2
     for stream in (cumulative, incremental):
-        steps = list(APIS["sglang"].events(iter(stream), (1.0, None, None, None)))
+        steps = list(APIS["sglang"].events(iter(stream), Sampling(1.0, None)))
         assert [s.token for s in steps[:2]] == [4, 6] and steps[2] == Finish("length", 6)
         assert steps[0].kind == "tempered" and steps[0].cached == 6
 

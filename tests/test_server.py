@@ -743,7 +743,7 @@ def test_readme_limits_table_matches_the_defaults():
 
 
 def test_serve_options_become_limits(monkeypatch):
-    from backtrack_sampler.cli import commands as cli
+    from backtrack_sampler import cli
     from backtrack_sampler.server import app as server
 
     seen = {}

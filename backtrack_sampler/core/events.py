@@ -305,6 +305,8 @@ class TraceWriter:
         return []
 
     def write(self, event: Event) -> None:
+        if self.file is None:
+            raise ValueError("this TraceWriter has no file: call records(event) instead")
         for record in self.records(event):
             self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
             self.file.flush()

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..provider.base_provider import BaseProvider
 from ..strategy.base_strategy import BaseStrategy, ConstraintError
-from ..strategy.sampling import filter_logits, log_partition, sample
+from ..strategy.sampling import Sampling, log_partition, sample
 
 
 @dataclass
@@ -84,7 +84,8 @@ class Generation:
     ``distribution`` and ``push`` itself. ``tokens`` holds the continuation, ``released`` how many
     of its tokens are final; ``stats`` describes the work done.
 
-    limit: the most tokens to deliver; sampling: ``(temperature, top_k, top_p, min_p)``;
+    limit: the most tokens to deliver; sampling: the ``Sampling`` filters (a 4-tuple
+    ``(temperature, top_k, top_p, min_p)`` is taken too);
     budget: rewound tokens after which rewinding is switched off (with a warning), or, for a
     strategy that declares a hard constraint, after which the generation ends with finish_reason
     "constraint".
@@ -101,13 +102,14 @@ class Generation:
         strategy: BaseStrategy,
         prompt: List[int],
         limit: int,
-        sampling: tuple,
+        sampling: Sampling | tuple,
         seed: Optional[int] = None,
         on_rewind: Optional[Callable[[RewindEvent], None]] = None,
         budget: int = 1000,
     ):
         self.provider, self.strategy, self.prompt = provider, strategy, list(prompt)
-        self.limit, self.sampling, self.on_rewind, self.budget = limit, sampling, on_rewind, budget
+        self.sampling = sampling if isinstance(sampling, Sampling) else Sampling(*sampling)
+        self.limit, self.on_rewind, self.budget = limit, on_rewind, budget
         self.rng = np.random.default_rng(seed)
         self.tokens: List[int] = []
         self.logprobs: Optional[int] = None  # set to record each token's log-probability and this many alternatives
@@ -133,7 +135,7 @@ class Generation:
         return self.prompt + self.tokens
 
     def distribution(
-        self, logits: np.ndarray, sampling: Optional[tuple] = None
+        self, logits: np.ndarray, sampling: Optional[Sampling] = None
     ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """``(ids, probs, dense)``: the tokens the strategy and the filters allow after ``sequence``
         and their probabilities (weights, not always normalised); ``dense`` is the vocabulary-sized
@@ -145,7 +147,7 @@ class Generation:
         self.stats.steps += 1
         if self.logprobs is not None:
             self._scores = log_softmax_top(logits, self.logprobs)
-        ids, weights = filter_logits(logits, *(self.sampling if sampling is None else sampling))
+        ids, weights = (sampling or self.sampling).filter(logits)
         if not self._dense:
             order = np.argsort(ids)  # token-id order, as the dense path has: a seed draws the same token
             return ids[order], weights[order], None
@@ -157,40 +159,50 @@ class Generation:
             raise ValueError(f"{type(strategy).__name__}.on_probs left no token with probability > 0")
         return ids, probs[ids], probs
 
-    def advance(self, logits: np.ndarray, sampling: Optional[tuple] = None) -> List[int]:
+    def advance(self, logits: np.ndarray, sampling: Optional[Sampling] = None) -> List[int]:
         """Sample the next token from ``logits`` (the next-token logits after ``sequence``, yours to
         edit) and return the tokens that became final. ``sampling``: as for ``distribution``."""
-        try:
-            ids, probs, dense = self.distribution(logits, sampling)
-        except ConstraintError as error:
-            return self.fail(error)
-        if (self.sampling if sampling is None else sampling)[0] == 0:
-            token = int(ids[np.argmax(probs)])
-        else:
-            token = sample(ids, probs, self.rng)
-        return self.push(token, dense)
+        return self.take(lambda: self.draw(logits, sampling))
+
+    def draw(self, logits: np.ndarray, sampling: Optional[Sampling] = None) -> Tuple[int, Optional[np.ndarray]]:
+        """``(token, dense)``: the next token drawn from ``distribution(logits, sampling)``."""
+        ids, probs, dense = self.distribution(logits, sampling)
+        if (sampling or self.sampling).greedy:
+            return int(ids[np.argmax(probs)]), dense
+        return sample(ids, probs, self.rng), dense
 
     def push(self, token: int, probs: Optional[np.ndarray] = None) -> List[int]:
         """Append ``token`` (drawn from ``probs``, the ``dense`` array of ``distribution``), let the
         strategy rewind, and return the tokens that became final."""
+        return self.take(lambda: (token, probs))
+
+    def take(self, choose: Callable[[], Tuple[int, Optional[np.ndarray]]]) -> List[int]:
+        """One step: ``choose()`` gives the next token and the ``dense`` probabilities it was drawn
+        from (``draw``, or a backend's own choice, e.g. an engine's accepted draft); the strategy
+        sees it and may rewind; returns the tokens that became final. The one place where a
+        strategy's ``ConstraintError`` (from any hook, in ``choose`` too) ends the generation."""
+        try:
+            token, probs = choose()
+            return self._push(token, probs)
+        except ConstraintError as error:
+            return self.fail(error)
+
+    def _push(self, token: int, probs: Optional[np.ndarray]) -> List[int]:
         strategy = self.strategy
         self.tokens.append(token)
         if self.logprobs is not None:
             self.token_logprobs.append(self._logprob(token))
         before = len(self.tokens)
-        try:
-            strategy.on_next_token(self.tokens, probs)
-            if self.backtracking:
-                self._ask(strategy.backtrack)
-            tokens = self.tokens
-            if not self.done and len(tokens) == before and token in self._eos:
-                tokens.pop()
-                del self.token_logprobs[len(tokens) :]
-                return self._finish("stop")
-            if not self.done and len(tokens) >= self.limit and self.backtracking:
-                self._ask(strategy.on_end)  # the last look before the token limit ends it
-        except ConstraintError as error:
-            return self.fail(error)
+        strategy.on_next_token(self.tokens, probs)
+        if self.backtracking:
+            self._ask(strategy.backtrack)
+        tokens = self.tokens
+        if not self.done and len(tokens) == before and token in self._eos:
+            tokens.pop()
+            del self.token_logprobs[len(tokens) :]
+            return self._finish("stop")
+        if not self.done and len(tokens) >= self.limit and self.backtracking:
+            self._ask(strategy.on_end)  # the last look before the token limit ends it
         if self.done:  # the rewind budget of a hard constraint ran out
             return []
         tokens = self.tokens

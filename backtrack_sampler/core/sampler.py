@@ -8,12 +8,12 @@ with one generation on the provider's own cache (``scheduler.backend_for(provide
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Generator, Iterator, List, Optional, Sequence, Union
 
 from ..provider.base_provider import BaseProvider
 from ..provider.text import TextView
 from ..strategy.base_strategy import BaseStrategy
-from ..strategy.sampling import check_sampling_args
+from ..strategy.sampling import Sampling
 from .generation import Generation, GenerationStats, RewindEvent
 from .scheduler import Policy, backend_for, drive
 
@@ -99,16 +99,15 @@ class BacktrackSampler:
     ) -> Generation:
         """A ``Generation`` with ``generate``'s arguments checked, for a driver to step
         (``strategy``: a strategy instance of its own; default: the sampler's)."""
-        check_sampling_args(temperature, top_k, top_p, min_p)
+        sampling = Sampling(temperature, top_k, top_p, min_p)  # checked: ValueError
         prompt_tokens = self._prompt_tokens(prompt)
         limit = self._token_limit(len(prompt_tokens), max_length, max_new_tokens)
         budget = 10 * limit + 1000 if max_rewound_tokens is None else max_rewound_tokens
-        sampling = (temperature, top_k, top_p, min_p)
         return Generation(
             self.provider, strategy or self.strategy, prompt_tokens, limit, sampling, seed, on_rewind, budget
         )
 
-    def run(self, generation: Generation, policy: Optional[Policy] = None) -> Iterator[List[int]]:
+    def run(self, generation: Generation, policy: Optional[Policy] = None) -> Generator[List[int], None, None]:
         """Drive ``generation`` (from ``start``) to its end on this sampler's provider, yielding
         after every step the tokens that became final (often none): the loop behind ``generate``
         and ``events.stream_events``. ``policy``: what the generation does with each step

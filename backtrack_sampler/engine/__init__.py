@@ -11,10 +11,11 @@ engine behind the one driver's step protocol)::
     print(provider.decode(list(sampler.generate("Once upon a time", max_new_tokens=100))))
 """
 
+from .acceptance import accept
 from .apis import APIS, Finish, Step
 from .client import EngineClient, EngineStats
 from .errors import EngineError
-from .loop import Draft, EngineBackend, EngineLoop, accept
+from .loop import Draft, EngineBackend, EngineLoop
 from .provider import ENGINE_TYPES, EngineProvider, connect, load_engine_provider
 
 __all__ = [

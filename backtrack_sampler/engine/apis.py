@@ -25,6 +25,7 @@ from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
+from ..strategy.sampling import Sampling
 from .errors import EngineError
 
 FLOOR = -9999.0  # at or below: absent. Engines write log(0) as -9999.0 (vLLM) or the lowest float (llama.cpp, SGLang): treat as absent
@@ -53,7 +54,7 @@ class Finish:
 Event = Union[Step, Finish]
 
 
-def _step(token: int, pairs: Iterable[Tuple[int, float]], kind: str, cached: Optional[int] = None) -> Step:
+def _step(token: int, pairs: Iterable[Tuple[int, Optional[float]]], kind: str, cached: Optional[int] = None) -> Step:
     seen = {}
     for tid, value in pairs:
         if value is not None and value > FLOOR and math.isfinite(value):
@@ -86,7 +87,7 @@ class EngineAPI:
         self,
         tokens: List[int],
         n: int,
-        sampling: tuple,
+        sampling: Sampling,
         k: int,
         seed: Optional[int],
         model: Optional[str],
@@ -96,7 +97,7 @@ class EngineAPI:
         other engines place sequences themselves)."""
         raise NotImplementedError
 
-    def events(self, payloads: Iterator[dict], sampling: tuple) -> Iterator[Event]:
+    def events(self, payloads: Iterator[dict], sampling: Sampling) -> Iterator[Event]:
         raise NotImplementedError
 
     @staticmethod
@@ -130,7 +131,7 @@ class LlamaServerAPI(EngineAPI):
     path = "/completion"
 
     def body(self, tokens, n, sampling, k, seed, model=None, slot=-1, stream=True):
-        temperature, top_k, top_p, min_p = sampling
+        temperature, top_k, top_p, min_p = sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p
         return {
             "prompt": tokens,
             "n_predict": n,
@@ -179,7 +180,7 @@ class LlamaServerAPI(EngineAPI):
         then ``{"stop": true, "stop_type": "eos"|"limit"|"word", ...}``. Tokens that leave an
         incomplete UTF-8 character are not streamed (server-context.cpp, process_token); the
         next event's ``tokens_predicted`` then jumps, which ends this request with a "gap"."""
-        post = sampling[0] > 0
+        post = sampling.temperature > 0
         seen, cached = 0, None
         for event in payloads:
             message = self.error(event)
@@ -204,7 +205,7 @@ class LlamaServerAPI(EngineAPI):
             entries = event.get("completion_probabilities") or [{}]
             yield self._entry(entries[0], tokens[0], post, cached if seen == 1 else None)
 
-    def single(self, payload: dict, sampling: tuple) -> Step:
+    def single(self, payload: dict, sampling: Sampling) -> Step:
         """The one token of a non-streamed ``n_predict: 1`` answer (used after a gap)."""
         message = self.error(payload)
         if message is not None:
@@ -214,7 +215,7 @@ class LlamaServerAPI(EngineAPI):
             raise EngineError(f"llama-server returned {len(tokens)} tokens for a one-token request")
         entries = payload.get("completion_probabilities") or []
         if entries and entries[0].get("id") == tokens[0]:
-            return self._entry(entries[0], tokens[0], sampling[0] > 0)
+            return self._entry(entries[0], tokens[0], sampling.temperature > 0)
         return _step(tokens[0], [], "opaque")
 
 
@@ -234,7 +235,7 @@ class VLLMAPI(EngineAPI):
     path = "/v1/completions"
 
     def body(self, tokens, n, sampling, k, seed, model=None, slot=-1):
-        temperature, top_k, top_p, min_p = sampling
+        temperature, top_k, top_p, min_p = sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p
         body = {
             "prompt": tokens,
             "max_tokens": n,
@@ -262,7 +263,7 @@ class VLLMAPI(EngineAPI):
         """Chunks ``{"choices": [{"token_ids": [...], "logprobs": {"token_logprobs": [...],
         "top_logprobs": [{"token_id:N": lp, ...}, ...]}, "finish_reason": null|"stop"|"length"}]}``
         (completion/serving.py, completion_stream_generator), an optional usage chunk, ``[DONE]``."""
-        kind = "post" if sampling[0] > 0 else "raw"
+        kind = "post" if sampling.temperature > 0 else "raw"
         finish, cached = None, None
         for chunk in payloads:
             message = self.error(chunk)
@@ -314,7 +315,7 @@ class SGLangAPI(EngineAPI):
     path = "/generate"
 
     def body(self, tokens, n, sampling, k, seed, model=None, slot=-1):
-        temperature, top_k, top_p, min_p = sampling
+        temperature, top_k, top_p, min_p = sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p
         params = {
             "max_new_tokens": n,
             "temperature": temperature,
@@ -343,7 +344,7 @@ class SGLangAPI(EngineAPI):
         "output_top_logprobs": [[[lp, id, null], ...], ...], "completion_tokens": n, "cached_tokens": c,
         "finish_reason": null|{"type": "stop"|"length", ...}}}`` (tokenizer_manager.py,
         _handle_batch_output); cumulative by default, deltas with --incremental-streaming-output."""
-        kind = "tempered" if sampling[0] > 0 else "raw"
+        kind = "tempered" if sampling.temperature > 0 else "raw"
         seen, cached, finish = 0, None, None
         for chunk in payloads:
             message = self.error(chunk)

@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Optional
 
 import httpx
 
+from ..strategy.sampling import Sampling
 from .apis import APIS, EngineAPI, Event
 from .errors import EngineError
 
@@ -70,7 +71,7 @@ class EngineClient:
     # --------------------------------------------------------------------------------------
     @contextmanager
     def stream(
-        self, body: dict, sampling: tuple, on_open: Optional[Callable[[Callable[[], None]], None]] = None
+        self, body: dict, sampling: Sampling, on_open: Optional[Callable[[Callable[[], None]], None]] = None
     ) -> Iterator[Iterator[Event]]:
         """POST ``body`` with streaming; yields the engine's events. Leaving the ``with`` block
         closes the connection, which makes the engine stop decoding this request. ``on_open``

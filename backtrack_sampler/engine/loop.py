@@ -38,69 +38,17 @@ from typing import Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..core.backends import Backend, Failure, Logits, Proposal
 from ..core.generation import Generation
-from ..core.scheduler import Backend, BatchJob, Failure, Logits, Proposal
-from ..strategy.base_strategy import ConstraintError
-from ..strategy.sampling import filter_logits, sample
+from ..core.scheduler import BatchJob
+from ..strategy.sampling import Sampling
+from .acceptance import accept, engine_q, local_sampling, step_logits
 from .apis import Finish, LlamaServerAPI, Step
 from .client import EngineClient
 from .errors import EngineError
 
 
-def local_sampling(kind: str, sampling: tuple) -> tuple:
-    """The sampling filters still to apply locally to a Step's logits (see ``step_logits``).
-
-    "post" values are the engine's sampling distribution already: only the temperature (undone by
-    ``step_logits``) is re-applied. Other kinds get the user's filters, as the engine did."""
-    temperature = sampling[0]
-    if kind in ("post", "opaque") and temperature > 0:
-        return (temperature, None, None, None)
-    return sampling
-
-
-def step_logits(step: Step, temperature: float) -> np.ndarray:
-    """The candidates' values on the logit scale the strategy expects (the model's logits up to a
-    constant): "post" and "tempered" log-probabilities are multiplied back by the temperature."""
-    if step.kind in ("post", "tempered") and temperature > 0:
-        return step.logp * temperature
-    return step.logp
-
-
-def engine_q(step: Step, sampling: tuple) -> Tuple[np.ndarray, np.ndarray]:
-    """``(ids, probs)``: the distribution the engine drew ``step.token`` from, on the candidates."""
-    logits = step_logits(step, sampling[0])
-    idx, probs = filter_logits(logits.astype(np.float32), *local_sampling(step.kind, sampling))
-    return step.ids[idx], probs
-
-
-def accept(
-    draft: int, q: Tuple[np.ndarray, np.ndarray], p: Tuple[np.ndarray, np.ndarray], rng: np.random.Generator
-) -> int:
-    """Speculative sampling: keep ``draft`` (drawn from q) with probability min(1, p(draft)/q(draft)),
-    else draw from the residual max(0, p - q), normalised. The result is distributed as p.
-    q, p: ``(ids, weights)``; weights need not be normalised. No random number is used when the
-    ratio is 0 or >= 1 (greedy decoding stays deterministic)."""
-    q_ids, q_w = q
-    p_ids, p_w = p
-    q_w = q_w / q_w.sum()
-    p_w = p_w / p_w.sum()
-    qx = float(q_w[q_ids == draft].sum())
-    px = float(p_w[p_ids == draft].sum())
-    if qx > 0 and (px >= qx or (px > 0 and rng.random() < px / qx)):
-        return draft
-    if qx == 0 and px > 0:  # the engine drew a token outside the candidates it reported as kept
-        return draft if len(p_ids) == 1 else sample(p_ids, p_w, rng)
-    ids = np.union1d(p_ids, q_ids)
-    residual = np.zeros(len(ids))
-    residual[np.searchsorted(ids, p_ids)] += p_w
-    residual[np.searchsorted(ids, q_ids)] -= q_w
-    keep = residual > 1e-12
-    if not keep.any():  # p == q up to rounding, yet the draft was refused: draw from p
-        return sample(p_ids, p_w, rng)
-    return sample(ids[keep], residual[keep], rng)  # one candidate left: no random number drawn
-
-
-class _Slots:
+class Slots:
     """The engine's sequence slots (llama-server's ``total_slots``): each running generation keeps
     one, so its requests find their prefix cached there; -1 (the engine's choice) when none is free."""
 
@@ -134,32 +82,38 @@ class Draft(Proposal):
         local = local_sampling(step.kind, user)
         caps = generation.strategy.capabilities
         if not (caps.edits_logits or caps.reads_probs or generation.logprobs is not None):
-            ids, probs, dense = generation.distribution(step_logits(step, user[0]).astype(np.float32), local)
+            ids, probs, dense = generation.distribution(step_logits(step, user.temperature).astype(np.float32), local)
             return step.ids[ids], probs, dense
-        return generation.distribution(self.backend.logits(step, user[0]), local)
+        return generation.distribution(self.backend.logits(step, user.temperature), local)
 
     def take(self, generation: Generation) -> List[int]:
         """Accept the draft or replace it (speculative sampling), then let the strategy rewind."""
         step, user = self.step, generation.sampling
         position = len(generation.tokens)
-        try:
-            try:
-                ids, probs, dense = self.distribution(generation)
-            except ValueError:
-                if step.kind != "opaque":
-                    raise
-                ids, probs, dense = np.array([step.token]), np.ones(1), None  # nothing to choose from
-        except ConstraintError as error:
-            return generation.fail(error)
-        token = accept(step.token, engine_q(step, user), (ids, probs), generation.rng)
-        if dense is None and generation.strategy.capabilities.reads_probs:
-            dense = np.zeros(self.backend.vocab_size, np.float32)
-        final = generation.push(token, dense)
-        if token == step.token and len(generation.tokens) == position and not generation.done:
+        chosen: List[int] = []  # the token _choose put (the draft or its replacement)
+        final = generation.take(lambda: self._choose(generation, chosen))
+        if chosen == [step.token] and len(generation.tokens) == position and not generation.done:
             # the strategy took back just this token (e.g. a soft-banned word): choose again here; when
             # the new choice is the same token, the engine's stream after it is still valid
-            final = final + generation.advance(self.backend.logits(step, user[0]), local_sampling(step.kind, user))
+            final = final + generation.advance(
+                self.backend.logits(step, user.temperature), local_sampling(step.kind, user)
+            )
         return final
+
+    def _choose(self, generation: Generation, chosen: List[int]) -> Tuple[int, Optional[np.ndarray]]:
+        """``(token, dense)``: the draft accepted, or its replacement drawn from the strategy's distribution."""
+        step = self.step
+        try:
+            ids, probs, dense = self.distribution(generation)
+        except ValueError:
+            if step.kind != "opaque":
+                raise
+            ids, probs, dense = np.array([step.token]), np.ones(1), None  # nothing to choose from
+        token = accept(step.token, engine_q(step, generation.sampling), (ids, probs), generation.rng)
+        if dense is None and generation.strategy.capabilities.reads_probs:
+            dense = np.zeros(self.backend.vocab_size, np.float32)
+        chosen.append(token)
+        return token, dense
 
 
 _END = object()  # a stream that ended without the engine's final event
@@ -214,7 +168,9 @@ class _Stream:
     ``expected``: the continuation the generation has while it follows this stream (its tokens
     when the request was made, then each draft proposed from it)."""
 
-    def __init__(self, client: EngineClient, body: dict, sampling: tuple, tokens: Sequence[int], wake: threading.Event):
+    def __init__(
+        self, client: EngineClient, body: dict, sampling: Sampling, tokens: Sequence[int], wake: threading.Event
+    ):
         self.expected = list(tokens)
         self.events: Deque[object] = collections.deque()
         self.got = 0  # drafts proposed from it
@@ -223,7 +179,7 @@ class _Stream:
         self._lock = threading.Lock()
         _READERS.run(lambda: self._read(client, body, sampling, wake))
 
-    def _read(self, client: EngineClient, body: dict, sampling: tuple, wake: threading.Event) -> None:
+    def _read(self, client: EngineClient, body: dict, sampling: Sampling, wake: threading.Event) -> None:
         try:
             with client.stream(body, sampling, on_open=self._opened) as events:
                 for event in events:
@@ -289,7 +245,7 @@ class EngineBackend(Backend):
 
     n_probs: K, the candidates asked for at every position (default: top_k, at least 20; 64 when
         top_k is off). chunk: most tokens per request (default: all that are left; a rejected
-        draft closes the stream early anyway). slots: the engine's sequence slots (a ``_Slots``
+        draft closes the stream early anyway). slots: the engine's sequence slots (a ``Slots``
         shared by every backend of the provider, or a count), when its API lets a request choose
         one (llama-server); None: the engine places every request. ``propose`` waits up to
         ``poll`` seconds for a draft when none is ready.
@@ -305,12 +261,12 @@ class EngineBackend(Backend):
         n_probs: Optional[int] = None,
         chunk: Optional[int] = None,
         model: Optional[str] = None,
-        slots: Union[None, int, _Slots] = None,
+        slots: Union[None, int, Slots] = None,
         max_sequences: int = 64,
     ):
         self.provider, self.client, self.vocab_size = provider, client, vocab_size
         self.n_probs, self.chunk, self.model = n_probs, chunk, model
-        self.slots = slots if isinstance(slots, _Slots) else _Slots(slots)
+        self.slots = slots if isinstance(slots, Slots) else Slots(slots)
         self._max_sequences = max_sequences
         self._sequences: Dict[BatchJob, _Sequence] = {}
         self._wake = threading.Event()
@@ -319,10 +275,10 @@ class EngineBackend(Backend):
     def max_sequences(self) -> int:
         return self._max_sequences
 
-    def k_for(self, sampling: tuple) -> int:
+    def k_for(self, sampling: Sampling) -> int:
         if self.n_probs:
             return self.n_probs
-        top_k = sampling[1]
+        top_k = sampling.top_k
         return max(top_k, 20) if top_k else 64
 
     def logits(self, step: Step, temperature: float) -> np.ndarray:
@@ -385,7 +341,7 @@ class EngineBackend(Backend):
                 step = sequence.known.get(len(tokens))
                 if step is not None:  # rewound to a position whose candidates are known: choose there, locally
                     user = generation.sampling
-                    return Logits(self.logits(step, user[0]), local_sampling(step.kind, user))
+                    return Logits(self.logits(step, user.temperature), local_sampling(step.kind, user))
                 sequence.stream = stream = self._open(job, sequence)
             event = stream.next()
             if event is None:
@@ -414,7 +370,7 @@ class EngineBackend(Backend):
         for most in (self.chunk, job.policy.draft_limit):
             if most:
                 n = min(n, most)
-        seed = int(generation.rng.integers(2**31 - 1)) if user[0] > 0 else None
+        seed = int(generation.rng.integers(2**31 - 1)) if user.temperature > 0 else None
         body = self.client.api.body(
             generation.sequence, max(n, 1), user, self.k_for(user), seed, self.model, sequence.slot
         )
@@ -439,7 +395,7 @@ class EngineBackend(Backend):
         if not isinstance(api, LlamaServerAPI):
             return Failure(EngineError(f"{api.name} skipped tokens in its stream"))
         user = generation.sampling
-        seed = int(generation.rng.integers(2**31 - 1)) if user[0] > 0 else None
+        seed = int(generation.rng.integers(2**31 - 1)) if user.temperature > 0 else None
         body = api.body(generation.sequence, 1, user, self.k_for(user), seed, slot=sequence.slot, stream=False)
         try:
             step = api.single(self.client.post(api.path, body), user)

@@ -17,7 +17,7 @@ import numpy as np
 from ..provider.base_provider import BaseProvider, without_double_bos
 from .client import EngineClient
 from .errors import EngineError
-from .loop import EngineBackend, _Slots
+from .loop import EngineBackend, Slots
 
 ENGINE_TYPES = ("llama-server", "vllm", "sglang")
 
@@ -118,7 +118,7 @@ class EngineProvider(BaseProvider):
         engine_vocab = info.get("n_vocab")
         self._n_vocab = vocab_size or max(self._tok.size, engine_vocab or 0)
         self._n_probs, self._chunk = n_probs, chunk
-        self._slots = _Slots(info.get("slots"))  # shared by every backend: a running generation keeps one
+        self._slots = Slots(info.get("slots"))  # shared by every backend: a running generation keeps one
 
     @staticmethod
     def _tokenizer(tokenizer):

@@ -156,7 +156,8 @@ class BaseProvider(ABC):
             seq = self._batch.pop(key, None)
             if seq is not None:
                 self._cut_sequence(seq, 0)
-                self._free.append(seq.slot)
+                if self._free is not None:
+                    self._free.append(seq.slot)
 
     @property
     def batch_keys(self) -> List[Hashable]:

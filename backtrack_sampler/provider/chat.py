@@ -53,7 +53,7 @@ def chat_prompt_tokens(provider: BaseProvider, messages: Sequence[Dict[str, str]
     else:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        llm = provider.llm
+        llm = provider.llm  # type: ignore[attr-defined]  # only a LlamacppProvider has no tokenizer object
 
         def raise_exception(message):
             raise ValueError(message)

@@ -20,7 +20,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from ..errors import UsageError
 from .base_provider import BaseProvider
@@ -145,7 +145,7 @@ def load_llamacpp(model_path: Optional[str] = None, n_ctx: int = 8192, **kwargs)
     return Llama(model_path=str(_gguf_path(model_path)), n_ctx=n_ctx, **kwargs)
 
 
-def load_transformers(model_path: Optional[str] = None, cache_dir: Optional[str] = None) -> Tuple[object, object]:
+def load_transformers(model_path: Optional[str] = None, cache_dir: Optional[str] = None) -> Tuple[Any, Any]:
     """``(model, tokenizer)`` from a local transformers model directory, a GGUF file or an embedded
     model's name (default: Gemma 3 270M). A GGUF is de-quantized once (about a minute) and the result is
     saved under ``cache_dir`` (default ``~/.cache/backtrack_sampler``) so later loads take seconds."""
@@ -163,7 +163,7 @@ def load_transformers(model_path: Optional[str] = None, cache_dir: Optional[str]
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     partial = converted.with_name(converted.name + f".tmp{os.getpid()}")
-    model.hf_quantizer = None  # the weights are already de-quantized to plain tensors
+    model.hf_quantizer = None  # type: ignore[assignment]  # the weights are already de-quantized to plain tensors
     vars(model.config).pop("quantization_config", None)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
@@ -231,7 +231,7 @@ def model_name(model: Optional[str]) -> str:
     entry = embedded_model(DEFAULT_MODEL if model is None else str(model))
     if entry is not None:
         return entry.name
-    path = Path(model)
+    path = Path(str(model))
     for entry in MODELS.values():
         stem = Path(entry.filename).stem
         if path.name == entry.filename or (path.is_dir() and path.name.startswith(f"{stem}-")):

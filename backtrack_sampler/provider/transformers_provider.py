@@ -37,7 +37,7 @@ class TransformersProvider(BaseProvider):
             self.device = torch.device(check_device(device if device is not None else model.device))
         except RuntimeError as error:  # a name torch does not know
             raise ValueError(f"unknown device {device!r}: {error}") from None
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]  # transformers types .to as a decorator
         self.tokenizer = tokenizer
         self.cache = DynamicCache()
         forward = inspect.signature(model.forward).parameters  # transformers >= 5.2x names it `cache`
@@ -56,7 +56,7 @@ class TransformersProvider(BaseProvider):
         return without_double_bos(tokens, self.tokenizer.bos_token_id) if add_special_tokens else tokens
 
     def decode(self, tokens: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+        return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True))
 
     def get_eos_token_id(self) -> int:
         return self.tokenizer.eos_token_id

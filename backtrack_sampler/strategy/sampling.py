@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -32,6 +33,33 @@ def log_partition(logits: np.ndarray) -> tuple[float, float]:
     total = float(weights.sum())
     # H = -sum p log p with p = w / total and log p = shifted - log(total)
     return top + math.log(total), math.log(total) - float((weights * shifted).sum()) / total
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a token is drawn once the strategy has edited the logits (the fields users know from
+    OpenAI's and llama.cpp's APIs). Checked when made: out-of-range values raise ValueError.
+
+    temperature: 0 is greedy. top_k: keep the k most likely (None or 0: off). top_p: keep the
+    smallest set holding this much probability, in (0, 1] (None: off). min_p: drop tokens less
+    likely than min_p x the best one's probability, in [0, 1] (None: off).
+    """
+
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    min_p: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        check_sampling_args(self.temperature, self.top_k, self.top_p, self.min_p)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def filter(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``filter_logits`` with these settings: ``(ids, probs)``, most likely first."""
+        return filter_logits(logits, self.temperature, self.top_k, self.top_p, self.min_p)
 
 
 def check_sampling_args(
