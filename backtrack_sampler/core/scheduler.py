@@ -42,7 +42,6 @@ class Policy:
     request (None: as many as the generation may still take)."""
 
     draft_limit: Optional[int] = None
-    generation: Optional[Generation] = None  # set by a policy that holds its own (``Scheduler.add(policy)``)
 
     def feed(self, generation: Generation, proposal: Proposal) -> List[int]:
         return proposal.take(generation)
@@ -150,10 +149,11 @@ class Scheduler:
         tokens that became final, ``on_step(job)`` after every token it advances by (e.g. to follow
         its provisional tokens and rewinds with ``events.EventTracker``), ``on_finish(job)`` once
         it is done. ``max_seconds``: see ``BatchJob``."""
-        if isinstance(generation, Policy):
-            if generation.generation is None:
+        if isinstance(generation, Policy):  # a policy that holds its own generation (CandidateSearch)
+            held = getattr(generation, "generation", None)
+            if not isinstance(held, Generation):
                 raise TypeError(f"{type(generation).__name__} holds no generation: pass one")
-            policy, generation = generation, generation.generation
+            policy, generation = generation, held
         if generation.provider is not self.provider:
             raise ValueError("the generation was started on another provider")
         job = BatchJob(generation, on_tokens, on_finish, on_start, on_step, policy, max_seconds)

@@ -121,7 +121,7 @@ class BaseStrategy:
         """Alter the filtered next-token probabilities (they need not sum to 1)."""
         return probs
 
-    def on_next_token(self, continuation_tokens: List[int], probs: np.ndarray) -> None:
+    def on_next_token(self, continuation_tokens: List[int], probs: Optional[np.ndarray]) -> None:
         """Observe the token just sampled (``continuation_tokens[-1]``) and the probabilities it
         was drawn from."""
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Literal, Sequence
+from typing import List, Literal, Optional, Sequence
 
 import numpy as np
 
@@ -57,7 +57,7 @@ class ChainStrategy(BaseStrategy):
                 probs = strategy.on_probs(probs, continuation_tokens)
         return probs
 
-    def on_next_token(self, continuation_tokens: List[int], probs: np.ndarray) -> None:
+    def on_next_token(self, continuation_tokens: List[int], probs: Optional[np.ndarray]) -> None:
         for strategy in self.strategies:
             with _named(strategy):
                 strategy.on_next_token(continuation_tokens, probs)

@@ -87,7 +87,7 @@ class CreativeWritingStrategy(BaseStrategy):
         probs[self.eos_ids] *= self.eos_penalty
         return probs
 
-    def on_next_token(self, continuation_tokens: List[int], probs: np.ndarray) -> None:
+    def on_next_token(self, continuation_tokens: List[int], probs: Optional[np.ndarray]) -> None:
         position = len(continuation_tokens) - 1
         judged = self._pick if self._pick is not None and self._pick[0] == position - 1 else None
         self._rewind_to = judged if judged is not None and self._flat else None

@@ -46,7 +46,7 @@ class DebugStrategy(BaseStrategy):
         print(f"\n[step {len(continuation_tokens)}] top {len(top)}: {shown}", file=self.file or sys.stderr)
         return probs
 
-    def on_next_token(self, continuation_tokens: List[int], probs: np.ndarray) -> None:
+    def on_next_token(self, continuation_tokens: List[int], probs: Optional[np.ndarray]) -> None:
         self._keep_index = len(continuation_tokens)
 
     def backtrack(self, continuation_tokens: List[int]) -> List[int]:

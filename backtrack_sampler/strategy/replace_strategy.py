@@ -4,7 +4,7 @@ where it starts and force the tokens of ``replace``; the model then continues fr
 from __future__ import annotations
 
 import sys
-from typing import Dict, Iterable, List, Union
+from typing import Dict, Iterable, List, Optional, Union
 
 import numpy as np
 
@@ -64,8 +64,9 @@ class ReplaceStrategy(AntiSlopStrategy):
         forced[token] = 0.0
         return forced
 
-    def on_next_token(self, continuation_tokens: List[int], probs: np.ndarray) -> None:
+    def on_next_token(self, continuation_tokens: List[int], probs: Optional[np.ndarray]) -> None:
         del self._probs[len(continuation_tokens) - 1 :]
+        assert probs is not None  # reads_probs: the sampler always passes them
         self._probs.append(float(probs[continuation_tokens[-1]]))
 
     def _on_match(self, tokens: List[int], match: Match) -> List[int]:
