@@ -247,8 +247,8 @@ def numerics(steps: int) -> dict:
     rest = {i + 1: alone_p.encode(t) for i, t in enumerate(others)}
     diffs, kls, agree, tokens = [], [], 0, list(prompt)
     for _ in range(steps):
-        a = alone_p.generate_batch({0: tokens})[0]
-        out = batch_p.generate_batch({0: tokens, **rest})
+        a = alone_p.next_logits_batch({0: tokens})[0]
+        out = batch_p.next_logits_batch({0: tokens, **rest})
         b = out[0]
         rest = {k: v + [int(np.argmax(out[k]))] for k, v in rest.items()}  # the others go on greedily
         pa, pb = np.exp(a - a.max()), np.exp(b - b.max())

@@ -246,7 +246,7 @@ def main() -> None:
         for name, make in settings.items():
             strategy = make(schema)
             provider.reset()
-            provider.generate(prompt_tokens)  # the prompt in the cache: every setting times decoding alone
+            provider.next_logits(prompt_tokens)  # the prompt in the cache: every setting times decoding alone
             sampler = BacktrackSampler(provider, strategy)
             out = list(
                 sampler.generate(prompt_tokens, max_new_tokens=tokens, temperature=args.temperature, top_k=50, seed=i)

@@ -194,23 +194,23 @@ def test_checks_at_submit():
 def test_generate_batch_keeps_one_cache_per_key():
     fake = FakeProvider(slots=3)
     seqs = {"a": [2, 5, 6, 7], "b": [2, 8], "c": [2, 9, 10]}
-    out = fake.generate_batch(seqs)
+    out = fake.next_logits_batch(seqs)
     assert fake.batch_calls == 1 and fake.evaluated == 9
     for key, tokens in seqs.items():
         assert np.array_equal(out[key], fake.logits_for(tokens))
     # a rewinds 2 (its last token is evaluated again), b extends by 1, c diverges after 2
-    out = fake.generate_batch({"a": [2, 5], "b": [2, 8, 11], "c": [2, 9, 12, 13]})
+    out = fake.next_logits_batch({"a": [2, 5], "b": [2, 8, 11], "c": [2, 9, 12, 13]})
     assert fake.evaluated == 9 + 1 + 1 + 2 and fake.batch_calls == 2
     assert np.array_equal(out["a"], fake.logits_for([2, 5]))
     assert np.array_equal(out["c"], fake.logits_for([2, 9, 12, 13]))
-    out = fake.generate_batch({"a": [2, 5, 3], "b": [2, 8]})  # b: a short rewind, its logits are known
+    out = fake.next_logits_batch({"a": [2, 5, 3], "b": [2, 8]})  # b: a short rewind, its logits are known
     assert fake.evaluated == 13 + 1 and np.array_equal(out["b"], fake.logits_for([2, 8]))
     with pytest.raises(RuntimeError, match="release"):
-        fake.generate_batch({"d": [2]})
+        fake.next_logits_batch({"d": [2]})
     fake.release("a")
-    fake.generate_batch({"d": [2, 3]})
+    fake.next_logits_batch({"d": [2, 3]})
     assert sorted(fake.batch_keys) == ["b", "c", "d"]
-    assert fake.generate([2, 5, 6]) is not None and fake.cached_tokens == [2, 5, 6]  # generate() has its own
+    assert fake.next_logits([2, 5, 6]) is not None and fake.cached_tokens == [2, 5, 6]  # generate() has its own
 
 
 def test_providers_without_batching_run_one_at_a_time():

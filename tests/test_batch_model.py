@@ -36,7 +36,7 @@ def run(provider, schedule):
     return ``{key: {length: logits}}``. Every key is released at the end."""
     seen = {}
     for step in schedule:
-        for key, logits in provider.generate_batch(step).items():
+        for key, logits in provider.next_logits_batch(step).items():
             seen.setdefault(key, {})[len(step[key])] = logits
     for key in seen:
         provider.release(key)
@@ -89,7 +89,7 @@ def test_slot_logits_match_the_single_sequence_path_closely(batched, llama_provi
     prompts = [batched.encode(t) for t in ("The capital of France is", "1, 2, 3, 4,", "Water boils at")]
     out = run(batched, [{i: p for i, p in enumerate(prompts)}])
     for i, prompt in enumerate(prompts):
-        alone = llama_provider.generate(prompt)
+        alone = llama_provider.next_logits(prompt)
         together = out[i][len(prompt)]
         assert int(np.argmax(alone)) == int(np.argmax(together))
         assert np.abs(alone - together).max() < 2.0
@@ -146,10 +146,10 @@ def test_batch_rows_go_in_sequence_order_whatever_the_slots(small_llm, monkeypat
     }
     alone = {}
     for key, prompt in prompts.items():
-        alone[key] = provider.generate_batch({key: prompt})[key]
+        alone[key] = provider.next_logits_batch({key: prompt})[key]
         provider.release(key)
     for key in "dcba":  # slots handed out in reverse: d holds slot 0, a slot 3
-        provider.generate_batch({key: prompts[key][:1]})
+        provider.next_logits_batch({key: prompts[key][:1]})
     orders, decode = [], provider._decode
 
     def recording(ctx, n, rows, results):  # the sequence id of every row of each llama_decode
@@ -157,7 +157,7 @@ def test_batch_rows_go_in_sequence_order_whatever_the_slots(small_llm, monkeypat
         decode(ctx, n, rows, results)
 
     monkeypatch.setattr(provider, "_decode", recording)
-    got = provider.generate_batch(prompts)  # keys in the order a, b, c, d: slots 3, 2, 1, 0
+    got = provider.next_logits_batch(prompts)  # keys in the order a, b, c, d: slots 3, 2, 1, 0
     assert len(orders) == 1 and orders[0] == sorted(orders[0]), orders
     for key in prompts:
         assert got[key].argmax() == alone[key].argmax(), key

@@ -139,7 +139,7 @@ def test_the_tracker_works_for_any_driver():
     tracker, events = EventTracker(generation), []
     p.reset()
     while not generation.done:
-        generation.advance(p.generate(generation.sequence))
+        generation.advance(p.next_logits(generation.sequence))
         events += tracker.update()
     generation.close()
     events += tracker.update()
@@ -156,7 +156,7 @@ def test_a_closed_generation_ends_with_done_without_finish_reason():
     assert not any(isinstance(e, Done) for e in seen)
     generation = sampler.start(" the", max_new_tokens=50, temperature=0)
     tracker = EventTracker(generation)
-    generation.advance(p.generate(generation.sequence))
+    generation.advance(p.next_logits(generation.sequence))
     tracker.update()
     generation.close()
     last = tracker.update()

@@ -31,7 +31,7 @@ class Checked:
         # the logits after recent forward passes are kept: rewinding to one of those evaluates nothing
         remembered = common_prefix(cached, tokens) == len(tokens) and len(tokens) in p._recent
         assert all(len(cached) - k < p.KEEP_LOGITS for k in p._recent), "kept logits must stay few"
-        logits = p.generate(tokens)
+        logits = p.next_logits(tokens)
         expected_new = 0 if remembered else len(tokens) - min(common_prefix(cached, tokens), len(tokens) - 1)
         assert logits.dtype == np.float32 and logits.shape == (p.vocab_size,)
         assert np.array_equal(logits, p.logits_for(tokens)), "logits differ from a fresh forward pass"
@@ -130,29 +130,29 @@ def test_crop_cache_and_reset(fake):
 
 
 def test_crop_cache_negative_raises(fake):
-    fake.generate([2, 5])
+    fake.next_logits([2, 5])
     with pytest.raises(ValueError):
         fake.crop_cache(-1)
     assert fake.cached_tokens == [2, 5]
 
 
 def test_cached_tokens_is_a_copy(fake):
-    fake.generate([2, 5, 6])
+    fake.next_logits([2, 5, 6])
     fake.cached_tokens.append(99)
     assert fake.cached_tokens == [2, 5, 6]
 
 
 def test_generate_does_not_keep_caller_list(fake):
     tokens = [2, 5, 6]
-    fake.generate(tokens)
+    fake.next_logits(tokens)
     tokens.append(7)  # mutating the caller's list must not change the cache
     assert fake.cached_tokens == [2, 5, 6]
-    assert np.array_equal(fake.generate(tokens), fake.logits_for(tokens))
+    assert np.array_equal(fake.next_logits(tokens), fake.logits_for(tokens))
 
 
 def test_generate_accepts_any_sequence(fake):
-    a = fake.generate((2, 5, 6))
-    b = fake.generate(np.array([2, 5, 6, 7]))
+    a = fake.next_logits((2, 5, 6))
+    b = fake.next_logits(np.array([2, 5, 6, 7]))
     assert np.array_equal(a, fake.logits_for([2, 5, 6]))
     assert np.array_equal(b, fake.logits_for([2, 5, 6, 7]))
 
@@ -160,10 +160,10 @@ def test_generate_accepts_any_sequence(fake):
 def test_generate_bad_input():
     p = FakeProvider(context_length=4)
     with pytest.raises(ValueError):
-        p.generate([])
+        p.next_logits([])
     with pytest.raises(ValueError):
-        p.generate([2, 5, 6, 7, 8])
-    p.generate([2, 5, 6, 7])  # exactly the context: fine
+        p.next_logits([2, 5, 6, 7, 8])
+    p.next_logits([2, 5, 6, 7])  # exactly the context: fine
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -210,7 +210,7 @@ def test_logits_depend_on_whole_sequence():
 
 def test_logits_fn_override():
     p = FakeProvider(logits_fn=lambda t: np.arange(len(DEFAULT_VOCAB), dtype=np.float64) * len(t))
-    out = p.generate([2, 5])
+    out = p.next_logits([2, 5])
     assert out.dtype == np.float32 and out[3] == 6.0
 
 
@@ -295,7 +295,7 @@ def test_two_threads_sharing_a_provider_each_get_their_own_logits():
     def run(tokens):
         for n in range(2, len(tokens) + 1):
             for _ in range(5):
-                if not np.array_equal(provider.generate(tokens[:n]), provider.logits_for(tokens[:n])):
+                if not np.array_equal(provider.next_logits(tokens[:n]), provider.logits_for(tokens[:n])):
                     wrong.append(tokens[:n])
 
     threads = [threading.Thread(target=run, args=(s,)) for s in sequences]

@@ -221,7 +221,7 @@ def test_samplers_match_llama_cpps_compiled_samplers(llama_provider, llm):
     changed = 0
     for cut in (len(tokens) - 9, len(tokens) - 4, len(tokens)):
         sequence, prompt = tokens[:cut], tokens[:6]
-        logits = llama_provider.generate(sequence).astype(np.float32)
+        logits = llama_provider.next_logits(sequence).astype(np.float32)
         n = len(logits)
         reference = _llama_cpp(llama_cpp.llama_sampler_init_penalties(n, 48, 1.3, 0.2, 0.1), logits, sequence)
         ours = PenaltyStrategy(

@@ -246,6 +246,6 @@ def test_real_model_second_choice_and_go_back(provider):
     assert len(out) == 3 and sampler.stats.rewinds == 1 and script.answers == []
     provider.reset()
     for i, token in enumerate(out):  # each token is the model's second most likely one
-        logits = provider.generate(prompt_tokens + out[:i])
+        logits = provider.next_logits(prompt_tokens + out[:i])
         assert abs(logits[token] - np.partition(logits, -2)[-2]) < 1e-2
     assert script.shown[3][0] == provider.decode(out[:1])  # after going back, the text is one token shorter

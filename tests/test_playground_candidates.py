@@ -17,7 +17,7 @@ def test_candidates_are_the_top_of_the_filtered_distribution():
     answer = candidates(p, BaseStrategy(), prompt, [], top_n=4, temperature=1.0, top_k=50)
     probs = [c["probability"] for c in answer["candidates"]]
     assert len(probs) == 4 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-9
-    logits = p.generate(prompt).astype(np.float64)
+    logits = p.next_logits(prompt).astype(np.float64)
     expected = np.argsort(-logits)[:4]
     assert [c["token"] for c in answer["candidates"]] == [int(t) for t in expected]
     shares = np.exp(logits - logits.max())

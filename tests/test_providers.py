@@ -26,7 +26,7 @@ def _walk(provider, tokens, rewinds):
     provider.reset()
     seen, length, done = {}, 1, set()
     while length <= len(tokens):
-        logits = provider.generate(tokens[:length])
+        logits = provider.next_logits(tokens[:length])
         if length in CHECKPOINTS:
             seen[length] = logits
         if length in rewinds and length not in done:
@@ -58,17 +58,17 @@ def test_logits_after_rewinds_equal_fresh_pass(provider, tokens):
         assert diff < 1e-3, (length, diff)
         assert reference[length].argmax() == rewound[length].argmax()
     provider.reset()
-    fresh = provider.generate(tokens)  # the whole sequence in one batch
+    fresh = provider.next_logits(tokens)  # the whole sequence in one batch
     assert fresh.argmax() == rewound[CHECKPOINTS[-1]].argmax()
     assert np.abs(fresh - rewound[CHECKPOINTS[-1]]).max() < _tolerance(provider)
 
 
 def test_crop_cache_and_prefix_reuse(provider, tokens):
     provider.reset()
-    full = provider.generate(tokens[:200])
+    full = provider.next_logits(tokens[:200])
     provider.crop_cache(50)
     assert provider.cached_tokens == tokens[:150]
-    again = provider.generate(tokens[:200])
+    again = provider.next_logits(tokens[:200])
     assert np.abs(full - again).max() < _tolerance(provider)
     assert full.argmax() == again.argmax()
     with pytest.raises(ValueError):
@@ -76,7 +76,7 @@ def test_crop_cache_and_prefix_reuse(provider, tokens):
 
 
 def test_logits_shape_and_dtype(provider, tokens):
-    logits = provider.generate(tokens[:10])
+    logits = provider.next_logits(tokens[:10])
     assert logits.shape == (provider.vocab_size,) == (262144,)
     assert logits.dtype == np.float32 and np.isfinite(logits).all()
 
@@ -86,8 +86,8 @@ def test_backends_agree(llama_provider, transformers_provider, tokens):
     assert llama_provider.eos_token_ids == transformers_provider.eos_token_ids == {1, 106}
     ids = tokens[:40]
     llama_provider.reset()
-    a = llama_provider.generate(ids)
-    b = transformers_provider.generate(ids)
+    a = llama_provider.next_logits(ids)
+    b = transformers_provider.next_logits(ids)
     assert a.argmax() == b.argmax()
     assert llama_provider.encode("Hello world") == transformers_provider.encode("Hello world")
     assert llama_provider.decode(ids) == transformers_provider.decode(ids)
@@ -117,17 +117,17 @@ def test_llamacpp_pruned_sliding_window_falls_back_to_a_full_evaluation(llama_pr
 
     tokens = llama_provider.encode(TEXT)[:1000]
     fresh = pruned_provider()
-    fresh.generate(tokens[:200])
-    expected = fresh.generate(tokens)
+    fresh.next_logits(tokens[:200])
+    expected = fresh.next_logits(tokens)
 
     results = {}
     for check in (True, False):
         provider = pruned_provider()
         provider._swa_pruned = check  # False: what a provider without the check would do
-        provider.generate(tokens)
+        provider.next_logits(tokens)
         assert llama_cpp.llama_memory_seq_pos_min(llama_cpp.llama_get_memory(provider.llm.ctx), 0) > 200  # pruned
-        provider.generate(tokens[:200])  # back past the window: the cache cannot serve this
-        results[check] = np.abs(provider.generate(tokens) - expected).max()
+        provider.next_logits(tokens[:200])  # back past the window: the cache cannot serve this
+        results[check] = np.abs(provider.next_logits(tokens) - expected).max()
     assert results[True] < 1e-3, results
     assert results[False] > 0.1, results  # the test would catch a provider that trusts the cache
 
@@ -170,14 +170,14 @@ def test_llamacpp_notices_a_direct_evaluation_of_the_same_length(llama_provider,
     other = (other * 2)[: len(first)]
     assert len(other) == len(first) and other != first
     llama_provider.reset()
-    llama_provider.generate(first)
-    expected = llama_provider.generate(first + [first[-1]])
+    llama_provider.next_logits(first)
+    expected = llama_provider.next_logits(first + [first[-1]])
     llama_provider.reset()
-    llama_provider.generate(first)
+    llama_provider.next_logits(first)
     llm.n_tokens = 0  # use the Llama directly: a different sequence of the same length
     llm.eval(other)
     assert llm.n_tokens == len(first)
-    got = llama_provider.generate(first + [first[-1]])
+    got = llama_provider.next_logits(first + [first[-1]])
     assert np.abs(got - expected).max() < _tolerance(llama_provider) and got.argmax() == expected.argmax()
     assert llama_provider.cached_tokens == first + [first[-1]]
     llama_provider.reset()
@@ -188,10 +188,10 @@ def test_batch_of_one_after_generate_sees_only_its_own_tokens(provider, tokens):
     that starts after a generation must not be evaluated on top of that generation's tokens."""
     prompt = tokens[:12]
     provider.reset()
-    fresh = provider.generate(prompt)
-    provider.generate(tokens[:40])  # another sequence now fills the cache
-    got = provider.generate_batch({"job": prompt})["job"]
+    fresh = provider.next_logits(prompt)
+    provider.next_logits(tokens[:40])  # another sequence now fills the cache
+    got = provider.next_logits_batch({"job": prompt})["job"]
     provider.release("job")
     assert np.array_equal(got, fresh), np.abs(got - fresh).max()
-    assert provider.generate(tokens[:40]).shape == fresh.shape and provider.cached_tokens == tokens[:40]
+    assert provider.next_logits(tokens[:40]).shape == fresh.shape and provider.cached_tokens == tokens[:40]
     provider.reset()

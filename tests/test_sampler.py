@@ -657,7 +657,7 @@ def test_generation_can_be_stepped_by_hand(fake):
     fake.reset()
     out = []
     while not generation.done:
-        out += generation.advance(fake.generate(generation.sequence))
+        out += generation.advance(fake.next_logits(generation.sequence))
     generation.close()
     assert out == expected and generation.stats.finish_reason == "length"
 

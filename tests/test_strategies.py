@@ -178,7 +178,7 @@ def creative_invariant(provider, prompt_tokens, out, events, tol=0.0):
     provider.reset()
     picks = 0
     for i, token in enumerate(out):
-        logits = provider.generate(prompt_tokens + out[:i]).astype(np.float64)
+        logits = provider.next_logits(prompt_tokens + out[:i]).astype(np.float64)
         others = logits.copy()
         others[token] = -np.inf
         if i in forced:
@@ -406,7 +406,7 @@ def test_real_chain_of_creative_writing_and_adaptive_temperature(provider):
 
 @pytest.mark.model
 def test_real_adaptive_temperature(provider):
-    logits = provider.generate(provider.encode(PROMPT, add_special_tokens=True))
+    logits = provider.next_logits(provider.encode(PROMPT, add_special_tokens=True))
     strategy = AdaptiveTemperatureStrategy()
     before = entropy(logits)
     after = entropy(strategy.on_logits(logits.copy(), []))

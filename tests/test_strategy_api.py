@@ -95,14 +95,14 @@ def test_a_driver_rewind_is_recorded_and_told_to_the_strategy():
     recorder = Recorder()
     generation = BacktrackSampler(fp, Rewinder(99, 0)).start("the", max_new_tokens=10, seed=0, strategy=recorder)
     for _ in range(4):
-        generation.advance(fp.generate(generation.sequence))
+        generation.advance(fp.next_logits(generation.sequence))
     assert generation.released == 4  # BaseStrategy-like keep index: all final at once
     with pytest.raises(ValueError, match="final"):
         generation.rewind(2)
     keep_all = Rewinder(99, 0)
     generation = BacktrackSampler(fp, keep_all).start("the", max_new_tokens=10, seed=0)
     for _ in range(5):
-        generation.advance(fp.generate(generation.sequence))
+        generation.advance(fp.next_logits(generation.sequence))
     removed = generation.tokens[3:]
     generation.rewind(3, "driver")
     assert len(generation.tokens) == 3 and keep_all.rewinds == [3]

@@ -7,8 +7,8 @@ token with its top-K candidates (``take`` accepts or replaces it, see ``engine.l
 ``distribution(generation)`` too (the strategy's and the filters' distribution there), which a
 policy that does not sample reads instead (``server.playground.CandidateSearch``).
 
-``LocalBackend`` drives ``provider.generate`` (one generation at a time), ``BatchBackend``
-``provider.generate_batch`` (many, one backend call per step); a provider whose model runs
+``LocalBackend`` drives ``provider.next_logits`` (one generation at a time), ``BatchBackend``
+``provider.next_logits_batch`` (many, one backend call per step); a provider whose model runs
 elsewhere brings its own (``engine.EngineBackend``). ``backend_for`` picks one.
 """
 
@@ -102,7 +102,7 @@ class Backend:
 
 
 class LocalBackend(Backend):
-    """``provider.generate``: one generation at a time, in the provider's own cache, which is
+    """``provider.next_logits``: one generation at a time, in the provider's own cache, which is
     emptied when a generation starts (llama.cpp's numbers depend on batch shapes: the same call
     then gives the same tokens)."""
 
@@ -118,7 +118,7 @@ class LocalBackend(Backend):
         answers: Dict[BatchJob, Proposal] = {}
         for job in jobs:
             try:
-                answers[job] = Logits(self.provider.generate(job.generation.sequence))
+                answers[job] = Logits(self.provider.next_logits(job.generation.sequence))
             except Exception as error:  # the backend failed: this job ends with the error
                 answers[job] = Failure(error)
             self.calls += 1
@@ -126,7 +126,7 @@ class LocalBackend(Backend):
 
 
 class BatchBackend(Backend):
-    """``provider.generate_batch``: the logits of every running generation in one backend call
+    """``provider.next_logits_batch``: the logits of every running generation in one backend call
     per step, each in a sequence of its own (released when it ends). A generation that is
     decoding takes one token of the step; prompts waiting to be read share the rest of
     ``step_tokens`` (at least a quarter of it), in arrival order, so a long prompt is read in
@@ -160,7 +160,7 @@ class BatchBackend(Backend):
         if not requests:
             return {}
         try:
-            logits = self.provider.generate_batch(requests)  # type: ignore[arg-type]  # dict is invariant in its key
+            logits = self.provider.next_logits_batch(requests)  # type: ignore[arg-type]  # dict is invariant in its key
         except Exception as error:  # the backend failed: every job of this step ends with the error
             return {job: Failure(error) for job in requests}
         self.calls += 1
@@ -178,8 +178,8 @@ class BatchBackend(Backend):
 
 def backend_for(provider: BaseProvider, batched: bool = False, step_tokens: int = 256) -> Backend:
     """The backend a ``Scheduler`` steps generations on with ``provider``: ``LocalBackend``
-    (``generate``, one generation at a time, the driver of ``BacktrackSampler``) or, ``batched``,
-    ``BatchBackend`` (``generate_batch``, up to ``max_sequences`` at once, prompts read
+    (``next_logits``, one generation at a time, the driver of ``BacktrackSampler``) or, ``batched``,
+    ``BatchBackend`` (``next_logits_batch``, up to ``max_sequences`` at once, prompts read
     ``step_tokens`` at a time). A provider whose model runs elsewhere brings its own
     (``provider.backend(batched, step_tokens)``: ``engine.EngineProvider`` gives ``engine.EngineBackend``)."""
     own = getattr(provider, "backend", None)

@@ -2,7 +2,7 @@
 
 ``BatchScheduler`` is the one driver (``driver.Scheduler``) on the provider's batch of sequences
 (``scheduler.backend_for(provider, batched=True)``): every step it asks for the logits of every running
-``generation.sequence`` in a single ``provider.generate_batch`` call, hands each its logits with
+``generation.sequence`` in a single ``provider.next_logits_batch`` call, hands each its logits with
 ``generation.advance``, and delivers the tokens that became final. Each generation keeps its own
 sequence in the provider's cache, so a rewind cuts only its own. Generations join and leave
 between steps; the queue is first come, first served; a long prompt is fed in chunks so it does
@@ -58,7 +58,7 @@ class BatchScheduler(Scheduler):
 
     @property
     def steps(self) -> int:
-        """Backend calls made (``generate_batch`` calls, for a local provider)."""
+        """Backend calls made (``next_logits_batch`` calls, for a local provider)."""
         return self.backend.calls
 
     def submit(

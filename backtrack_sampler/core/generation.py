@@ -32,7 +32,7 @@ class RewindEvent:
 
 @dataclass
 class GenerationStats:
-    """What the last ``generate`` call did. ``finish_reason``: "stop" (EOS), "length", or
+    """What the last ``next_logits`` call did. ``finish_reason``: "stop" (EOS), "length", or
     "constraint" (a hard constraint could not hold: ``constraint`` says which strategy and why)."""
 
     delivered: int = 0
@@ -74,7 +74,7 @@ class Generation:
     """One generation in progress, advanced one token at a time by a driver::
 
         while not generation.done:
-            logits = provider.generate(generation.sequence)   # or one batched call for many
+            logits = provider.next_logits(generation.sequence)   # or one batched call for many
             for token in generation.advance(logits):         # the tokens that became final
                 ...
 

@@ -74,7 +74,7 @@ class _HFTokenizer:
 
 class EngineProvider(BaseProvider):
     """A model served by an engine at ``url``: the local tokenizer, and ``backend()`` for the model
-    (it has no logits of its own: ``generate`` raises).
+    (it has no logits of its own: ``next_logits`` raises).
 
     engine_type: "llama-server", "vllm" or "sglang" (the wire format).
     tokenizer: the model's tokenizer, local: a .gguf file (read vocabulary-only), a transformers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, Hashable, List, Mapping, Optional, Sequence, Tuple
@@ -30,7 +31,7 @@ def without_double_bos(tokens: List[int], bos: Optional[int]) -> List[int]:
 
 @dataclass
 class _Sequence:
-    """One cached sequence of ``generate_batch``: its backend slot, cached tokens and recent logits."""
+    """One cached sequence of ``next_logits_batch``: its backend slot, cached tokens and recent logits."""
 
     slot: int
     cached: List[int]
@@ -40,7 +41,7 @@ class _Sequence:
 class BaseProvider(ABC):
     """Wraps a model backend. Subclasses implement the tokenizer, ``_forward`` and ``_truncate``.
 
-    The provider remembers which tokens its KV cache holds. ``generate(tokens)`` keeps the longest
+    The provider remembers which tokens its KV cache holds. ``next_logits(tokens)`` keeps the longest
     cached prefix of ``tokens``, drops the rest of the cache, and evaluates only the new tokens, so
     a rewind is simply a call with a shorter sequence; the logits of the last ``KEEP_LOGITS``
     positions are kept, so a short rewind evaluates nothing. After any number of rewinds the
@@ -48,7 +49,7 @@ class BaseProvider(ABC):
 
     A provider whose model runs elsewhere (``engine.EngineProvider``) also defines
     ``backend(batched, step_tokens)``, the ``core.scheduler.Backend`` the scheduler steps it on;
-    for the others the scheduler drives ``generate`` / ``generate_batch`` (``core.scheduler.backend_for``).
+    for the others the scheduler drives ``next_logits`` / ``next_logits_batch`` (``core.scheduler.backend_for``).
 
     Thread-safe: one call at a time uses the backend (a lock), so two drivers sharing a provider
     (say, a server and a script) get the right logits, one after the other, never a mixed cache.
@@ -59,7 +60,7 @@ class BaseProvider(ABC):
     def __init__(self) -> None:
         self._cached: List[int] = []
         self._recent: Dict[int, np.ndarray] = {}  # sequence length -> the logits after it
-        self._batch: Dict[Hashable, _Sequence] = {}  # generate_batch's sequences by key
+        self._batch: Dict[Hashable, _Sequence] = {}  # next_logits_batch's sequences by key
         self._free: Optional[List[int]] = None  # free slots (made on first use)
         self._lock = threading.RLock()  # one call at a time: the cache is shared state
 
@@ -102,7 +103,7 @@ class BaseProvider(ABC):
         """Drop every cached position from ``length`` on; return how many positions remain
         (fewer than ``length`` when the backend cannot keep them, e.g. a pruned sliding window)."""
 
-    def generate(self, input_ids: Sequence[int]) -> np.ndarray:
+    def next_logits(self, input_ids: Sequence[int]) -> np.ndarray:
         """Next-token logits after ``input_ids`` as a float32 array of ``vocab_size`` (yours to edit)."""
         tokens = self._checked(input_ids)
         with self._lock:
@@ -113,23 +114,28 @@ class BaseProvider(ABC):
             self._remember(self._cached, self._recent, tokens[n:], logits)
             return logits
 
+    def generate(self, input_ids: Sequence[int]) -> np.ndarray:
+        """Deprecated 4.0 name of ``next_logits`` (it returns logits, not generated tokens)."""
+        warnings.warn("provider.generate() is now provider.next_logits()", DeprecationWarning, stacklevel=2)
+        return self.next_logits(input_ids)
+
     # --- several sequences at once ------------------------------------------------------------
     @property
     def max_sequences(self) -> int:
-        """How many sequences ``generate_batch`` can hold at once (each key takes one until
-        ``release``). The base implementation has one: the cache of ``generate`` itself."""
+        """How many sequences ``next_logits_batch`` can hold at once (each key takes one until
+        ``release``). The base implementation has one: the cache of ``next_logits`` itself."""
         return 1
 
-    def generate_batch(self, requests: Mapping[Hashable, Sequence[int]]) -> Dict[Hashable, np.ndarray]:
+    def next_logits_batch(self, requests: Mapping[Hashable, Sequence[int]]) -> Dict[Hashable, np.ndarray]:
         """Next-token logits for several sequences in one backend call: ``{key: input_ids}`` ->
         ``{key: logits}``. Each key is a sequence with its own cache, kept exactly like the cache
-        of ``generate`` (longest cached prefix, recent logits, rewind = a shorter ``input_ids``)
+        of ``next_logits`` (longest cached prefix, recent logits, rewind = a shorter ``input_ids``)
         until ``release(key)``. A new key takes a free slot; more than ``max_sequences`` live keys
         raise RuntimeError."""
         with self._lock:
-            return self._generate_batch(requests)
+            return self._next_logits_batch(requests)
 
-    def _generate_batch(self, requests: Mapping[Hashable, Sequence[int]]) -> Dict[Hashable, np.ndarray]:
+    def _next_logits_batch(self, requests: Mapping[Hashable, Sequence[int]]) -> Dict[Hashable, np.ndarray]:
         answers: Dict[Hashable, np.ndarray] = {}
         work = []
         for key, input_ids in requests.items():
@@ -150,7 +156,7 @@ class BaseProvider(ABC):
         return {key: answers[key] for key in requests}
 
     def release(self, key: Hashable) -> None:
-        """Forget the sequence ``key`` of ``generate_batch`` and free its slot (a no-op for an
+        """Forget the sequence ``key`` of ``next_logits_batch`` and free its slot (a no-op for an
         unknown key)."""
         with self._lock:
             seq = self._batch.pop(key, None)
@@ -161,20 +167,20 @@ class BaseProvider(ABC):
 
     @property
     def batch_keys(self) -> List[Hashable]:
-        """The keys of ``generate_batch`` that hold a slot."""
+        """The keys of ``next_logits_batch`` that hold a slot."""
         return list(self._batch)
 
     def _forward_batch(self, work: List[Tuple[int, List[int]]]) -> List[np.ndarray]:
         """Append each ``tokens`` to the cache of ``slot`` and return each one's last logits, in
-        one backend call where the backend allows. Base: the single cache of ``generate``."""
+        one backend call where the backend allows. Base: the single cache of ``next_logits``."""
         return [self._forward(tokens) for _, tokens in work]
 
     def _truncate_slot(self, slot: int, length: int) -> int:
-        """``_truncate`` for the cache of ``slot``. Base: the single cache of ``generate``."""
+        """``_truncate`` for the cache of ``slot``. Base: the single cache of ``next_logits``."""
         return self._truncate(length)
 
-    def _shares_generate_cache(self) -> bool:
-        """Whether ``_forward_batch`` evaluates in the cache of ``generate`` (a backend with one
+    def _shares_single_cache(self) -> bool:
+        """Whether ``_forward_batch`` evaluates in the cache of ``next_logits`` (a backend with one
         cache): then both keep one record of what it holds."""
         return type(self)._forward_batch is BaseProvider._forward_batch
 
@@ -188,7 +194,7 @@ class BaseProvider(ABC):
                     f"{type(self).__name__} holds {self.max_sequences} sequences at most: release() one first"
                 )
             slot = self._free.pop()
-            if self._shares_generate_cache():
+            if self._shares_single_cache():
                 self._cut(
                     0
                 )  # a new sequence starts from an empty cache, as in a slot of its own (same call, same tokens)
@@ -204,11 +210,11 @@ class BaseProvider(ABC):
         for known in [k for k in seq.recent if k > length]:
             del seq.recent[known]
 
-    # --- the cache bookkeeping shared by generate and generate_batch -------------------------
+    # --- the cache bookkeeping shared by next_logits and next_logits_batch -------------------------
     def _checked(self, input_ids: Sequence[int]) -> List[int]:
         tokens = list(input_ids)
         if not tokens:
-            raise ValueError("generate() needs at least one token")
+            raise ValueError("next_logits() needs at least one token")
         if len(tokens) > self.context_length:
             raise ValueError(f"{len(tokens)} tokens do not fit in the context of {self.context_length}")
         return tokens
@@ -236,7 +242,7 @@ class BaseProvider(ABC):
             del recent[old]
 
     def crop_cache(self, n: int) -> None:
-        """Drop the last ``n`` positions of the cache (the next ``generate`` re-evaluates them)."""
+        """Drop the last ``n`` positions of the cache (the next ``next_logits`` re-evaluates them)."""
         if n < 0:
             raise ValueError(f"crop_cache takes the number of positions to drop (>= 0), got {n}")
         with self._lock:

@@ -48,7 +48,7 @@ class FakeProvider(BaseProvider):
     """Deterministic stand-in for a model. ``logits_fn(tokens) -> logits`` overrides the default
     pseudo-random logits (which depend on the whole sequence, so cache bugs show up).
     ``forward_calls`` and ``evaluated`` count the calls and the tokens evaluated (both paths);
-    ``batch_calls`` counts ``generate_batch``'s backend calls. ``slots``: its ``max_sequences``."""
+    ``batch_calls`` counts ``next_logits_batch``'s backend calls. ``slots``: its ``max_sequences``."""
 
     def __init__(
         self,

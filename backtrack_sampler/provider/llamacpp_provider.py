@@ -30,10 +30,10 @@ class LlamacppProvider(BaseProvider):
     is not used: the provider keeps its own KV cache. ``device`` is informational: llama.cpp places
     layers by the ``n_gpu_layers`` the ``Llama`` was made with.
 
-    ``slots`` > 1 makes ``generate_batch`` evaluate up to that many sequences in one
+    ``slots`` > 1 makes ``next_logits_batch`` evaluate up to that many sequences in one
     ``llama_decode``: a second llama.cpp context on the same weights, with one KV stream of the
     ``Llama``'s full ``n_ctx`` per slot (``kv_unified=False``, so every sequence keeps its cells in
-    position order and its rewinds stay exact). ``generate`` keeps using the ``Llama``'s own context.
+    position order and its rewinds stay exact). ``next_logits`` keeps using the ``Llama``'s own context.
     """
 
     def __init__(self, llm: Llama, cache: Optional[BaseLlamaCache] = None, device=None, *, slots: int = 1):
@@ -116,13 +116,13 @@ class LlamacppProvider(BaseProvider):
     def context_length(self) -> int:
         return self.llm.n_ctx()
 
-    def generate(self, input_ids: Sequence[int]) -> np.ndarray:
+    def next_logits(self, input_ids: Sequence[int]) -> np.ndarray:
         with self._lock:
             n = self.llm.n_tokens
             if n != len(self._cached) or self.llm.input_ids[:n].tolist() != self._cached:  # the Llama was used directly
                 self._cached[:] = self.llm.input_ids[:n].tolist()  # in place: slots=1 batches share this list
                 self._recent.clear()
-            return super().generate(input_ids)
+            return super().next_logits(input_ids)
 
     def _forward(self, tokens: List[int]) -> np.ndarray:
         self.llm.eval(tokens)
@@ -193,7 +193,7 @@ class LlamacppProvider(BaseProvider):
                 llama_cpp.llama_get_logits_ith(ctx, row), shape=(self._n_vocab,)
             ).copy()
 
-    def _shares_generate_cache(self) -> bool:
+    def _shares_single_cache(self) -> bool:
         return self._slots == 1  # one sequence: the cache of generate()
 
     def _truncate_slot(self, slot: int, length: int) -> int:

@@ -183,7 +183,7 @@ def load_provider(
     """Load ``model`` with ``backend`` and wrap it in a provider. ``model`` is an embedded model's
     name (``MODELS``: ``"gemma-3-270m"``, ``"smollm2-135m-instruct"``), a ``.gguf`` file or a
     transformers model folder; None means ``DEFAULT_MODEL`` (Gemma 3 270M). ``slots``: the sequences its
-    ``generate_batch`` holds at once.
+    ``next_logits_batch`` holds at once.
 
     Raises UsageError for anything the user can fix (unknown backend or model name, missing file or
     model package, backend not installed, a file the backend cannot read)."""

@@ -22,7 +22,7 @@ class TransformersProvider(BaseProvider):
     sliding-window layers of models like Gemma 3 included: the attention mask still applies the
     window, and a rewind of any length is exact.
 
-    ``slots`` > 1 lets ``generate_batch`` hold that many sequences, each with a cache of its own;
+    ``slots`` > 1 lets ``next_logits_batch`` hold that many sequences, each with a cache of its own;
     they are evaluated one after the other (not padded into one forward pass), so a batch costs
     what its sequences cost alone and gives exactly their numbers.
     """
@@ -104,7 +104,7 @@ class TransformersProvider(BaseProvider):
             return super()._forward_batch(work)
         return [self._run(tokens, self._caches[slot]) for slot, tokens in work]
 
-    def _shares_generate_cache(self) -> bool:
+    def _shares_single_cache(self) -> bool:
         return self._slots == 1  # one sequence: the cache of generate()
 
     def _truncate_slot(self, slot: int, length: int) -> int:
