@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from ..core.batch import BatchJob, BatchScheduler
-from ..core.events import EventTracker, TraceWriter
+from ..core.events import TraceWriter
+from ..core.scheduler import Update
 from ..provider.base_provider import BaseProvider
 from ..provider.chat import chat_prompt_tokens
 from ..strategy.base_strategy import BaseStrategy
@@ -283,6 +284,7 @@ class _Run:
         self.summary, self.progress, self.on_error, self.fatal_types = summary, progress, on_error, fatal_types
         self.fatal: Optional[BaseException] = None
         self.tokens = 0
+        self.jobs: Dict[BatchJob, Tuple[PromptLine, Optional[TraceWriter], List[Dict[str, Any]]]] = {}
 
     def submit(
         self,
@@ -299,36 +301,24 @@ class _Run:
         else:
             assert item.prompt is not None  # a line without messages has a prompt (_parse_line)
             source = prompt = item.prompt
-        records: List[Dict[str, Any]] = []
-        tracker: List[EventTracker] = []
         writer = TraceWriter(None, source) if self.trace or self.pairs else None
+        job = scheduler.submit(prompt, strategy, events=writer is not None, **sampling)
+        self.jobs[job] = (item, writer, [])
+        return job
 
-        def on_step(job: BatchJob) -> None:
-            if writer is None:  # not called: on_step is only given with a trace or pairs
-                return
-            if not tracker:
-                tracker.append(EventTracker(job.generation))
-            for event in tracker[0].update():
+    def apply(self, update: Update) -> None:
+        """Take one ``Update`` of the scheduler: count the tokens, keep the rewind records of the
+        trace, and write the line when the job is done."""
+        item, writer, records = self.jobs[update.job]
+        self.tokens += len(update.tokens)
+        if writer is not None:
+            for event in update.events:
                 records.extend(
                     {"type": r["type"], "id": item.id, **r} for r in writer.records(event) if r["type"] == "rewind"
                 )
-
-        def on_tokens(job: BatchJob, tokens: List[int]) -> None:
-            self.tokens += len(tokens)
-
-        def on_finish(job: BatchJob) -> None:
-            if writer is not None and job.error is None:
-                on_step(job)
-            self.finish(job, item, records)
-
-        return scheduler.submit(
-            prompt,
-            strategy,
-            on_tokens=on_tokens,
-            on_finish=on_finish,
-            on_step=on_step if writer is not None else None,
-            **sampling,
-        )
+        if update.finished:
+            del self.jobs[update.job]
+            self.finish(update.job, item, records)
 
     def finish(self, job: BatchJob, item: PromptLine, records: List[Dict[str, Any]]) -> None:
         summary, stats = self.summary, job.stats
@@ -435,10 +425,12 @@ def run_batch(
                     on_bad(BadLine(item.line, str(error)))
             if not scheduler.pending:
                 break
-            scheduler.step()
+            for update in scheduler.step():
+                run.apply(update)
             if run.fatal is not None:
                 raise run.fatal
     finally:
         summary.seconds = time.perf_counter() - started
-        scheduler.close()
+        for update in scheduler.close():
+            run.apply(update)
     return summary

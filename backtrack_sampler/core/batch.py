@@ -70,13 +70,13 @@ class BatchScheduler(Scheduler):
         on_finish: Optional[JobCallback] = None,
         on_start: Optional[JobCallback] = None,
         on_step: Optional[JobCallback] = None,
+        events: bool = False,
         **kwargs,
     ) -> BatchJob:
         """Queue a generation and return its job. ``strategy``: an instance of its own (default: none);
         ``kwargs``: ``BacktrackSampler.generate``'s (``max_new_tokens``, ``temperature``, ``top_k``,
         ``top_p``, ``min_p``, ``seed``, ``on_rewind``, ...), checked now (ValueError).
-        ``on_start(job)`` is called when it leaves the queue, ``on_tokens(job, tokens)`` with the
-        tokens that became final, ``on_step(job)`` after every token it advances by (e.g. for
-        ``events.EventTracker``), ``on_finish(job)`` once it is done (all from the thread that steps)."""
+        What happens to it comes out of ``step()`` / ``run()`` as ``Update``s (with its typed events
+        when ``events``); the callbacks are called from them (see ``Scheduler.add``)."""
         generation = self._sampler.start(prompt, strategy=strategy or BaseStrategy(), **kwargs)
-        return self.add(generation, on_tokens, on_finish, on_start, on_step)
+        return self.add(generation, on_tokens, on_finish, on_start, on_step, events=events)

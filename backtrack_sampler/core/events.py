@@ -1,12 +1,12 @@
 """Live events of a generation, for UIs, traces and streams: what is final, what is still
 provisional, every rewind, and what was finally chosen where a rewind happened.
 
-The events are derived from a ``Generation``'s state after each step (its ``tokens``, ``released``
-keep index and ``stats.events``), whatever backend steps it, with an ``EventTracker``::
+The scheduler makes them, once, for a job added with ``events=True``: an ``EventTracker`` reads the
+``Generation`` after each step (the rewinds it recorded, the tokens it released, its tail), whatever
+backend steps it, and the step's ``Update`` carries them::
 
-    tracker = EventTracker(generation)
-    for _ in sampler.run(generation):        # or a scheduler's on_step(job) callback
-        for event in tracker.update():
+    for update in scheduler.step():           # a job added with events=True
+        for event in update.events:           # (made by an EventTracker the scheduler keeps)
             ...
 
 ``stream_events(sampler, prompt, **generate_kwargs)`` is that loop for one ``BacktrackSampler``.
@@ -23,11 +23,15 @@ replaces the previous one; sent only when it changed), then any ``Chosen``. The 
 from __future__ import annotations
 
 import json
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
-from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import IO, TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Union
 
 from ..provider.text import TextView, text_after
-from .sampler import BacktrackSampler, Generation
+from .generation import Generation
+
+if TYPE_CHECKING:
+    from .sampler import BacktrackSampler
 
 
 @dataclass
@@ -196,16 +200,11 @@ class EventTracker:
 def stream_events(sampler: BacktrackSampler, prompt, **kwargs) -> Iterator[Event]:
     """Generate with ``sampler`` (the arguments of ``BacktrackSampler.generate``) and yield the
     events of every step; the last one is ``Done``. ``sampler.stats`` describes the run. It is
-    ``BacktrackSampler.run``, the one driver, with an ``EventTracker`` read after every step."""
+    ``BacktrackSampler.steps`` (the one driver) with ``events=True``: the scheduler's updates carry them."""
     generation = sampler.start(prompt, **kwargs)
-    tracker = EventTracker(generation)
-    steps = sampler.run(generation)
-    try:
-        for _ in steps:
-            yield from tracker.update()
-    finally:
-        steps.close()
-    yield from tracker.update()
+    with closing(sampler.steps(generation, events=True)) as updates:
+        for update in updates:
+            yield from update.events
 
 
 @dataclass

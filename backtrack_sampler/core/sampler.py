@@ -8,6 +8,7 @@ with one generation on the provider's own cache (``scheduler.backend_for(provide
 
 from __future__ import annotations
 
+from contextlib import closing
 from typing import Callable, Generator, Iterator, List, Optional, Sequence, Union
 
 from ..provider.base_provider import BaseProvider
@@ -15,7 +16,7 @@ from ..provider.text import TextView
 from ..strategy.base_strategy import BaseStrategy
 from ..strategy.sampling import Sampling
 from .generation import Generation, GenerationStats, RewindEvent
-from .scheduler import Policy, backend_for, drive
+from .scheduler import Policy, Update, backend_for, drive
 
 __all__ = ["BacktrackSampler", "Generation", "GenerationStats", "RewindEvent"]
 
@@ -107,11 +108,14 @@ class BacktrackSampler:
             self.provider, strategy or self.strategy, prompt_tokens, limit, sampling, seed, on_rewind, budget
         )
 
-    def run(self, generation: Generation, policy: Optional[Policy] = None) -> Generator[List[int], None, None]:
-        """Drive ``generation`` (from ``start``) to its end on this sampler's provider, yielding
-        after every step the tokens that became final (often none): the loop behind ``generate``
-        and ``events.stream_events``. ``policy``: what the generation does with each step
-        (default: sample). An error that ended it is raised; closing the iterator ends it early."""
+    def steps(
+        self, generation: Generation, policy: Optional[Policy] = None, events: bool = False
+    ) -> Generator[Update, None, None]:
+        """Drive ``generation`` (from ``start``) to its end on this sampler's provider, yielding the
+        scheduler's ``Update`` after every step (its ``tokens`` that became final, often none, and
+        with ``events`` its typed events): the loop behind ``generate`` and ``stream_events``.
+        ``policy``: what the generation does with each step (default: sample). An error that ended
+        it is raised; closing the iterator ends it early."""
         if self._active:
             raise RuntimeError(
                 "this BacktrackSampler is already running a generation (its strategy and the provider's cache "
@@ -120,13 +124,20 @@ class BacktrackSampler:
         self._active = True
         self.stats = generation.stats
         try:
-            yield from drive(backend_for(self.provider), generation, policy)
+            yield from drive(backend_for(self.provider), generation, policy, events)
         finally:
             self._active = False
 
+    def run(self, generation: Generation, policy: Optional[Policy] = None) -> Generator[List[int], None, None]:
+        """``steps`` as the tokens that became final at each step (its 4.0 shape)."""
+        with closing(self.steps(generation, policy)) as updates:
+            for update in updates:
+                yield update.tokens
+
     def _tokens(self, generation: Generation) -> Iterator[int]:
-        for tokens in self.run(generation):
-            yield from tokens
+        with closing(self.steps(generation)) as updates:
+            for update in updates:
+                yield from update.tokens
 
     def generate_text(self, prompt: Union[str, Sequence[int]], **kwargs) -> Iterator[str]:
         """Like ``generate`` (same arguments) but yields text; characters split across tokens are

@@ -11,8 +11,13 @@ The step protocol (``Scheduler.step``)::
     proposals = backend.propose(running_jobs)          # {job: Proposal}, for the jobs that are ready
     for job, proposal in proposals.items():
         final = job.policy.feed(job.generation, proposal)   # default: proposal.take(generation)
-        job.on_tokens(job, final); job.on_step(job)        # the same callbacks for every backend
-        if job.generation.done: finish it (backend.release, generation.close, job.on_finish)
+        if job.generation.done: finish it (backend.release, generation.close)
+    return [Update(job, final, events, started, finished), ...]   # the one way out
+
+Every view reads the ``Update``s: ``BacktrackSampler.generate`` yields their tokens,
+``stream_events`` their events, the server's runner and the batch command send both on; the
+callbacks a job may have (``on_start``, ``on_tokens``, ``on_step``, ``on_finish``) are called
+from its update, after the step.
 
 What a backend proposes (``Logits``, an engine's ``Draft``, a ``Failure``) is in ``backends``. Rewinds are the generation's own
 (``push`` lets the strategy cut; ``rewind`` is the driver's); a backend follows them by comparing
@@ -25,9 +30,11 @@ import collections
 import itertools
 import threading
 import time
-from typing import Callable, Deque, Iterator, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Deque, Dict, Iterator, List, Optional
 
 from .backends import Backend, Proposal, backend_for  # noqa: F401 (backend_for: the drivers' way in)
+from .events import Event, EventTracker
 from .generation import Generation, GenerationStats
 
 TokensCallback = Callable[["BatchJob", List[int]], None]
@@ -50,6 +57,30 @@ class Policy:
 SAMPLE = Policy()
 
 
+# --- what a step did ------------------------------------------------------------------------------
+@dataclass
+class Update:
+    """What one step did to one job: the scheduler's one output (``Scheduler.step``, ``close``).
+
+    job: the job. tokens: the tokens that became final in this step, in order (often none).
+    events: for a job added with ``events=True``, this step's typed events (``core.events``:
+    ``Rewind``, ``Final``, ``Provisional``, ``Chosen``, and ``Done`` when it ended); else empty.
+    started: it left the queue in this step. advanced: it was given a proposal (a token, or a
+    rewind). finished: it ended in this step (``job.stats.finish_reason``; ``job.error`` when it
+    failed). Unpacks as ``(job, tokens)``, the shape ``run()`` yielded in 4.0.
+    """
+
+    job: BatchJob
+    tokens: List[int] = field(default_factory=list)
+    events: List[Event] = field(default_factory=list)
+    started: bool = False
+    advanced: bool = False
+    finished: bool = False
+
+    def __iter__(self) -> Iterator:
+        return iter((self.job, self.tokens))
+
+
 # --- jobs and the scheduler ----------------------------------------------------------------------
 class BatchJob:
     """One generation in a ``Scheduler``: ``"queued"``, then ``"running"``, then ``"done"``.
@@ -59,7 +90,7 @@ class BatchJob:
     (``finish_reason``: "stop", "length", "constraint", or None when cancelled or failed).
     ``policy``: what it does with its proposals (default: sample); ``max_seconds``: the time it
     may run once started (then its tokens that are not final are dropped and it ends with
-    finish_reason "length").
+    finish_reason "length"); ``events``: its updates carry its typed events.
     """
 
     _ids = itertools.count()
@@ -73,8 +104,10 @@ class BatchJob:
         on_step: Optional[JobCallback] = None,
         policy: Optional[Policy] = None,
         max_seconds: Optional[float] = None,
+        events: bool = False,
     ):
         self.generation = generation
+        self.tracker = EventTracker(generation) if events else None
         self.on_tokens, self.on_finish, self.on_start, self.on_step = on_tokens, on_finish, on_start, on_step
         self.policy = policy or SAMPLE
         self.max_seconds = max_seconds
@@ -142,13 +175,15 @@ class Scheduler:
         *,
         policy: Optional[Policy] = None,
         max_seconds: Optional[float] = None,
+        events: bool = False,
     ) -> BatchJob:
         """Queue a ``Generation`` built elsewhere (``BacktrackSampler.start``) on this provider, or
-        a policy that holds one (``playground.CandidateSearch``). Callbacks, all from the thread
-        that steps: ``on_start(job)`` when it leaves the queue, ``on_tokens(job, tokens)`` with the
-        tokens that became final, ``on_step(job)`` after every token it advances by (e.g. to follow
-        its provisional tokens and rewinds with ``events.EventTracker``), ``on_finish(job)`` once
-        it is done. ``max_seconds``: see ``BatchJob``."""
+        a policy that holds one (``playground.CandidateSearch``). What happens to it comes out of
+        ``step()`` as ``Update``s (with its typed events when ``events``). Callbacks, called from
+        its update after each step, in the thread that steps: ``on_start(job)`` when it leaves the
+        queue, ``on_tokens(job, tokens)`` with the tokens that became final, ``on_step(job)`` after
+        every step that advanced it, ``on_finish(job)`` once it is done. ``max_seconds``: see
+        ``BatchJob``."""
         if isinstance(generation, Policy):  # a policy that holds its own generation (CandidateSearch)
             held = getattr(generation, "generation", None)
             if not isinstance(held, Generation):
@@ -156,7 +191,7 @@ class Scheduler:
             policy, generation = generation, held
         if generation.provider is not self.provider:
             raise ValueError("the generation was started on another provider")
-        job = BatchJob(generation, on_tokens, on_finish, on_start, on_step, policy, max_seconds)
+        job = BatchJob(generation, on_tokens, on_finish, on_start, on_step, policy, max_seconds, events)
         job._notify = self.backend.notify
         with self._lock:
             strategies = {id(j.generation.strategy) for j in itertools.chain(self._queue, self._running)}
@@ -182,14 +217,16 @@ class Scheduler:
         return bool(self._running or self._queue)
 
     # --- stepping --------------------------------------------------------------------------------
-    def run(self) -> Iterator[Tuple[BatchJob, List[int]]]:
-        """Step until every job is done, yielding ``(job, tokens that became final)``."""
+    def run(self) -> Iterator[Update]:
+        """Step until every job is done, yielding each step's ``Update``s (they unpack as
+        ``(job, tokens that became final)``)."""
         while self.pending:
             yield from self.step()
 
-    def step(self) -> List[Tuple[BatchJob, List[int]]]:
+    def step(self) -> List[Update]:
         """Admit queued jobs into free slots, ask the backend for every running job's next
-        position, feed each job what it proposed; returns the tokens that became final."""
+        position, feed each job what it proposed; returns what happened to each job it touched."""
+        updates: Dict[BatchJob, Update] = {}
         running = self._running
         if running:
             now = time.monotonic()
@@ -199,37 +236,30 @@ class Scheduler:
                         self._time_up(job)
                     except Exception as error:  # the strategy's on_rewind failed
                         job.error = error
-                self._finish(job)
+                self._finish(job, updates)
         if self._queue:
-            self._admit()
-        if not running:
-            return []
-        try:
-            proposals = self.backend.propose(list(running))
-        except Exception as error:  # a bug in the backend: every running job ends with it
-            for job in list(running):
-                job.error = error
-                self._finish(job)
-            return []
-        delivered = []
-        for job, proposal in proposals.items():
-            generation = job.generation
+            self._admit(updates)
+        if running:
             try:
-                tokens = job.policy.feed(generation, proposal)
-                if tokens:
-                    job.tokens.extend(tokens)
-                    delivered.append((job, tokens))
-                    if job.on_tokens is not None:
-                        job.on_tokens(job, tokens)
-                if job.on_step is not None:
-                    job.on_step(job)
-            except Exception as error:  # the strategy, the backend or a callback failed: only this job ends
-                job.error = error
-                self._finish(job)
-                continue
-            if generation.done:
-                self._finish(job)
-        return delivered
+                proposals = self.backend.propose(list(running))
+            except Exception as error:  # a bug in the backend: every running job ends with it
+                proposals = {}
+                for job in list(running):
+                    job.error = error
+                    self._finish(job, updates)
+            for job, proposal in proposals.items():
+                update = updates.setdefault(job, Update(job))
+                update.advanced = True
+                try:
+                    tokens = job.policy.feed(job.generation, proposal)
+                except Exception as error:  # the strategy or the backend failed: only this job ends
+                    job.error = error
+                    tokens = []
+                job.tokens.extend(tokens)
+                update.tokens.extend(tokens)
+                if job.error is not None or job.generation.done:
+                    self._finish(job, updates)
+        return self._deliver(updates)
 
     def cancel_all(self) -> None:
         """Cancel every queued and running job (they end at the next step)."""
@@ -238,15 +268,39 @@ class Scheduler:
                 job._cancelled = True
         self.backend.notify()
 
-    def close(self) -> None:
-        """End every job now (cancelled) and close the backend."""
+    def close(self) -> List[Update]:
+        """End every job now (cancelled) and close the backend; returns their last updates."""
+        updates: Dict[BatchJob, Update] = {}
         with self._lock:
             queued, self._queue = list(self._queue), collections.deque()
         for job in queued:
-            self._close(job)
+            self._close(job, updates)
         for job in list(self._running):
-            self._finish(job)
+            self._finish(job, updates)
         self.backend.close()
+        return self._deliver(updates)
+
+    def _deliver(self, updates: Dict[BatchJob, Update]) -> List[Update]:
+        """Fill in each update's events and call the jobs' callbacks from it. A callback that
+        fails ends its job (and only it) with that error."""
+        for job, update in list(updates.items()):
+            if job.tracker is not None:
+                update.events = job.tracker.update()
+            try:
+                if update.started and job.on_start is not None:
+                    job.on_start(job)
+                if update.tokens and job.on_tokens is not None:
+                    job.on_tokens(job, update.tokens)
+                if update.advanced and job.on_step is not None:
+                    job.on_step(job)
+            except Exception as error:
+                job.error = error
+                self._finish(job, updates)
+                if job.tracker is not None:
+                    update.events += job.tracker.update()
+            if update.finished and job.on_finish is not None:
+                job.on_finish(job)
+        return list(updates.values())
 
     def _time_up(self, job: BatchJob) -> None:
         """The job's time is up: its tokens that are not final are dropped, it ends with "length"."""
@@ -254,11 +308,11 @@ class Scheduler:
         generation.rewind(generation.released, "time limit")
         generation.close("length")
 
-    def _admit(self) -> None:
+    def _admit(self, updates: Dict[BatchJob, Update]) -> None:
         with self._lock:
             for job in [j for j in self._queue if j._cancelled]:
                 self._queue.remove(job)
-                self._close(job)
+                self._close(job, updates)
             started = []
             while self._queue and len(self._running) < self.parallel:
                 job = self._queue.popleft()
@@ -269,38 +323,37 @@ class Scheduler:
             self.backend.admit(job)
             if job.max_seconds is not None:
                 job.deadline = time.monotonic() + job.max_seconds
-            if job.on_start is not None:
-                job.on_start(job)
+            updates.setdefault(job, Update(job)).started = True
         for job in [j for j in self._running if j.generation.done]:  # e.g. max_new_tokens=0
-            self._finish(job)
+            self._finish(job, updates)
 
-    def _finish(self, job: BatchJob) -> None:
+    def _finish(self, job: BatchJob, updates: Dict[BatchJob, Update]) -> None:
         with self._lock:
             if job not in self._running:
                 return
             self._running.remove(job)
         self.backend.release(job)
-        self._close(job)
+        self._close(job, updates)
 
-    def _close(self, job: BatchJob) -> None:
+    def _close(self, job: BatchJob, updates: Dict[BatchJob, Update]) -> None:
         if job._owns_close:
             job.generation.close(job.generation.stats.finish_reason)
         job.state = "done"
-        if job.on_finish is not None:
-            job.on_finish(job)
+        updates.setdefault(job, Update(job)).finished = True
 
 
-def drive(backend: Backend, generation: Generation, policy: Optional[Policy] = None) -> Iterator[List[int]]:
-    """Run ``generation`` alone on ``backend`` (a ``Scheduler`` with one job): after every step,
-    the tokens that became final (often none). An error that ended it is raised; closing the
-    iterator early ends the generation (finish_reason None)."""
+def drive(
+    backend: Backend, generation: Generation, policy: Optional[Policy] = None, events: bool = False
+) -> Iterator[Update]:
+    """Run ``generation`` alone on ``backend`` (a ``Scheduler`` with one job): its ``Update`` after
+    every step (with its typed events when ``events``). An error that ended it is raised; closing
+    the iterator early ends the generation (finish_reason None)."""
     scheduler = Scheduler(backend, parallel=1)
-    job = scheduler.add(generation, policy=policy)
+    job = scheduler.add(generation, policy=policy, events=events)
     job._owns_close = False  # the strategy is reset once the caller has the last tokens, not before
     try:
         while not job.done:
-            delivered = scheduler.step()
-            yield delivered[0][1] if delivered else []
+            yield next((u for u in scheduler.step() if u.job is job), None) or Update(job)
         if job.error is not None:
             raise job.error
     finally:
