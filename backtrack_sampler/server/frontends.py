@@ -5,7 +5,7 @@ KoboldAI API as KoboldCpp serves it (``/api/v1/generate``, ``/api/extra/generate
 Shapes follow the backends' sources: TabbyAPI ``endpoints/core/router.py`` and
 ``endpoints/core/types/{model,token}.py``; KoboldCpp ``koboldcpp.py`` (``generate``,
 ``transform_genparams``, the GET/POST routes); llama.cpp ``tools/server``. The HTTP handlers are in
-``server``; this module knows nothing about HTTP or the model.
+``frontend_routes``; this module knows nothing about HTTP or the model.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from typing import Any, ClassVar, Dict, List, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from .schemas import CompletionRequest, _alias, _error, _limits, _token_ids
+from .errors import field_error
+from .fields import alias, limits_of, token_ids
+from .schemas import CompletionRequest
 
 KOBOLD_API_VERSION = "1.2.5"  # KoboldCpp's /api/v1/info/version
 KOBOLDCPP_VERSION = "1.76"  # the KoboldCpp whose API this follows (ST enables features by it)
@@ -33,7 +35,7 @@ class KoboldRequest(CompletionRequest):
     top_k: Optional[int] = Field(100, ge=0)
     top_p: Optional[float] = Field(0.92, gt=0, le=1)
     ban_eos_token: Optional[bool] = Field(
-        None, validation_alias=_alias("ban_eos_token", "use_default_badwordsids", "ignore_eos")
+        None, validation_alias=alias("ban_eos_token", "use_default_badwordsids", "ignore_eos")
     )
     memory: Optional[str] = None
     genkey: Optional[str] = Field(None, max_length=200)
@@ -46,9 +48,9 @@ class KoboldRequest(CompletionRequest):
     @field_validator("memory")
     @classmethod
     def _memory_size(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
-        cap = _limits(info).max_message_chars
+        cap = limits_of(info).max_message_chars
         if value and len(value) > cap:
-            raise _error("string_above_max_length", f"memory is at most {cap} characters long, got {len(value)}")
+            raise field_error("string_above_max_length", f"memory is at most {cap} characters long, got {len(value)}")
         return value
 
     @model_validator(mode="after")
@@ -67,16 +69,16 @@ class TextToTokens(_TokenRequest):
     ``prompt``; ``add_bos_token`` (TabbyAPI, default true), ``add_special`` (llama.cpp, default
     false), ``special`` (KoboldCpp, default true) say whether the BOS token is added."""
 
-    text: str = Field(validation_alias=_alias("text", "content", "prompt"))
-    add_bos_token: Optional[bool] = Field(None, validation_alias=_alias("add_bos_token", "add_special", "special"))
+    text: str = Field(validation_alias=alias("text", "content", "prompt"))
+    add_bos_token: Optional[bool] = Field(None, validation_alias=alias("add_bos_token", "add_special", "special"))
     with_pieces: bool = False  # llama.cpp: [{"id", "piece"}] instead of ids
 
     @field_validator("text")
     @classmethod
     def _size(cls, value: str, info: ValidationInfo) -> str:
-        cap = _limits(info).max_message_chars
+        cap = limits_of(info).max_message_chars
         if len(value) > cap:
-            raise _error(
+            raise field_error(
                 "string_above_max_length",
                 f"the text is at most {cap} characters long (max_message_chars), got {len(value)}",
             )
@@ -86,12 +88,12 @@ class TextToTokens(_TokenRequest):
 class TokensToText(_TokenRequest):
     """Token ids to decode: ``tokens`` (TabbyAPI, llama.cpp) or ``ids`` (KoboldCpp)."""
 
-    tokens: List[int] = Field(validation_alias=_alias("tokens", "ids"))
+    tokens: List[int] = Field(validation_alias=alias("tokens", "ids"))
 
     @field_validator("tokens", mode="before")
     @classmethod
     def _ids(cls, value: Any, info: ValidationInfo) -> Any:
-        return _token_ids(value, "tokens", _limits(info).max_token_ids)
+        return token_ids(value, "tokens", limits_of(info).max_token_ids)
 
 
 class AbortRequest(_TokenRequest):

@@ -23,14 +23,16 @@ from ..provider.base_provider import BaseProvider
 from ..provider.text import text_after
 from ..strategy.base_strategy import BaseStrategy
 from ..strategy.sampling import check_sampling_args
-from .schemas import ChatMessage, _error, _Request
+from .errors import field_error
+from .request import GenerationRequest
+from .schemas import ChatMessage
 
 STATIC = Path(__file__).with_name("static")
 MAX_TOP_N = 20
 MAX_CHOSEN = 1024  # tokens a candidates request may replay
 
 
-class CandidatesRequest(_Request):
+class CandidatesRequest(GenerationRequest):
     """``POST /v1/backtrack/candidates``: ``prompt`` (a string or token ids) or ``messages``, the
     ``tokens`` chosen so far, ``top_n`` candidates wanted, and the sampling and strategy fields of
     the completion routes (``max_tokens`` is the token limit the choices count against)."""
@@ -43,9 +45,9 @@ class CandidatesRequest(_Request):
     @model_validator(mode="after")
     def _one_prompt(self) -> CandidatesRequest:
         if (self.prompt is None) == (self.messages is None):
-            raise _error("invalid_value", "give either prompt or messages")
+            raise field_error("invalid_value", "give either prompt or messages")
         if self.prompt is not None and len(self.prompt) == 0:
-            raise _error("invalid_value", "prompt is empty")
+            raise field_error("invalid_value", "prompt is empty")
         return self
 
     def message_dicts(self) -> List[Dict[str, str]]:
@@ -214,6 +216,7 @@ def candidates(
     )
     for _ in drive(backend_for(provider), search.generation, search):
         pass
+    assert search.result is not None  # set when the generation ends
     return search.result
 
 

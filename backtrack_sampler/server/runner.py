@@ -1,8 +1,9 @@
 """The server's local runner: every request's generation in one scheduler, stepped by one
 background thread; its text, stop strings, time limit and events reported to the request's ``Job``.
 
-``Runner`` (``server.Engine`` is its old name) is what ``create_app`` serves; the HTTP layer
-(``server``) validates and plans a request, the runner executes the ``Plan``.
+``Runner`` (``server.app.Engine`` is its old name) is what ``create_app`` serves; the HTTP layer
+(``app``, ``pipeline``, ``plan``) validates and plans a request, the runner executes the ``Plan``. It
+knows nothing about HTTP: a ``Job`` is told how to check its client (``Job.next(is_disconnected)``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
-
-from starlette.requests import Request
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..core.batch import BatchJob, BatchScheduler
 from ..core.events import Done, EventTracker, Final, event_dict
@@ -25,7 +24,7 @@ from ..provider.models import provider_name
 from ..provider.text import TextView
 from ..strategy.base_strategy import BaseStrategy
 from . import playground
-from .schemas import APIError
+from .errors import APIError
 
 
 @dataclass
@@ -45,8 +44,9 @@ class Plan:
     ignored: Tuple[str, ...] = ()  # request fields that have no effect here (named in the answer)
 
 
-class _ClientGone(Exception):
-    """The client disconnected before the answer was ready."""
+class ClientGone(Exception):
+    """The client disconnected before the answer was ready (``Job.next`` raises it; the app answers
+    499, which nobody reads)."""
 
 
 class QueueFull(APIError):
@@ -99,7 +99,7 @@ class Job:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queue: asyncio.Queue[Tuple[str, Any]] = asyncio.Queue()
         self.cancelled = threading.Event()
         self.checked = loop.time()  # when the client's connection was last checked
         self.batch: Optional[BatchJob] = None
@@ -123,16 +123,17 @@ class Job:
         self.aborted = True
         self.cancel()
 
-    async def next(self, request: Request) -> Tuple[str, Any]:
-        """The next report; cancels the job if the client goes away meanwhile (checked at least
+    async def next(self, is_disconnected: Callable[[], Awaitable[bool]]) -> Tuple[str, Any]:
+        """The next report; cancels the job and raises ``ClientGone`` if the client goes away
+        meanwhile (``is_disconnected``, e.g. Starlette's ``request.is_disconnected``: checked at least
         every quarter second, also while reports keep coming)."""
         loop = asyncio.get_running_loop()
         while True:
             if loop.time() - self.checked >= 0.25:
                 self.checked = loop.time()
-                if await request.is_disconnected():
+                if await is_disconnected():
                     self.cancel()
-                    raise _ClientGone()
+                    raise ClientGone()
             try:
                 return await asyncio.wait_for(self.queue.get(), timeout=0.25)
             except asyncio.TimeoutError:
@@ -320,11 +321,15 @@ class Runner:
         if scheduler.running + scheduler.queued >= self.parallel + self.max_queue:
             raise QueueFull(scheduler.running, scheduler.queued)
         loop = asyncio.get_running_loop()
-        finished: asyncio.Future = loop.create_future()
+        finished: asyncio.Future[BatchJob] = loop.create_future()
+
+        def resolve(batch: BatchJob) -> None:
+            if not finished.done():
+                finished.set_result(batch)
 
         def on_finish(batch: BatchJob) -> None:
             try:
-                loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(batch))
+                loop.call_soon_threadsafe(resolve, batch)
             except RuntimeError:  # the event loop is closed
                 pass
 
