@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..core.batch import BatchJob, BatchScheduler
-from ..core.events import Done, EventTracker, Final, event_dict
+from ..core.events import Done, Event, Final, event_dict
 from ..core.sampler import BacktrackSampler, Generation
-from ..core.scheduler import Policy
+from ..core.scheduler import Policy, Update
 from ..provider.base_provider import BaseProvider
 from ..provider.models import provider_name
 from ..provider.text import TextView
@@ -141,17 +141,29 @@ class Job:
 
 
 class _Output:
-    """A generation's final tokens as text reports to its ``Job``: whole characters only, cut
-    before any stop string (which ends the generation with finish_reason "stop"). With
-    ``plan.include_backtrack`` the text comes from the generation's events (``on_step``), and the
-    other events are reported too."""
+    """A generation's ``Update``s (the scheduler's one way out) as reports to its ``Job``: text of
+    whole characters only, cut before any stop string (which ends the generation with
+    finish_reason "stop"). With ``plan.include_backtrack`` the text comes from the update's
+    events, and the other events are reported too."""
 
-    def __init__(self, provider: BaseProvider, job: Job, plan: Plan, generation: Generation):
+    def __init__(self, provider: BaseProvider, job: Job, plan: Plan):
         self.provider, self.job, self.plan = provider, job, plan
         self.stops = StopFilter(plan.stop)
         self.view = TextView(provider.decode)  # the final tokens' text (without include_backtrack)
         self.stopped = self.started = False
-        self.tracker = EventTracker(generation) if plan.include_backtrack else None
+        self.events = plan.include_backtrack
+
+    def apply(self, update: Update) -> None:
+        """Report what one step did: started, final tokens (and their logprobs), events, the end."""
+        batch = update.job
+        if update.started:
+            self.on_start(batch)
+        if update.tokens:
+            self.on_tokens(batch, update.tokens)
+        if update.events:
+            self.on_events(batch, update.events)
+        if update.finished:
+            self.on_finish(batch)
 
     def on_start(self, batch: BatchJob) -> None:
         self.started = True
@@ -161,17 +173,17 @@ class _Output:
         if self.plan.logprobs is not None and not self.stopped:  # before the text they make
             end = len(batch.tokens)
             self.job.put("logprobs", batch.generation.token_logprobs[end - len(tokens) : end])
-        if self.stopped or self.tracker is not None:
+        if self.stopped or self.events:
             return
         piece = self.view.update(batch.tokens)
         if piece:
             self._send(piece, batch)
 
-    def on_step(self, batch: BatchJob) -> None:
+    def on_events(self, batch: BatchJob, events: List[Event]) -> None:
         """include_backtrack: the step's events; final text goes in the ordinary chunks."""
-        if self.stopped or self.tracker is None:
+        if self.stopped:
             return
-        for event in self.tracker.update():
+        for event in events:
             if isinstance(event, Final):
                 self._send(event.text, batch, event.tokens)
                 if self.stopped:
@@ -200,9 +212,7 @@ class _Output:
                 return
             if not self.started:
                 self.on_start(batch)
-        if self.tracker is not None:
-            self.on_step(batch)  # what the last step left
-        else:
+        if not self.events:  # (with events, the last step's arrived in on_events)
             self._send(self.view.update(batch.tokens, at_end=True), batch)
         if not self.stopped:
             self._text(self.stops.flush(), 0)
@@ -217,7 +227,7 @@ class _Output:
             self._done(batch, "stop")
 
     def _text(self, text: str, tokens: int) -> None:
-        if self.tracker is None:
+        if not self.events:
             if text:
                 self.job.put("text", text)
         elif text or tokens:
@@ -225,7 +235,7 @@ class _Output:
 
     def _done(self, batch: BatchJob, finish: str) -> None:
         stats = batch.stats
-        if self.tracker is not None:
+        if self.events:
             self.job.put(
                 "backtrack",
                 event_dict(
@@ -268,6 +278,8 @@ class Runner:
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
         self._sampler = BacktrackSampler(provider, BaseStrategy())
+        self._reports: Dict[BatchJob, Callable[[Update], None]] = {}  # who reads each job's updates
+        self._lock = threading.Lock()  # a job and its reader are registered together
         self._wake = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="backtrack-sampler-engine", daemon=True)
@@ -299,17 +311,16 @@ class Runner:
         except ValueError as error:
             raise APIError(str(error), None, "invalid_value") from None
         generation.logprobs = plan.logprobs
-        output = _Output(self.provider, job, plan, generation)
-        job.batch = scheduler.add(
-            generation,
-            output.on_tokens,
-            output.on_finish,
-            output.on_start,
-            output.on_step if plan.include_backtrack else None,
-            max_seconds=plan.max_seconds,
-        )
-        self._wake.set()
+        output = _Output(self.provider, job, plan)
+        job.batch = self._add(generation, output.apply, max_seconds=plan.max_seconds, events=plan.include_backtrack)
         return job
+
+    def _add(self, generation: Union[Generation, Policy], report: Callable[[Update], None], **options) -> BatchJob:
+        with self._lock:
+            batch = self.scheduler.add(generation, **options)
+            self._reports[batch] = report
+        self._wake.set()
+        return batch
 
     async def finish(self, generation: Union[Generation, Policy]) -> BatchJob:
         """Run ``generation``, or a policy that holds one (``playground.CandidateSearch``), in the
@@ -327,18 +338,34 @@ class Runner:
             if not finished.done():
                 finished.set_result(batch)
 
-        def on_finish(batch: BatchJob) -> None:
-            try:
-                loop.call_soon_threadsafe(resolve, batch)
-            except RuntimeError:  # the event loop is closed
-                pass
+        def report(update: Update) -> None:
+            if update.finished:
+                try:
+                    loop.call_soon_threadsafe(resolve, update.job)
+                except RuntimeError:  # the event loop is closed
+                    pass
 
-        batch = scheduler.add(generation, on_finish=on_finish)
-        self._wake.set()
+        batch = self._add(generation, report)
         try:
             return await finished
         finally:
             batch.cancel()  # a no-op once done
+
+    def _report(self, updates: List[Update]) -> None:
+        """Hand each update to its job's reader (the one way out of the scheduler)."""
+        with self._lock:
+            readers = [(self._reports.get(u.job), u) for u in updates]
+            for update in updates:
+                if update.finished:
+                    self._reports.pop(update.job, None)
+        for report, update in readers:
+            if report is None:
+                continue
+            try:
+                report(update)
+            except Exception:  # a bug in reporting one request: the others go on
+                traceback.print_exc()
+                update.job.cancel()
 
     def close(self) -> None:
         """Cancel every generation and stop the background thread."""
@@ -352,7 +379,7 @@ class Runner:
         while True:
             if scheduler.pending:
                 try:
-                    scheduler.step()
+                    self._report(scheduler.step())
                 except Exception:  # a bug, not a request's fault (those end their own job): keep serving
                     traceback.print_exc()
                     scheduler.cancel_all()
