@@ -83,7 +83,7 @@ __all__ = [
 
 async def _generate(request: Request, schema: GenerationSchema) -> Response:
     plan, jobs, _ = await start_generations(request, schema, choices=True)
-    reply = Reply(request.app.state.engine, plan)
+    reply = Reply(request.app.state.runner, plan)
     return streamed_answer(jobs, reply) if plan.stream else await whole_answer(jobs, request, reply)
 
 
@@ -95,33 +95,33 @@ async def chat_completions(request: Request) -> Response:
     return await _generate(request, ChatCompletionRequest)
 
 
-def _model_card(engine: Runner) -> Dict[str, Any]:
-    return {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "backtrack-sampler"}
+def _model_card(runner: Runner) -> Dict[str, Any]:
+    return {"id": runner.name, "object": "model", "created": runner.created, "owned_by": "backtrack-sampler"}
 
 
 async def models(request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": [_model_card(request.app.state.engine)]})
+    return JSONResponse({"object": "list", "data": [_model_card(request.app.state.runner)]})
 
 
 async def model(request: Request) -> Response:
-    engine, name = request.app.state.engine, request.path_params["model"]
-    if name != engine.name:
+    runner, name = request.app.state.runner, request.path_params["model"]
+    if name != runner.name:
         raise APIError(f"the model {name!r} does not exist", "model", "model_not_found", 404)
-    return JSONResponse(_model_card(engine))
+    return JSONResponse(_model_card(runner))
 
 
 async def health(request: Request) -> Response:
     """Answers at once, whatever the model is doing: how many generations run and wait."""
-    engine: Runner = request.app.state.engine
+    runner: Runner = request.app.state.runner
     return JSONResponse(
         {
             "status": "ok",
-            "model": engine.name,
-            "busy": engine.busy,
-            "running": engine.running,
-            "queued": engine.queued,
-            "parallel": engine.parallel,
-            "max_queue": engine.max_queue,
+            "model": runner.name,
+            "busy": runner.busy,
+            "running": runner.running,
+            "queued": runner.queued,
+            "parallel": runner.parallel,
+            "max_queue": runner.max_queue,
         }
     )
 
@@ -155,8 +155,8 @@ async def _server_error(request: Request, error: Exception) -> Response:
 
 async def backtrack_candidates(request: Request) -> Response:
     """The playground's human guidance: the next-token candidates after the chosen tokens (a
-    ``playground.CandidateSearch`` run by the engine's scheduler like any generation)."""
-    engine: Runner = request.app.state.engine
+    ``playground.CandidateSearch`` run by the runner's scheduler like any generation)."""
+    runner: Runner = request.app.state.runner
     limits: Limits = request.app.state.limits
     body = parse_request(
         playground.CandidatesRequest,
@@ -166,7 +166,7 @@ async def backtrack_candidates(request: Request) -> Response:
     )
 
     def plan() -> playground.CandidateSearch:
-        provider = engine.provider
+        provider = runner.provider
         if body.messages is not None:
             prompt = chat_tokens(provider, body.message_dicts())
         else:
@@ -186,7 +186,7 @@ async def backtrack_candidates(request: Request) -> Response:
         )
 
     search = await run_in_threadpool(plan)
-    batch = await engine.finish(search)
+    batch = await runner.finish(search)
     if batch.error is not None:
         raise APIError(
             f"generation failed: {type(batch.error).__name__}: {batch.error}",
@@ -218,12 +218,12 @@ LIVE = 256  # generations the KoboldAI routes remember for check and abort (the 
 
 
 def create_app(
-    engine: Runner,
+    runner: Runner,
     api_key: Optional[str] = None,
     limits: Optional[Limits] = None,
     strategies: Union[None, StrategyRegistry, Iterable[Union[str, type]]] = None,
 ) -> Union[Starlette, ApiKeyCheck]:
-    """The Starlette application serving ``engine`` (behind an ``ApiKeyCheck`` with ``api_key``). ``api_key`` (optional) is then required as
+    """The Starlette application serving ``runner`` (behind an ``ApiKeyCheck`` with ``api_key``). ``api_key`` (optional) is then required as
     ``Authorization: Bearer KEY`` on every route except ``/health``; ``limits``: what one request
     may ask for (default: ``Limits()``); ``strategies``: what a request may name, a
     ``StrategyRegistry`` or strategy classes / references to add to the built-ins (default: the
@@ -239,7 +239,7 @@ def create_app(
             Exception: _server_error,
         },
     )
-    app.state.engine = engine
+    app.state.runner = runner
     app.state.limits = limits or Limits()
     app.state.api_key = api_key
     app.state.live = collections.deque(maxlen=LIVE)
@@ -300,14 +300,14 @@ def serve(
     if provider is None:
         parallel = default_parallel() if parallel is None else parallel
         provider = load_provider(backend, model or default_model(chat=True), n_ctx, threads, slots=parallel)
-    engine = Engine(provider, model_name, parallel, max_queue)
+    runner = Runner(provider, model_name, parallel, max_queue)
     try:
         uvicorn.run(
-            create_app(engine, api_key, limits, strategies),
+            create_app(runner, api_key, limits, strategies),
             host=host,
             port=port,
             log_level=log_level,
             timeout_graceful_shutdown=5,
         )
     finally:
-        engine.close()
+        runner.close()

@@ -116,7 +116,7 @@ async def kobold_abort(request: Request) -> Response:
 def _tokenizer(kind: str) -> Handler:
     async def tokenize(request: Request) -> Response:
         body = await _small_body(request, frontends.TextToTokens)
-        provider = request.app.state.engine.provider
+        provider = request.app.state.runner.provider
         add_bos = (kind != "llama") if body.add_bos_token is None else body.add_bos_token
         tokens = await run_in_threadpool(provider.encode, body.text, add_bos)
         pieces = [provider.decode([t]) for t in tokens] if body.with_pieces and kind == "llama" else None
@@ -128,7 +128,7 @@ def _tokenizer(kind: str) -> Handler:
 def _detokenizer(kind: str) -> Handler:
     async def detokenize(request: Request) -> Response:
         body = await _small_body(request, frontends.TokensToText)
-        provider = request.app.state.engine.provider
+        provider = request.app.state.runner.provider
         if body.tokens and max(body.tokens) >= provider.vocab_size:
             raise APIError(f"token ids must be in [0, {provider.vocab_size})", "tokens", "invalid_value")
         return JSONResponse(frontends.text_answer(kind, await run_in_threadpool(provider.decode, body.tokens)))
@@ -137,8 +137,8 @@ def _detokenizer(kind: str) -> Handler:
 
 
 def _tabby_card(request: Request) -> Dict[str, Any]:
-    engine: Runner = request.app.state.engine
-    return frontends.tabby_model_card(engine.name, engine.created, engine.provider.context_length, engine.parallel)
+    runner: Runner = request.app.state.runner
+    return frontends.tabby_model_card(runner.name, runner.created, runner.provider.context_length, runner.parallel)
 
 
 async def tabby_model(request: Request) -> Response:
@@ -152,13 +152,13 @@ async def tabby_models(request: Request) -> Response:
 async def kobold_info(request: Request) -> Response:
     """The KoboldAI API's GET routes (served without the key, as KoboldCpp does: SillyTavern's status
     check sends none): the model, the versions, the context and generation lengths."""
-    engine: Runner = request.app.state.engine
-    path, context = request.url.path.rstrip("/"), engine.provider.context_length
+    runner: Runner = request.app.state.runner
+    path, context = request.url.path.rstrip("/"), runner.provider.context_length
     if path.endswith("/model"):
         hidden = request.app.state.api_key and not _authorized(
             request.headers.get("authorization", ""), request.app.state.api_key
         )
-        return JSONResponse({"result": "koboldcpp/protected-model" if hidden else engine.name})
+        return JSONResponse({"result": "koboldcpp/protected-model" if hidden else runner.name})
     if path.endswith("/info/version"):
         return JSONResponse({"result": frontends.KOBOLD_API_VERSION})
     if path.endswith("/extra/version"):

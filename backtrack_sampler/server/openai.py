@@ -33,8 +33,8 @@ def error_response(error: APIError) -> JSONResponse:
 class Reply:
     """The OpenAI objects of one answer (completion, chunks, usage) with one choice per generation."""
 
-    def __init__(self, engine: Runner, plan: Plan):
-        self.model, self.plan, self.decode = engine.name, plan, engine.provider.decode
+    def __init__(self, runner: Runner, plan: Plan):
+        self.model, self.plan, self.decode = runner.name, plan, runner.provider.decode
         self.id = ("chatcmpl-" if plan.chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.offsets: Dict[int, int] = collections.defaultdict(int)  # text_offset of each choice's next token

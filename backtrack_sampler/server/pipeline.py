@@ -55,15 +55,15 @@ async def start_generations(
     """Validate, plan and queue a request's generations (``n`` of them when ``choices``); returns
     ``(plan, jobs, lives)`` once every one has started. ``kobold``: the KoboldAI API's (its
     ``/api/extra/generate/check`` reads them)."""
-    engine: Runner = request.app.state.engine
+    runner: Runner = request.app.state.runner
     limits: Limits = request.app.state.limits
     body = parse_request(schema, await read_body(request, limits.max_body_bytes), limits, request.app.state.strategies)
     count = (body.n or 1) if choices else 1
-    plans = [await run_in_threadpool(plan_request, engine.provider, body, limits, i) for i in range(count)]
+    plans = [await run_in_threadpool(plan_request, runner.provider, body, limits, i) for i in range(count)]
     jobs: List[Job] = []
     try:
         for plan in plans:
-            jobs.append(engine.start(plan))
+            jobs.append(runner.start(plan))
         lives = [Live(job, getattr(body, "genkey", None), kobold) for job in jobs]
         request.app.state.live.extend(lives)
         for job in jobs:
