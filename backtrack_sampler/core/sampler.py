@@ -21,6 +21,30 @@ from .scheduler import Policy, Update, backend_for, drive
 __all__ = ["BacktrackSampler", "Generation", "GenerationStats", "RewindEvent"]
 
 
+class PromptError(ValueError):
+    """A prompt the model cannot take; ``code``: "invalid_value" or "context_length_exceeded"."""
+
+    def __init__(self, message: str, code: str = "invalid_value"):
+        super().__init__(message)
+        self.code = code
+
+
+def check_prompt(provider: BaseProvider, tokens: List[int]) -> List[int]:
+    """``tokens`` when ``provider`` can take them as a prompt (ids in its vocabulary, room left in
+    its context), else PromptError: the one check of a prompt, for the sampler and the server."""
+    if not tokens:
+        raise PromptError("the prompt has no tokens")
+    if min(tokens) < 0 or max(tokens) >= provider.vocab_size:
+        raise PromptError(f"prompt token ids must be in [0, {provider.vocab_size})")
+    if len(tokens) >= provider.context_length:
+        raise PromptError(
+            f"the prompt is {len(tokens)} tokens long, which leaves no room in the model's context of "
+            f"{provider.context_length} tokens",
+            "context_length_exceeded",
+        )
+    return tokens
+
+
 class BacktrackSampler:
     """Generates tokens with ``provider`` and lets ``strategy`` alter, rewind and release them.
 
@@ -156,20 +180,9 @@ class BacktrackSampler:
     def _prompt_tokens(self, prompt) -> List[int]:
         if isinstance(prompt, str):
             if not prompt:
-                raise ValueError("the prompt is empty")
-            tokens = self.provider.encode(prompt, add_special_tokens=True)
-        else:
-            tokens = [int(t) for t in prompt]
-            if not tokens:
-                raise ValueError("the prompt has no tokens")
-            if min(tokens) < 0 or max(tokens) >= self.provider.vocab_size:
-                raise ValueError(f"prompt token ids must be in [0, {self.provider.vocab_size})")
-        if len(tokens) >= self.provider.context_length:
-            raise ValueError(
-                f"the prompt is {len(tokens)} tokens long, which leaves no room in the model's context of "
-                f"{self.provider.context_length} tokens"
-            )
-        return tokens
+                raise PromptError("the prompt is empty")
+            return check_prompt(self.provider, self.provider.encode(prompt, add_special_tokens=True))
+        return check_prompt(self.provider, [int(t) for t in prompt])
 
     def _token_limit(self, prompt_length: int, max_length, max_new_tokens) -> int:
         limit = self.provider.context_length - prompt_length

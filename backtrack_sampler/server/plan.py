@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
+from ..core.sampler import PromptError, check_prompt
 from ..errors import UsageError
 from ..provider.base_provider import BaseProvider
 from ..provider.chat import chat_prompt_tokens
@@ -56,14 +57,9 @@ def plan_request(
 
 def prompt_tokens(provider: BaseProvider, prompt: Union[str, List[int]]) -> List[int]:
     """The prompt's tokens (a string is encoded with the special tokens); a 400 when an id is out of
-    the vocabulary or the prompt leaves no room in the context."""
-    if isinstance(prompt, str):
-        tokens = provider.encode(prompt, add_special_tokens=True)
-    else:
-        if min(prompt) < 0 or max(prompt) >= provider.vocab_size:
-            raise APIError(f"prompt token ids must be in [0, {provider.vocab_size})", "prompt", "invalid_value")
-        tokens = list(prompt)
-    return _check_room(provider, tokens, "prompt")
+    the vocabulary or the prompt leaves no room in the context (``core.sampler.check_prompt``)."""
+    tokens = provider.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
+    return _checked(provider, tokens, "prompt")
 
 
 def chat_tokens(provider: BaseProvider, messages: List[Dict[str, str]]) -> List[int]:
@@ -73,18 +69,14 @@ def chat_tokens(provider: BaseProvider, messages: List[Dict[str, str]]) -> List[
         tokens = chat_prompt_tokens(provider, messages)
     except Exception as error:  # a template that rejects the conversation (raise_exception, ...)
         raise APIError(f"the chat template rejected the messages: {error}", "messages", "invalid_value") from None
-    return _check_room(provider, tokens, "messages")
+    return _checked(provider, tokens, "messages")
 
 
-def _check_room(provider: BaseProvider, tokens: List[int], param: str) -> List[int]:
-    context = provider.context_length
-    if len(tokens) >= context:
-        raise APIError(
-            f"the prompt is {len(tokens)} tokens long, which leaves no room in the model's context of {context} tokens",
-            param,
-            "context_length_exceeded",
-        )
-    return tokens
+def _checked(provider: BaseProvider, tokens: List[int], param: str) -> List[int]:
+    try:
+        return check_prompt(provider, tokens)
+    except PromptError as error:
+        raise APIError(str(error), param, error.code) from None
 
 
 def token_limit(provider: BaseProvider, prompt_length: int, request: GenerationRequest, limits: Limits) -> int:
