@@ -166,10 +166,11 @@ def test_creative_writing_runs_through_the_engine(engine, model, monkeypatch):
     monkeypatch.setattr(
         loop._Stream, "_read", lambda self, *a: (readers.append(threading.current_thread()), read(self, *a))
     )
+    existing = set(threading.enumerate())  # idle readers that earlier tests left in the shared pool may serve too
     tokens = list(sampler.generate(" it was", max_new_tokens=20, seed=1, top_k=10))
     # the streams were read by threads kept for the next one, not by a new thread per request (Thread.start waits
     # for the thread to run: tens of ms in the scheduler's thread on a busy machine)
-    assert len(readers) == provider.stats.requests and len(set(readers)) <= 2
+    assert len(readers) == provider.stats.requests and len(set(readers) - existing) <= 2
     assert len(tokens) == 20
     assert provider.stats.requests > 1  # the strategy changes every step: drafts get replaced
     stats = provider.stats  # every streamed request gave a first token, and its wait was timed

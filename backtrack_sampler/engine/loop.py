@@ -128,7 +128,7 @@ class _Readers:
 
     idle_seconds = 30.0
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._idle = 0  # threads waiting for a task (or about to)
         self._lock = threading.Lock()
