@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 from ..errors import UsageError
 from ..strategy.registry import (
     StrategyCall,
     StrategyRegistry,
     check_regexes,
+    in_chain_order,
     read_regexes,
     read_slops,
     read_text,
@@ -84,8 +85,10 @@ def strategy_plan(
         raise UsageError(
             "--adjustment-strength, --keep-index-buffer, --case-sensitive and --whole-words need --slops, --ban or --regex"
         )
+    bans = None  # the flags' bans, when no --strategy antislop takes them
     if antislop is not None and "antislop" not in names:
-        steps.insert(0, (strategies.get("antislop"), "antislop", {}))
+        kind = strategies.get("antislop")
+        bans = StrategyCall(kind, kind.checked({"slops": [], **antislop}, "--strategy antislop"))
     plan: List[StrategyCall] = []
     for kind, spec, given in steps:
         params = {key: value for key, value in flags.get(kind.name, {}).items() if value is not None}
@@ -104,7 +107,8 @@ def strategy_plan(
             ]
             continue
         plan.append(StrategyCall(kind, kind.checked({**params, **given}, f"--strategy {spec}"), extra))
-    return _with_grammar(args, plan, strategies)
+    named, grammar = _with_grammar(args, plan, strategies)
+    return in_chain_order(bans=bans, strategies=named, grammar=grammar)
 
 
 def _grammar_params(args) -> Optional[Dict[str, Any]]:
@@ -147,17 +151,19 @@ def _grammar_params(args) -> Optional[Dict[str, Any]]:
     return params
 
 
-def _with_grammar(args, plan: List[StrategyCall], strategies: StrategyRegistry) -> List[StrategyCall]:
-    """``plan`` with the structured-output flags: given to a ``--strategy grammar`` that has no
-    grammar of its own, else a grammar strategy chained last (its mask has the last word)."""
+def _with_grammar(
+    args, plan: List[StrategyCall], strategies: StrategyRegistry
+) -> Tuple[List[StrategyCall], Optional[StrategyCall]]:
+    """``(plan, grammar)``: the structured-output flags given to a ``--strategy grammar`` that has no
+    grammar of its own, else a grammar strategy of their own (chained last: its mask has the last word)."""
     params = _grammar_params(args)
     if params is None:
-        return plan
+        return plan, None
     kind = strategies.get("grammar")
     for i, call in enumerate(plan):
         if call.name == "grammar" and not any(
             call.kwargs.get(key) is not None for key in ("json_schema", "grammar", "regex")
         ):
             plan[i] = StrategyCall(kind, kind.checked({**call.kwargs, **params}, "--strategy grammar"), call.extra)
-            return plan
-    return plan + [StrategyCall(kind, kind.checked(params, "--json-schema/--grammar/--regex-output"))]
+            return plan, None
+    return plan, StrategyCall(kind, kind.checked(params, "--json-schema/--grammar/--regex-output"))

@@ -16,7 +16,7 @@ from ..errors import UsageError
 from ..provider.base_provider import BaseProvider
 from ..provider.chat import chat_prompt_tokens
 from ..strategy.base_strategy import BaseStrategy
-from ..strategy.registry import chain
+from ..strategy.registry import chain, in_chain_order
 from .errors import APIError
 from .limits import Limits
 from .request import GenerationRequest
@@ -107,27 +107,31 @@ def build_strategy(
     ``regex_pattern``), last so that its mask has the last word; chained. Every grammar is
     compiled within ``limits.max_grammar_seconds`` first (a 400 beyond it)."""
     limits = limits or Limits()
-    strategies = []
-    for name, params, param in request.samplers(prompt, provider.eos_token_ids):
-        strategies.append(_built(lambda: BUILTIN_STRATEGIES.get(name).build(provider, params), param))
+    samplers = [
+        _built(lambda: BUILTIN_STRATEGIES.get(name).build(provider, params), param)
+        for name, params, param in request.samplers(prompt, provider.eos_token_ids)
+    ]
+    bans = None
     phrases = request.banned_phrases
     if phrases or request.banned_regex:
         antislop: Dict[str, Any] = {"slops": phrases or []}
         if request.banned_regex:
             antislop["regexes"] = request.banned_regex
         param = "banned_strings" if phrases else "banned_regex"
-        strategies.append(_built(lambda: BUILTIN_STRATEGIES.get("antislop").build(provider, antislop), param))
+        bans = _built(lambda: BUILTIN_STRATEGIES.get("antislop").build(provider, antislop), param)
+    named = []
     for i, spec in enumerate(request.strategy or []):
         if is_grammar(spec.call.type):
             _checked_grammar(spec.call.kwargs, limits, f"strategy[{i}]")
-        strategies.append(_built(lambda: spec.call.build(provider), f"strategy[{i}]"))
+        named.append(_built(lambda: spec.call.build(provider), f"strategy[{i}]"))
+    grammar_strategy = None
     structured = request.structured_output
     if structured is not None:
         field, grammar = structured
         _checked_grammar(grammar, limits, field)
-        strategies.append(_built(lambda: BUILTIN_STRATEGIES.get("grammar").build(provider, grammar), field))
+        grammar_strategy = _built(lambda: BUILTIN_STRATEGIES.get("grammar").build(provider, grammar), field)
     try:
-        return chain(strategies)
+        return chain(in_chain_order(samplers, bans, named, grammar_strategy))
     except UsageError as error:
         raise APIError(str(error), "strategy", "invalid_value") from None
 

@@ -19,7 +19,21 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+)
 
 from ..errors import UsageError
 from ..provider.base_provider import BaseProvider
@@ -39,6 +53,8 @@ from .references import (
     public_name,
 )
 
+T = TypeVar("T")
+
 __all__ = [
     # this module
     "StrategyType",
@@ -47,6 +63,7 @@ __all__ = [
     "as_registry",
     "make_strategy",
     "chain",
+    "in_chain_order",
     "build_strategies",
     # references.py
     "BUILTINS",
@@ -350,6 +367,16 @@ def chain(strategies: Sequence[BaseStrategy]) -> BaseStrategy:
         return ChainStrategy(strategies)
     except TypeError as error:
         raise UsageError(f"cannot combine strategies: {error}") from None
+
+
+def in_chain_order(
+    samplers: Sequence[T] = (), bans: Optional[T] = None, strategies: Sequence[T] = (), grammar: Optional[T] = None
+) -> List[T]:
+    """The one order in which options become a chain, for the command line, the batch command and
+    the server alike: the samplers a frontend turns on (logit bias, penalties, DRY, typical-p, XTC)
+    first, then the bans (AntiSlop), then the strategies named, in the order given, then the grammar
+    of structured output, last so that its mask has the last word."""
+    return [*samplers, *([] if bans is None else [bans]), *strategies, *([] if grammar is None else [grammar])]
 
 
 def build_strategies(plan: Sequence[StrategyCall], provider: BaseProvider) -> BaseStrategy:
