@@ -766,9 +766,9 @@ def test_the_time_limit_keeps_the_sparse_path():
     runner = Engine(FakeProvider(), parallel=1)
 
     async def generation_of(strategy):
-        job = runner.start(Plan(False, [2, 5], strategy, {"max_new_tokens": 3, "seed": 0}, [], 1.0))
-        assert job.batch.max_seconds == 1.0
-        return job.batch.generation
+        answer = runner.start(Plan(False, [2, 5], strategy, {"max_new_tokens": 3, "seed": 0}, [], 1.0))
+        assert answer.job.max_seconds == 1.0
+        return answer.job.generation
 
     try:
         for strategy, reads in ((BaseStrategy(), False), (CreativeWritingStrategy(FakeProvider()), True)):

@@ -22,7 +22,7 @@ A request goes through three steps (``pipeline.start_generations`` runs them), e
    sampling arguments, stop strings, the token and time limits: a ``Plan``; still before any waiting;
 3. **execute** (``runner.Runner``): a ``BatchScheduler`` stepped by one background thread runs up to
    ``parallel`` generations at once (one backend call per step for all of them) and reports text
-   to each request's ``Job``; more wait in a bounded first-come-first-served queue (beyond it: 429
+   to each request's ``Answer``; more wait in a bounded first-come-first-served queue (beyond it: 429
    with ``Retry-After``). A client that disconnects, running or queued, frees its place at the
    next step.
 
@@ -82,9 +82,9 @@ __all__ = [
 
 
 async def _generate(request: Request, schema: GenerationSchema) -> Response:
-    plan, jobs, _ = await start_generations(request, schema, choices=True)
+    plan, answers, _ = await start_generations(request, schema, choices=True)
     reply = Reply(request.app.state.runner, plan)
-    return streamed_answer(jobs, reply) if plan.stream else await whole_answer(jobs, request, reply)
+    return streamed_answer(answers, reply) if plan.stream else await whole_answer(answers, request, reply)
 
 
 async def completions(request: Request) -> Response:

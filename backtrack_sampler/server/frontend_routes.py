@@ -34,10 +34,10 @@ def _kobold_text(kind: str, value: Any) -> str:
 
 async def kobold_generate(request: Request) -> Response:
     """``POST /api/v1/generate``: ``{"results": [{"text", "finish_reason"}]}``."""
-    _, (job,), (live,) = await start_generations(request, frontends.KoboldRequest, kobold=True)
+    _, (answer,), (live,) = await start_generations(request, frontends.KoboldRequest, kobold=True)
     try:
         while True:
-            kind, value = await job.next(request.is_disconnected)
+            kind, value = await answer.next(request.is_disconnected)
             live.parts.append(_kobold_text(kind, value))
             if kind == "error":
                 raise value
@@ -53,18 +53,18 @@ async def kobold_generate(request: Request) -> Response:
                     }
                 )
     finally:
-        job.cancel()
+        answer.cancel()
 
 
 async def kobold_stream(request: Request) -> Response:
     """``POST /api/extra/generate/stream``: KoboldCpp's events, ``event: message`` / ``data: {"token",
     "finish_reason"}``, the last one with the finish reason and no text."""
-    _, (job,), (live,) = await start_generations(request, frontends.KoboldRequest, kobold=True)
+    _, (answer,), (live,) = await start_generations(request, frontends.KoboldRequest, kobold=True)
 
     async def events() -> AsyncIterator[str]:
         try:
             while True:
-                kind, value = await job.queue.get()
+                kind, value = await answer.queue.get()
                 text = _kobold_text(kind, value)
                 if text:
                     live.parts.append(text)
@@ -76,7 +76,7 @@ async def kobold_stream(request: Request) -> Response:
                     yield frontends.kobold_event("", frontends.kobold_finish(value["finish_reason"]))
                     break
         finally:
-            job.cancel()
+            answer.cancel()
 
     return StreamingResponse(
         events(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
@@ -107,9 +107,9 @@ async def kobold_abort(request: Request) -> Response:
     without, e.g. SillyTavern's, which posts no body) at the next step; each answers with its text so far."""
     body = await _small_body(request, frontends.AbortRequest, optional=True)
     genkey = body.genkey or ""
-    hits = [live for live in request.app.state.live if live.genkey == genkey and not live.job.batch.done]
+    hits = [live for live in request.app.state.live if live.genkey == genkey and not live.answer.job.done]
     for live in hits:
-        live.job.abort()
+        live.answer.abort()
     return JSONResponse({"success": "true" if hits else "false", "done": "true"})
 
 

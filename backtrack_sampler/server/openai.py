@@ -1,6 +1,6 @@
 """Answers in OpenAI's shapes: a completion or chat completion (``Reply``: choices, logprobs, usage,
 and the ``backtrack`` extension: rewinds, the constraint that failed, the fields that had no
-effect), read whole from the generations' ``Job`` s (``whole_answer``) or streamed as Server-Sent
+effect), read whole from the generations' ``Answer`` s (``whole_answer``) or streamed as Server-Sent
 Events (``streamed_answer``: final text only, ending with ``data: [DONE]``; with
 ``stream_options.include_backtrack`` extension chunks carry the generation's events), and errors
 (``error_response``)."""
@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from ..core.generation import TokenLogprob
 from .errors import APIError
-from .runner import Job, Plan, Runner
+from .runner import Answer, Plan, Runner
 
 Result = Tuple[str, Dict[str, Any], List[TokenLogprob]]  # a generation's text, its "done" report, its logprobs
 
@@ -165,12 +165,12 @@ def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _collect(job: Job, request: Request) -> Result:
+async def _collect(answer: Answer, request: Request) -> Result:
     """``(text, done, logprobs)`` of one generation, read to its end."""
     parts: List[str] = []
     logprobs: List[TokenLogprob] = []
     while True:
-        kind, value = await job.next(request.is_disconnected)
+        kind, value = await answer.next(request.is_disconnected)
         if kind == "text":
             parts.append(value)
         elif kind == "logprobs":
@@ -181,20 +181,20 @@ async def _collect(job: Job, request: Request) -> Result:
             return "".join(parts), value, logprobs
 
 
-async def whole_answer(jobs: List[Job], request: Request, reply: Reply) -> JSONResponse:
+async def whole_answer(answers: List[Answer], request: Request, reply: Reply) -> JSONResponse:
     """The answer once every generation is done (``stream`` false)."""
     try:
-        results = [await _collect(job, request) for job in jobs]  # they run at once; read in turn
+        results = [await _collect(answer, request) for answer in answers]  # they run at once; read in turn
         return JSONResponse(reply.completion(results))
     finally:
-        for job in jobs:
-            job.cancel()  # a no-op when done; stops the worker if we were interrupted
+        for answer in answers:
+            answer.cancel()  # a no-op when done; stops the worker if we were interrupted
 
 
-async def _reports(jobs: List[Job]) -> AsyncGenerator[Tuple[int, str, Any], None]:
-    """``(index, kind, value)`` of every job's reports as they come, until each is done or failed."""
+async def _reports(answers: List[Answer]) -> AsyncGenerator[Tuple[int, str, Any], None]:
+    """``(index, kind, value)`` of every answer's reports as they come, until each is done or failed."""
     waiting: Dict[asyncio.Future[Tuple[str, Any]], int] = {
-        asyncio.ensure_future(job.queue.get()): i for i, job in enumerate(jobs)
+        asyncio.ensure_future(answer.queue.get()): i for i, answer in enumerate(answers)
     }
     try:
         while waiting:
@@ -204,23 +204,23 @@ async def _reports(jobs: List[Job]) -> AsyncGenerator[Tuple[int, str, Any], None
                 kind, value = future.result()
                 yield index, kind, value
                 if kind not in ("done", "error"):
-                    waiting[asyncio.ensure_future(jobs[index].queue.get())] = index
+                    waiting[asyncio.ensure_future(answers[index].queue.get())] = index
     finally:
         for future in waiting:
             future.cancel()
 
 
-def streamed_answer(jobs: List[Job], reply: Reply) -> StreamingResponse:
+def streamed_answer(answers: List[Answer], reply: Reply) -> StreamingResponse:
     """The answer as Server-Sent Events (``stream`` true), as the generations make it."""
 
     async def events() -> AsyncIterator[str]:
         try:
             if reply.plan.chat:
-                for index in range(len(jobs)):
+                for index in range(len(answers)):
                     yield _sse(reply.chunk("", first=True, index=index))
             logprobs: Dict[int, List[TokenLogprob]] = collections.defaultdict(list)  # whose text comes next
             dones: List[Dict[str, Any]] = []
-            async with contextlib.aclosing(_reports(jobs)) as reports:
+            async with contextlib.aclosing(_reports(answers)) as reports:
                 async for index, kind, value in reports:
                     if kind == "logprobs":
                         logprobs[index] += value
@@ -242,12 +242,12 @@ def streamed_answer(jobs: List[Job], reply: Reply) -> StreamingResponse:
                             last.setdefault("backtrack", {})["ignored"] = list(reply.plan.ignored)
                         yield _sse(last)
                         dones.append(value)
-            if len(dones) == len(jobs) and reply.plan.include_usage:
+            if len(dones) == len(answers) and reply.plan.include_usage:
                 yield _sse(reply.usage_chunk(dones))
             yield "data: [DONE]\n\n"
         finally:
-            for job in jobs:
-                job.cancel()  # the client went away (or we are done): free the model for the next request
+            for answer in answers:
+                answer.cancel()  # the client went away (or we are done): free the model for the next request
 
     return StreamingResponse(
         events(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from .errors import APIError
 from .limits import Limits
 from .plan import plan_request
-from .runner import Job, Plan, Runner
+from .runner import Answer, Plan, Runner
 from .schemas import ChatCompletionRequest, CompletionRequest, parse_request
 
 GenerationSchema = Union[Type[CompletionRequest], Type[ChatCompletionRequest]]
@@ -44,34 +44,34 @@ class Live:
     """A generation the KoboldAI routes can check (its text so far) and abort, by ``genkey``
     (``app.state.live`` keeps the latest)."""
 
-    def __init__(self, job: Job, genkey: Optional[str], kobold: bool):
-        self.job, self.genkey, self.kobold = job, genkey or "", kobold
+    def __init__(self, answer: Answer, genkey: Optional[str], kobold: bool):
+        self.answer, self.genkey, self.kobold = answer, genkey or "", kobold
         self.parts: List[str] = []  # the text sent so far (KoboldAI routes)
 
 
 async def start_generations(
     request: Request, schema: GenerationSchema, choices: bool = False, kobold: bool = False
-) -> Tuple[Plan, List[Job], List[Live]]:
+) -> Tuple[Plan, List[Answer], List[Live]]:
     """Validate, plan and queue a request's generations (``n`` of them when ``choices``); returns
-    ``(plan, jobs, lives)`` once every one has started. ``kobold``: the KoboldAI API's (its
+    ``(plan, answers, lives)`` once every one has started. ``kobold``: the KoboldAI API's (its
     ``/api/extra/generate/check`` reads them)."""
     runner: Runner = request.app.state.runner
     limits: Limits = request.app.state.limits
     body = parse_request(schema, await read_body(request, limits.max_body_bytes), limits, request.app.state.strategies)
     count = (body.n or 1) if choices else 1
     plans = [await run_in_threadpool(plan_request, runner.provider, body, limits, i) for i in range(count)]
-    jobs: List[Job] = []
+    answers: List[Answer] = []
     try:
         for plan in plans:
-            jobs.append(runner.start(plan))
-        lives = [Live(job, getattr(body, "genkey", None), kobold) for job in jobs]
+            answers.append(runner.start(plan))
+        lives = [Live(answer, getattr(body, "genkey", None), kobold) for answer in answers]
         request.app.state.live.extend(lives)
-        for job in jobs:
-            kind, value = await job.next(request.is_disconnected)  # waits for its turn at the model
+        for answer in answers:
+            kind, value = await answer.next(request.is_disconnected)  # waits for its turn at the model
             if kind == "error":
                 raise value
     except BaseException:
-        for job in jobs:
-            job.cancel()
+        for answer in answers:
+            answer.cancel()
         raise
-    return plans[0], jobs, lives
+    return plans[0], answers, lives

@@ -1,9 +1,9 @@
 """The server's local runner: every request's generation in one scheduler, stepped by one
-background thread; its text, stop strings, time limit and events reported to the request's ``Job``.
+background thread; its text, stop strings, time limit and events reported to the request's ``Answer``.
 
 ``Runner`` (``server.app.Engine`` is its old name) is what ``create_app`` serves; the HTTP layer
 (``app``, ``pipeline``, ``plan``) validates and plans a request, the runner executes the ``Plan``. It
-knows nothing about HTTP: a ``Job`` is told how to check its client (``Job.next(is_disconnected)``).
+knows nothing about HTTP: a ``Answer`` is told how to check its client (``Answer.next(is_disconnected)``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Plan:
 
 
 class ClientGone(Exception):
-    """The client disconnected before the answer was ready (``Job.next`` raises it; the app answers
+    """The client disconnected before the answer was ready (``Answer.next`` raises it; the app answers
     499, which nobody reads)."""
 
 
@@ -92,8 +92,9 @@ class StopFilter:
         return held
 
 
-class Job:
-    """One request's generation as the event loop sees it: the engine's thread puts
+class Answer:
+    """One request's answer as the event loop sees it (``job``: its generation's place in the
+    scheduler): the runner's thread puts
     ``(kind, value)`` reports on ``queue``: ``("started", None)`` when it leaves the queue,
     ``("text", str)``, then ``("done", dict)`` or ``("error", APIError)``."""
 
@@ -102,7 +103,7 @@ class Job:
         self.queue: asyncio.Queue[Tuple[str, Any]] = asyncio.Queue()
         self.cancelled = threading.Event()
         self.checked = loop.time()  # when the client's connection was last checked
-        self.batch: Optional[BatchJob] = None
+        self.job: Optional[BatchJob] = None  # its place in the scheduler
         self.aborted = False
 
     def put(self, kind: str, value: Any = None) -> None:
@@ -114,8 +115,8 @@ class Job:
     def cancel(self) -> None:
         """Free the slot (or the place in the queue) at the next step."""
         self.cancelled.set()
-        if self.batch is not None:
-            self.batch.cancel()
+        if self.job is not None:
+            self.job.cancel()
 
     def abort(self) -> None:
         """End the generation at the next step as if it had finished there (KoboldAI's abort): the
@@ -141,13 +142,13 @@ class Job:
 
 
 class _Output:
-    """A generation's ``Update``s (the scheduler's one way out) as reports to its ``Job``: text of
+    """A generation's ``Update``s (the scheduler's one way out) as reports to its ``Answer``: text of
     whole characters only, cut before any stop string (which ends the generation with
     finish_reason "stop"). With ``plan.include_backtrack`` the text comes from the update's
     events, and the other events are reported too."""
 
-    def __init__(self, provider: BaseProvider, job: Job, plan: Plan):
-        self.provider, self.job, self.plan = provider, job, plan
+    def __init__(self, provider: BaseProvider, answer: Answer, plan: Plan):
+        self.provider, self.answer, self.plan = provider, answer, plan
         self.stops = StopFilter(plan.stop)
         self.view = TextView(provider.decode)  # the final tokens' text (without include_backtrack)
         self.stopped = self.started = False
@@ -167,12 +168,12 @@ class _Output:
 
     def on_start(self, batch: BatchJob) -> None:
         self.started = True
-        self.job.put("started")
+        self.answer.put("started")
 
     def on_tokens(self, batch: BatchJob, tokens: List[int]) -> None:
         if self.plan.logprobs is not None and not self.stopped:  # before the text they make
             end = len(batch.tokens)
-            self.job.put("logprobs", batch.generation.token_logprobs[end - len(tokens) : end])
+            self.answer.put("logprobs", batch.generation.token_logprobs[end - len(tokens) : end])
         if self.stopped or self.events:
             return
         piece = self.view.update(batch.tokens)
@@ -189,7 +190,7 @@ class _Output:
                 if self.stopped:
                     return
             elif not isinstance(event, Done):  # the server reports its own end (stop strings, time limit)
-                self.job.put("backtrack", playground.backtrack_payload(event, self.stops.held))
+                self.answer.put("backtrack", playground.backtrack_payload(event, self.stops.held))
 
     def on_finish(self, batch: BatchJob) -> None:
         if self.stopped:
@@ -197,7 +198,7 @@ class _Output:
         error = batch.error
         if error is not None:  # a strategy failed mid-generation
             status = getattr(error, "http_status", 500)  # engine.EngineError (the serving engine failed): 502
-            self.job.put(
+            self.answer.put(
                 "error",
                 APIError(
                     f"generation failed: {type(error).__name__}: {error}",
@@ -208,7 +209,7 @@ class _Output:
             )
             return
         if batch.stats.finish_reason is None:  # cancelled: the client went away, or an abort
-            if not self.job.aborted:
+            if not self.answer.aborted:
                 return
             if not self.started:
                 self.on_start(batch)
@@ -229,20 +230,20 @@ class _Output:
     def _text(self, text: str, tokens: int) -> None:
         if not self.events:
             if text:
-                self.job.put("text", text)
+                self.answer.put("text", text)
         elif text or tokens:
-            self.job.put("final", {"type": "final", "text": text, "tokens": tokens})
+            self.answer.put("final", {"type": "final", "text": text, "tokens": tokens})
 
     def _done(self, batch: BatchJob, finish: str) -> None:
         stats = batch.stats
         if self.events:
-            self.job.put(
+            self.answer.put(
                 "backtrack",
                 event_dict(
                     Done(finish, stats.delivered, stats.rewound, stats.rewinds, stats.steps, round(stats.seconds, 4))
                 ),
             )
-        self.job.put(
+        self.answer.put(
             "done",
             {
                 "finish_reason": finish,
@@ -297,23 +298,23 @@ class Runner:
     def busy(self) -> bool:
         return self.scheduler.pending
 
-    def start(self, plan: Plan) -> Job:
-        """Queue ``plan``; its reports arrive on the returned ``Job``. Raises ``QueueFull`` (429)
+    def start(self, plan: Plan) -> Answer:
+        """Queue ``plan``; its reports arrive on the returned ``Answer``. Raises ``QueueFull`` (429)
         when every slot is busy and the queue is full."""
         if self._closed:
             raise APIError("the server is shutting down", None, "server_shutting_down", 503, "server_error")
         scheduler = self.scheduler
         if scheduler.running + scheduler.queued >= self.parallel + self.max_queue:
             raise QueueFull(scheduler.running, scheduler.queued)
-        job = Job(asyncio.get_running_loop())
+        answer = Answer(asyncio.get_running_loop())
         try:
             generation = self._sampler.start(plan.prompt, strategy=plan.strategy, **plan.sampling)
         except ValueError as error:
             raise APIError(str(error), None, "invalid_value") from None
         generation.logprobs = plan.logprobs
-        output = _Output(self.provider, job, plan)
-        job.batch = self._add(generation, output.apply, max_seconds=plan.max_seconds, events=plan.include_backtrack)
-        return job
+        output = _Output(self.provider, answer, plan)
+        answer.job = self._add(generation, output.apply, max_seconds=plan.max_seconds, events=plan.include_backtrack)
+        return answer
 
     def _add(self, generation: Union[Generation, Policy], report: Callable[[Update], None], **options) -> BatchJob:
         with self._lock:
