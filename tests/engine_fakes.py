@@ -168,6 +168,7 @@ class FakeEngine:
         self.hold_after: Optional[int] = None  # a stream sends this many tokens, then waits for ``release``
         self.release = threading.Event()
         self.token_delay = 0.0  # seconds before each streamed token (a slower model)
+        self.healthy = True  # what GET /health says
         self.requests: List[dict] = []
         self.decoded = 0
         engine = self
@@ -206,7 +207,9 @@ class FakeEngine:
         handler.wfile.write(data)
 
     def _get(self, handler) -> None:
-        if handler.path == "/props":
+        if handler.path == "/health":  # all three engines: 200 when ready (llama-server: 503 while loading)
+            self._json(handler, 200 if self.healthy else 503, {"status": "ok" if self.healthy else "loading"})
+        elif handler.path == "/props":
             self._json(handler, 200, {"default_generation_settings": {"n_ctx": self.n_ctx}, "total_slots": 4})
         elif handler.path == "/v1/models":
             model = {"id": "fake", "object": "model", "max_model_len": self.n_ctx}

@@ -3,8 +3,9 @@
 Drivers (the ``driver`` fixture): ``single`` (``BacktrackSampler`` on the FakeProvider), ``batch``
 (``BatchScheduler`` on the FakeProvider, beside a second generation), ``engine`` (an
 ``EngineProvider`` on the fake llama-server of engine_fakes.py), ``embedded`` (``BacktrackSampler``
-on the embedded model in process, llama.cpp) and ``llama-server`` (the real one, started once for
-the module, on the embedded model). The server-level scenarios (stop strings, the
+on the embedded model in process, llama.cpp), ``llama-server`` (the real one, started once for
+the module, on the embedded model) and ``vllm`` (vLLM in process on the embedded chat model: run
+in the vLLM venv by scripts/test.sh, marker ``vllm_inprocess``). The server-level scenarios (stop strings, the
 time limit, live ``include_backtrack`` events, disconnects, candidates over HTTP) run a ``Runner``
 (the server's local runner) on each driver's model: with one slot for ``single``, four for
 ``batch``, the model's own slots for ``embedded``, the engine's backend for the engines. Scenarios: a rewind (a strategy bans a word the
@@ -266,9 +267,13 @@ def _llama_server_driver():
         "engine",
         pytest.param("embedded", marks=pytest.mark.model),
         pytest.param("llama-server", marks=pytest.mark.model),
+        pytest.param("vllm", marks=pytest.mark.vllm_inprocess),  # in the vLLM venv (scripts/test.sh)
     ],
 )
 def module_driver(request):
+    if request.param == "vllm":  # vLLM in process, on the embedded chat model
+        yield Driver("vllm", request.getfixturevalue("vllm_provider"), "def fibonacci(n):\n")
+        return
     if request.param in ("single", "batch"):
         yield Driver(request.param, FakeProvider(), " the cat")
         return

@@ -376,6 +376,36 @@ def test_server_in_front_of_an_engine_streams_and_reports_engine_failures(model)
         fake.close()
 
 
+def test_health_reports_an_engine_that_is_down(model):
+    """/health in front of an engine is 200 only while the engine answers its own /health: 503 with
+    the reason while it says it is not ready, and once it is gone (a load balancer then takes the
+    server out of rotation); 200 again when it is back."""
+    from serving import ServerThread
+
+    from backtrack_sampler.server.app import Engine, create_app
+
+    fake = FakeEngine("llama-server", model.logits_for, model.vocab_size, eos=model.get_eos_token_id())
+    engine = Engine(connect(fake, model, timeout=5))
+    try:
+        with ServerThread(create_app(engine)) as server:
+            import httpx
+
+            ok = httpx.get(server.url + "/health", timeout=10)
+            assert ok.status_code == 200 and ok.json()["status"] == "ok", ok.text
+            fake.healthy = False
+            down = httpx.get(server.url + "/health", timeout=10)
+            assert down.status_code == 503 and down.json()["status"] == "error", down.text
+            assert "HTTP 503" in down.json()["error"] and fake.url in down.json()["error"]
+            fake.healthy = True
+            assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+            fake.close()
+            gone = httpx.get(server.url + "/health", timeout=10)
+            assert gone.status_code == 503 and "does not answer" in gone.json()["error"], gone.text
+    finally:
+        engine.close()
+        fake.close()
+
+
 def test_a_vocabulary_mismatch_is_a_clear_error(model):
     """An engine serving another model (larger vocabulary) is caught: at connection for
     llama-server (/v1/models n_vocab), at the first token id out of range for the others."""

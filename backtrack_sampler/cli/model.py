@@ -11,8 +11,12 @@ from ..provider.models import default_model, load_provider
 
 def load(args, chat: bool, slots: int = 1) -> BaseProvider:
     """The model: loaded here (``--backend``, ``--model``; the embedded instruct model for chat;
-    ``slots`` sequences at once), or served by an engine (``--engine``; the tokenizer from
-    ``--tokenizer`` or ``--model``)."""
+    ``slots`` sequences at once; vLLM in this process for ``--backend vllm``, with ``--vllm-arg``),
+    or served by an engine (``--engine``; the tokenizer from ``--tokenizer`` or ``--model``)."""
+    if getattr(args, "backend", None) == "vllm" and not getattr(args, "engine", None):
+        from ..engine.vllm_provider import load_vllm_provider
+
+        return load_vllm_provider(args.model, args.n_ctx, args.vllm_arg)
     if not getattr(args, "engine", None):
         model = args.model if args.model is not None else default_model(chat)  # chat -> the instruct model
         return load_provider(args.backend, model, args.n_ctx, args.threads, slots)

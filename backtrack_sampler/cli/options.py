@@ -93,7 +93,12 @@ def add_model_args(parser, default: str) -> None:
     """--backend, --model, --n-ctx, --threads and the serving engine's flags (``default``: the
     default model, for the help)."""
     group = parser.add_argument_group("model")
-    group.add_argument("--backend", choices=BACKENDS, default="llamacpp", help="model backend (default: llamacpp)")
+    group.add_argument(
+        "--backend",
+        choices=(*BACKENDS, "vllm"),
+        default="llamacpp",
+        help="model backend (default: llamacpp); vllm: vLLM in this process, --model a Hugging Face folder",
+    )
     group.add_argument(
         "--model",
         metavar="NAME|PATH",
@@ -102,6 +107,14 @@ def add_model_args(parser, default: str) -> None:
     )
     group.add_argument("--n-ctx", type=positive_int, metavar="N", help="context size for llamacpp (default: 8192)")
     group.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads (default: all cores)")
+    group.add_argument(
+        "--vllm-arg",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="a vLLM engine argument for --backend vllm, e.g. tensor_parallel_size=2, "
+        "gpu_memory_utilization=0.8, distributed_executor_backend=ray (repeatable; values read as JSON)",
+    )
     group = parser.add_argument_group("serving engine (the model runs there; see README 'Serving engines')")
     group.add_argument(
         "--engine", metavar="URL", help="a running llama-server, vLLM or SGLang, e.g. http://127.0.0.1:8080"

@@ -75,7 +75,8 @@ def run(args) -> int:
     strategies = StrategyRegistry()
     for spec in args.load_strategy:  # imported and described now: a bad one fails before the model loads
         strategies.load(spec).schema()
-    provider = load(args, chat=True) if args.engine else None  # --engine: a proxy in front of a serving engine
+    # --engine: a proxy in front of a serving engine; --backend vllm: vLLM in this process
+    provider = load(args, chat=True) if args.engine or args.backend == "vllm" else None
     serve(
         host=args.host,
         port=args.port,

@@ -66,6 +66,20 @@ def _step(token: int, pairs: Iterable[Tuple[int, Optional[float]]], kind: str, c
     return Step(token, ids, np.fromiter(seen.values(), np.float64, len(seen)), kind, cached)
 
 
+def step_from_arrays(token: int, ids: np.ndarray, logp: np.ndarray, kind: str, cached: Optional[int] = None) -> Step:
+    """A Step from arrays of candidates (vLLM's ``LogprobsLists`` row: the sampled token first, then
+    the top K, which may repeat it): what ``_step`` does for pairs, without a Python loop."""
+    keep = (logp > FLOOR) & np.isfinite(logp)
+    ids, logp = ids[keep].astype(np.int64), logp[keep].astype(np.float64)
+    ids, first = np.unique(ids, return_index=True)
+    logp = logp[first]
+    if not (ids == token).any():  # the sampled token's own value is missing: keep it as a draft
+        value = logp.min() if len(logp) else 0.0
+        kind = kind if len(logp) else "opaque"
+        ids, logp = np.append(ids, token), np.append(logp, value)
+    return Step(int(token), ids, logp, kind, cached)
+
+
 def _error_message(payload) -> str:
     error = payload.get("error") if isinstance(payload, dict) else None
     if isinstance(error, dict):

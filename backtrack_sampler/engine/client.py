@@ -68,6 +68,14 @@ class EngineClient:
     def close(self) -> None:
         self.http.close()
 
+    def health(self, timeout: float) -> Optional[str]:
+        """None when ``GET /health`` answers 200 within ``timeout`` seconds, else what went wrong."""
+        try:
+            status = self.http.get("/health", timeout=timeout).status_code
+        except httpx.HTTPError as error:
+            return f"{self.api.name} at {self.url} does not answer /health: {error!r}"
+        return None if status == 200 else f"{self.api.name} at {self.url} answers /health with HTTP {status}"
+
     # --------------------------------------------------------------------------------------
     @contextmanager
     def stream(

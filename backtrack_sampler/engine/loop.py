@@ -163,18 +163,33 @@ class _Readers:
 _READERS = _Readers()
 
 
-class _Stream:
-    """One streamed request of a generation, read by a thread of its own into ``events``.
-    ``expected``: the continuation the generation has while it follows this stream (its tokens
-    when the request was made, then each draft proposed from it)."""
+class Stream:
+    """One request of a generation, whose events (a ``Step`` per token, a ``Finish``, an exception
+    or ``_END``) arrive in ``events``. ``expected``: the continuation the generation has while it
+    follows this stream (its tokens when the request was made, then each draft proposed from it)."""
 
-    def __init__(
-        self, client: EngineClient, body: dict, sampling: Sampling, tokens: Sequence[int], wake: threading.Event
-    ):
+    def __init__(self, tokens: Sequence[int]):
         self.expected = list(tokens)
         self.events: Deque[object] = collections.deque()
         self.got = 0  # drafts proposed from it
         self.closed = False
+
+    def next(self):
+        """The next event (a Step, a Finish, an exception or _END), or None for now."""
+        return self.events.popleft() if self.events else None
+
+    def close(self) -> None:
+        """Stop the request: the engine stops decoding it."""
+        self.closed = True
+
+
+class _HTTPStream(Stream):
+    """A streamed HTTP request, read by a reader thread (``_READERS``) into ``events``."""
+
+    def __init__(
+        self, client: EngineClient, body: dict, sampling: Sampling, tokens: Sequence[int], wake: threading.Event
+    ):
+        super().__init__(tokens)
         self._cut = None
         self._lock = threading.Lock()
         _READERS.run(lambda: self._read(client, body, sampling, wake))
@@ -203,10 +218,6 @@ class _Stream:
         if closed:
             cut()
 
-    def next(self):
-        """The next event read (a Step, a Finish, an exception or _END), or None for now."""
-        return self.events.popleft() if self.events else None
-
     def close(self) -> None:
         """Stop reading and cut the connection: the engine stops decoding this request."""
         with self._lock:
@@ -222,7 +233,7 @@ class _Sequence:
 
     def __init__(self, slot: int):
         self.slot = slot
-        self.stream: Optional[_Stream] = None
+        self.stream: Optional[Stream] = None
         self.known: Dict[int, Step] = {}
         self.path: List[int] = []
 
@@ -363,7 +374,7 @@ class EngineBackend(Backend):
                 return Failure(EngineError(f"{name} ended the stream without finishing the request"))
             return Failure(event)
 
-    def _open(self, job: BatchJob, sequence: _Sequence) -> _Stream:
+    def _open(self, job: BatchJob, sequence: _Sequence) -> Stream:
         generation = job.generation
         user = generation.sampling
         n = generation.limit - len(generation.tokens)
@@ -371,12 +382,15 @@ class EngineBackend(Backend):
             if most:
                 n = min(n, most)
         seed = int(generation.rng.integers(2**31 - 1)) if user.temperature > 0 else None
-        body = self.client.api.body(
-            generation.sequence, max(n, 1), user, self.k_for(user), seed, self.model, sequence.slot
-        )
-        return _Stream(self.client, body, user, generation.tokens, self._wake)
+        return self.request(generation, max(n, 1), seed, sequence.slot)
 
-    def _draft(self, generation: Generation, sequence: _Sequence, stream: Optional[_Stream], step: Step) -> Proposal:
+    def request(self, generation: Generation, n: int, seed: Optional[int], slot: int) -> Stream:
+        """A new request for ``n`` tokens after ``generation.sequence`` (here a streamed HTTP request)."""
+        user = generation.sampling
+        body = self.client.api.body(generation.sequence, n, user, self.k_for(user), seed, self.model, slot)
+        return _HTTPStream(self.client, body, user, generation.tokens, self._wake)
+
+    def _draft(self, generation: Generation, sequence: _Sequence, stream: Optional[Stream], step: Step) -> Proposal:
         if int(step.ids.max()) >= self.vocab_size or int(step.ids.min()) < 0:
             return Failure(
                 EngineError(

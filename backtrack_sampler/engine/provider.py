@@ -196,6 +196,11 @@ class EngineProvider(BaseProvider):
         slots cannot hold)."""
         return 64
 
+    def health(self) -> Optional[str]:
+        """None while the engine answers its ``GET /health`` with 200 (llama-server, vLLM and SGLang
+        all have it; llama-server answers 503 while it loads), else why not. Waits at most 3 s."""
+        return self.client.health(3.0)
+
     @property
     def stats(self):
         """Requests, tokens received and prefix-cache hits so far (``EngineStats``)."""
