@@ -111,8 +111,18 @@ async def model(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """Answers at once, whatever the model is doing: how many generations run and wait."""
+    """Answers at once, whatever the model is doing: how many generations run and wait. 503 with
+    ``"status": "error"`` and why when the model cannot serve: an engine behind the server that
+    is down (``provider.health()``, asked in a worker thread: an HTTP engine's own ``/health``
+    with a short timeout) or the scheduler's thread gone; a load balancer then takes this server
+    out of rotation."""
     runner: Runner = request.app.state.runner
+    check = getattr(runner.provider, "health", None)
+    problem = await run_in_threadpool(check) if check is not None else None
+    if problem is None and not runner.alive:
+        problem = "the generation thread has stopped"
+    if problem is not None:
+        return JSONResponse({"status": "error", "model": runner.name, "error": problem}, status_code=503)
     return JSONResponse(
         {
             "status": "ok",

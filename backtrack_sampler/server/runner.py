@@ -298,6 +298,11 @@ class Runner:
     def busy(self) -> bool:
         return self.scheduler.pending
 
+    @property
+    def alive(self) -> bool:
+        """Whether the generation thread runs (it ends only on ``close()`` or a fault)."""
+        return self._thread.is_alive()
+
     def start(self, plan: Plan) -> Answer:
         """Queue ``plan``; its reports arrive on the returned ``Answer``. Raises ``QueueFull`` (429)
         when every slot is busy and the queue is full."""
