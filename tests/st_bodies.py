@@ -1,8 +1,9 @@
 """Request bodies shaped exactly as SillyTavern builds them (SillyTavern/SillyTavern@ba6f7b7, Sep 2024):
 ``getTextGenGenerationData`` in ``public/scripts/textgen-settings.js`` with its default ``settings``
-for the "tabby" and "koboldcpp" text-completion types (undefined values left out, as
+for the "tabby", "koboldcpp" and "llamacpp" text-completion types (undefined values left out, as
 ``JSON.stringify`` does; ``stream`` set by ``generateTextGenWithStreaming``), which its server posts
-as they are to ``/v1/completions`` (``src/endpoints/backends/text-completions.js``); and the
+as they are to ``/v1/completions`` ("llamacpp": to llama-server's ``/completion``;
+``src/endpoints/backends/text-completions.js``); and the
 KoboldAI Classic body its server builds in ``src/endpoints/backends/kobold.js`` for
 ``/api/v1/generate`` and ``/api/extra/generate/stream``."""
 
@@ -13,10 +14,20 @@ import json
 BREAKERS = '["\\n", ":", "\\"", "*"]'  # settings.dry_sequence_breakers: a JSON array in a string
 
 
-def textgen_body(api_type: str, prompt: str, max_tokens: int, stops, max_context: int = 4096, **settings) -> dict:
-    """``getTextGenGenerationData(prompt, max_tokens, ...)`` for ``api_type`` "tabby" or "koboldcpp",
-    with ST's default settings (``settings`` overrides some: ``banned_tokens``, ``banned_strings``,
-    ``rep_pen``, ``dry_multiplier``, ``logit_bias``, ``seed`` ...)."""
+def textgen_body(
+    api_type: str,
+    prompt: str,
+    max_tokens: int,
+    stops,
+    max_context: int = 4096,
+    probabilities: bool = False,
+    stream: bool = True,
+    **settings,
+) -> dict:
+    """``getTextGenGenerationData(prompt, max_tokens, ...)`` for ``api_type`` "tabby", "koboldcpp" or
+    "llamacpp", with ST's default settings (``settings`` overrides some: ``banned_tokens``,
+    ``banned_strings``, ``rep_pen``, ``dry_multiplier``, ``logit_bias``, ``seed`` ...);
+    ``probabilities``: the "Request token probabilities" option; ``stream``: its "Streaming"."""
     s = {
         "temp": 0.7,
         "top_p": 0.5,
@@ -44,6 +55,7 @@ def textgen_body(api_type: str, prompt: str, max_tokens: int, stops, max_context
         "prompt": prompt,
         "max_new_tokens": max_tokens,
         "max_tokens": max_tokens,
+        "logprobs": 10 if probabilities else None,
         "temperature": s["temp"],
         "top_p": s["top_p"],
         "typical_p": s["typical_p"],
@@ -65,6 +77,9 @@ def textgen_body(api_type: str, prompt: str, max_tokens: int, stops, max_context
         "dry_sequence_breakers": BREAKERS,
         "dry_penalty_last_n": s["dry_penalty_last_n"],
         "max_tokens_second": 0,
+        "samplers": ["top_k", "tfs_z", "typical_p", "top_p", "min_p", "temperature"]
+        if api_type == "llamacpp"
+        else None,
         "stopping_strings": stops,
         "stop": stops,
         "truncation_length": max_context,
@@ -97,6 +112,7 @@ def textgen_body(api_type: str, prompt: str, max_tokens: int, stops, max_context
             "guidance_scale": 1,
             "negative_prompt": "",
             "grammar_string": "",
+            "json_schema": {} if api_type in ("tabby", "llamacpp") else None,
             "repeat_penalty": s["rep_pen"],
             "tfs_z": 1,
             "repeat_last_n": s["rep_pen_range"],
@@ -105,14 +121,21 @@ def textgen_body(api_type: str, prompt: str, max_tokens: int, stops, max_context
             "num_ctx": max_context,
             "mirostat": 0,
             "ignore_eos": False,
+            "n_probs": 10 if probabilities else None,
             "rep_pen_slope": 1,
         }
     )
     if api_type == "tabby":
-        params.update({"repetition_decay": 0, "temperature_last": True, "speculative_ngram": False, "json_schema": {}})
+        params.update({"repetition_decay": 0, "temperature_last": True, "speculative_ngram": False})
     if s["logit_bias"]:
         params["logit_bias"] = s["logit_bias"]
-    params["stream"] = True
+    if api_type == "llamacpp":  # bias and token bans as [[id, bias]], [id, false] for a ban
+        bias = [[int(k), v] for k, v in (params.get("logit_bias") or {}).items()]
+        bans = [[int(t), False] for t in s["banned_tokens"].split(",") if t.strip()]
+        params.update({"logit_bias": bias + bans, "grammar": s.get("grammar_string", ""), "cache_prompt": True})
+        del params["json_schema"]  # empty: ST deletes it (a schema would delete the grammars instead)
+    params["stream"] = stream
+    params = {k: v for k, v in params.items() if v is not None}  # undefined
     return json.loads(json.dumps(params))  # as JSON.stringify leaves it
 
 

@@ -478,6 +478,28 @@ def test_abort_ends_the_generation_with_its_text():
         assert call(server, "POST", "/api/extra/abort", key=None).json() == {"success": "false", "done": "true"}
 
 
+def test_keyless_abort_ends_the_current_generation_whatever_its_genkey():
+    """KoboldCpp's rule: an abort without a genkey aborts the current generation (one started with
+    a genkey too) when no other user's generation runs; an abort with another genkey aborts nothing."""
+    with ServerThread(create_app(Engine(_SlowFake(), "slow", parallel=2))) as server:
+        body = {"prompt": " the cat", "max_length": 3000, "seed": 1, "ban_eos_token": True, "genkey": "KCPP9"}
+        answers = {}
+        thread = threading.Thread(
+            target=lambda: answers.update(st=call(server, "POST", "/api/extra/generate/stream", body, key=None))
+        )
+        thread.start()
+        deadline = time.monotonic() + 30
+        while call(server, "GET", "/health").json()["running"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        miss = call(server, "POST", "/api/extra/abort", {"genkey": "KCPP1"}, key=None).json()
+        assert miss == {"success": "false", "done": "false"}
+        assert httpx.post(server.url + "/api/extra/abort", timeout=30).json() == {"success": "true", "done": "true"}
+        thread.join(60)
+        events = kobold_events(answers["st"])
+        assert events[-1] == {"token": "", "finish_reason": "stop"} and len(events) < 1000
+
+
 @pytest.mark.parametrize("api_type", ["tabby", "koboldcpp"])
 def test_sillytavern_body_on_the_openai_route(fake_server, api_type):
     """The exact body (seed -1, every field ST sends, custom_token_bans as a string) streams."""

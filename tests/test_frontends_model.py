@@ -243,3 +243,30 @@ def test_samplers_match_llama_cpps_compiled_samplers(llama_provider, llm):
         ours = TypicalStrategy(p=0.5).on_logits(logits.copy(), [])
         assert np.array_equal(np.isfinite(ours), np.isfinite(reference))
     assert changed  # DRY penalized something at these repeats
+
+
+def llamacpp(server, max_tokens=40, **settings):
+    """ST's "llama.cpp" type: its body posted to llama-server's /completion, streamed; the text."""
+    response = post(server, "/completion", textgen_body("llamacpp", PROMPT, max_tokens, ["\n\n"], **settings))
+    assert response.status_code == 200, response.text
+    chunks = [json.loads(block[6:]) for block in response.text.split("\n\n") if block]
+    assert chunks[-1]["stop"] is True and all(c["stop"] is False for c in chunks[:-1])
+    return "".join(c["content"] for c in chunks), chunks
+
+
+def test_sillytavern_llamacpp_type_end_to_end(server, llama_provider):
+    """ST's "llama.cpp" type on the real model: greedy is repeatable, a quoted phrase (banned_strings)
+    is avoided, token bans come as logit_bias [id, false], and token probabilities come as ST reads
+    them (``completion_probabilities[0].probs[].tok_str/prob``; greedy: the first is the token taken)."""
+    baseline, _ = llamacpp(server, temp=0)
+    assert baseline and baseline == llamacpp(server, temp=0)[0]
+    phrase = a_word(baseline)
+    banned, _ = llamacpp(server, temp=0, banned_strings=[phrase])
+    assert banned and phrase.lower() not in banned.lower()
+    with_e = [t for t in range(llama_provider.vocab_size) if "e" in llama_provider.decode([t]).lower()]
+    no_e, _ = llamacpp(server, banned_tokens=",".join(map(str, with_e)), seed=7)
+    assert no_e and "e" not in no_e.lower(), no_e
+    text, chunks = llamacpp(server, 12, temp=0, probabilities=True)
+    entries = [e for c in chunks[:-1] for e in c["completion_probabilities"]]
+    assert entries and "".join(e["content"] for e in entries) == text
+    assert all(e["probs"][0]["tok_str"] == e["content"] and len(e["probs"]) == 10 for e in entries)

@@ -1,6 +1,7 @@
 """The frontends' backends' routes, thin adapters over the same pipeline as the OpenAI routes (the
 shapes are in ``frontends``): TabbyAPI's ``GET /v1/model``, ``/v1/model/list``, ``POST
-/v1/token/encode|decode``; llama.cpp's ``POST /tokenize``, ``/detokenize``; the KoboldAI API as
+/v1/token/encode|decode``; llama.cpp's ``POST /tokenize``, ``/detokenize`` (and its native
+``/completion``, ``/props``, ``/slots``: ``llamacpp_api``); the KoboldAI API as
 KoboldCpp serves it (``/api/v1/generate``, ``/api/extra/generate/stream``,
 ``/api/extra/generate/check``, ``/api/extra/abort``, ``/api/extra/tokencount``, the version and
 config GETs, served without the API key: ``KOBOLD_INFO``). ``ROUTES`` lists them for ``create_app``."""
@@ -17,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import frontends
+from . import frontends, llamacpp_api
 from .errors import APIError
 from .limits import Limits
 from .pipeline import read_body, start_generations
@@ -103,14 +104,22 @@ async def kobold_check(request: Request) -> Response:
 
 
 async def kobold_abort(request: Request) -> Response:
-    """``POST /api/extra/abort``: ends the running generations with this ``genkey`` (none: every one
-    without, e.g. SillyTavern's, which posts no body) at the next step; each answers with its text so far."""
+    """``POST /api/extra/abort``: ends generations at the next step, each answering with its text so
+    far, by KoboldCpp's rule: with a ``genkey``, those with it (``{"success": "false", "done":
+    "false"}`` when there is none); without (SillyTavern posts no body), the current generation
+    whatever its genkey, unless other users' generations run or wait too (several genkeys): then
+    only those without one, and nothing else."""
     body = await _small_body(request, frontends.AbortRequest, optional=True)
-    genkey = body.genkey or ""
-    hits = [live for live in request.app.state.live if live.genkey == genkey and not live.answer.job.done]
+    unfinished = [live for live in request.app.state.live if not live.answer.job.done]
+    users = {live.genkey for live in unfinished}
+    if body.genkey:
+        hits = [live for live in unfinished if live.genkey == body.genkey]
+    else:
+        hits = unfinished if len(users) <= 1 else [live for live in unfinished if not live.genkey]
     for live in hits:
         live.answer.abort()
-    return JSONResponse({"success": "true" if hits else "false", "done": "true"})
+    done = bool(hits) or (not body.genkey and len(users) <= 1)  # KoboldCpp: "done" unless it had to refuse
+    return JSONResponse({"success": "true" if hits else "false", "done": "true" if done else "false"})
 
 
 def _tokenizer(kind: str) -> Handler:
@@ -191,6 +200,7 @@ ROUTES = [
     # llama.cpp
     Route("/tokenize", _tokenizer("llama"), methods=["POST"]),
     Route("/detokenize", _detokenizer("llama"), methods=["POST"]),
+    *llamacpp_api.ROUTES,
     # KoboldAI API (KoboldCpp)
     Route("/api/v1/generate", kobold_generate, methods=["POST"]),
     Route("/api/extra/generate/stream", kobold_stream, methods=["POST"]),

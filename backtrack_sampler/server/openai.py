@@ -103,9 +103,7 @@ class Reply:
                 choice["text"] = text
             choices.append(choice)
         dones = [done for _, done, _ in results]
-        info = _backtrack_info(dones)
-        if self.plan.ignored:
-            info["ignored"] = list(self.plan.ignored)
+        info = backtrack_info(self.plan, dones)
         return {
             **self._head("chat.completion" if self.plan.chat else "text_completion"),
             "choices": choices,
@@ -149,8 +147,10 @@ def openai_finish(finish: Optional[str]) -> Optional[str]:
     return "content_filter" if finish == "constraint" else finish
 
 
-def _backtrack_info(dones: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """The rewinds of the answer's generations (summed), and the first constraint that failed."""
+def backtrack_info(plan: Plan, dones: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The ``backtrack`` object of a whole answer: the rewinds of its generations (summed), the
+    first constraint that failed, the request's fields that had no effect (``ignored``) and what
+    the server noticed about it (``warnings``)."""
     info: Dict[str, Any] = {
         "rewound_tokens": sum(d["rewound_tokens"] for d in dones),
         "rewinds": sum(d["rewinds"] for d in dones),
@@ -158,6 +158,10 @@ def _backtrack_info(dones: List[Dict[str, Any]]) -> Dict[str, Any]:
     constraint = next((d["constraint"] for d in dones if d.get("constraint")), None)
     if constraint:
         info["constraint"] = constraint
+    if plan.ignored:
+        info["ignored"] = list(plan.ignored)
+    if plan.warnings:
+        info["warnings"] = list(plan.warnings)
     return info
 
 
@@ -240,6 +244,8 @@ def streamed_answer(answers: List[Answer], reply: Reply) -> StreamingResponse:
                             last["backtrack"] = {"constraint": value["constraint"]}
                         if reply.plan.ignored:
                             last.setdefault("backtrack", {})["ignored"] = list(reply.plan.ignored)
+                        if reply.plan.warnings:
+                            last.setdefault("backtrack", {})["warnings"] = list(reply.plan.warnings)
                         yield _sse(last)
                         dones.append(value)
             if len(dones) == len(answers) and reply.plan.include_usage:

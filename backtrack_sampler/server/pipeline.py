@@ -6,8 +6,9 @@ generations' reports and shape the answer."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Type, Union
+from typing import List, Optional, Tuple, Type, TypeVar, Union
 
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
@@ -18,6 +19,7 @@ from .runner import Answer, Plan, Runner
 from .schemas import ChatCompletionRequest, CompletionRequest, parse_request
 
 GenerationSchema = Union[Type[CompletionRequest], Type[ChatCompletionRequest]]
+R = TypeVar("R", bound=BaseModel)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -49,15 +51,26 @@ class Live:
         self.parts: List[str] = []  # the text sent so far (KoboldAI routes)
 
 
+async def read_request(request: Request, schema: Type[R]) -> R:
+    """The request's body, read within ``max_body_bytes`` and validated as ``schema``."""
+    limits: Limits = request.app.state.limits
+    return parse_request(schema, await read_body(request, limits.max_body_bytes), limits, request.app.state.strategies)
+
+
 async def start_generations(
-    request: Request, schema: GenerationSchema, choices: bool = False, kobold: bool = False
+    request: Request,
+    schema: GenerationSchema,
+    choices: bool = False,
+    kobold: bool = False,
+    body: Optional[Union[CompletionRequest, ChatCompletionRequest]] = None,
 ) -> Tuple[Plan, List[Answer], List[Live]]:
     """Validate, plan and queue a request's generations (``n`` of them when ``choices``); returns
     ``(plan, answers, lives)`` once every one has started. ``kobold``: the KoboldAI API's (its
-    ``/api/extra/generate/check`` reads them)."""
+    ``/api/extra/generate/check`` reads them); ``body``: the request already read (``read_request``)."""
     runner: Runner = request.app.state.runner
     limits: Limits = request.app.state.limits
-    body = parse_request(schema, await read_body(request, limits.max_body_bytes), limits, request.app.state.strategies)
+    if body is None:
+        body = await read_request(request, schema)
     count = (body.n or 1) if choices else 1
     plans = [await run_in_threadpool(plan_request, runner.provider, body, limits, i) for i in range(count)]
     answers: List[Answer] = []

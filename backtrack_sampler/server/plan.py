@@ -17,6 +17,7 @@ from ..provider.base_provider import BaseProvider
 from ..provider.chat import chat_prompt_tokens
 from ..strategy.base_strategy import BaseStrategy
 from ..strategy.registry import chain, in_chain_order
+from .ban_check import ban_warnings
 from .errors import APIError
 from .limits import Limits
 from .request import GenerationRequest
@@ -52,6 +53,7 @@ def plan_request(
         request.include_backtrack,
         request.logprob_count,
         tuple(request.ignored_fields),
+        tuple(ban_warnings(provider, request, prompt)),
     )
 
 

@@ -42,6 +42,7 @@ class Plan:
     include_backtrack: bool = False  # stream the generation's events too (stream_options extension)
     logprobs: Optional[int] = None  # report each final token's log-probability and this many alternatives
     ignored: Tuple[str, ...] = ()  # request fields that have no effect here (named in the answer)
+    warnings: Tuple[str, ...] = ()  # what the server noticed about the request (``backtrack.warnings``)
 
 
 class ClientGone(Exception):
@@ -70,6 +71,7 @@ class StopFilter:
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
         self.held = ""
+        self.found = ""  # the stop string that was found (llama.cpp's ``stopping_word``)
 
     def push(self, text: str) -> Tuple[str, bool]:
         """Returns ``(text to send, whether a stop string was found)``."""
@@ -78,8 +80,9 @@ class StopFilter:
         buffer = self.held + text
         hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
         if hits:
-            self.held = ""
-            return buffer[: min(hits)], True
+            at = min(hits)
+            self.held, self.found = "", next(s for s in self.stops if buffer.find(s) == at)
+            return buffer[:at], True
         keep = max(
             (k for s in self.stops for k in range(min(len(s) - 1, len(buffer)), 0, -1) if buffer.endswith(s[:k])),
             default=0,
@@ -251,6 +254,7 @@ class _Output:
                 "rewound_tokens": stats.rewound,
                 "rewinds": stats.rewinds,
                 "constraint": stats.constraint if finish == "constraint" else None,
+                "stopping_word": self.stops.found,
             },
         )
 
