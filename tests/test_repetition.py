@@ -117,7 +117,9 @@ def test_rules_are_checked():
         RepeatRules(min_repeats=1)
     with pytest.raises(ValueError, match="ngram_words"):
         RepeatRules(ngram_words=1)
-    off = RepeatRules(min_chars=0, symbol_chars=0, ngram_words=0, sentence_words=0)
+    with pytest.raises(ValueError, match="phrase_words"):
+        RepeatRules(phrase_words=1)
+    off = RepeatRules(min_chars=0, symbol_chars=0, ngram_words=0, sentence_words=0, phrase_words=0, near_words=0)
     assert find_repeat("h-" * 50 + " the cat sat on the mat" * 5, off) is None
 
 
@@ -153,6 +155,7 @@ def state(detector: RepeatDetector):
         detector._sentences,
         {k: v for k, v in detector._said.items()},
         detector._said_log,
+        detector._closed,
         detector.hold,
     )
 
@@ -306,12 +309,12 @@ def generate(fp, strategy, max_new_tokens=60, **kwargs):
     "table, plain_kind, expected, reason",
     [
         (CHAR_LOOP, "loop", " it was lo and ran away.", "repeat: loop 'lo' x10"),
-        (WORD_LOOP, "ngram", " the cat sat on a rug and it was dark.", "repeat: ngram 'the cat sat on a rug and the'"),
+        (WORD_LOOP, "phrase", " the cat sat on a rug and it was dark.", "repeat: phrase 'the cat sat on a rug and'"),
         (
             SENTENCE_LOOP,
-            "sentence",
+            "phrase",  # back to back: found before the sentence closes
             " The dog ran away quickly. It was dark",
-            "repeat: sentence 'The dog ran away quickly'",
+            "repeat: phrase 'The dog ran away quickly'",
         ),
     ],
 )
@@ -356,8 +359,8 @@ def test_retries_escalate_at_the_position():
 
 
 def test_it_holds_back_only_the_text_a_repeat_can_still_reach():
-    fp = markov(WORD_LOOP)
-    strategy = RepetitionStrategy(fp)
+    fp = markov(WORD_LOOP)  # one sentence: without the near rule (which holds the open sentence)
+    strategy = RepetitionStrategy(fp, near_words=0)
     sampler = BacktrackSampler(fp, strategy)
     delivered = []
     for token in sampler.generate([fp.ids["<bos>"]], max_new_tokens=40, temperature=0):
@@ -377,7 +380,7 @@ def test_chained_with_antislop_both_hold():
         assert text == " the cat sat on a rug and The dog ran away."
         assert "it was dark" not in text and not is_degenerate(text)
         reasons = " | ".join(e.reason for e in events)
-        assert "repeat: ngram" in reasons and "phrase 'it was dark'" in reasons
+        assert "repeat: phrase 'the cat" in reasons and "phrase 'it was dark'" in reasons
 
 
 WORLD = [" a", " b", " ab", " ba", "a", "b", ".", "\n", "-"]
@@ -691,3 +694,26 @@ def test_the_demo_prints_what_the_readme_quotes():
 @pytest.mark.parametrize("seed", [2, 3])
 def test_the_demo_shows_the_point_for_other_seeds(seed):
     assert int(check_demo(demo("--seed", str(seed)))[1]) >= 1
+
+
+@pytest.mark.model
+def test_greedy_loops_are_left(smol1):
+    """Issue #28: under greedy decoding the chat model repeats one list item ("Ashwood ... is also
+    used for furniture making") to the end; with the strategy the items differ and the list ends."""
+    from backtrack_sampler.provider.chat import chat_prompt_tokens
+
+    prompt = chat_prompt_tokens(
+        smol1, [{"role": "user", "content": "List 10 types of wood and what they are used for."}]
+    )
+
+    def items(strategy):
+        sampler = BacktrackSampler(smol1, strategy)
+        text = smol1.decode(list(sampler.generate(prompt, temperature=0, max_new_tokens=300)))
+        return text, re.findall(r"^\d+\. (.+)$", text, re.M)
+
+    plain, plain_items = items(BaseStrategy())
+    assert len(set(plain_items[-5:-1])) == 1 and is_degenerate(plain), plain  # the same item, 4 times (then cut)
+    text, fixed = items(RepetitionStrategy(smol1))
+    assert len(fixed) == 10 and all(a != b for a, b in zip(fixed, fixed[1:])), text  # no item twice in a row
+    assert len(set(fixed)) >= 9, text  # (one, "Ash: Ash is a byproduct ...", comes back 3 items later)
+    assert not re.search(r"^\d+\. ", text.split("10. ", 1)[1], re.M)  # and then it moved on

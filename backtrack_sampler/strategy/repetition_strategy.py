@@ -16,33 +16,39 @@ _CANDIDATES = 64  # widening looks at the best this many tokens (the others are 
 
 
 class RepetitionStrategy(BaseStrategy):
-    """Rewinds degenerate repetition: loops, repeated word runs and repeated sentences.
+    """Rewinds degenerate repetition: loops, repeated word runs and (near-)repeated sentences.
 
-    The decoded text is read through ``RepeatDetector`` (``backtrack_sampler.quality``, the one
-    definition of a repeat, also used by the quality benchmark): a unit of up to ``max_period``
-    characters repeated back to back over ``min_chars`` characters and ``min_repeats`` copies
-    (``symbol_chars`` for a unit without letters or digits); the last ``ngram_words`` words
-    already written, in that order, within the ``window`` words before; or a sentence of at least
-    ``sentence_words`` words written before. 0 turns a rule off.
+    What counts as a loop is ``RepeatDetector``'s definition (``backtrack_sampler.quality``, also
+    used by the quality benchmark and the slop measures), on normalised text (lower-cased,
+    punctuation and spacing ignored): a unit of up to ``max_period`` characters repeated back to
+    back over ``min_chars`` characters and ``min_repeats`` copies (``symbol_chars`` for a unit
+    without letters or digits); the last ``ngram_words`` words already written, in that order,
+    within the ``window`` words before; a sentence of at least ``sentence_words`` words written
+    before; a run of ``phrase_words`` to 8 words written twice back to back; two sentences in a
+    row (of ``near_words`` words or more) each a near-copy of a recent one (the same sentence
+    with a word changed, added or dropped: ``quality.NEAR_RATIO`` similar). 0 turns a rule off.
 
-    When a repeat is found, generation rewinds to the token where the copy begins and that token
-    is excluded there (the text before it stays, so one copy of the unit is kept). A repeat that
-    begins within ``episode_tokens`` tokens of the previous rewind is a retry of the same loop, and
-    each retry escalates: from the 2nd on, every likely token whose text would begin a rejected
-    copy again is excluded at the position too (the same text through another tokenization), and
+    When a repeat is found, generation rewinds to where the loop began (the copy's first token;
+    for near-copies, the first of the run) and that token is excluded there (the text before it
+    stays, so one copy of the unit is kept). A repeat that begins within ``episode_tokens`` tokens
+    of where the loop began is a retry of the same loop: it rewinds there again (not to its
+    latest copy), so the exclusions pile up where the loop began and the model must leave it,
+    not vary it. While a loop is being retried, the text from where it began is held back. Each
+    retry escalates: from the 2nd on, every likely token whose text would begin a rejected copy
+    again is excluded at the position too (the same text through another tokenization), and
     there and for the ``heat_tokens`` tokens after it the distribution is flattened, as if the
     temperature were ``1 + heat * (retry - 1)`` times higher, among the tokens with at least
     ``min_p`` of the best one's probability (more varied, not incoherent). After ``max_retries``
     rewinds the loop is kept (reported to ``on_accept(position, reason)``); repeats that begin
-    within ``episode_tokens`` tokens of its last rewind are kept too, later ones are a new loop.
+    within ``episode_tokens`` tokens of where it began are kept too, later ones are a new loop.
     So it always ends: a new loop begins more than ``episode_tokens`` tokens after the last one
     began, so there are at most ``max_retries * (1 + max_new_tokens / episode_tokens)`` rewinds.
 
     Tokens are held back (not final) only while a repeat found later could still begin in them:
-    the open run of a loop, the last ``ngram_words - 1`` words and a short open sentence.
-    Chains with AntiSlop (both rewind; each is told of the other's rewinds). A soft constraint:
-    when the sampler's rewind budget runs out it stops rewinding. Sets ``rewind_reason`` to
-    e.g. ``repeat: loop '-h' x10``.
+    the open run of a loop, the last 7 words, the open sentence, a run of near-copies and a loop
+    being retried. Chains with AntiSlop (both rewind; each is told of the other's rewinds). A
+    soft constraint: when the sampler's rewind budget runs out it stops rewinding. Sets
+    ``rewind_reason`` to e.g. ``repeat: loop '-h' x10``.
     """
 
     name = "repetition"
@@ -60,6 +66,8 @@ class RepetitionStrategy(BaseStrategy):
         ngram_words: int = RepeatRules.ngram_words,
         window: int = RepeatRules.window,
         sentence_words: int = RepeatRules.sentence_words,
+        phrase_words: int = RepeatRules.phrase_words,
+        near_words: int = RepeatRules.near_words,
         max_retries: int = 6,
         heat: float = 0.5,
         heat_tokens: int = 8,
@@ -67,7 +75,17 @@ class RepetitionStrategy(BaseStrategy):
         episode_tokens: int = 48,
         on_accept: Optional[Callable[[int, str], None]] = None,
     ):
-        self.rules = RepeatRules(min_chars, min_repeats, max_period, symbol_chars, ngram_words, window, sentence_words)
+        self.rules = RepeatRules(
+            min_chars,
+            min_repeats,
+            max_period,
+            symbol_chars,
+            ngram_words,
+            window,
+            sentence_words,
+            phrase_words,
+            near_words,
+        )
         for key, value in dict(max_retries=max_retries, heat_tokens=heat_tokens, episode_tokens=episode_tokens).items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{key} must be an int >= 0, got {value!r}")
@@ -87,7 +105,7 @@ class RepetitionStrategy(BaseStrategy):
         self._bans: Dict[int, Set[int]] = {}  # position -> tokens excluded there
         self._rejected: Dict[int, List[str]] = {}  # position -> texts of the copies rejected there
         self._hot: Optional[Tuple[int, int, int]] = None  # (first, end, retry): positions flattened
-        self._episode: Optional[List[int]] = None  # [where its last rewind went, retries] of the current loop
+        self._episode: Optional[List[int]] = None  # [where the current loop began, retries]
         self._keep = 0
         self.rewind_reason = None
 
@@ -146,6 +164,9 @@ class RepetitionStrategy(BaseStrategy):
         if found is not None:
             tokens = self._on_repeat(tokens, found)
         hold = min(view.token_at(detector.hold), view.committed)
+        episode = self._episode
+        if episode is not None and len(tokens) <= episode[0] + 2 * self.episode_tokens:
+            hold = min(hold, episode[0])  # a loop being retried: keep where it began rewindable
         self._keep = max(self._keep, min(hold, len(tokens)))
         return tokens
 
@@ -156,7 +177,8 @@ class RepetitionStrategy(BaseStrategy):
         reason = f"repeat: {repeat.describe(self.detector.text)}"
         episode = self._episode
         if episode is not None and position - episode[0] <= self.episode_tokens:
-            episode[1] += 1  # a retry of the same loop
+            episode[1] += 1  # a retry of the same loop: back to where it began
+            position = max(min(position, episode[0]), self._keep)
         else:
             episode = self._episode = [position, 1]
         if episode[1] > self.max_retries:  # kept: repeats near it are kept too

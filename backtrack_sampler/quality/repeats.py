@@ -1,8 +1,10 @@
-"""Text-quality measures, and the one definition of a degenerate repeat.
+"""The one definition of a degenerate repeat (a loop), and the repetition scores.
 
-``RepeatDetector`` finds verbatim repetition in a growing, rewindable text; ``RepetitionStrategy``
-runs it on the decoded continuation, the quality benchmark and the tests call ``find_repeat`` /
-``is_degenerate`` on finished texts: the same rules (``RepeatRules``) everywhere. Three kinds:
+``RepeatDetector`` finds repetition in a growing, rewindable text; ``RepetitionStrategy`` runs it
+on the decoded continuation, the quality benchmark, ``slop`` measures and the tests call
+``find_repeat`` / ``is_degenerate`` on finished texts: the same rules (``RepeatRules``)
+everywhere. Words are compared normalised: lower-cased, punctuation and spacing ignored
+("Super", "SUPER" and "super," are one word). Five kinds:
 
 * ``"loop"``: a unit of 1 to ``max_period`` characters repeated back to back ("-h-h-h-h...",
   "lololol", "!!!!!!!!") over at least ``min_chars`` characters and ``min_repeats`` copies; a unit
@@ -11,6 +13,15 @@ runs it on the decoded continuation, the quality benchmark and the tests call ``
   in that order, within the ``window`` words before.
 * ``"sentence"``: a sentence of at least ``sentence_words`` words that is, word for word, one
   written before (shorter than ``ngram_words``, or the n-gram rule finds it first).
+* ``"phrase"``: a run of ``phrase_words`` to 8 words (12 characters or more) written twice back
+  to back ("often used for furniture making, often used for furniture making").
+* ``"near"``: near-repeats. A sentence (or line) of ``near_words`` to 60 words is a near-copy when
+  its normalised text is at least ``NEAR_RATIO`` similar (``difflib`` ratio) to one of the 8
+  sentences of that length before it: the same sentence with a word changed, added or dropped
+  ("Reflections of our dreams" / "Reflecting on our dreams"). One near-copy is prose (a refrain,
+  "The keeper looked at the sea. The keeper looked at the sky."); two in a row (shorter
+  sentences between them aside) are a loop, found where the first of them begins: where the loop
+  began.
 
 A ``Repeat`` says where the copy begins (``start``), where the text it copies begins
 (``source``) and where it was found (``end``), in characters.
@@ -30,11 +41,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
+from difflib import SequenceMatcher
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 _WORD = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")  # letters/digits, with inner apostrophes
 _SENTENCE_END = re.compile(r"[.!?\u2026\n]")
 _APOSTROPHES = "'\u2019"
+NEAR_RATIO = 0.8  # two sentences at least this similar (difflib ratio, normalised) are near-copies
+_NEAR_MAX = 60  # longer sentences are not compared (and not held back for it)
+_NEAR_LOOKBACK = 8  # a sentence is compared with this many sentences of near_words or more before it
+_PHRASE_MAX = 8  # the longest run of words the phrase rule looks for doubled
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,8 @@ class RepeatRules:
     ngram_words: int = 8
     window: int = 400
     sentence_words: int = 5
+    phrase_words: int = 4
+    near_words: int = 4
 
     def __post_init__(self):
         for f in fields(self):
@@ -61,10 +79,12 @@ class RepeatRules:
             raise ValueError(f"min_repeats must be >= 2 (a unit and one copy), got {self.min_repeats}")
         if self.ngram_words == 1:
             raise ValueError("ngram_words must be 0 (off) or >= 2: a single repeated word is not a repeat")
+        if self.phrase_words == 1:
+            raise ValueError("phrase_words must be 0 (off) or >= 2: a single repeated word is not a repeat")
 
 
 class Repeat(NamedTuple):
-    kind: str  # "loop", "ngram" or "sentence"
+    kind: str  # "loop", "ngram", "sentence", "phrase" or "near"
     start: int  # where the copy begins (characters)
     end: int  # where it was found
     source: int  # where the text it copies begins
@@ -101,6 +121,10 @@ class RepeatDetector:
         self._sentences: List[int] = [0]  # word index where each sentence begins (the last is open)
         self._said: Dict[Tuple[str, ...], List[int]] = {}  # sentence -> indices of its first word
         self._said_log: List[Tuple[str, ...]] = []  # the sentences recorded, in order (for rewinds)
+        # per closed sentence: (its normalised text when near_words..60 words long, else None;
+        # where the run of near-copies it ends began, or -1; how many near-copies are in that run;
+        # where the sentence the run's first copy copies begins)
+        self._closed: List[Tuple[Optional[str], int, int, int]] = []
         self._ended = False  # the last extend was at_end (its last word and sentence were closed)
 
     # --- feeding ------------------------------------------------------------------------------
@@ -109,7 +133,8 @@ class RepeatDetector:
         start = len(self.text)
         self.text += piece
         found = self._loops(start) if self._periods else None
-        if self.rules.ngram_words or self.rules.sentence_words:
+        r = self.rules
+        if r.ngram_words or r.sentence_words or r.phrase_words or r.near_words:
             found = _first(found, self._scan_words(at_end))
         return found
 
@@ -155,6 +180,7 @@ class RepeatDetector:
                 found = _first(found, self._close_sentence())  # (both always run: they record what they saw)
             words.append((m.start(), m.end(), m.group().lower()))
             found = _first(found, self._gram())
+            found = _first(found, self._phrase())
         if at_end and self._sentences[-1] < len(words):  # the text ends: so does its last sentence
             found = _first(found, self._close_sentence())
         self._ended = at_end
@@ -173,10 +199,52 @@ class RepeatDetector:
         seen.append(last)
         return found
 
+    def _phrase(self) -> Optional[Repeat]:
+        """The last k words (phrase_words <= k <= 8) are the k before them again."""
+        low, words = self.rules.phrase_words, self._words
+        if not low:
+            return None
+        for k in range(low, min(_PHRASE_MAX, len(words) // 2) + 1):
+            unit = [w for _, _, w in words[-k:]]
+            if unit == [w for _, _, w in words[-2 * k : -k]] and len(" ".join(unit)) >= 12:
+                return Repeat("phrase", words[-k][0], words[-1][1], words[-2 * k][0])
+        return None
+
+    def _near(self, first: int, key: Tuple[str, ...]) -> Optional[Repeat]:
+        """Record the sentence just closed (words ``first`` on) for the near rule; a Repeat when it
+        is the 2nd near-copy in a row."""
+        closed, low = self._closed, self.rules.near_words
+        run, count, copied = closed[-1][1:] if closed else (-1, 0, -1)
+        if not low or not low <= len(key) <= _NEAR_MAX:
+            closed.append((None, run, count, copied))  # a short sentence leaves the run as it was
+            return None
+        joined, source, seen = " ".join(key), -1, 0
+        for i in range(len(closed) - 1, -1, -1):
+            other = closed[i][0]
+            if other is None:
+                continue
+            matcher = SequenceMatcher(None, joined, other, autojunk=False)
+            if matcher.real_quick_ratio() >= NEAR_RATIO and matcher.ratio() >= NEAR_RATIO:
+                source = i
+                break
+            seen += 1
+            if seen == _NEAR_LOOKBACK:
+                break
+        if source < 0:
+            closed.append((joined, -1, 0, -1))
+            return None
+        if count:
+            count += 1
+        else:
+            run, count, copied = self._words[first][0], 1, self._words[self._sentences[source]][0]
+        closed.append((joined, run, count, copied))
+        return Repeat("near", run, self._words[-1][1], copied) if count >= 2 else None
+
     def _close_sentence(self) -> Optional[Repeat]:
         first, words = self._sentences[-1], self._words
         self._sentences.append(len(words))
         key = tuple(w for _, _, w in words[first:])
+        near = self._near(first, key)
         self._said_log.append(key)
         seen = self._said.setdefault(key, [])
         found = None
@@ -188,7 +256,7 @@ class RepeatDetector:
         ):
             found = Repeat("sentence", words[first][0], words[-1][1], words[seen[-1]][0])
         seen.append(first)
-        return found
+        return _first(near, found)
 
     # --- rewinding ----------------------------------------------------------------------------
     def rewind(self, length: int) -> None:
@@ -212,6 +280,7 @@ class RepeatDetector:
         # made by a word that is gone (or by an end that is no longer one)
         while len(self._sentences) > 1 and self._sentences[-1] >= len(words):
             self._sentences.pop()
+            self._closed.pop()
             key = self._said_log.pop()
             seen = self._said[key]
             seen.pop()
@@ -237,13 +306,19 @@ class RepeatDetector:
         n = len(self.text)
         hold = n - max(self._runs.values(), default=0)
         words, rules = self._words, self.rules
-        if rules.ngram_words and words:
-            hold = min(hold, words[max(len(words) - rules.ngram_words + 1, 0)][0])
-        if rules.sentence_words and self._sentences[-1] < len(words):
+        n = max(rules.ngram_words, _PHRASE_MAX if rules.phrase_words else 0)
+        if n and words:
+            hold = min(hold, words[max(len(words) - n + 1, 0)][0])
+        if self._closed and self._closed[-1][2]:  # a run of near-copies: its 2nd would begin at the 1st
+            hold = min(hold, self._closed[-1][1])
+        if (rules.sentence_words or rules.near_words) and self._sentences[-1] < len(words):
             first = self._sentences[-1]
-            if not rules.ngram_words or len(words) - first < rules.ngram_words:
+            open_words = len(words) - first
+            if (rules.near_words and open_words <= _NEAR_MAX) or (
+                rules.sentence_words and (not rules.ngram_words or open_words < rules.ngram_words)
+            ):
                 hold = min(hold, words[first][0])
-        if rules.ngram_words or rules.sentence_words:
+        if rules.ngram_words or rules.sentence_words or rules.phrase_words or rules.near_words:
             tail = _WORD.search(self.text, words[-1][1] if words else 0)
             if tail is not None:  # a word still being written
                 hold = min(hold, tail.start())
