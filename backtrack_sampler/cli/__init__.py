@@ -16,7 +16,7 @@ import sys
 from typing import Optional, Sequence, TextIO
 
 from ..errors import UsageError
-from . import batch, generate, serve
+from . import batch, generate, serve, slop
 from .generate import CONSTRAINT_EXIT
 from .options import Parser
 from .plan import strategy_plan
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parsers(commands)  # generate, human
     batch.add_parser(commands)
     serve.add_parser(commands)
+    slop.add_parser(commands)
     return parser
 
 
@@ -63,6 +64,8 @@ def main(
     try:
         if args.command == "serve":
             return serve.run(args)
+        if args.command == "slop":
+            return slop.run(args, stdout)
         if args.command == "batch":
             return batch.run(args, stdin, stderr)
         return generate.run(args, stdin, stdout, stderr)

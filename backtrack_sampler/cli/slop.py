@@ -1,0 +1,84 @@
+"""``backtrack-sampler slop score FILE.jsonl``: the slop measures (``backtrack_sampler.quality.slop``)
+of a batch output file, as a table or ``--json``, each with its 95% bootstrap interval;
+``--compare A.jsonl B.jsonl``: B minus A, with the interval of each difference."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from typing import Dict, List, TextIO
+
+from ..errors import UsageError
+from ..quality.slop import Estimate, Output, compare, score
+from .options import positive_int
+
+
+def add_parser(commands) -> None:
+    """The ``slop`` command and its ``score`` subcommand."""
+    slop = commands.add_parser("slop", help="measure slop in generated text", description="Measure slop.")
+    actions = slop.add_subparsers(dest="slop_command", metavar="ACTION", required=True)
+    parser = actions.add_parser(
+        "score",
+        help="slop measures of a batch output file",
+        description="The slop measures of the completions in a JSONL file (batch's output: "
+        '{"text", "finish_reason"} a line), each with its 95%% bootstrap interval.',
+    )
+    parser.add_argument("files", nargs="*", metavar="FILE.jsonl", help="batch output files (each scored on its own)")
+    parser.add_argument(
+        "--compare", nargs=2, metavar=("A.jsonl", "B.jsonl"), help="B minus A, with the interval of the difference"
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    parser.add_argument("--rounds", type=positive_int, default=1000, metavar="N", help="bootstrap rounds (1000)")
+    parser.add_argument(
+        "--early-words", type=positive_int, default=50, metavar="N", help="a stop before N words is early (50)"
+    )
+
+
+def read_outputs(path: str) -> List[Output]:
+    """The completions of a batch output file (lines without a "text" are skipped, e.g. errors)."""
+    outputs = []
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise UsageError(f"{path}:{number}: not JSON ({error.msg})") from None
+                if isinstance(record, dict) and isinstance(record.get("text"), str):
+                    outputs.append(Output(record["text"], record.get("finish_reason")))
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror}") from None
+    if not outputs:
+        raise UsageError(f'{path}: no completion (a JSON line with a "text")')
+    return outputs
+
+
+def table(title: str, estimates: Dict[str, Estimate]) -> str:
+    """The measures as an aligned table: value and [low, high]."""
+    lines = [title, f"{'measure':<22}{'value':>10}  95% interval"]
+    for name, e in estimates.items():
+        lines.append(f"{name:<22}{e.value:>10.3f}  [{e.low:.3f}, {e.high:.3f}]")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, stdout: TextIO) -> int:
+    """Score each file (or compare two); print a table or JSON."""
+    if not args.files and not args.compare:
+        raise UsageError("slop score: give FILE.jsonl or --compare A.jsonl B.jsonl")
+    results: Dict[str, Dict[str, Estimate]] = {}
+    for path in args.files:
+        results[path] = score(read_outputs(path), rounds=args.rounds, early_words=args.early_words)
+    if args.compare:
+        a, b = args.compare
+        results[f"{b} - {a}"] = compare(
+            read_outputs(a), read_outputs(b), rounds=args.rounds, early_words=args.early_words
+        )
+    if args.json:
+        json.dump({k: {m: asdict(e) for m, e in v.items()} for k, v in results.items()}, stdout, indent=1)
+        stdout.write("\n")
+    else:
+        stdout.write("\n\n".join(table(k, v) for k, v in results.items()) + "\n")
+    return 0
