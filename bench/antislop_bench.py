@@ -34,8 +34,6 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "antislop"
 
 from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy  # noqa: E402
-from backtrack_sampler.provider.llamacpp_provider import LlamacppProvider  # noqa: E402
-from backtrack_sampler.provider.models import load_llamacpp  # noqa: E402
 from backtrack_sampler.strategy.registry import read_regexes  # noqa: E402
 
 TOPICS = [
@@ -228,6 +226,9 @@ def main() -> None:
     n_prompts = min(args.prompts or (4 if quick else 20), len(TOPICS))
     story_tokens = args.story_tokens or (100 if quick else 300)
 
+    from backtrack_sampler.provider.llamacpp_provider import LlamacppProvider  # (imported here: bench/vllm_bench.py
+    from backtrack_sampler.provider.models import load_llamacpp  # imports this file where llama.cpp is absent)
+
     llm = load_llamacpp(n_ctx=2048)
     provider = LlamacppProvider(llm)
 
@@ -289,6 +290,8 @@ def main() -> None:
         return
     phrases = [p for p, _ in json.loads((DATA / "slop_phrase_prob_adjustments.json").read_text())]
     hard = AntiSlopStrategy(provider, phrases)  # plain strings: hard bans, substring matching
+    from backtrack_sampler.provider.models import load_llamacpp
+
     scorer = load_llamacpp(n_ctx=1024, logits_all=True)
     rows = []
     for i, topic in enumerate(TOPICS[:n_prompts]):
