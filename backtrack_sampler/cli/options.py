@@ -102,8 +102,8 @@ def add_model_args(parser, default: str) -> None:
     group.add_argument(
         "--model",
         metavar="NAME|PATH",
-        help=f"an embedded model ({', '.join(MODELS)}), a .gguf file (llamacpp or transformers) "
-        f"or a local transformers model folder (default: {default})",
+        help=f"an embedded model ({', '.join(MODELS)}), a .gguf file (llamacpp, transformers or mlx) "
+        f"or a local transformers or MLX model folder (default: {default})",
     )
     group.add_argument("--n-ctx", type=positive_int, metavar="N", help="context size for llamacpp (default: 8192)")
     group.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads (default: all cores)")

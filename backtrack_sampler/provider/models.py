@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from ..errors import UsageError
 from .base_provider import BaseProvider
 
-BACKENDS = ("llamacpp", "transformers")
+BACKENDS = ("llamacpp", "transformers", "mlx")  # mlx: mlx-lm (Apple silicon; mlx[cpu] on Linux)
 
 
 def _gemma_path() -> Path:
@@ -172,6 +172,33 @@ def load_transformers(model_path: Optional[str] = None, cache_dir: Optional[str]
     return model, tokenizer
 
 
+def load_mlx(model_path: Optional[str] = None, cache_dir: Optional[str] = None) -> Tuple[Any, Any]:
+    """``(model, tokenizer)`` from ``mlx_lm.load``: a local model folder (MLX, e.g. one of
+    mlx-community's quantised ones, or Hugging Face safetensors), a GGUF file or an embedded model's
+    name (default: Gemma 3 270M). A GGUF is converted once, without any download: de-quantized by
+    ``load_transformers`` (cached), then ``mlx_lm.convert`` to bfloat16, saved under ``cache_dir``
+    (default ``~/.cache/backtrack_sampler``) as ``<gguf name>-<size>-<mtime>-mlx``."""
+    import contextlib
+
+    from mlx_lm import convert, load
+
+    path = resolve_model(str(model_path) if model_path else None)
+    if not path.is_dir():
+        stat = path.stat()
+        base = Path(cache_dir or Path.home() / ".cache" / "backtrack_sampler")
+        converted = base / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}-mlx"
+        if not (converted / "config.json").exists():
+            print(f"Converting {path.name} for MLX (once; cached in {converted})...", file=sys.stderr)
+            hf_model, _ = load_transformers(str(path), cache_dir=str(base))
+            partial = converted.with_name(converted.name + f".tmp{os.getpid()}")
+            with contextlib.redirect_stdout(sys.stderr):  # mlx-lm reports its progress on stdout
+                convert(hf_model.name_or_path, str(partial), dtype="bfloat16")
+            partial.rename(converted)
+        path = converted
+    model, tokenizer = load(str(path))[:2]
+    return model, tokenizer
+
+
 # --------------------------------------------------------------------------------------------
 def load_provider(
     backend: str = "llamacpp",
@@ -192,7 +219,7 @@ def load_provider(
     if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 16):
         raise UsageError(f"--n-ctx must be an integer >= 16, got {n_ctx!r}")
     if n_ctx is not None and backend != "llamacpp":
-        raise UsageError("--n-ctx applies to the llamacpp backend only (transformers uses the model's own context)")
+        raise UsageError(f"--n-ctx applies to the llamacpp backend only ({backend} uses the model's own context)")
     try:
         path = resolve_model(model)
     except (FileNotFoundError, ImportError) as error:
@@ -209,6 +236,10 @@ def load_provider(
                 options.update(n_threads=threads, n_threads_batch=threads)
             llm = load_llamacpp(model, **options)
             return LlamacppProvider(llm, None, "cpu", slots=slots)
+        if backend == "mlx":  # a model folder (MLX or Hugging Face), else a GGUF converted once
+            from .mlx_provider import MlxProvider
+
+            return MlxProvider(*load_mlx(model), slots=slots)
         from .transformers_provider import TransformersProvider
 
         if threads is not None:
