@@ -149,6 +149,21 @@ def transformers_provider(hf_model):
     return TransformersProvider(model, tokenizer, "cpu")
 
 
+@pytest.fixture(scope="session")
+def mlx_model():
+    """``(model, tokenizer)`` of the embedded chat model through mlx-lm (converted once, cached)."""
+    from backtrack_sampler.provider.models import load_mlx
+
+    return load_mlx("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def mlx_provider(mlx_model):
+    from backtrack_sampler.provider.mlx_provider import MlxProvider
+
+    return MlxProvider(*mlx_model)
+
+
 @pytest.fixture(params=["llama", "transformers"])
 def provider(request):
     """Each real-model provider in turn (the same session-wide instances)."""

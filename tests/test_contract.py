@@ -266,6 +266,7 @@ def _llama_server_driver():
         "batch",
         "engine",
         pytest.param("embedded", marks=pytest.mark.model),
+        pytest.param("mlx", marks=pytest.mark.model),  # MLX in process (mlx[cpu] here), on the embedded chat model
         pytest.param("llama-server", marks=pytest.mark.model),
         pytest.param("vllm", marks=pytest.mark.vllm_inprocess),  # in the vLLM venv (scripts/test.sh)
     ],
@@ -273,6 +274,9 @@ def _llama_server_driver():
 def module_driver(request):
     if request.param == "vllm":  # vLLM in process, on the embedded chat model
         yield Driver("vllm", request.getfixturevalue("vllm_provider"), "def fibonacci(n):\n")
+        return
+    if request.param == "mlx":
+        yield Driver("mlx", request.getfixturevalue("mlx_provider"), "def fibonacci(n):\n")
         return
     if request.param in ("single", "batch"):
         yield Driver(request.param, FakeProvider(), " the cat")
