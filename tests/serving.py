@@ -43,7 +43,7 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(15)
         self.sock.close()
-        engine = getattr(getattr(self.app, "state", None), "engine", None)
+        engine = getattr(getattr(self.app, "state", None), "runner", None)
         if engine is not None:  # stop its generations: the next test's server may share the provider
             engine.close()
 
