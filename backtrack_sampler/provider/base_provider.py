@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import warnings
@@ -29,13 +30,23 @@ def without_double_bos(tokens: List[int], bos: Optional[int]) -> List[int]:
     return tokens[1:] if bos is not None and len(tokens) >= 2 and tokens[0] == tokens[1] == bos else tokens
 
 
-@dataclass
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    if list(a[:n]) == list(b[:n]):
+        return n
+    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+
+
+@dataclass(eq=False)
 class _Sequence:
-    """One cached sequence of ``next_logits_batch``: its backend slot, cached tokens and recent logits."""
+    """One backend slot of ``next_logits_batch``: its cached tokens and recent logits, kept when its
+    key is released (the prompt cache); ``used``: when a key last released it (-1: never)."""
 
     slot: int
     cached: List[int]
     recent: Dict[int, np.ndarray]
+    used: int = -1
 
 
 class BaseProvider(ABC):
@@ -51,17 +62,26 @@ class BaseProvider(ABC):
     ``backend(batched, step_tokens)``, the ``core.scheduler.Backend`` the scheduler steps it on;
     for the others the scheduler drives ``next_logits`` / ``next_logits_batch`` (``core.scheduler.backend_for``).
 
+    The prompt cache: what a finished sequence leaves in a cache stays there, and the next one
+    keeps the longest prefix it shares with it (``claim``), so a chat that resends its history
+    evaluates only its new tokens. ``prompt_cache = False`` (on the instance) empties a cache
+    before every sequence instead: llama.cpp's numbers depend on the batch shapes that built a
+    cache, so only then does the same call always give the same numbers, bit for bit.
+
     Thread-safe: one call at a time uses the backend (a lock), so two drivers sharing a provider
     (say, a server and a script) get the right logits, one after the other, never a mixed cache.
     """
 
     KEEP_LOGITS = 8  # logits kept for the last positions, so that short rewinds cost no evaluation
+    SIMILARITY = 0.1  # a free slot's prefix counts when it is this share of the longer sequence (llama-server's)
+    prompt_cache = True  # keep a finished sequence's cache for the next one (see the class docstring)
 
     def __init__(self) -> None:
         self._cached: List[int] = []
         self._recent: Dict[int, np.ndarray] = {}  # sequence length -> the logits after it
         self._batch: Dict[Hashable, _Sequence] = {}  # next_logits_batch's sequences by key
-        self._free: Optional[List[int]] = None  # free slots (made on first use)
+        self._slot_caches: Optional[List[_Sequence]] = None  # every slot's cache (made on first use)
+        self._clock = itertools.count()  # orders releases: the least recently used free slot goes first
         self._lock = threading.RLock()  # one call at a time: the cache is shared state
 
     # --- tokenizer -------------------------------------------------------------------------
@@ -107,6 +127,7 @@ class BaseProvider(ABC):
         """Next-token logits after ``input_ids`` as a float32 array of ``vocab_size`` (yours to edit)."""
         tokens = self._checked(input_ids)
         with self._lock:
+            self._sync()
             known, n = self._reuse(self._cached, self._recent, tokens, self._cut)
             if known is not None:
                 return known
@@ -130,17 +151,19 @@ class BaseProvider(ABC):
         """Next-token logits for several sequences in one backend call: ``{key: input_ids}`` ->
         ``{key: logits}``. Each key is a sequence with its own cache, kept exactly like the cache
         of ``next_logits`` (longest cached prefix, recent logits, rewind = a shorter ``input_ids``)
-        until ``release(key)``. A new key takes a free slot; more than ``max_sequences`` live keys
-        raise RuntimeError."""
+        until ``release(key)``. A new key takes a free slot (see ``claim``); more than
+        ``max_sequences`` live keys raise RuntimeError."""
         with self._lock:
             return self._next_logits_batch(requests)
 
     def _next_logits_batch(self, requests: Mapping[Hashable, Sequence[int]]) -> Dict[Hashable, np.ndarray]:
         answers: Dict[Hashable, np.ndarray] = {}
         work = []
+        if self._shares_single_cache():
+            self._sync()
         for key, input_ids in requests.items():
             tokens = self._checked(input_ids)
-            seq = self._batch_sequence(key)
+            seq = self._batch.get(key) or self._take_slot(key, tokens)
             known, n = self._reuse(
                 seq.cached, seq.recent, tokens, lambda length, seq=seq: self._cut_sequence(seq, length)
             )
@@ -155,15 +178,33 @@ class BaseProvider(ABC):
                 answers[key] = logits
         return {key: answers[key] for key in requests}
 
+    def claim(self, tokens: Sequence[int], key: Optional[Hashable] = None) -> int:
+        """Ready a cache for a sequence that starts with ``tokens``; return how many of them it holds
+        already (only the rest will be evaluated). ``key`` None: the cache of ``next_logits``;
+        else a key of ``next_logits_batch``: its slot, or for a new key the free slot whose cache
+        shares the longest prefix with ``tokens`` (counted when it is at least ``SIMILARITY`` of
+        the longer of the two, so a new chat takes an empty slot rather than evict another chat
+        that merely shares its first tokens), ties to the least recently used. With
+        ``prompt_cache`` off the cache is emptied first."""
+        tokens = list(tokens)
+        with self._lock:
+            self._sync()
+            if key is None:
+                if not self.prompt_cache:
+                    self._cut(0)
+                return common_prefix(self._cached, tokens)
+            seq = self._batch.get(key) or self._take_slot(key, tokens)
+            return common_prefix(seq.cached, tokens)
+
     def release(self, key: Hashable) -> None:
-        """Forget the sequence ``key`` of ``next_logits_batch`` and free its slot (a no-op for an
-        unknown key)."""
+        """End the sequence ``key`` of ``next_logits_batch`` and free its slot, whose cache stays for
+        the next key (``claim``; emptied with ``prompt_cache`` off). A no-op for an unknown key."""
         with self._lock:
             seq = self._batch.pop(key, None)
             if seq is not None:
-                self._cut_sequence(seq, 0)
-                if self._free is not None:
-                    self._free.append(seq.slot)
+                seq.used = next(self._clock)
+                if not self.prompt_cache:
+                    self._cut_sequence(seq, 0)
 
     @property
     def batch_keys(self) -> List[Hashable]:
@@ -184,24 +225,29 @@ class BaseProvider(ABC):
         cache): then both keep one record of what it holds."""
         return type(self)._forward_batch is BaseProvider._forward_batch
 
-    def _batch_sequence(self, key: Hashable) -> _Sequence:
-        seq = self._batch.get(key)
-        if seq is None:
-            if self._free is None:
-                self._free = list(range(self.max_sequences - 1, -1, -1))
-            if not self._free:
-                raise RuntimeError(
-                    f"{type(self).__name__} holds {self.max_sequences} sequences at most: release() one first"
-                )
-            slot = self._free.pop()
-            if self._shares_single_cache():
-                self._cut(
-                    0
-                )  # a new sequence starts from an empty cache, as in a slot of its own (same call, same tokens)
-                seq = _Sequence(slot, self._cached, self._recent)
+    def _take_slot(self, key: Hashable, tokens: List[int]) -> _Sequence:
+        """Give the new ``key`` the free slot ``claim`` describes."""
+        if self._slot_caches is None:
+            if self._shares_single_cache():  # one cache: next_logits's, with one record of what it holds
+                self._slot_caches = [_Sequence(0, self._cached, self._recent)]
             else:
-                seq = _Sequence(slot, [], {})
-            self._batch[key] = seq
+                self._slot_caches = [_Sequence(slot, [], {}) for slot in range(self.max_sequences)]
+        live = set(map(id, self._batch.values()))
+        free = [seq for seq in self._slot_caches if id(seq) not in live]
+        if not free:
+            raise RuntimeError(
+                f"{type(self).__name__} holds {self.max_sequences} sequences at most: release() one first"
+            )
+
+        def rank(seq: _Sequence) -> Tuple[int, int, int]:
+            shared = common_prefix(seq.cached, tokens)
+            similar = shared >= self.SIMILARITY * max(len(seq.cached), len(tokens))
+            return (shared if similar else 0, -seq.used, -seq.slot)
+
+        seq = max(free, key=rank)
+        if not self.prompt_cache:
+            self._cut_sequence(seq, 0)
+        self._batch[key] = seq
         return seq
 
     def _cut_sequence(self, seq: _Sequence, length: int) -> None:
@@ -227,7 +273,7 @@ class BaseProvider(ABC):
         ``(known logits, _)`` for a short rewind, else ``(None, n)`` with ``tokens[n:]`` to evaluate."""
         n = len(cached)
         if not (n < len(tokens) and tokens[:n] == cached):  # not a plain extension: find the shared prefix
-            n = next((i for i, (a, b) in enumerate(zip(cached, tokens)) if a != b), min(len(cached), len(tokens)))
+            n = common_prefix(cached, tokens)
             if n == len(tokens) and n in recent:  # a short rewind: these logits are known
                 cut(n)
                 return recent[n].copy(), n
@@ -248,6 +294,11 @@ class BaseProvider(ABC):
         with self._lock:
             self._cut(max(len(self._cached) - n, 0))
 
+    def _sync(self) -> None:
+        """Bring the record of what the cache of ``next_logits`` holds up to date (a backend that
+        can be used directly, bypassing the provider, overrides it)."""
+        return None
+
     def _cut(self, length: int) -> None:
         length = self._truncate(length)
         del self._cached[length:]
@@ -260,5 +311,10 @@ class BaseProvider(ABC):
         return list(self._cached)
 
     def reset(self) -> None:
-        """Empty the cache."""
-        self.crop_cache(len(self._cached))
+        """Empty the cache of ``next_logits`` and every cache no key of ``next_logits_batch`` holds."""
+        with self._lock:
+            self._cut(0)
+            live = set(map(id, self._batch.values()))
+            for seq in self._slot_caches or []:
+                if id(seq) not in live:
+                    self._cut_sequence(seq, 0)

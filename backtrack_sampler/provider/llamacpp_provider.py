@@ -116,13 +116,11 @@ class LlamacppProvider(BaseProvider):
     def context_length(self) -> int:
         return self.llm.n_ctx()
 
-    def next_logits(self, input_ids: Sequence[int]) -> np.ndarray:
-        with self._lock:
-            n = self.llm.n_tokens
-            if n != len(self._cached) or self.llm.input_ids[:n].tolist() != self._cached:  # the Llama was used directly
-                self._cached[:] = self.llm.input_ids[:n].tolist()  # in place: slots=1 batches share this list
-                self._recent.clear()
-            return super().next_logits(input_ids)
+    def _sync(self) -> None:
+        n = self.llm.n_tokens
+        if n != len(self._cached) or self.llm.input_ids[:n].tolist() != self._cached:  # the Llama was used directly
+            self._cached[:] = self.llm.input_ids[:n].tolist()  # in place: slots=1 batches share this list
+            self._recent.clear()
 
     def _forward(self, tokens: List[int]) -> np.ndarray:
         self.llm.eval(tokens)
