@@ -101,10 +101,17 @@ class Backend:
         pass
 
 
+def cached_prompt(generation: Generation, held: int) -> int:
+    """Record in ``generation.stats.cached_tokens`` how many prompt tokens a cache that holds
+    ``held`` tokens of its sequence spares (all but the last, whose logits start the generation)."""
+    generation.stats.cached_tokens = min(held, len(generation.prompt) - 1)
+    return generation.stats.cached_tokens
+
+
 class LocalBackend(Backend):
-    """``provider.next_logits``: one generation at a time, in the provider's own cache, which is
-    emptied when a generation starts (llama.cpp's numbers depend on batch shapes: the same call
-    then gives the same tokens)."""
+    """``provider.next_logits``: one generation at a time, in the provider's own cache, which
+    keeps what the last generation left that the next one's prompt starts with (the prompt
+    cache, ``BaseProvider.claim``)."""
 
     max_sequences = 1
 
@@ -112,7 +119,7 @@ class LocalBackend(Backend):
         self.provider = provider
 
     def admit(self, job: BatchJob) -> None:
-        self.provider.reset()
+        cached_prompt(job.generation, self.provider.claim(job.generation.sequence))
 
     def propose(self, jobs: Sequence[BatchJob]) -> Dict[BatchJob, Proposal]:
         answers: Dict[BatchJob, Proposal] = {}
@@ -127,8 +134,9 @@ class LocalBackend(Backend):
 
 class BatchBackend(Backend):
     """``provider.next_logits_batch``: the logits of every running generation in one backend call
-    per step, each in a sequence of its own (released when it ends). A generation that is
-    decoding takes one token of the step; prompts waiting to be read share the rest of
+    per step, each in a sequence of its own (released when it ends: its slot keeps the cache
+    for a later prompt that starts the same, ``BaseProvider.claim``, so only the prompt's new
+    tokens are read). A generation that is decoding takes one token of the step; prompts waiting to be read share the rest of
     ``step_tokens`` (at least a quarter of it), in arrival order, so a long prompt is read in
     chunks without stalling the generations already decoding."""
 
@@ -139,7 +147,7 @@ class BatchBackend(Backend):
         self._fed: Dict[BatchJob, int] = {}  # tokens of each job's sequence the provider holds
 
     def admit(self, job: BatchJob) -> None:
-        self._fed[job] = 0
+        self._fed[job] = cached_prompt(job.generation, self.provider.claim(job.generation.sequence, key=job))
 
     def propose(self, jobs: Sequence[BatchJob]) -> Dict[BatchJob, Proposal]:
         fed = self._fed

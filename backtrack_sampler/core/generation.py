@@ -43,6 +43,7 @@ class GenerationStats:
     finish_reason: Optional[str] = None
     events: List[RewindEvent] = field(default_factory=list)
     constraint: Optional[str] = None
+    cached_tokens: int = 0  # prompt tokens a previous sequence left in the cache (not evaluated again)
 
     @property
     def tokens_per_second(self) -> float:
