@@ -84,9 +84,17 @@ class Reply:
     def _head(self, obj: str) -> Dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def usage(self, dones: List[Dict[str, Any]]) -> Dict[str, int]:
+    def usage(self, dones: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """OpenAI's usage; ``prompt_tokens_details.cached_tokens``: the prompt tokens the prompt
+        cache held (of the choice that found the fewest)."""
         prompt, completion = len(self.plan.prompt), sum(done["completion_tokens"] for done in dones)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = min((done.get("cached_tokens", 0) for done in dones), default=0)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
 
     def completion(self, results: List[Result]) -> Dict[str, Any]:
         """``results``: ``(text, done, logprobs)`` of each generation."""

@@ -253,6 +253,7 @@ class _Output:
                 "completion_tokens": stats.delivered,
                 "rewound_tokens": stats.rewound,
                 "rewinds": stats.rewinds,
+                "cached_tokens": stats.cached_tokens,
                 "constraint": stats.constraint if finish == "constraint" else None,
                 "stopping_word": self.stops.found,
             },
