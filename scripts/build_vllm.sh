@@ -82,7 +82,7 @@ EOF
 fi
 # --- this project in the venv (`pip install 'backtrack-sampler[vllm]'` into an environment that has vLLM:
 # vLLM's pins win; our core adds google-re2) and pytest, for `--backend vllm` and its tests --------------
-if ! "$venv/bin/python" -c "import backtrack_sampler, re2, pytest, sys; sys.exit(backtrack_sampler.__file__ != '$PWD/backtrack_sampler/__init__.py')" >/dev/null 2>&1; then
+if ! "$venv/bin/python" -P -c "import backtrack_sampler, re2, pytest, sys; sys.exit(backtrack_sampler.__file__ != '$PWD/backtrack_sampler/__init__.py')" >/dev/null 2>&1; then
   echo "==> installing this project (editable) and pytest into $venv" >&2
   pip install -c scripts/constraints.txt --no-deps -e . || die "pip install -e . into $venv failed"
   pip install -c scripts/constraints.txt google-re2 pytest || die "pip install google-re2 pytest into $venv failed"

@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
-from serving import ServerThread, concurrent_streams, free_port
+from acceptance_check import check_acceptance_chi_square
+from serving import ServerThread, concurrent_streams, serve_subprocess
 
-from backtrack_sampler import AntiSlopStrategy, BacktrackSampler, BaseStrategy
+from backtrack_sampler import AntiSlopStrategy, BacktrackSampler
 from backtrack_sampler.core.batch import BatchScheduler
 from backtrack_sampler.provider.chat import chat_prompt_tokens
 
@@ -96,63 +96,10 @@ def test_a_rewind_costs_no_extra_engine_step_and_the_prefix_is_cached(provider):
     assert stats.cached_tokens - cached >= (new_requests - 1) * whole_blocks
 
 
-class Reweight(BaseStrategy):
-    """Multiplies the probability of ``ids[i]`` by ``weights[i]`` (0: banned) at every position."""
-
-    reads_probs = False
-
-    def __init__(self, ids, weights):
-        self.ids = np.asarray(ids)
-        with np.errstate(divide="ignore"):
-            self.shift = np.log(np.asarray(weights, dtype=np.float64)).astype(np.float32)
-
-    def on_logits(self, logits, continuation_tokens):
-        logits[self.ids] += self.shift
-        return logits
-
-
-class Record(BaseStrategy):
-    """Changes nothing; keeps the logits it was given at the first position."""
-
-    def on_logits(self, logits, continuation_tokens):
-        if not continuation_tokens:
-            self.logits = logits.copy()
-        return logits
-
-
-CHI2_999 = {2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}  # P(chi2 > x) = 0.001 by degrees of freedom
-
-
 def test_acceptance_is_exact_chi_square(provider):
     """One token after a prompt with a flat first choice, top_k 5, drawn 400 times through the
-    in-process engine with a strategy that reweights the candidates (one banned): the tokens
-    follow p' = q * W (q: what vLLM reports it samples from), not "vLLM's draft unless banned"."""
-    prompt = provider.encode("My favourite colour is")
-    probe = Record()
-    list(BacktrackSampler(provider, probe).generate(prompt, max_new_tokens=1, seed=0, top_k=5))
-    ids = np.flatnonzero(np.isfinite(probe.logits))
-    assert 5 <= len(ids) <= 8, ids
-    q = np.exp(probe.logits[ids] - probe.logits[ids].max())
-    q /= q.sum()
-    order = np.argsort(-q, kind="stable")
-    ids, q = ids[order], q[order]
-    weights = np.array([0.25, 3.0, 0.0, 2.0, 4.0] + [1.0] * (len(ids) - 5))
-    scheduler = BatchScheduler(provider, parallel=32)
-    jobs = [
-        scheduler.submit(prompt, Reweight(ids, weights), max_new_tokens=1, seed=seed, top_k=5) for seed in range(400)
-    ]
-    list(scheduler.run())
-    counts = np.array([sum(job.tokens == [int(t)] for job in jobs) for t in ids], dtype=float)
-    assert all(job.error is None for job in jobs) and counts.sum() == 400 and counts[2] == 0, (q, counts)
-
-    def chi_square(target):
-        expected = 400 * target / target.sum()
-        keep = expected > 0
-        return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
-
-    df = int((weights > 0).sum()) - 1
-    assert chi_square(q * weights) < CHI2_999[df], (q, counts)
-    assert chi_square(q * (weights > 0)) > 3 * CHI2_999[df], (q, counts)  # keeping every unbanned draft
+    in-process engine (32 at a time) with a strategy that reweights the candidates (one banned)."""
+    check_acceptance_chi_square(provider, parallel=32)
 
 
 def test_json_schema_output_is_valid_with_bans(provider):
@@ -291,36 +238,16 @@ def test_batch_writes_every_prompt_with_bans(tmp_path):
         assert record["delivered"] > 0 and not re.search(r"(?i)\bthe\b", record["text"]), record
 
 
-def test_serve_answers_json_schema_and_health():
+def test_serve_answers_json_schema_and_health(monkeypatch):
     """`serve --backend vllm` (a real process): /health 200, a chat completion with a JSON Schema
     response_format gives valid JSON."""
-    import time
-
-    port = free_port()
-    env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT)}
-    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "backtrack_sampler.cli", "serve", *VLLM_FLAGS, "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stderr.read()[-3000:] if process.stderr else ""
-            try:
-                if httpx.get(base + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("serve --backend vllm did not answer /health in 300 s")
-        schema = {"type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]}}}
-        schema["required"] = ["colour"]
+    for key, value in ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    schema = {"type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]}}}
+    schema["required"] = ["colour"]
+    with serve_subprocess(VLLM_FLAGS, timeout=300) as base:
+        assert httpx.get(base + "/health", timeout=10).json()["status"] == "ok"
         answer = httpx.post(
             base + "/v1/chat/completions",
             timeout=120,
@@ -334,9 +261,3 @@ def test_serve_answers_json_schema_and_health():
         assert answer.status_code == 200, answer.text
         value = json.loads(answer.json()["choices"][0]["message"]["content"])
         assert value["colour"] in ("red", "green", "blue")
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
