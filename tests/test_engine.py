@@ -162,9 +162,9 @@ def test_no_op_strategy_takes_every_draft_in_one_request(engine, model):
 def test_creative_writing_runs_through_the_engine(engine, model, monkeypatch):
     provider = connect(engine, model)
     sampler = BacktrackSampler(provider, CreativeWritingStrategy(provider, eos_penalty=0.0))
-    readers, read = [], loop._Stream._read
+    readers, read = [], loop._HTTPStream._read
     monkeypatch.setattr(
-        loop._Stream, "_read", lambda self, *a: (readers.append(threading.current_thread()), read(self, *a))
+        loop._HTTPStream, "_read", lambda self, *a: (readers.append(threading.current_thread()), read(self, *a))
     )
     existing = set(threading.enumerate())  # idle readers that earlier tests left in the shared pool may serve too
     tokens = list(sampler.generate(" it was", max_new_tokens=20, seed=1, top_k=10))
