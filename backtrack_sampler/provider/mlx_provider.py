@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import atexit
 import weakref
-from typing import Any, FrozenSet, List, Sequence, Tuple
+from typing import Any, List, Tuple
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-from .base_provider import BaseProvider, without_double_bos
+from .hf_tokenizer import HFTokenizerProvider, end_ids
 
-END_OF_TURN = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")  # as TransformersProvider's
 PREFILL_STEP = 2048  # tokens per prefill chunk (mlx-lm's prefill_step_size)
 _LIVE: weakref.WeakSet[MlxProvider] = weakref.WeakSet()
 
@@ -26,7 +25,7 @@ def _hold_at_exit() -> None:
         provider._lock.acquire(timeout=60)
 
 
-class MlxProvider(BaseProvider):
+class MlxProvider(HFTokenizerProvider):
     """Wraps what ``mlx_lm.load(path)`` returns (``models.load_mlx`` loads a folder, or converts a GGUF): ``model`` (an ``mlx.nn.Module``) and ``tokenizer``
     (mlx-lm's ``TokenizerWrapper``). A step is the model called on the new tokens over the
     sequence's cache, as ``mlx_lm.generate_step`` does: all but the last token prefilled in chunks
@@ -71,33 +70,7 @@ class MlxProvider(BaseProvider):
         vocab = getattr(args, "vocab_size", None)
         self._vocab_size = int(vocab) if isinstance(vocab, int) else int(model(mx.array([[0]])).shape[-1])
         self._context_length = int(getattr(args, "max_position_embeddings", 0) or 2**31 - 1)
-        known = tokenizer.get_vocab()
-        ends = {known[t] for t in END_OF_TURN if t in known}
-        eos = set(getattr(tokenizer, "eos_token_ids", None) or ()) | {tokenizer.eos_token_id}
-        self._eos = frozenset(eos | ends) - {None}
-
-    # --- tokenizer -------------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool = True) -> List[int]:
-        tokens = list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
-        return without_double_bos(tokens, self.tokenizer.bos_token_id) if add_special_tokens else tokens
-
-    def decode(self, tokens: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True))
-
-    def get_eos_token_id(self) -> int:
-        return self.tokenizer.eos_token_id
-
-    @property
-    def eos_token_ids(self) -> FrozenSet[int]:
-        return self._eos
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def context_length(self) -> int:
-        return self._context_length
+        self._eos = end_ids(tokenizer, getattr(tokenizer, "eos_token_ids", None) or ())
 
     # --- model -----------------------------------------------------------------------------
     def _forward(self, tokens: List[int]) -> np.ndarray:

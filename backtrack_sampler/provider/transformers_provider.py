@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import inspect
-from typing import FrozenSet, List, Sequence, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .base_provider import BaseProvider, check_device, without_double_bos
+from .base_provider import check_device
+from .hf_tokenizer import HFTokenizerProvider, end_ids
 
-END_OF_TURN = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")  # chat models' end markers
 
-
-class TransformersProvider(BaseProvider):
+class TransformersProvider(HFTokenizerProvider):
     """Runs ``model`` one step at a time (no ``generate()``), computing only the last position's
     logits (``logits_to_keep=1``).
 
@@ -46,32 +45,7 @@ class TransformersProvider(BaseProvider):
         self._vocab_size = int(config.vocab_size)
         self._context_length = int(getattr(config, "max_position_embeddings", 0) or 2**31 - 1)
         eos = getattr(model.generation_config, "eos_token_id", None)
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        vocab = tokenizer.get_vocab()
-        ends = [vocab[t] for t in END_OF_TURN if t in vocab]
-        self._eos = frozenset(eos + ends + [tokenizer.eos_token_id]) - {None}
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> List[int]:
-        tokens = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        return without_double_bos(tokens, self.tokenizer.bos_token_id) if add_special_tokens else tokens
-
-    def decode(self, tokens: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True))
-
-    def get_eos_token_id(self) -> int:
-        return self.tokenizer.eos_token_id
-
-    @property
-    def eos_token_ids(self) -> FrozenSet[int]:
-        return self._eos
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def context_length(self) -> int:
-        return self._context_length
+        self._eos = end_ids(tokenizer, [eos] if isinstance(eos, int) else list(eos or []))
 
     def _forward(self, tokens: List[int]) -> np.ndarray:
         return self._run(tokens, self.cache)
