@@ -1,6 +1,7 @@
 """The ``backtrack-sampler`` command (``main``): ``generate`` (stream text to stdout), ``human``
 (guide the model token by token in the terminal), ``batch`` (a JSONL file of prompts to a JSONL
-file of completions, resumable) and ``serve`` (an OpenAI-compatible HTTP server).
+file of completions, resumable), ``serve`` (an OpenAI-compatible HTTP server) and ``slop``
+(``score``: slop measures of outputs; ``mine``: a model's own slop as a ban list).
 
 One module a command (``generate``, ``batch``, ``serve``) with its flags and its run; the shared
 argument types and flags are in ``options``, the flags' strategy chain in ``plan``
@@ -16,7 +17,7 @@ import sys
 from typing import Optional, Sequence, TextIO
 
 from ..errors import UsageError
-from . import batch, generate, serve, slop
+from . import batch, generate, serve, slop, slop_mine
 from .generate import CONSTRAINT_EXIT
 from .options import Parser
 from .plan import strategy_plan
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parsers(commands)  # generate, human
     batch.add_parser(commands)
     serve.add_parser(commands)
-    slop.add_parser(commands)
+    slop_mine.add_parser(slop.add_parser(commands))  # slop score, slop mine
     return parser
 
 
@@ -65,7 +66,7 @@ def main(
         if args.command == "serve":
             return serve.run(args)
         if args.command == "slop":
-            return slop.run(args, stdout)
+            return slop_mine.run(args, stdin, stdout, stderr) if args.slop_command == "mine" else slop.run(args, stdout)
         if args.command == "batch":
             return batch.run(args, stdin, stderr)
         return generate.run(args, stdin, stdout, stderr)

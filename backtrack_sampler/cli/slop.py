@@ -7,15 +7,17 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
-from typing import Dict, List, TextIO
+from typing import Dict, List, Optional, TextIO
 
 from ..errors import UsageError
 from ..quality.slop import Estimate, Output, compare, score
 from .options import positive_int
 
+ENDING_SLACK = 2  # an end-of-text this many tokens after a rewind's position counts as at the rewind
 
-def add_parser(commands) -> None:
-    """The ``slop`` command and its ``score`` subcommand."""
+
+def add_parser(commands):
+    """The ``slop`` command and its ``score`` subcommand; returns its subcommands (``mine`` joins them)."""
     slop = commands.add_parser("slop", help="measure slop in generated text", description="Measure slop.")
     actions = slop.add_subparsers(dest="slop_command", metavar="ACTION", required=True)
     parser = actions.add_parser(
@@ -33,10 +35,19 @@ def add_parser(commands) -> None:
     parser.add_argument(
         "--early-words", type=positive_int, default=50, metavar="N", help="a stop before N words is early (50)"
     )
+    parser.add_argument(
+        "--trace",
+        metavar="TRACE.jsonl",
+        help="the batch --trace of the one FILE: adds rewind_endings (ends at or just after a rewind)",
+    )
+    return actions
 
 
-def read_outputs(path: str) -> List[Output]:
-    """The completions of a batch output file (lines without a "text" are skipped, e.g. errors)."""
+def read_outputs(path: str, trace: Optional[str] = None) -> List[Output]:
+    """The completions of a batch output file (lines without a "text" are skipped, e.g. errors).
+    With its ``trace`` (batch's ``--trace``), each says whether it ended at a rewind
+    (``Output.rewind_ending``: end-of-text drawn where a rewind went back to, or 2 tokens after)."""
+    rewound = _rewind_positions(trace) if trace else None
     outputs = []
     try:
         with open(path, encoding="utf-8") as lines:
@@ -48,12 +59,33 @@ def read_outputs(path: str) -> List[Output]:
                 except json.JSONDecodeError as error:
                     raise UsageError(f"{path}:{number}: not JSON ({error.msg})") from None
                 if isinstance(record, dict) and isinstance(record.get("text"), str):
-                    outputs.append(Output(record["text"], record.get("finish_reason")))
+                    ending = None
+                    if rewound is not None:
+                        end = record.get("delivered", 0) - ENDING_SLACK
+                        positions = rewound.get(json.dumps(record.get("id")), [])
+                        ending = record.get("finish_reason") == "stop" and any(p >= end for p in positions)
+                    outputs.append(Output(record["text"], record.get("finish_reason"), ending))
     except OSError as error:
         raise UsageError(f"cannot read {path}: {error.strerror}") from None
     if not outputs:
         raise UsageError(f'{path}: no completion (a JSON line with a "text")')
     return outputs
+
+
+def _rewind_positions(path: str) -> Dict[str, List[int]]:
+    """id (as JSON) -> the positions its rewinds went back to, from a batch trace."""
+    positions: Dict[str, List[int]] = {}
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for line in lines:
+                record = json.loads(line) if line.strip() else {}
+                if record.get("type") == "rewind":
+                    positions.setdefault(json.dumps(record["id"]), []).append(record["position"])
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror}") from None
+    except (ValueError, KeyError):
+        raise UsageError(f"{path}: not a batch trace (JSON lines with id, type and position)") from None
+    return positions
 
 
 def table(title: str, estimates: Dict[str, Estimate]) -> str:
@@ -68,9 +100,11 @@ def run(args: argparse.Namespace, stdout: TextIO) -> int:
     """Score each file (or compare two); print a table or JSON."""
     if not args.files and not args.compare:
         raise UsageError("slop score: give FILE.jsonl or --compare A.jsonl B.jsonl")
+    if args.trace and len(args.files) != 1:
+        raise UsageError("slop score: --trace goes with one FILE (its batch --trace)")
     results: Dict[str, Dict[str, Estimate]] = {}
     for path in args.files:
-        results[path] = score(read_outputs(path), rounds=args.rounds, early_words=args.early_words)
+        results[path] = score(read_outputs(path, args.trace), rounds=args.rounds, early_words=args.early_words)
     if args.compare:
         a, b = args.compare
         results[f"{b} - {a}"] = compare(

@@ -10,6 +10,8 @@ lower-cased, punctuation ignored).
   ``min_count`` times in the set and its frequency there is at least ``min_ratio`` times its
   frequency in human text: ``wordfreq``'s English baseline (``pip install
   backtrack-sampler[quality]``), floored at 1e-7 for words it does not know.
+* ``overrep_phrases_per_1k``: occurrences of the set's over-represented words, phrases and word
+  families (``mine.profile`` with its defaults: what ``slop mine`` would ban) per 1,000 words.
 * ``cross_ngrams_per_1k``: word ``n``-grams (3) that occur in at least ``min_docs`` (3) different
   outputs, per 1,000 words: a phrase that recurs across unrelated prompts (a story opening, a
   stock image) rather than a repeat inside one text.
@@ -21,6 +23,9 @@ lower-cased, punctuation ignored).
   ``RepetitionStrategy`` uses, near-repeats included.
 * ``early_endings``: the share of outputs that stopped (``finish_reason`` "stop") with fewer than
   ``early_words`` (50) words.
+* ``rewind_endings`` (only when the outputs say, ``Output.rewind_ending``): the share of outputs whose
+  end-of-text was drawn where a rewind had gone back to, or within 2 tokens after it: an ending a
+  rewind may have caused.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from .mine import hits, human_frequency, profile
 from .repeats import is_degenerate, words_of
 
 NOT_X_BUT_Y = re.compile(
@@ -39,7 +45,6 @@ NOT_X_BUT_Y = re.compile(
     r"(?:but|rather|instead|it['\u2019]?s|it\s+is|it\s+was|they['\u2019]?re|they\s+are|this\s+is)\b",
     re.IGNORECASE,
 )
-_FLOOR = 1e-7  # wordfreq's frequency for a word it does not know
 Pairs = List[Tuple[float, float]]  # per output: (numerator, denominator)
 
 
@@ -49,6 +54,7 @@ class Output:
 
     text: str
     finish_reason: Optional[str] = None
+    rewind_ending: Optional[bool] = None  # it ended (EOS) at or just after a rewind's position
 
 
 @dataclass(frozen=True)
@@ -58,17 +64,6 @@ class Estimate:
     value: float
     low: float
     high: float
-
-
-def human_frequency(word: str) -> float:
-    """The word's frequency in human English text (wordfreq), at least 1e-7."""
-    try:
-        from wordfreq import word_frequency
-    except ImportError as error:  # pragma: no cover - the extra is installed with the tests
-        raise ImportError(
-            "the over-represented words measure needs wordfreq: pip install 'backtrack-sampler[quality]'"
-        ) from error
-    return max(word_frequency(word, "en"), _FLOOR)
 
 
 def overrepresented(
@@ -118,10 +113,12 @@ def measure_pairs(
     texts = [o.text for o in outputs]
     words = [words_of(t) for t in texts]
     over = overrepresented(texts)
+    mined = profile(texts)
     grams = cross_ngrams(texts, n, min_docs)
     lengths = [float(len(w)) for w in words]
-    return {
+    pairs: Dict[str, Tuple[Pairs, float]] = {
         "overrep_per_1k": ([(float(sum(x in over for x in w)), k) for w, k in zip(words, lengths)], 1000.0),
+        "overrep_phrases_per_1k": ([(float(hits(t, mined)), k) for t, k in zip(texts, lengths)], 1000.0),
         "cross_ngrams_per_1k": (
             [
                 (float(sum(tuple(w[i : i + n]) in grams for i in range(len(w) - n + 1))), k)
@@ -137,6 +134,9 @@ def measure_pairs(
             1.0,
         ),
     }
+    if any(o.rewind_ending is not None for o in outputs):
+        pairs["rewind_endings"] = ([(float(bool(o.rewind_ending)), 1.0) for o in outputs], 1.0)
+    return pairs
 
 
 def _ratio(pairs: Pairs, scale: float) -> float:
@@ -172,6 +172,9 @@ def score(outputs: Sequence[Output], rounds: int = 1000, **options: int) -> Dict
 
 
 def compare(a: Sequence[Output], b: Sequence[Output], rounds: int = 1000, **options: int) -> Dict[str, Estimate]:
-    """Every measure of ``b`` minus that of ``a``, with the 95% bootstrap interval of the difference."""
+    """Every measure of ``b`` minus that of ``a`` (those both have), with the 95% bootstrap interval
+    of the difference."""
     pa, pb = measure_pairs(a, **options), measure_pairs(b, **options)
-    return {name: bootstrap(pb[name][0], scale, pa[name][0], rounds=rounds) for name, (_, scale) in pa.items()}
+    return {
+        name: bootstrap(pb[name][0], scale, pa[name][0], rounds=rounds) for name, (_, scale) in pa.items() if name in pb
+    }

@@ -1,0 +1,204 @@
+"""Mining a model's own slop (backtrack_sampler.quality.mine) on fixed texts, and `backtrack-sampler
+slop mine` from the command line: on the embedded chat model in process (4 prompts x 40 tokens, two
+rounds, then resumed), and through a serving engine (the fake engine's wire format)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+
+import pytest
+
+from backtrack_sampler import cli
+from backtrack_sampler.cli import batch as cli_batch
+from backtrack_sampler.provider.fake_provider import FakeProvider
+from backtrack_sampler.quality.mine import Entry, hits, human_frequency, profile, runs, stem
+from backtrack_sampler.quality.slop import Output, score
+from backtrack_sampler.strategy.lists import read_regexes, read_slops
+
+STORIES = [
+    "Once upon a time, Mara whispered to the fox. Her eyes sparkled with mischief.",
+    "Once upon a time there was a lighthouse. The keeper whispers to the waves.",
+    "Once upon a time a baker was whispering a song, her eyes sparkled with joy.",
+    "A dog ran home in the rain. It was cold, and the dog was wet.",
+]
+
+
+def flat(word: str) -> float:
+    """A baseline where every word (and phrase) has one frequency: ratios are count / total / 1e-3."""
+    return 1e-3
+
+
+def test_words_phrases_and_families_with_their_evidence():
+    entries = {e.pattern: e for e in profile(STORIES, ["Write about a fox"], min_count=2, min_docs=2, min_ratio=20)}
+    whisper = entries[r"\bwhisper\w*"]  # one family: three forms, in three stories
+    assert whisper.kind == "regex" and whisper.members == ("whispered", "whispering", "whispers")
+    assert (whisper.count, whisper.docs) == (3, 3)
+    assert "once upon" in entries and entries["once upon"].docs == 3  # a phrase inside one run of words
+    assert "once" not in entries and "upon" not in entries  # only ever in that phrase: the phrase is banned
+    assert "time there" not in entries  # a comma ends a run of words: "time, Mara", "time there", "time a"
+    assert "once upon a" not in entries  # it holds a banned phrase: banning that bans it too
+    assert "eyes sparkled" in entries and "the" not in entries and "dog" not in entries  # 1 text / common words
+    assert "fox" not in entries  # a word of the prompts
+    words = sum(len(w) for text in STORIES for w in runs(text))
+    once = entries["once upon"]
+    assert once.ratio == pytest.approx(3 / words / human_frequency("once upon"))
+    assert [e.score for e in entries.values()] == sorted((e.score for e in entries.values()), reverse=True)
+
+
+def test_thresholds_and_ranking_on_a_flat_baseline():
+    texts = ["red fox. red fox. blue owl."] * 4 + ["green frog."]
+    entries = profile(texts, min_count=3, min_docs=3, min_ratio=20, baseline=flat)
+    total = 6 * 4 + 2
+    # each word is only ever in one phrase: the phrases are banned, not the words
+    assert [(e.pattern, e.count, e.docs) for e in entries] == [("red fox", 8, 4), ("blue owl", 4, 4)]
+    assert entries[0].ratio == pytest.approx(8 / total / 1e-3) and entries[0].score == pytest.approx(
+        4 * math.log10(8 / total / 1e-3)
+    )
+    spread = profile(["red fox. red owl. red cat."] * 4, min_count=3, min_docs=3, baseline=flat)
+    assert [e.pattern for e in spread] == ["red"]  # in three phrases: the word (its phrases go with it)
+    assert profile(texts, min_count=3, min_docs=5, baseline=flat) == []  # nothing is in 5 texts
+    assert profile(texts, min_ratio=1000, baseline=flat) == []
+
+
+def test_a_family_bans_forms_not_seen_yet_and_hits_count_once():
+    assert [stem(w) for w in ("whispered", "whispers", "whispering", "sparkle", "sparkling", "hope")] == [
+        "whisper",
+        "whisper",
+        "whisper",
+        "sparkl",
+        "sparkl",
+        "hope",
+    ]
+    family = Entry(r"\bwhisper\w*", "regex", 3, 3, 100.0, ("whispered", "whispers"))
+    assert read_regexes_ok([family.pattern])  # RE2 takes it (AntiSlop's --regex-file)
+    assert hits("She Whisperer, whispery; they WHISPERED.", [family]) == 3
+    once = Entry("once upon a", "phrase", 3, 3, 30.0)
+    assert hits("Once upon a time... once upon a hill; Once-upon a; 'once upon a'", [once]) == 3  # any case
+    assert hits("once upon a time", [once, Entry("upon a time", "phrase", 3, 3, 30.0)]) == 2  # each entry's
+    assert hits("light light light", [Entry("light light", "phrase", 2, 1, 30.0)]) == 2  # as profile counts
+
+
+def read_regexes_ok(patterns):
+    from backtrack_sampler.strategy.lists import check_regexes
+
+    return check_regexes(patterns) == patterns
+
+
+def test_the_over_represented_phrase_rate():
+    outputs = [Output(t) for t in STORIES]
+    value = score(outputs, rounds=20)["overrep_phrases_per_1k"].value
+    entries = profile(STORIES)
+    words = sum(len(re.findall(r"\w+", t)) for t in STORIES)
+    assert entries and value == pytest.approx(1000 * sum(hits(t, entries) for t in STORIES) / words, rel=0.02)
+    plain = ["The dog ran home.", "We ate bread at noon.", "It rained all day.", "She read a book."]
+    assert score([Output(t) for t in plain], rounds=20)["overrep_phrases_per_1k"].value == 0.0
+
+
+# --- the command -----------------------------------------------------------------------------------
+def run(argv, stdin=""):
+    out, err = io.StringIO(), io.StringIO()
+    status = cli.main(argv, stdin=io.StringIO(stdin), stdout=out, stderr=err)
+    return status, out.getvalue(), err.getvalue()
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check_round_trip(folder, rounds):
+    """The list files are what --slops/--regex-file read, and every entry's evidence is the truth
+    about the round that found it; the rounds after it never hold a phrase it banned."""
+    evidence = json.loads((folder / "evidence.json").read_text())
+    entries = evidence["entries"]
+    assert [r["round"] for r in evidence["rounds"]] == list(range(1, len(evidence["rounds"]) + 1))
+    phrases = read_slops(str(folder / "slops.json"))
+    regexes = read_regexes(str(folder / "regexes.json"))
+    assert phrases == [e["pattern"] for e in entries if e["kind"] == "phrase"]
+    assert regexes == [e["pattern"] for e in entries if e["kind"] == "regex"]
+    for e in entries:
+        texts = [r["text"] for r in read_jsonl(folder / f"round-{e['round']}.jsonl")]
+        entry = Entry(e["pattern"], e["kind"], e["count"], e["docs"], e["ratio"])
+        found = (sum(hits(t, [entry]) for t in texts), sum(hits(t, [entry]) > 0 for t in texts))
+        if e["kind"] == "phrase":
+            assert found == (e["count"], e["docs"]), e
+        else:  # a family's regex also takes forms that were not counted in it (whisperer, whisper's)
+            assert found >= (e["count"], e["docs"]), e
+        for later in range(e["round"] + 1, rounds + 1):
+            assert not any(hits(r["text"], [entry]) for r in read_jsonl(folder / f"round-{later}.jsonl")), e
+    return evidence
+
+
+@pytest.mark.model
+def test_slop_mine_on_the_embedded_model(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    subjects = ["a fox in the snow", "a lighthouse keeper", "a baker at dawn", "a robot who paints"]
+    prompts.write_text(
+        "".join(
+            json.dumps({"id": i, "prompt": f"Write a short story about {s}."}) + "\n" for i, s in enumerate(subjects)
+        )
+    )
+    folder = tmp_path / "mined"
+    argv = ["slop", "mine", str(prompts), "-o", str(folder), "--chat", "--iterations", "2", "--max-new-tokens", "40"]
+    argv += ["--seed", "3", "--n-ctx", "512", "--parallel", "4", "--min-count", "2", "--min-docs", "2"]
+    status, out, err = run(argv)
+    assert status == 0, err
+    evidence = check_round_trip(folder, len(json.loads((folder / "evidence.json").read_text())["rounds"]))
+    assert len(read_jsonl(folder / "round-1.jsonl")) == 4 and evidence["entries"], err
+    assert "slops.json" in out and "--whole-words" in out and evidence["entries"][0]["pattern"] in out
+    rounds = evidence["rounds"]
+    assert len(rounds) == 2 and rounds[0]["bans"] == "0 phrases and 0 regexes"
+    assert set(rounds[1]["measures"]) >= {"overrep_phrases_per_1k", "mattr", "early_endings", "rewind_endings"}
+    second = read_jsonl(folder / "round-2.jsonl")
+    pairs = read_jsonl(folder / "round-2.pairs.jsonl")
+    assert len(second) == 4 and len(pairs) <= sum(r["rewinds"] for r in second)
+    for pair in pairs:  # TRL's conversational format, as batch writes it
+        assert pair["prompt"][-1]["role"] == "user" and pair["chosen"][0]["role"] == "assistant"
+    before = {p.name: p.read_text() for p in folder.iterdir()}
+    status, again, err = run(argv)  # the same command again: everything is read back, nothing generated
+    assert status == 0 and again == out and "resuming: 4 of 4 prompts are done" in err
+    assert {p.name: p.read_text() for p in folder.iterdir()} == before
+
+
+def test_slop_mine_through_an_engine(monkeypatch, tmp_path):
+    """--engine: the rounds run on the engine's backend (the fake engine's vLLM wire format and a
+    model of known words); what round 1 finds is banned in round 2."""
+    from engine_fakes import FakeEngine
+
+    from backtrack_sampler.engine import EngineProvider
+
+    words = [" the", " cat", " sat", " on", " a", " mat", " tapestry", " of", " light", " and", " it", " was", "."]
+    model = FakeProvider(vocab=["<pad>", "<eos>", "<bos>", *words])
+    fake = FakeEngine("vllm", model.logits_for, model.vocab_size, eos=model.get_eos_token_id())
+    try:
+        monkeypatch.setattr(
+            cli_batch, "load", lambda args, chat, slots=1: EngineProvider(fake.url, "vllm", tokenizer=model, timeout=5)
+        )
+        prompts, starts = tmp_path / "p.jsonl", [" it was", " the cat", " a mat", " the light"]
+        prompts.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(starts)))
+        folder = tmp_path / "mined"
+        argv = ["slop", "mine", str(prompts), "-o", str(folder), "--engine", fake.url, "--engine-type", "vllm"]
+        argv += ["--iterations", "2", "--max-new-tokens", "30", "--seed", "1", "--min-docs", "2"]
+        status, out, err = run(argv)
+        assert status == 0, err
+        evidence = check_round_trip(folder, 2)
+        assert "tapestry" in {e["pattern"] for e in evidence["entries"]}, out  # the rarest word of the fake's
+        assert (
+            "tapestry" in (folder / "round-1.jsonl").read_text()
+            and "tapestry" not in (folder / "round-2.jsonl").read_text()
+        )
+        assert len(read_jsonl(folder / "round-2.jsonl")) == 4 and read_jsonl(folder / "round-2.trace.jsonl")
+    finally:
+        fake.close()
+
+
+def test_slop_mine_usage_errors(tmp_path, capsys):
+    status, _, err = run(["slop", "mine", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o")])
+    assert status == 1 and "cannot" in err and "missing.jsonl" in err
+    status, _, _ = run(["slop", "mine", "-", "-o", str(tmp_path / "o"), "--iterations", "0"])
+    assert status == 2 and "--iterations: expected an integer >= 1" in capsys.readouterr().err
+    assert cli.main(["slop", "mine", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert all(flag in help_text for flag in ("--iterations", "--min-ratio", "--engine", "--slops", "--parallel"))
