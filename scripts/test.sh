@@ -23,7 +23,7 @@ echo "==> ruff (lint, format) and mypy (the package's types)"
 .venv/bin/mypy
 export HF_HUB_OFFLINE=1  # nothing may download weights
 status=0
-.venv/bin/python -m pytest -q -ra "$@" || status=$?
+.venv/bin/python -m pytest -q -ra --durations=20 "$@" || status=$?
 # vLLM in process (--backend vllm): its tests import vLLM, so they run in the vLLM venv
 echo "==> the in-process vLLM tests, in the vLLM venv (-m vllm_inprocess)"
 if [ -z "${vllm_python:-}" ]; then
