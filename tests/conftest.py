@@ -135,6 +135,14 @@ def llama_provider(llm):
 
 
 @pytest.fixture(scope="session")
+def chat_llama_provider():
+    """The embedded chat model (SmolLM2 135M Instruct) on llama.cpp, once per session."""
+    from backtrack_sampler.provider.models import load_provider
+
+    return load_provider("llamacpp", "smollm2-135m-instruct", n_ctx=2048)
+
+
+@pytest.fixture(scope="session")
 def hf_model():
     from backtrack_sampler.provider.models import load_transformers
 

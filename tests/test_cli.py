@@ -232,7 +232,7 @@ class RewindOnce(BaseStrategy):
 def test_show_backtracking_marks_rewinds_in_place(fake_model, monkeypatch):
     from backtrack_sampler import BacktrackSampler
 
-    monkeypatch.setattr(generate, "build_strategies", lambda plan, provider: RewindOnce())
+    monkeypatch.setattr(generate, "build_strategies", lambda plan, provider, prompt=(): RewindOnce())
     both = io.StringIO()  # stdout and stderr interleaved, as on a terminal
     argv = [
         "generate",
@@ -255,7 +255,7 @@ def test_show_backtracking_marks_rewinds_in_place(fake_model, monkeypatch):
 
 
 def test_show_backtracking_colours(fake_model, monkeypatch):
-    monkeypatch.setattr(generate, "build_strategies", lambda plan, provider: RewindOnce())
+    monkeypatch.setattr(generate, "build_strategies", lambda plan, provider, prompt=(): RewindOnce())
     status, out, err = run(
         ["generate", "the", "--max-new-tokens", "8", "--temperature", "0", "--show-backtracking", "--color", "always"]
     )

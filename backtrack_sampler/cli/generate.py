@@ -146,7 +146,6 @@ def run(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     trace = _open_trace(args.trace)  # before the model loads: a bad path fails at once
     chat = bool(args.chat or args.system)
     provider = load(args, chat)
-    strategy = build_strategies(plan, provider)
     if chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}
@@ -154,6 +153,7 @@ def run(args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
         prompt_input: Any = chat_prompt_tokens(provider, messages)
     else:
         prompt_input = prompt
+    strategy = build_strategies(plan, provider, prompt_input if chat else provider.encode(prompt))
     sampler = BacktrackSampler(provider, strategy)
     kwargs = dict(
         max_new_tokens=args.max_new_tokens,

@@ -184,6 +184,15 @@ def add_generation_args(parser, human: bool = False, batch: bool = False) -> Non
             help="the parameters of the --strategy before it, a JSON object, e.g. '{\"max_bans\": 3}' "
             "(they win over the flags below)",
         )
+        group.add_argument(
+            "--scope",
+            metavar="[NAME=]SCOPE",
+            action="append",
+            default=[],
+            help="where a reasoning model's strategies act: reasoning (inside <think>...</think>), answer or both; "
+            "NAME=SCOPE for one strategy (antislop: the bans, grammar: structured output), SCOPE for every one "
+            "(repeatable; default: both, structured output only on the answer of a model with reasoning markers)",
+        )
     group = parser.add_argument_group("antislop (bans phrases and patterns; combines with any --strategy)")
     group.add_argument(
         "--slops",

@@ -108,7 +108,29 @@ def strategy_plan(
             continue
         plan.append(StrategyCall(kind, kind.checked({**params, **given}, f"--strategy {spec}"), extra))
     named, grammar = _with_grammar(args, plan, strategies)
-    return in_chain_order(bans=bans, strategies=named, grammar=grammar)
+    return _with_scopes(getattr(args, "scope", []), in_chain_order(bans=bans, strategies=named, grammar=grammar))
+
+
+def _with_scopes(given: List[str], plan: List[StrategyCall]) -> List[StrategyCall]:
+    """``--scope [NAME=]SCOPE`` s applied to the plan (a named one wins over one for every strategy)."""
+    from ..strategy.scope import SCOPES
+
+    every, named = None, {}
+    for text in given:
+        name, _, scope = text.rpartition("=")
+        if scope not in SCOPES:
+            raise UsageError(f"--scope {text}: the scope must be one of {', '.join(SCOPES)}")
+        if not name:
+            every = scope
+        elif not any(call.name == name for call in plan):
+            raise UsageError(
+                f"--scope {text}: no strategy named {name!r} in the chain ({', '.join(c.name for c in plan)})"
+            )
+        else:
+            named[name] = scope
+    for call in plan:
+        call.scope = named.get(call.name, every)
+    return plan
 
 
 def _grammar_params(args) -> Optional[Dict[str, Any]]:

@@ -17,6 +17,7 @@ from ..provider.base_provider import BaseProvider
 from ..provider.chat import chat_prompt_tokens
 from ..strategy.base_strategy import BaseStrategy
 from ..strategy.registry import chain, in_chain_order
+from ..strategy.scope import default_scope, scoped
 from .ban_check import ban_warnings
 from .errors import APIError
 from .limits import Limits
@@ -107,7 +108,8 @@ def build_strategy(
     then the ``strategy`` specs (validated by ``parse_request``), then the grammar of its
     structured output (``response_format``, ``json_schema``, ``grammar``/``grammar_string``,
     ``regex_pattern``), last so that its mask has the last word; chained. Every grammar is
-    compiled within ``limits.max_grammar_seconds`` first (a 400 beyond it)."""
+    compiled within ``limits.max_grammar_seconds`` first (a 400 beyond it). On a reasoning model
+    each acts where ``ban_scope``, ``grammar_scope`` and a spec's ``scope`` say (``strategy.scope``)."""
     limits = limits or Limits()
     samplers = [
         _built(lambda: BUILTIN_STRATEGIES.get(name).build(provider, params), param)
@@ -121,17 +123,22 @@ def build_strategy(
             antislop["regexes"] = request.banned_regex
         param = "banned_strings" if phrases else "banned_regex"
         bans = _built(lambda: BUILTIN_STRATEGIES.get("antislop").build(provider, antislop), param)
+        bans = scoped(provider, bans, request.ban_scope or "both", prompt)
     named = []
     for i, spec in enumerate(request.strategy or []):
         if is_grammar(spec.call.type):
             _checked_grammar(spec.call.kwargs, limits, f"strategy[{i}]")
-        named.append(_built(lambda: spec.call.build(provider), f"strategy[{i}]"))
+        built = _built(lambda: spec.call.build(provider), f"strategy[{i}]")
+        named.append(scoped(provider, built, spec.scope or default_scope(spec.name, provider), prompt))
     grammar_strategy = None
     structured = request.structured_output
     if structured is not None:
         field, grammar = structured
         _checked_grammar(grammar, limits, field)
         grammar_strategy = _built(lambda: BUILTIN_STRATEGIES.get("grammar").build(provider, grammar), field)
+        grammar_strategy = scoped(
+            provider, grammar_strategy, request.grammar_scope or default_scope("grammar", provider), prompt
+        )
     try:
         return chain(in_chain_order(samplers, bans, named, grammar_strategy))
     except UsageError as error:

@@ -8,7 +8,7 @@ about HTTP or the model; ``plan`` turns a request into tokens and a strategy."""
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 from pydantic_core.core_schema import ValidatorFunctionWrapHandler
@@ -83,6 +83,9 @@ class GenerationRequest(BaseModel):
     grammar: Optional[str] = None  # llama-server: GBNF (Lark is accepted too)
     grammar_string: Optional[str] = None  # TabbyAPI's name for it
     regex_pattern: Optional[str] = None  # TabbyAPI: the whole output matches it
+    # on a reasoning model: where the bans and the structured output act (see strategy.scope)
+    ban_scope: Optional[Literal["reasoning", "answer", "both"]] = None  # default: both
+    grammar_scope: Optional[Literal["reasoning", "answer", "both"]] = None  # default: answer, on a reasoning model
 
     _ignored: List[str] = PrivateAttr(default_factory=list)
 

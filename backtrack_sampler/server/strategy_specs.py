@@ -5,7 +5,7 @@ the strategy's own model and the server's ``Limits``. A request never names a mo
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -28,11 +28,13 @@ class StrategySpec(BaseModel):
     """One strategy of a request: ``{"name": "creative", "top_p_flat": 0.6}`` (a bare name is
     ``{"name": name}``). ``name`` must be one the server offers (a built-in or one it loaded):
     a request never names a module or a file. Its parameters are checked by ``parse_request``
-    against the strategy's own model (``call`` then holds the strategy and its arguments)."""
+    against the strategy's own model (``call`` then holds the strategy and its arguments).
+    ``scope``: where it acts on a reasoning model's output ("reasoning", "answer", "both")."""
 
     model_config = ConfigDict(extra="allow")
 
     name: str
+    scope: Optional[Literal["reasoning", "answer", "both"]] = None
     _call: Optional[StrategyCall] = PrivateAttr(None)
 
     @field_validator("name")
@@ -63,7 +65,7 @@ class StrategySpec(BaseModel):
         request did not come through ``parse_request``)."""
         if self._call is None:
             kind = BUILTIN_STRATEGIES.get(self.name)
-            self._call = StrategyCall(kind, kind.validate(self.params))
+            self._call = StrategyCall(kind, kind.validate(self.params), scope=self.scope)
         return self._call
 
 
@@ -91,4 +93,4 @@ def check_strategies(specs: Sequence[StrategySpec], strategies: StrategyRegistry
                     check_regex(pattern)
         except PydanticCustomError as error:
             raise APIError(f"strategy[{i}]: {error.message()}", f"strategy[{i}]", openai_code(error.type)) from None
-        spec._call = StrategyCall(kind, kwargs)
+        spec._call = StrategyCall(kind, kwargs, scope=spec.scope)

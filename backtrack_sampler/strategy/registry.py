@@ -210,11 +210,13 @@ class StrategyType:
 @dataclass
 class StrategyCall:
     """One strategy of a chain, ready to build: its type and validated keyword arguments
-    (``extra``: objects added by the caller, not from JSON)."""
+    (``extra``: objects added by the caller, not from JSON; ``scope``: "reasoning", "answer" or
+    "both", see ``scope.ScopedStrategy``; None: ``scope.default_scope``)."""
 
     type: StrategyType
     kwargs: Dict[str, Any]
     extra: Optional[Dict[str, Any]] = None
+    scope: Optional[str] = None
 
     @property
     def name(self) -> str:
@@ -379,6 +381,14 @@ def in_chain_order(
     return [*samplers, *([] if bans is None else [bans]), *strategies, *([] if grammar is None else [grammar])]
 
 
-def build_strategies(plan: Sequence[StrategyCall], provider: BaseProvider) -> BaseStrategy:
-    """The strategy for a plan of ``StrategyCall`` s: one, a ChainStrategy of several, or BaseStrategy."""
-    return chain([call.build(provider) for call in plan])
+def build_strategies(plan: Sequence[StrategyCall], provider: BaseProvider, prompt: Sequence[int] = ()) -> BaseStrategy:
+    """The strategy for a plan of ``StrategyCall`` s: one, a ChainStrategy of several, or BaseStrategy;
+    each scoped as its ``scope`` says (the ``prompt`` tokens tell whether a reasoning block is open)."""
+    from .scope import default_scope, scoped
+
+    return chain(
+        [
+            scoped(provider, call.build(provider), call.scope or default_scope(call.name, provider), prompt)
+            for call in plan
+        ]
+    )
