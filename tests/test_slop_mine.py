@@ -202,3 +202,63 @@ def test_slop_mine_usage_errors(tmp_path, capsys):
     assert cli.main(["slop", "mine", "--help"]) == 0
     help_text = capsys.readouterr().out
     assert all(flag in help_text for flag in ("--iterations", "--min-ratio", "--engine", "--slops", "--parallel"))
+
+
+# --- a rewind does not end the text (AntiSlopStrategy) ---------------------------------------------
+def test_a_ban_does_not_make_the_text_end():
+    """Where a banned phrase is rewound, end-of-text is excluded too: the model had not ended
+    there. It stays possible when nothing else is left, and one token later."""
+    import numpy as np
+
+    from backtrack_sampler import AntiSlopStrategy, BacktrackSampler
+
+    vocab = ["<pad>", "<eos>", "<bos>", " a", " tapestry", " rug", "."]
+    ids = {piece: i for i, piece in enumerate(vocab)}
+
+    def logits(tokens, others=1.0):
+        out = np.full(len(vocab), -np.inf, np.float32)
+        if tokens[-1] == ids[" rug"]:
+            out[ids["<eos>"]] = 0.0  # the story ends after the rug
+            return out
+        out[[ids[" tapestry"], ids["<eos>"], ids[" rug"]]] = [3.0, 2.0, others]  # banned, then the end, then rug
+        return out
+
+    for others, text, rewinds in ((1.0, " rug", 1), (-np.inf, "", 1)):  # (-inf: the end is all that is left)
+        provider = FakeProvider(vocab=vocab, logits_fn=lambda tokens: logits(tokens, others))
+        sampler = BacktrackSampler(provider, AntiSlopStrategy(provider, ["tapestry"]))
+        assert "".join(sampler.generate_text(" a", max_new_tokens=5, temperature=0)) == text
+        assert (sampler.stats.finish_reason, sampler.stats.rewinds) == ("stop", rewinds)
+
+
+@pytest.mark.model
+def test_slop_mine_through_llama_server(tmp_path):
+    """--engine with a real llama-server (the engine tests' fixture: the embedded Gemma 3 270M on
+    4 slots): two rounds of 4 continuations; what round 1 finds, round 2 never writes."""
+    from test_engine_llama_server import LlamaServer, llama_server_binary
+
+    from backtrack_sampler.provider.models import default_model_path
+
+    gguf = str(default_model_path())
+    server = LlamaServer(llama_server_binary(), gguf, slots=4, n_ctx=2048)
+    try:
+        prompts = tmp_path / "p.jsonl"
+        starts = [
+            "Once upon a time, a fox",
+            "The old lighthouse keeper",
+            "In the morning the baker",
+            "The robot painter",
+        ]
+        prompts.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(starts)))
+        folder = tmp_path / "mined"
+        argv = ["slop", "mine", str(prompts), "-o", str(folder), "--engine", server.url, "--tokenizer", gguf]
+        argv += ["--iterations", "2", "--max-new-tokens", "40", "--seed", "2", "--parallel", "4"]
+        argv += ["--min-count", "2", "--min-docs", "2"]
+        status, out, err = run(argv)
+        assert status == 0, err
+        evidence = check_round_trip(folder, len(json.loads((folder / "evidence.json").read_text())["rounds"]))
+        assert evidence["entries"] and all(
+            len(read_jsonl(folder / f"round-{r['round']}.jsonl")) == 4 for r in evidence["rounds"]
+        )
+        assert all(r["text"] for r in read_jsonl(folder / "round-1.jsonl"))  # decoded with the served model's tokenizer
+    finally:
+        server.stop()

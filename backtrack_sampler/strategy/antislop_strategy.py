@@ -54,11 +54,15 @@ class AntiSlopStrategy(BaseStrategy):
     final, and banned there.
 
     A ban belongs to its position and the text before it: it is dropped when generation rewinds to
-    an earlier position. Each rewind sets ``rewind_reason`` (e.g. "phrase 'a tapestry of'").
+    an earlier position. Where a ban holds (a position rewound to), end-of-text is excluded too,
+    unless nothing else is left: the model was writing on there, and a ban must not end the text
+    (``end_at_rewind = True`` allows it, as before; docs/repetition.md measures both). Each rewind
+    sets ``rewind_reason`` (e.g. "phrase 'a tapestry of'").
     """
 
     reads_probs = False
     edits_logits = True
+    end_at_rewind = False  # True: end-of-text may be drawn where a ban holds (as before; for comparisons)
 
     def __init__(
         self,
@@ -123,6 +127,13 @@ class AntiSlopStrategy(BaseStrategy):
         if np.max(banned) == -np.inf:  # every token is banned here: exhausted, sample unbanned
             self._retries[len(continuation_tokens)] = self.max_retries
             return logits
+        if self.end_at_rewind:
+            return banned
+        ends = [t for t in self.provider.eos_token_ids if t < len(banned)]
+        kept = banned[ends]
+        banned[ends] = -np.inf  # a rewind is no reason to end the text here (unless nothing else is left)
+        if np.max(banned) == -np.inf:
+            banned[ends] = kept
         return banned
 
     def backtrack(self, continuation_tokens: List[int]) -> List[int]:
