@@ -10,8 +10,9 @@ lower-cased, punctuation ignored).
   ``min_count`` times in the set and its frequency there is at least ``min_ratio`` times its
   frequency in human text: ``wordfreq``'s English baseline (``pip install
   backtrack-sampler[quality]``), floored at 1e-7 for words it does not know.
-* ``overrep_phrases_per_1k``: occurrences of the set's over-represented words, phrases and word
-  families (``mine.profile`` with its defaults: what ``slop mine`` would ban) per 1,000 words.
+* ``overrep_phrases_per_1k``: occurrences of the set's own over-represented words, phrases and word
+  families (``mine.profile`` with its defaults: what ``slop mine`` would ban in these outputs, the
+  prompts aside) per 1,000 words.
 * ``cross_ngrams_per_1k``: word ``n``-grams (3) that occur in at least ``min_docs`` (3) different
   outputs, per 1,000 words: a phrase that recurs across unrelated prompts (a story opening, a
   stock image) rather than a repeat inside one text.
