@@ -262,3 +262,25 @@ def test_slop_mine_through_llama_server(tmp_path):
         assert all(r["text"] for r in read_jsonl(folder / "round-1.jsonl"))  # decoded with the served model's tokenizer
     finally:
         server.stop()
+
+
+def test_slop_score_counts_endings_at_a_rewind(tmp_path):
+    """`slop score FILE --trace TRACE`: an output that stopped at (or 2 tokens after) a place a rewind
+    went back to is an ending at a rewind; one that wrote on after its rewinds is not."""
+    out, trace = tmp_path / "out.jsonl", tmp_path / "trace.jsonl"
+    records = [(0, "stop", 10), (1, "stop", 30), (2, "length", 30), (3, "stop", 12)]
+    out.write_text(
+        "".join(
+            json.dumps({"id": i, "text": "A fox ran. " * n, "finish_reason": why, "delivered": n}) + "\n"
+            for i, why, n in records
+        )
+    )
+    rewinds = [(0, 9), (1, 5), (2, 29), (3, 9)]  # id 0: 1 token before its end, id 3: 3 tokens before
+    trace.write_text("".join(json.dumps({"type": "rewind", "id": i, "position": p}) + "\n" for i, p in rewinds))
+    status, text, err = run(["slop", "score", str(out), "--trace", str(trace), "--json", "--rounds", "50"])
+    assert status == 0, err
+    assert json.loads(text)[str(out)]["rewind_endings"]["value"] == 0.25
+    status, text, _ = run(["slop", "score", str(out), "--json", "--rounds", "50"])
+    assert "rewind_endings" not in json.loads(text)[str(out)]  # unknown without the trace
+    status, _, err = run(["slop", "score", str(out), str(out), "--trace", str(trace)])
+    assert status == 1 and "--trace goes with one FILE" in err

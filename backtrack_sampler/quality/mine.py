@@ -147,7 +147,8 @@ def profile(
 
     families = _families(counts, asked, baseline, passes)
     covered = {w for family in families for w in family.members}
-    frequent = [g for g, c in counts.count.items() if len(g) > 1 and passes(c, counts.docs[g], ratio(g))]
+    common = (g for g, c in counts.count.items() if len(g) > 1 and c >= min_count and counts.docs[g] >= min_docs)
+    frequent = [g for g in common if ratio(g) >= min_ratio]  # (the baseline is looked up for these only)
     in_phrase: Dict[str, int] = {}  # word -> the most occurrences of one passing phrase that holds it
     for gram in frequent:
         for word in set(gram):
