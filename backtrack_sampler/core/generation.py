@@ -125,6 +125,7 @@ class Generation:
         self._dense = caps.reads_probs  # build the vocabulary-sized probs array only for strategies that read it
         self._eos = provider.eos_token_ids
         strategy.reset()
+        strategy.on_start(limit)
         self._closed = False
         self.done = limit <= 0
         if self.done:

@@ -16,7 +16,17 @@ from typing import Any, ClassVar, List, NamedTuple, Optional
 
 import numpy as np
 
-HOOKS = ("reset", "on_logits", "on_probs", "on_next_token", "backtrack", "get_keep_index", "on_end", "on_rewind")
+HOOKS = (
+    "reset",
+    "on_start",
+    "on_logits",
+    "on_probs",
+    "on_next_token",
+    "backtrack",
+    "get_keep_index",
+    "on_end",
+    "on_rewind",
+)
 
 
 class ConstraintError(Exception):
@@ -48,7 +58,8 @@ class Capabilities(NamedTuple):
 class BaseStrategy:
     """Decides how to alter the distribution, when to rewind, how far, and which tokens are final.
 
-    For every new token the sampler calls, in order::
+    Once a generation starts, ``on_start(limit)``; then for every new token the sampler calls, in
+    order::
 
         logits = on_logits(logits, continuation_tokens)   # full vocabulary, float32, edit in place
         probs  = on_probs(probs, continuation_tokens)     # after temperature/top-k/top-p/min-p
@@ -57,7 +68,8 @@ class BaseStrategy:
         continuation_tokens = backtrack(continuation_tokens)   # return a prefix to rewind
         get_keep_index()                                        # tokens before it are final
 
-    ``reset()`` comes before and after every generation; ``on_end(continuation_tokens)`` (may
+    ``reset()`` comes before and after every generation, ``on_start(limit)`` after the first one
+    (how many tokens the generation may add); ``on_end(continuation_tokens)`` (may
     rewind too) when the token limit is reached; ``on_rewind(position)`` whenever the continuation
     is cut back to ``position`` tokens, by this strategy, another one of a chain, or the driver
     (the time limit, a stop string).
@@ -112,6 +124,11 @@ class BaseStrategy:
     # -- the hooks, in call order -------------------------------------------------------------
     def reset(self) -> None:
         """Forget all per-generation state; called before and after every ``generate``."""
+
+    def on_start(self, limit: int) -> None:
+        """A generation starts (after ``reset``) and may add at most ``limit`` tokens (its
+        ``max_new_tokens``, less when the context is shorter), whatever the driver: e.g. a grammar
+        that must finish within it (``GrammarStrategy``)."""
 
     def on_logits(self, logits: np.ndarray, continuation_tokens: List[int]) -> np.ndarray:
         """Alter the raw next-token logits (before temperature and filters)."""

@@ -45,6 +45,10 @@ class ChainStrategy(BaseStrategy):
     def get_keep_index(self) -> int:
         return min(strategy.get_keep_index() for strategy in self.strategies)
 
+    def on_start(self, limit: int) -> None:
+        for strategy in self.strategies:
+            strategy.on_start(limit)
+
     def on_logits(self, logits: np.ndarray, continuation_tokens: List[int]) -> np.ndarray:
         for strategy in self.strategies:
             with _named(strategy):
