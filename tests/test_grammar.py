@@ -866,6 +866,57 @@ def test_real_server_completions_with_llama_server_fields(chat_server):
         assert choice["finish_reason"] == "stop" and check(choice["text"]), (body, choice)
 
 
+INVENT = "Invent a fictional person. Reply in JSON with name, age and hobbies."
+HOBBIES = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "hobbies": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+    },
+    "required": ["name", "age", "hobbies"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("stream", [False, True])
+def test_real_server_a_dead_end_of_max_items_finishes_valid(chat_server, stream):
+    """Issue 26, through the server: seed 11 writes a third hobby the model wants to follow with a
+    fourth, which ``maxItems: 3`` refuses. Plain masking (the grammar strategy with dead_ends and
+    close_at_limit off) writes on inside that string to the token limit; the default rewinds to
+    the hobby's first free token, bans it there, and ends valid (streamed the same)."""
+    import httpx
+
+    body = {
+        "messages": [{"role": "user", "content": INVENT}],
+        "seed": 11,
+        "max_tokens": 250,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": HOBBIES}},
+    }
+    url = chat_server.url + "/v1/chat/completions"
+    if stream:
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=600) as response:
+            chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+        finish = [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")][-1]
+    else:
+        answer = httpx.post(url, json=body, timeout=600).json()
+        text, finish = answer["choices"][0]["message"]["content"], answer["choices"][0]["finish_reason"]
+        assert answer["backtrack"]["rewinds"] >= 1, answer
+    value = json.loads(text)
+    assert finish == "stop" and set(value) == {"name", "age", "hobbies"} and len(value["hobbies"]) <= 3, text
+    assert all(len(hobby) < 40 for hobby in value["hobbies"]), text
+    if not stream:  # plain masking on the same request runs into the dead end
+        plain = [{"name": "grammar", "json_schema": HOBBIES, "dead_ends": False, "close_at_limit": False}]
+        plain_body = {key: value for key, value in body.items() if key != "response_format"}
+        answer = httpx.post(url, json={**plain_body, "strategy": plain, "max_tokens": 60}, timeout=600).json()
+        choice = answer["choices"][0]
+        assert choice["finish_reason"] == "length" and '"hobbies": [' in choice["message"]["content"], choice
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(choice["message"]["content"])
+
+
 @pytest.mark.model
 def test_real_playground_json_schema_box(chat_server, tmp_path):
     """The playground (headless Chromium): a schema in the JSON Schema box with banned phrases gives

@@ -9,7 +9,7 @@ vocabulary in tens of microseconds, and rolls back consumed tokens (``LLMatcher.
 
 from __future__ import annotations
 
-from typing import Dict, FrozenSet, List, Optional, Set
+from typing import Dict, FrozenSet, List, Optional, Set, cast
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from .grammar import (
     llguidance_module,
     short_message,
 )
+from .grammar_paths import Closer, DeadEnds, allowed_mass
 from .grammar_tokenizer import tokenizer_for
 
 __all__ = [
@@ -39,6 +40,20 @@ __all__ = [
     "grammar_source",
     "tokenizer_for",
 ]
+
+
+HOLD = 64  # dead ends hold back at most this many tokens
+CLOSE_MARGIN = 24  # closing starts when the shortest way to the end leaves this many tokens or fewer
+CLOSE_CANDIDATES = 12  # the likeliest tokens checked there
+
+
+def _ban_unless_empty(logits: np.ndarray, tokens: Set[int]) -> None:
+    """-inf for ``tokens`` unless that leaves no token."""
+    ids = list(tokens)
+    saved = logits[ids].copy()
+    logits[ids] = -np.inf
+    if not np.max(logits) > -np.inf:
+        logits[ids] = saved
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,7 +72,18 @@ class GrammarStrategy(BaseStrategy):
     lookback: how many of the last tokens are not final yet: a position where every token the
         grammar allows is banned (by another strategy of the chain, e.g. AntiSlop) rewinds up to
         that many tokens to try another way; past them the generation ends with finish_reason
-        "constraint". 0 streams each token at once (a dead end then ends the generation).
+        "constraint". With ``dead_ends`` the value being written is held back too (below). 0
+        streams each token at once (a dead end then ends the generation, and ``dead_ends`` finds
+        nothing it may rewind).
+    dead_ends: rewind out of the dead ends the grammar pushes the model into (below); False: the
+        mask alone (plain masking, as llguidance, xgrammar, Outlines and vLLM do it).
+    dead_end_loss: the nats of the model's probability the grammar must refuse within one value
+        (over at least 3 steps that each keep less than 0.9 of it) for that value to be a dead end.
+    max_retries: dead-end rewinds to one position before trying the one before it.
+    max_rewinds: dead-end rewinds in one generation; then the text is kept as it goes.
+    close_at_limit: when the token limit comes near, keep to the tokens that still let the grammar
+        be complete within it (the shortest way llguidance's matcher finds), so that the text ends
+        valid instead of being cut.
 
     Each step masks the logits to the tokens the grammar allows (llguidance's bitmask applied with
     vectorised numpy: about half a millisecond on a 262k vocabulary). Each token is consumed by
@@ -70,6 +96,29 @@ class GrammarStrategy(BaseStrategy):
     the grammar refuses (from a driver that did not mask, or a strategy after this one that
     changed the logits) is rewound and banned the same way: the final text is always a prefix of
     a valid one, and when it ends with "stop" it is valid.
+
+    Dead ends: plain masking samples each token from the model's distribution restricted to what
+    the grammar allows, so where the grammar refuses what the model wants (a fourth item of a
+    ``maxItems: 3`` array) the model is pushed down a path it would not take, and a small model
+    then writes on inside a string it cannot close the way it wants. The target here is the
+    model's distribution conditioned on the whole text being valid, which weights each choice by
+    how likely its continuations are to stay valid; plain masking ignores that weight, and this
+    approximates it with one sequence: at each step it measures the model's probability the
+    grammar allows (before the mask), and a JSON value (string or number; for another grammar the
+    text since the last step it did not refuse much) that keeps losing it (``dead_end_loss``) is a
+    dead end: the text rewinds to the value's first free token, or to the free anchor before it
+    (the separator or quote that opened it), and the token taken there is banned there (as AntiSlop
+    does, ``max_retries`` per position, ``max_rewinds`` per generation; a ban that would leave no
+    token is not applied). When none is left the value is kept: the text stays valid, as with plain
+    masking. The tokens of the value being written and of the anchor before it are held back (not
+    final) for that, up to 64 tokens.
+
+    Budget-aware closing (``close_at_limit``): the strategy learns the generation's token limit
+    (``on_start``); when the shortest way to a complete text (a greedy walk of the matcher: forced
+    tokens, else quotes and closing brackets first) nearly fills the tokens left, only the model's
+    likeliest tokens after which that way still fits are kept (at least the walk's first), so the
+    text ends complete, with finish_reason "stop"; "length" and an unfinished text only when even
+    the shortest way does not fit.
 
     Chain it after the strategies that edit logits (the server and the command line put it last):
     then its mask is the last word on what can be sampled, and a dead end is found at once (first
@@ -98,9 +147,17 @@ class GrammarStrategy(BaseStrategy):
         regex: Optional[str] = None,
         lookback: int = 8,
         whitespace_flexible: bool = False,
+        dead_ends: bool = True,
+        dead_end_loss: float = 1.0,
+        max_retries: int = 2,
+        max_rewinds: int = 6,
+        close_at_limit: bool = True,
     ):
-        if not isinstance(lookback, int) or isinstance(lookback, bool) or lookback < 0:
-            raise ValueError(f"lookback must be an int >= 0, got {lookback!r}")
+        for name, value in dict(lookback=lookback, max_retries=max_retries, max_rewinds=max_rewinds).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if not isinstance(dead_end_loss, (int, float)) or not dead_end_loss > 0:
+            raise ValueError(f"dead_end_loss must be a number > 0, got {dead_end_loss!r}")
         llg = llguidance_module()
         self.provider, self.lookback = provider, lookback
         self.kind = grammar_kind(json_schema, grammar, regex)
@@ -116,6 +173,11 @@ class GrammarStrategy(BaseStrategy):
         self._placeholder = min(self._eos) if self._eos else provider.get_eos_token_id()
         self._words = (self.tokenizer.vocab_size + 31) // 32
         self._bitmask = np.zeros(self._words, dtype=np.int32)
+        self._paths = (
+            DeadEnds(self.kind == "json_schema", dead_end_loss, max_retries, max_rewinds) if dead_ends else None
+        )
+        self._closer = Closer(self.matcher, self.tokenizer, self._restore) if close_at_limit else None
+        self._limit: Optional[int] = None
         self.reset()
 
     def reset(self) -> None:
@@ -124,7 +186,14 @@ class GrammarStrategy(BaseStrategy):
         self._bans: Dict[int, Set[int]] = {}  # position -> tokens refused there (dead ends, invalid tokens)
         self._dead: Optional[int] = None  # the position whose placeholder token backtrack rewinds
         self._keep = 0
+        self._estimate = (0, -1)  # (the shortest way's length, at which position it was measured)
+        self._closing = False  # the last step kept to tokens that let the text end in time
         self.rewind_reason = None
+        if self._paths is not None:
+            self._paths.reset()
+
+    def on_start(self, limit: int) -> None:
+        self._limit = limit
 
     def get_keep_index(self) -> int:
         return self._keep
@@ -150,10 +219,18 @@ class GrammarStrategy(BaseStrategy):
                 f"{self.kind} and was kept (a driver that does not rewind)"
             )
         allowed = self.allowed(len(logits))
+        paths = self._paths
+        if paths is not None:
+            paths.observe(position, allowed_mass(logits, allowed), not self.matcher.compute_ff_bytes())
         np.copyto(logits, np.float32(-np.inf), where=~allowed)
         bans = self._bans.get(position)
         if bans:
             logits[list(bans)] = -np.inf
+        if paths is not None and paths.banned(position):
+            _ban_unless_empty(logits, paths.banned(position))
+        self._closing = False
+        if self._closer is not None and self._limit is not None and np.max(logits) > -np.inf:
+            self._close(logits, position, self._limit - position - 2)
         if np.max(logits) > -np.inf:
             return logits
         # a dead end: nothing the grammar allows is left here
@@ -186,7 +263,19 @@ class GrammarStrategy(BaseStrategy):
         bad = self._sync(tokens)
         if bad is not None:
             return self._refuse(tokens, bad, f"token not allowed by the {self.kind}")
-        self._keep = max(self._keep, len(tokens) - self.lookback)
+        keep, paths = len(tokens) - self.lookback, self._paths
+        if paths is not None:
+            text = tokens[:-1] if tokens and tokens[-1] in self._eos else tokens
+            paths.follow(text, self._bytes)
+            cut = None if self._closing or len(text) < len(tokens) else paths.target(tokens, self._keep)
+            if cut is not None:
+                position, reason = cut
+                self.on_rewind(position)
+                self.rewind_reason = f"{self.kind}: {reason}"
+                return tokens[:position]
+            if self.lookback:  # 0: every token is final at once, nothing is held back
+                keep = min(keep, max(paths.hold(len(text)), len(tokens) - HOLD))
+        self._keep = max(self._keep, keep)
         return tokens
 
     def on_rewind(self, position: int) -> None:
@@ -197,7 +286,55 @@ class GrammarStrategy(BaseStrategy):
             del self._bans[later]
         if self._dead is not None and self._dead >= position:
             self._dead = None
+        if self._paths is not None:
+            self._paths.truncate(position)
         self._keep = min(self._keep, position)
+
+    def _close(self, logits: np.ndarray, position: int, room: int) -> None:
+        """Budget-aware closing: ``room`` tokens may follow this one (the end-of-sequence token
+        aside). Near it, keep the likeliest tokens (and the shortest way's first) after which that
+        way is no longer and still fits (the way's first token when none is)."""
+        closer, (cost, measured) = cast(Closer, self._closer), self._estimate
+        slack = room - cost
+        if measured >= 0 and slack > CLOSE_MARGIN and position - measured < (slack - CLOSE_MARGIN) // 4:
+            return  # the shortest way cannot have grown enough since it was measured
+        found = closer.cost(max(room, 0) + CLOSE_MARGIN + 1)
+        self._estimate = (room + CLOSE_MARGIN + 1 if found is None else found, position)
+        if room - (room + 1 if found is None else found) > CLOSE_MARGIN:
+            return  # room enough (or no way found yet: nothing to steer by before the last tokens)
+        self._closing = True
+        first = closer.first
+        kept: List[int] = []
+        if found is not None:
+            count = min(CLOSE_CANDIDATES, len(logits))
+            likeliest = np.argpartition(-logits, count - 1)[:count]
+            likeliest = likeliest[logits[likeliest] > -np.inf].tolist()
+            if first is not None and first not in likeliest and logits[first] > -np.inf:
+                likeliest.append(first)
+            for token in likeliest:
+                if token in self._eos:
+                    fits = self.matcher.is_accepting()
+                else:  # no token that makes the way longer (a new item, a new key): the text winds down
+                    after = closer.cost_after(token, found + 1)
+                    fits = after is not None and after <= min(found, room)
+                if fits:
+                    kept.append(token)
+        if not kept and first is not None and first not in self._bans.get(position, ()):
+            if logits[first] == -np.inf and not self.candidates_only:
+                return  # banned by a strategy before this one
+            kept = [first]  # through an engine: taken even when not a candidate, as a forced token
+        if kept:
+            chosen = np.maximum(logits[kept], np.float32(-1e9))
+            logits.fill(-np.inf)
+            logits[kept] = chosen
+
+    def _bytes(self, token: int) -> bytes:
+        return self.tokenizer.decode_bytes([token])
+
+    def _restore(self) -> None:
+        """The matcher as the consumed tokens leave it (after a walk it could not roll back)."""
+        self.matcher.reset()
+        self.matcher.consume_tokens(self._consumed)
 
     def _refuse(self, tokens: List[int], position: int, reason: str) -> List[int]:
         """Ban ``tokens[position]`` at ``position`` and rewind to there."""
