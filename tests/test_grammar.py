@@ -918,6 +918,30 @@ def test_real_server_a_dead_end_of_max_items_finishes_valid(chat_server, stream)
 
 
 @pytest.mark.model
+def test_real_a_list_at_a_tight_token_limit_ends_valid(smollm2_llama):
+    """Issue 26's second case, one of bench/json_bench.py's: at its limit (80 tokens) plain masking
+    is cut inside the third hobby; with budget-aware closing the third hobby winds down and the
+    JSON ends within the limit, valid, with "stop"."""
+    from backtrack_sampler.provider.chat import chat_prompt_tokens
+
+    schema = {
+        **HOBBIES,
+        "properties": {**HOBBIES["properties"], "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+    }
+    ask = "Invent a retired sailor. Reply in JSON with name, age and hobbies."
+    prompt = chat_prompt_tokens(smollm2_llama, [{"role": "user", "content": ask}])
+    plain = GrammarStrategy(smollm2_llama, json_schema=schema, dead_ends=False, close_at_limit=False)
+    text, stats = run(smollm2_llama, plain, prompt, seed=1, temperature=1.0, max_new_tokens=80)
+    assert stats.finish_reason == "length" and '"hobbies": [' in text, text
+    text, stats = run(
+        smollm2_llama, GrammarStrategy(smollm2_llama, json_schema=schema), prompt, seed=1, max_new_tokens=80
+    )
+    value = json.loads(text)
+    assert stats.finish_reason == "stop" and stats.delivered < 80 and len(value["hobbies"]) <= 3, text
+    assert 0 <= value["age"] <= 120
+
+
+@pytest.mark.model
 def test_real_playground_json_schema_box(chat_server, tmp_path):
     """The playground (headless Chromium): a schema in the JSON Schema box with banned phrases gives
     schema-valid JSON without them; an invalid schema shows the server's 400 and marks the box."""
