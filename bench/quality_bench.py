@@ -44,6 +44,11 @@ post-hoc truncation of unlikely draws).
         --temperature 0.8 --min-p 0.05 --top-k 0 --threads 1          # the demo's sampling
     .venv/bin/python bench/quality_bench.py --suite confidence --seeds 3
 
+``--suite mine`` (issue 28): a ban list mined from the model's own stories (``slop mine``) against
+plain sampling, the 517 list and the built-in list, on held-apart prompt sets; see bench/quality_mine.py.
+
+    .venv/bin/python bench/quality_bench.py --suite mine [--quick]
+
 The slop lists are third-party data read from ../shared/data/antislop (beside the repository),
 never copied; without them the benchmark stops with an error (exit status 2).
 """
@@ -109,7 +114,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog="See the module docstring for what is measured."
     )
-    parser.add_argument("--prompts", type=int, default=10, help=f"story prompts (default 10, at most {len(PROMPTS)})")
+    parser.add_argument(
+        "--prompts", type=int, help=f"story prompts (default 10, at most {len(PROMPTS)}; mine suite: per set, 24)"
+    )
     parser.add_argument("--tokens", type=int, default=200, help="tokens per story (default 200)")
     parser.add_argument("--temperature", type=float, default=1.0, help="(default 1.0, with top_k 50)")
     parser.add_argument("--top-k", type=int, default=50, help="(default 50; 0: off) (repetition suite)")
@@ -121,15 +128,23 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DATA, help=f"antislop's data folder (default {DATA})")
     parser.add_argument(
         "--suite",
-        choices=("antislop", "repetition", "confidence"),
+        choices=("antislop", "repetition", "confidence", "mine"),
         default="antislop",
         help="antislop: plain vs the 517 / 50,046 lists (default); repetition: plain vs "
-        "RepetitionStrategy vs half the 517 list banned vs both; confidence: revision on Q&A",
+        "RepetitionStrategy vs half the 517 list banned vs both; confidence: revision on Q&A; mine: mined lists",
     )
+    parser.add_argument("--quick", action="store_true", help="mine suite: 12 + 12 prompts x 120 tokens")
+    parser.add_argument("--work", help="mine suite: folder for its files (default: a new temporary one)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per prompt (repetition and confidence suites)")
     args = parser.parse_args()
     if args.suite == "confidence":
         return confidence_suite(args)
+    if args.suite == "mine":
+        from quality_mine import mine_suite
+
+        if args.temperature == 1.0 and args.min_p is None and args.top_k == 50:  # the demo's sampling by default
+            args.temperature, args.min_p, args.top_k = 0.8, 0.05, 0
+        return mine_suite(args)
     data = args.data
     if not (data / "slop_phrase_prob_adjustments.json").is_file():
         print(
@@ -160,7 +175,7 @@ def main() -> int:
         "antislop 50,046 (soft)": AntiSlopStrategy(provider, full, whole_words=True),
     }
     print(f"lists loaded in {time.perf_counter() - started:.2f} s: {len(small)} and {len(full):,} phrases")
-    prompts = PROMPTS[: max(1, min(args.prompts, len(PROMPTS)))]
+    prompts = PROMPTS[: max(1, min(args.prompts or 10, len(PROMPTS)))]
     print(
         f"model {model_name(args.model)}: {len(prompts)} prompts x {args.tokens} tokens, temperature "
         f"{args.temperature}, top_k 50, chat template; same seed per prompt in every setting",
@@ -303,7 +318,7 @@ def repetition_suite(args, phrases: list) -> int:
         "bans (half A)": lambda: AntiSlopStrategy(provider, half_a),
         "both": lambda: ChainStrategy([AntiSlopStrategy(provider, half_a), RepetitionStrategy(provider)]),
     }
-    prompts = PROMPTS[: max(1, min(args.prompts, len(PROMPTS)))]
+    prompts = PROMPTS[: max(1, min(args.prompts or 10, len(PROMPTS)))]
     seeds = list(range(args.seed, args.seed + max(1, args.seeds)))
     sampling = f"temperature {args.temperature}, top_k {args.top_k or 'off'}, min_p {args.min_p or 'off'}"
     print(
