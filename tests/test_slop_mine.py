@@ -176,13 +176,14 @@ def test_slop_mine_through_an_engine(monkeypatch, tmp_path):
         monkeypatch.setattr(
             cli_batch, "load", lambda args, chat, slots=1: EngineProvider(fake.url, "vllm", tokenizer=model, timeout=5)
         )
-        prompts, starts = tmp_path / "p.jsonl", [" it was", " the cat", " a mat", " the light"]
-        prompts.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(starts)))
+        starts = [" it was", " the cat", " a mat", " the light"]
+        lines = "".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(starts))
         folder = tmp_path / "mined"
-        argv = ["slop", "mine", str(prompts), "-o", str(folder), "--engine", fake.url, "--engine-type", "vllm"]
+        argv = ["slop", "mine", "-", "-o", str(folder), "--engine", fake.url, "--engine-type", "vllm"]
         argv += ["--iterations", "2", "--max-new-tokens", "30", "--seed", "1", "--min-docs", "2"]
-        status, out, err = run(argv)
+        status, out, err = run(argv, stdin=lines)  # stdin is read once, into DIR/prompts.jsonl, for every round
         assert status == 0, err
+        assert (folder / "prompts.jsonl").read_text() == lines
         evidence = check_round_trip(folder, 2)
         assert "tapestry" in {e["pattern"] for e in evidence["entries"]}, out  # the rarest word of the fake's
         assert (

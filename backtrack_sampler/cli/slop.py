@@ -1,6 +1,7 @@
 """``backtrack-sampler slop score FILE.jsonl``: the slop measures (``backtrack_sampler.quality.slop``)
 of a batch output file, as a table or ``--json``, each with its 95% bootstrap interval;
-``--compare A.jsonl B.jsonl``: B minus A, with the interval of each difference."""
+``--compare A.jsonl B.jsonl``: B minus A, with the interval of each difference; ``--trace`` (the
+batch trace of the one FILE) adds the endings at a rewind. ``slop mine`` is ``slop_mine``."""
 
 from __future__ import annotations
 
