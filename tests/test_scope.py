@@ -51,10 +51,13 @@ def test_the_tracker_finds_markers_by_id_and_by_text_and_reopens_on_rewind():
     assert tracker.inside(4) is True
     tracker.update(tokens[:4] + provider.encode(" rug", add_special_tokens=False))
     assert tracker.in_reasoning(4) and tracker.inside(5)
-    text = provider.encode(" a[THINK] cat[/THINK] dog", add_special_tokens=False)  # markers of two tokens each
+    text = provider.encode("[THINK] cat[/THINK] dog[THINK]", add_special_tokens=False)  # markers of two tokens
     tracker.reset()
-    tracker.update(text)
-    assert [tracker.in_reasoning(i) for i in range(len(text))] == [False, False, True, True, True, True, False]
+    tracker.update(text)  # the reasoning comes first: a marker in the answer's text is text
+    assert [tracker.in_reasoning(i) for i in range(len(text))] == [False, True, True, True, True, False, False, False]
+    tracker.reset()
+    tracker.update(provider.encode(" a[THINK] cat", add_special_tokens=False))
+    assert not tracker.inside(4)  # after answer text, "[THINK]" is text
 
 
 def test_prompt_and_vocabulary_helpers():
@@ -151,20 +154,16 @@ PROMPT = (
 
 
 def sides(text):
-    """(reasoning, answer) text of an output that starts inside a reasoning block."""
-    reasoning, answer, inside = [], [], True
-    for part in re.split(r"(</?think>)", text):
-        if part in ("<think>", "</think>"):
-            inside = part == "<think>"
-        else:
-            (reasoning if inside else answer).append(part)
-    return " ".join(reasoning), " ".join(answer)
+    """(reasoning, answer) text of an output that starts inside a reasoning block: one block, the
+    answer after its "</think>" (a later "<think>" in the text is answer text)."""
+    reasoning, _, answer = text.partition("</think>")
+    return reasoning, answer
 
 
 @pytest.mark.model
 def test_a_real_model_writing_think_blocks(chat_llama_provider):
     """The chat model, prompted to reason in <think> blocks (several tokens each here): bans on
-    "The"/" the" scoped to each side keep it out of that side only, across two blocks."""
+    "The"/" the" scoped to each side keep it out of that side only."""
     from backtrack_sampler.strategy.scope import scoped
 
     provider = chat_llama_provider
@@ -207,3 +206,27 @@ def test_a_request_scopes_its_bans_and_strategies():
     )  # the prompt opened it
     with pytest.raises(APIError, match="ban_scope"):
         strategy(ban_scope="sideways")
+
+
+class Recorder(BaseStrategy):
+    """A hard constraint that changes nothing and records the limits it is told."""
+
+    hard_constraint = True
+
+    def __init__(self):
+        self.limits = []
+
+    def on_start(self, limit):
+        self.limits.append(limit)
+
+
+def test_a_hard_constraint_on_the_answer_is_told_its_limit_and_forbids_ending_in_the_reasoning():
+    provider = scripted("<think> the cat</think> the cat")
+    recorder = Recorder()
+    run(provider, ScopedStrategy(provider, recorder, "answer"))
+    assert recorder.limits == [40, 36]  # the generation's, then what is left when the answer begins
+    provider = scripted("<think> the cat")  # ends inside its reasoning
+    text, stats = run(provider, ScopedStrategy(provider, Recorder(), "answer"))
+    assert text.startswith("<think> the cat dog") and stats.finish_reason == "length"
+    text, stats = run(provider, ScopedStrategy(provider, AntiSlopStrategy(provider, [[" rug", 0.5]]), "answer"))
+    assert text == "<think> the cat" and stats.finish_reason == "stop"  # a soft strategy lets it end
