@@ -14,7 +14,7 @@ import pytest
 from backtrack_sampler import cli
 from backtrack_sampler.cli import batch as cli_batch
 from backtrack_sampler.provider.fake_provider import FakeProvider
-from backtrack_sampler.quality.mine import Entry, hits, human_frequency, profile, runs, stem
+from backtrack_sampler.quality.mine import Entry, family_pattern, hits, human_frequency, profile, runs, stem
 from backtrack_sampler.quality.slop import Output, score
 from backtrack_sampler.strategy.lists import read_regexes, read_slops
 
@@ -33,7 +33,7 @@ def flat(word: str) -> float:
 
 def test_words_phrases_and_families_with_their_evidence():
     entries = {e.pattern: e for e in profile(STORIES, ["Write about a fox"], min_count=2, min_docs=2, min_ratio=20)}
-    whisper = entries[r"\bwhisper\w*"]  # one family: three forms, in three stories
+    whisper = entries[family_pattern("whisper")]  # one family: three forms, in three stories
     assert whisper.kind == "regex" and whisper.members == ("whispered", "whispering", "whispers")
     assert (whisper.count, whisper.docs) == (3, 3)
     assert "once upon" in entries and entries["once upon"].docs == 3  # a phrase inside one run of words
@@ -72,9 +72,10 @@ def test_a_family_bans_forms_not_seen_yet_and_hits_count_once():
         "sparkl",
         "hope",
     ]
-    family = Entry(r"\bwhisper\w*", "regex", 3, 3, 100.0, ("whispered", "whispers"))
+    family = Entry(family_pattern("whisper"), "regex", 3, 3, 100.0, ("whispered", "whispers"))
     assert read_regexes_ok([family.pattern])  # RE2 takes it (AntiSlop's --regex-file)
     assert hits("She Whisperer, whispery; they WHISPERED.", [family]) == 3
+    assert hits("a star, the start, lingerie", [Entry(family_pattern("star"), "regex", 3, 3, 100.0)]) == 1
     once = Entry("once upon a", "phrase", 3, 3, 30.0)
     assert hits("Once upon a time... once upon a hill; Once-upon a; 'once upon a'", [once]) == 3  # any case
     assert hits("once upon a time", [once, Entry("upon a time", "phrase", 3, 3, 30.0)]) == 2  # each entry's

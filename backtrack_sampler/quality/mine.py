@@ -190,8 +190,17 @@ def _families(counts: _Counts, asked: Set[str], baseline: Callable[[str], float]
         docs = len(set().union(*(counts.where[w] for w in members)))
         ratio = count / counts.total / sum(baseline(w) for w in members)
         if passes(count, docs, ratio):
-            families.append(Entry(rf"\b{root}\w*", "regex", count, docs, ratio, tuple(sorted(members))))
+            families.append(Entry(family_pattern(root), "regex", count, docs, ratio, tuple(sorted(members))))
     return families
+
+
+INFLECTIONS = "e|s|es|d|ed|ing|er|ers|y|ly"  # what a family's regex lets follow its stem
+
+
+def family_pattern(root: str) -> str:
+    """The regex of a word family: its stem and an inflection, as a whole word ("whisper",
+    "whispers", "whispered", "whisperer", but not "star" -> "start" or "linger" -> "lingerie")."""
+    return rf"\b{root}(?:{INFLECTIONS})?(?:\b|_)"  # "_": a word ends there as profile reads words
 
 
 def hits(text: str, entries: Sequence[Entry]) -> int:
