@@ -40,6 +40,9 @@ BANS = [
     ["camaraderie", "whispered secrets"],
 ]
 N_CTX = 2048
+# --frequent-bans: words the story uses all the time, banned as substrings ("the" also bans "there",
+# "they"...): every client rewinds often (issue 25's "bans firing" load)
+FREQUENT_BANS = [["the"], ["and"], ["was"], ["of"], ["to"], ["his"], ["her"], ["in"]]
 
 
 def free_port() -> int:
@@ -270,7 +273,10 @@ def numerics(steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64, help="tokens per client (default: 64)")
+    parser.add_argument("--frequent-bans", action="store_true", help="ban words the story uses all the time")
     args = parser.parse_args()
+    if args.frequent_bans:
+        BANS[:] = FREQUENT_BANS
     threads = os.cpu_count() or 1
 
     print(
