@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import sys
 from bisect import bisect_left
-from typing import List, Literal, Optional, Sequence, Tuple
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -46,8 +46,8 @@ def prompt_opens_reasoning(provider: BaseProvider, prompt: Sequence[int], marker
     with ``<think>``): its last marker within its last 32 tokens opens one (a one-token marker
     by id, else in the decoded text)."""
     tail = list(prompt)[-32:]
-    ids = {single_token(provider, m): opens for pair in markers for m, opens in zip(pair, (True, False))}
-    found = [ids[token] for token in tail if ids.get(token) is not None]
+    ids = marker_ids(provider, markers)
+    found = [ids[token] for token in tail if token in ids]
     if found:
         return found[-1]
     text = provider.decode(tail)
@@ -64,6 +64,17 @@ def single_token(provider: BaseProvider, text: str) -> Optional[int]:
     except ValueError:  # a tokenizer that cannot write it at all
         return None
     return ids[0] if len(ids) == 1 else None
+
+
+def marker_ids(provider: BaseProvider, markers=REASONING_MARKERS) -> Dict[int, bool]:
+    """{token id: whether it opens a block} for the markers that are one token of this vocabulary."""
+    ids = {}
+    for pair in markers:
+        for marker, opens in zip(pair, (True, False)):
+            token = single_token(provider, marker)
+            if token is not None:
+                ids[token] = opens
+    return ids
 
 
 def single_token_markers(provider: BaseProvider, markers=REASONING_MARKERS) -> List[Tuple[str, str]]:
@@ -107,12 +118,7 @@ class ReasoningTracker:
         if not self.markers or not all(len(p) == 2 and all(isinstance(m, str) and m for m in p) for p in self.markers):
             raise ValueError("markers must be (opening, closing) pairs of non-empty strings")
         self.starts_inside = bool(starts_inside)
-        self._ids = {}
-        for opening, closing in self.markers:
-            for marker, opens in ((opening, True), (closing, False)):
-                token = single_token(provider, marker)
-                if token is not None:
-                    self._ids[token] = opens
+        self._ids = marker_ids(provider, self.markers)
         self._opens = {m: opens for pair in self.markers for m, opens in zip(pair, (True, False))}
         self._openers = [opening for opening, _ in self.markers]
         self._pattern = re.compile("|".join(re.escape(m) for m in sorted(self._opens, key=len, reverse=True)))
