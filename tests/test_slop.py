@@ -9,7 +9,8 @@ import json
 import pytest
 
 from backtrack_sampler import cli
-from backtrack_sampler.quality import find_repeat, is_degenerate
+from backtrack_sampler.quality import find_repeat, is_degenerate, words_of
+from backtrack_sampler.quality.mine import hits, profile
 from backtrack_sampler.quality.slop import (
     NOT_X_BUT_Y,
     Output,
@@ -150,3 +151,43 @@ def test_slop_score_command(tmp_path):
     assert status == 1 and "bad.jsonl:1: not JSON" in err
     status, _, err = run("slop", "score")
     assert status == 1 and "give FILE.jsonl" in err
+
+
+def test_slop_score_leaves_out_the_prompts_words(tmp_path):
+    """The prompts' words are not over-represented slop (a story asked about a lighthouse says
+    "lighthouse"), as the miner leaves them out: from --prompts (batch's input), or from the
+    records' own "prompt" / "messages"."""
+    texts = [f"The lighthouse keeper saw the lighthouse glow. A tapestry hung there, number {i}." for i in range(6)]
+    plain = write(tmp_path / "out.jsonl", texts)
+    prompts = tmp_path / "prompts.jsonl"
+    request = "Write a story about a lighthouse keeper."
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": request}) + "\n" for i in range(6)))
+
+    def rate(*argv):
+        status, out, err = run("slop", "score", *argv, "--json", "--rounds", "20")
+        assert status == 0, err
+        return json.loads(out)[argv[0]]["overrep_phrases_per_1k"]["value"]
+
+    words = sum(len(words_of(t)) for t in texts)
+    entries = profile(texts, [request])
+    assert entries and not any("lighthouse" in e.pattern or "keeper" in e.pattern for e in entries)
+    assert any("lighthouse" in e.pattern for e in profile(texts))  # (without the prompts)
+    blind, told = rate(plain), rate(plain, "--prompts", str(prompts))
+    assert told == pytest.approx(1000 * sum(hits(t, entries) for t in texts) / words)
+    assert blind > told  # without the prompts, "lighthouse" and "keeper" count too
+    with_messages = tmp_path / "chat.jsonl"
+    with_messages.write_text(
+        "".join(
+            json.dumps({"id": i, "text": t, "messages": [{"role": "user", "content": request}]}) + "\n"
+            for i, t in enumerate(texts)
+        )
+    )
+    assert rate(str(with_messages)) == pytest.approx(told)
+    outputs = [Output(t, prompt=request) for t in texts]
+    assert score(outputs, rounds=20)["overrep_phrases_per_1k"].value == pytest.approx(told)
+    assert score([Output(t) for t in texts], rounds=20, prompts=[request])["overrep_phrases_per_1k"].value == (
+        pytest.approx(told)
+    )
+    (tmp_path / "bad.jsonl").write_text("{}\n")
+    status, _, err = run("slop", "score", plain, "--prompts", str(tmp_path / "bad.jsonl"))
+    assert status == 1 and "no 'prompt' or 'messages'" in err

@@ -1,7 +1,9 @@
 """``backtrack-sampler slop score FILE.jsonl``: the slop measures (``backtrack_sampler.quality.slop``)
 of a batch output file, as a table or ``--json``, each with its 95% bootstrap interval;
 ``--compare A.jsonl B.jsonl``: B minus A, with the interval of each difference; ``--trace`` (the
-batch trace of the one FILE) adds the endings at a rewind. ``slop mine`` is ``slop_mine``."""
+batch trace of the one FILE) adds the endings at a rewind. The prompts' words are left out of the
+over-represented phrases, as ``slop mine`` leaves them out: ``--prompts`` (batch's input file), and
+a record's own ``prompt`` or ``messages`` when it has them. ``slop mine`` is ``slop_mine``."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Dict, List, Optional, TextIO
 
 from ..errors import UsageError
 from ..quality.slop import Estimate, Output, compare, score
+from .batchfile import read_prompts
 from .options import positive_int
 
 ENDING_SLACK = 2  # an end-of-text this many tokens after a rewind's position counts as at the rewind
@@ -41,12 +44,40 @@ def add_parser(commands):
         metavar="TRACE.jsonl",
         help="the batch --trace of the one FILE: adds rewind_endings (ends at or just after a rewind)",
     )
+    parser.add_argument(
+        "--prompts",
+        metavar="PROMPTS.jsonl",
+        help="the prompts (batch's input): their words are not counted as over-represented, as slop mine "
+        'leaves them out (records with a "prompt" or "messages" of their own need no file)',
+    )
     return actions
 
 
+def prompt_text(prompt: Optional[str], messages: object) -> Optional[str]:
+    """A request as text: its prompt, or its messages' contents (None when neither is usable)."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(messages, list):
+        contents = [m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)]
+        return " ".join(contents) or None
+    return None
+
+
+def read_prompt_texts(path: str) -> List[str]:
+    """The requests of a prompts file (batch's input) as text."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            prompts, bad = read_prompts(file.read().splitlines())
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror}") from None
+    if bad:
+        raise UsageError(f"{path}: {bad[0]}")
+    return [text for p in prompts if (text := prompt_text(p.prompt, p.messages))]
+
+
 def read_outputs(path: str, trace: Optional[str] = None) -> List[Output]:
-    """The completions of a batch output file (lines without a "text" are skipped, e.g. errors).
-    With its ``trace`` (batch's ``--trace``), each says whether it ended at a rewind
+    """The completions of a batch output file (lines without a "text" are skipped, e.g. errors),
+    with their prompt when a record has one (``prompt`` or ``messages``). With its ``trace`` (batch's ``--trace``), each says whether it ended at a rewind
     (``Output.rewind_ending``: end-of-text drawn where a rewind went back to, or 2 tokens after)."""
     rewound = _rewind_positions(trace) if trace else None
     outputs = []
@@ -65,7 +96,8 @@ def read_outputs(path: str, trace: Optional[str] = None) -> List[Output]:
                         end = record.get("delivered", 0) - ENDING_SLACK
                         positions = rewound.get(json.dumps(record.get("id")), [])
                         ending = record.get("finish_reason") == "stop" and any(p >= end for p in positions)
-                    outputs.append(Output(record["text"], record.get("finish_reason"), ending))
+                    prompt = prompt_text(record.get("prompt"), record.get("messages"))
+                    outputs.append(Output(record["text"], record.get("finish_reason"), ending, prompt))
     except OSError as error:
         raise UsageError(f"cannot read {path}: {error.strerror}") from None
     if not outputs:
@@ -103,13 +135,15 @@ def run(args: argparse.Namespace, stdout: TextIO) -> int:
         raise UsageError("slop score: give FILE.jsonl or --compare A.jsonl B.jsonl")
     if args.trace and len(args.files) != 1:
         raise UsageError("slop score: --trace goes with one FILE (its batch --trace)")
+    prompts = read_prompt_texts(args.prompts) if args.prompts else []
     results: Dict[str, Dict[str, Estimate]] = {}
     for path in args.files:
-        results[path] = score(read_outputs(path, args.trace), rounds=args.rounds, early_words=args.early_words)
+        outputs = read_outputs(path, args.trace)
+        results[path] = score(outputs, rounds=args.rounds, prompts=prompts, early_words=args.early_words)
     if args.compare:
-        a, b = args.compare
-        results[f"{b} - {a}"] = compare(
-            read_outputs(a), read_outputs(b), rounds=args.rounds, early_words=args.early_words
+        a, b = read_outputs(args.compare[0]), read_outputs(args.compare[1])
+        results[f"{args.compare[1]} - {args.compare[0]}"] = compare(
+            a, b, rounds=args.rounds, prompts=prompts, early_words=args.early_words
         )
     if args.json:
         json.dump({k: {m: asdict(e) for m, e in v.items()} for k, v in results.items()}, stdout, indent=1)

@@ -11,8 +11,9 @@ lower-cased, punctuation ignored).
   frequency in human text: ``wordfreq``'s English baseline (``pip install
   backtrack-sampler[quality]``), floored at 1e-7 for words it does not know.
 * ``overrep_phrases_per_1k``: occurrences of the set's own over-represented words, phrases and word
-  families (``mine.profile`` with its defaults: what ``slop mine`` would ban in these outputs, the
-  prompts aside) per 1,000 words.
+  families (``mine.profile`` with its defaults: what ``slop mine`` would ban in these outputs) per
+  1,000 words. The prompts' words (and phrases holding one) are left out, as the miner leaves them
+  out, when the prompts are known: ``Output.prompt``, or ``prompts`` given to ``score``.
 * ``cross_ngrams_per_1k``: word ``n``-grams (3) that occur in at least ``min_docs`` (3) different
   outputs, per 1,000 words: a phrase that recurs across unrelated prompts (a story opening, a
   stock image) rather than a repeat inside one text.
@@ -51,11 +52,13 @@ Pairs = List[Tuple[float, float]]  # per output: (numerator, denominator)
 
 @dataclass(frozen=True)
 class Output:
-    """One generation: its text and, when known, why it stopped (``"stop"``, ``"length"``)."""
+    """One generation: its text and, when known, why it stopped (``"stop"``, ``"length"``) and its
+    prompt (the request's text: its words are not counted as over-represented)."""
 
     text: str
     finish_reason: Optional[str] = None
     rewind_ending: Optional[bool] = None  # it ended (EOS) at or just after a rewind's position
+    prompt: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -108,13 +111,14 @@ def mattr(text: str, window: int = 500) -> float:
 
 
 def measure_pairs(
-    outputs: Sequence[Output], early_words: int = 50, min_docs: int = 3, n: int = 3
+    outputs: Sequence[Output], early_words: int = 50, min_docs: int = 3, n: int = 3, prompts: Sequence[str] = ()
 ) -> Dict[str, Tuple[Pairs, float]]:
-    """Per measure, its per-output (numerator, denominator) pairs and scale (see the module docstring)."""
+    """Per measure, its per-output (numerator, denominator) pairs and scale (see the module
+    docstring); ``prompts`` (with the outputs' own) are left out of ``overrep_phrases_per_1k``."""
     texts = [o.text for o in outputs]
     words = [words_of(t) for t in texts]
     over = overrepresented(texts)
-    mined = profile(texts)
+    mined = profile(texts, [*prompts, *(o.prompt for o in outputs if o.prompt)])
     grams = cross_ngrams(texts, n, min_docs)
     lengths = [float(len(w)) for w in words]
     pairs: Dict[str, Tuple[Pairs, float]] = {
@@ -167,15 +171,20 @@ def bootstrap(
     return Estimate(point, draws[int(tail * (len(draws) - 1))], draws[int(round((1 - tail) * (len(draws) - 1)))])
 
 
-def score(outputs: Sequence[Output], rounds: int = 1000, **options: int) -> Dict[str, Estimate]:
-    """Every measure of ``outputs`` with its 95% bootstrap interval."""
-    return {name: bootstrap(p, s, rounds=rounds) for name, (p, s) in measure_pairs(outputs, **options).items()}
+def score(
+    outputs: Sequence[Output], rounds: int = 1000, prompts: Sequence[str] = (), **options: int
+) -> Dict[str, Estimate]:
+    """Every measure of ``outputs`` with its 95% bootstrap interval (``prompts``: see ``measure_pairs``)."""
+    pairs = measure_pairs(outputs, prompts=prompts, **options)
+    return {name: bootstrap(p, s, rounds=rounds) for name, (p, s) in pairs.items()}
 
 
-def compare(a: Sequence[Output], b: Sequence[Output], rounds: int = 1000, **options: int) -> Dict[str, Estimate]:
+def compare(
+    a: Sequence[Output], b: Sequence[Output], rounds: int = 1000, prompts: Sequence[str] = (), **options: int
+) -> Dict[str, Estimate]:
     """Every measure of ``b`` minus that of ``a`` (those both have), with the 95% bootstrap interval
-    of the difference."""
-    pa, pb = measure_pairs(a, **options), measure_pairs(b, **options)
+    of the difference (``prompts``, with each set's own: see ``measure_pairs``)."""
+    pa, pb = measure_pairs(a, prompts=prompts, **options), measure_pairs(b, prompts=prompts, **options)
     return {
         name: bootstrap(pb[name][0], scale, pa[name][0], rounds=rounds) for name, (_, scale) in pa.items() if name in pb
     }
