@@ -98,6 +98,28 @@ def test_the_over_represented_phrase_rate():
     assert score([Output(t) for t in plain], rounds=20)["overrep_phrases_per_1k"].value == 0.0
 
 
+def test_phrases_with_a_word_of_the_prompts_are_left_out():
+    """A phrase holding a content word of the prompts is prompt-specific ("the old lighthouse" in
+    stories asked about a lighthouse): left out, like the word. A function word of the prompts ("a",
+    "about": common in human text) does not rule a phrase out."""
+    texts = [
+        "Once upon a time the old lighthouse stood alone.",
+        "Once upon a time the old lighthouse was dark.",
+        "Once upon a time the old lighthouse fell.",
+    ]
+
+    def baseline(text):  # function words common, every other word (and phrase) rare
+        return 1e-2 if text in ("a", "about", "the", "write") else 1e-5
+
+    loose = {e.pattern for e in profile(texts, min_count=3, min_docs=3, baseline=baseline)}
+    assert "old lighthouse" in loose  # without the prompts: over-represented, and banned as the phrase
+    asked = ["Write a story about a lighthouse"]
+    entries = {e.pattern for e in profile(texts, asked, min_count=3, min_docs=3, baseline=baseline)}
+    assert not any("lighthouse" in e for e in entries), entries  # neither the word nor a phrase holding it
+    assert "once upon" in entries  # "a" is in the prompt too, but as a function word it rules out nothing
+    assert "once upon" in loose and entries < loose
+
+
 # --- the command -----------------------------------------------------------------------------------
 def run(argv, stdin=""):
     out, err = io.StringIO(), io.StringIO()
@@ -194,6 +216,117 @@ def test_slop_mine_through_an_engine(monkeypatch, tmp_path):
         assert len(read_jsonl(folder / "round-2.jsonl")) == 4 and read_jsonl(folder / "round-2.trace.jsonl")
     finally:
         fake.close()
+
+
+class FakeRounds:
+    """Stands in for ``batch.run`` under ``slop mine``: writes round K's completions (every prompt's
+    text is ``texts[K]``) and notes the list it was given to ban, or fails at ``fail_at``."""
+
+    def __init__(self, texts, fail_at=None):
+        self.texts, self.fail_at, self.banned, self.regexes = texts, fail_at, {}, {}
+
+    def __call__(self, args, stdin, stderr):
+        k = int(re.search(r"round-(\d+)\.jsonl$", args.output).group(1))
+        if k == self.fail_at:
+            stderr.write("error: the engine is down\n")
+            return 1
+        lists = [p for p in args.slops if "round-" in p]  # the list round k bans: the one after round k-1
+        self.banned[k] = (lists, read_slops(lists[0]) if lists else [])
+        self.regexes[k] = [read_regexes(p) for p in args.regex_file if "round-" in p]
+        prompts = [json.loads(line) for line in open(args.input, encoding="utf-8") if line.strip()]
+        texts = self.texts[k] if isinstance(self.texts[k], list) else [self.texts[k]] * len(prompts)
+        records = [
+            {"id": p["id"], "text": t, "finish_reason": "length", "delivered": 20} for p, t in zip(prompts, texts)
+        ]
+        with open(args.output, "w", encoding="utf-8") as out:
+            out.writelines(json.dumps(r) + "\n" for r in records)
+        open(args.trace, "w").close()
+        return 0
+
+
+def test_a_failed_rerun_keeps_the_list(monkeypatch, tmp_path):
+    """The list files are written whole, after a round is mined: a rerun (resume) that fails leaves
+    the finished run's list as it was (it used to write an empty slops.json before round 1), and a
+    run that fails in round 2 leaves round 1's list (round-1.slops.json), and no partial files."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": f"Tell me about item {i}."}) + "\n" for i in range(4)))
+    texts = {1: "A tapestry of moonlight glowed.", 2: "A mosaic of starlight shimmered.", 3: "Nothing else."}
+    folder = tmp_path / "mined"
+    argv = ["slop", "mine", str(prompts), "-o", str(folder), "--iterations", "2", "--quiet", "--min-gain", "0"]
+    fake = FakeRounds(texts)
+    monkeypatch.setattr(cli_batch, "run", fake)
+    status, out, err = run(argv)
+    assert status == 0, err
+    finished = {p.name: p.read_text() for p in folder.iterdir()}
+    listed = read_slops(str(folder / "slops.json"))
+    assert any("tapestry" in p for p in listed) and any("mosaic" in p for p in listed)  # rounds 1 and 2 mined
+    first = read_slops(str(folder / "round-1.slops.json"))
+    assert any("tapestry" in p for p in first) and not any("mosaic" in p for p in first)
+    assert fake.banned[1] == ([], []) and fake.banned[2] == ([str(folder / "round-1.slops.json")], first)
+
+    for fail_at in (1, 2):  # the same command again, and the engine fails: nothing of the list is lost
+        monkeypatch.setattr(cli_batch, "run", FakeRounds(texts, fail_at=fail_at))
+        status, _, err = run(argv)
+        assert status == 1 and "engine is down" in err
+        assert {p.name: p.read_text() for p in folder.iterdir()} == finished
+
+    fresh = tmp_path / "fresh"  # a first run that fails in round 2: round 1's list is there, whole
+    monkeypatch.setattr(cli_batch, "run", FakeRounds(texts, fail_at=2))
+    status, _, _ = run([*argv[:4], str(fresh), *argv[5:]])
+    assert status == 1
+    assert read_slops(str(fresh / "round-1.slops.json")) == first
+    assert not (fresh / "slops.json").exists() and not [p for p in fresh.iterdir() if ".tmp" in p.name]
+
+
+def test_soft_bans_and_documents_that_are_prompts(monkeypatch, tmp_path):
+    """--multiplier X writes the list as [phrase, X] pairs (a family as its forms: soft bans take
+    phrases only) and the rounds ban that way; outputs of one prompt (under other ids) are one
+    document: an entry must recur across different prompts."""
+    requests = ["Tell me about a cat.", "Tell me about a dog.", "Tell me about an owl."]
+    lines = [json.dumps({"id": f"{i}-{k}", "prompt": r}) for k in range(2) for i, r in enumerate(requests)]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(lines) + "\n")
+    first = [  # whisper* in all three requests' stories; "velvet moon" six times, but for one request only
+        "She whispered to the velvet moon.",
+        "He whispers, then sleeps.",
+        "They were whispering all night.",
+        "The velvet moon rose. The velvet moon set.",
+        "He whispers. It whispered back.",
+        "A velvet moon, a velvet moon.",
+    ]
+    fake = FakeRounds({1: first, 2: "Nothing here at all."})
+    monkeypatch.setattr(cli_batch, "run", fake)
+    folder = tmp_path / "soft"
+    argv = ["slop", "mine", str(prompts), "-o", str(folder), "--iterations", "2", "--quiet", "--min-gain", "0"]
+    status, _, err = run([*argv, "--multiplier", "0.1", "--min-count", "3", "--min-docs", "3"])
+    assert status == 0, err
+    evidence = json.loads((folder / "evidence.json").read_text())
+    entries = {e["pattern"]: e for e in evidence["entries"]}
+    whisper = entries[family_pattern("whisper")]
+    assert whisper["docs"] == 3 and whisper["count"] == 5 and "velvet moon" not in entries  # 1 request of 3
+    assert not any("velvet" in p for p in entries)
+    pairs = read_slops(str(folder / "slops.json"))
+    assert read_regexes(str(folder / "regexes.json")) == []  # a regex is a hard ban: the family goes as phrases
+    assert ["whispered", 0.1] in pairs and ["whispering", 0.1] in pairs and ["whisper", 0.1] in pairs
+    assert all(multiplier == 0.1 for _, multiplier in pairs)
+    assert fake.banned[2] == ([str(folder / "round-1.slops.json")], pairs) and fake.regexes[2] == [[]]
+    loose = tmp_path / "loose"  # every output its own document (distinct prompts): "velvet moon" passes
+    unique = tmp_path / "unique.jsonl"
+    unique.write_text("".join(json.dumps({"id": i, "prompt": f"Tell me about thing {i}."}) + "\n" for i in range(6)))
+    monkeypatch.setattr(cli_batch, "run", FakeRounds({1: first}))
+    status, _, err = run(["slop", "mine", str(unique), "-o", str(loose), "--quiet", "--min-docs", "3"])
+    assert status == 0, err
+    assert "velvet moon" in read_slops(str(loose / "slops.json"))
+    status, _, err = run([*argv, "--multiplier", "1.5"])
+    assert status == 2
+
+
+def test_documents_can_be_groups_of_outputs():
+    texts = ["red fox.", "red fox.", "red fox.", "red fox."]
+    assert [(e.pattern, e.docs) for e in profile(texts, min_docs=3, baseline=flat)] == [("red fox", 4)]
+    assert profile(texts, min_docs=3, baseline=flat, groups=["a", "a", "b", "b"]) == []  # two prompts only
+    entries = profile(texts, min_docs=2, baseline=flat, groups=["a", "a", "b", "b"])
+    assert [(e.pattern, e.count, e.docs) for e in entries] == [("red fox", 4, 2)]
 
 
 def test_slop_mine_usage_errors(tmp_path, capsys):

@@ -4,12 +4,15 @@ preference pairs), profile the outputs (``quality.mine.profile``: over-represent
 and word families against wordfreq's human baseline) and write a ranked ban list.
 
 Round k writes ``DIR/round-k.jsonl`` (the completions), ``round-k.trace.jsonl`` and
-``round-k.pairs.jsonl`` (every rewind, and as DPO pairs in TRL's format); the list so far is
-``DIR/slops.json`` (phrases, for ``--slops``) and ``DIR/regexes.json`` (for ``--regex-file``), the
-evidence of every entry and the measures of every round ``DIR/evidence.json``. With
-``--iterations N`` round k+1 generates again with the list so far (whole words) and mines what the
-model writes instead; it stops early when a round's over-represented-phrase rate is not at least
-``--min-gain`` (10%) below the round before (that round is not mined). The same command again
+``round-k.pairs.jsonl`` (every rewind, and as DPO pairs in TRL's format), and once it is mined the
+list so far, ``round-k.slops.json`` and ``round-k.regexes.json`` (what round k+1 bans). When the run
+ends the list is ``DIR/slops.json`` (phrases, for ``--slops``) and ``DIR/regexes.json`` (for
+``--regex-file``), the evidence of every entry and the measures of every round ``DIR/evidence.json``.
+Every list file is written whole (a temporary file, then renamed) and only after a round is mined,
+so a run that fails (or a rerun that fails) leaves the last complete list, never an empty or partial
+one. With ``--iterations N`` round k+1 generates again with the list so far (whole words) and mines
+what the model writes instead; it stops early when a round's over-represented-phrase rate is not at
+least ``--min-gain`` (10%) below the round before (that round is not mined). The same command again
 resumes: finished rounds are read back, not generated again, and mining them gives the same list.
 """
 
@@ -19,15 +22,15 @@ import argparse
 import json
 import math
 import os
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 from ..errors import UsageError
-from ..quality.mine import Entry, profile
+from ..quality.mine import Entry, family_forms, profile
 from ..quality.slop import Estimate, score
 from . import batch
-from .batchfile import read_prompts
+from .batchfile import id_key, read_prompts
 from .options import add_generation_args, number, positive_int
-from .slop import read_outputs
+from .slop import prompt_text, read_outputs
 
 MEASURE = "overrep_phrases_per_1k"  # the one the stop rule reads
 
@@ -53,7 +56,14 @@ def add_parser(actions) -> None:
     )
     group.add_argument("--max-words", type=positive_int, default=4, metavar="N", help="longest phrase (default: 4)")
     group.add_argument(
-        "--max-entries", type=positive_int, default=40, metavar="N", help="entries added per round (default: 40)"
+        "--max-entries", type=positive_int, default=100, metavar="N", help="entries added per round (default: 100)"
+    )
+    group.add_argument(
+        "--multiplier",
+        type=_multiplier,
+        metavar="X",
+        help="soft bans: write each entry as [phrase, X] (a family as its forms), so a banned phrase is X times as "
+        "likely where it began instead of impossible, and ban softly in the rounds (default: hard bans)",
     )
     group.add_argument(
         "--min-gain",
@@ -68,6 +78,14 @@ def add_parser(actions) -> None:
     add_generation_args(parser, batch=True)
 
 
+def _multiplier(text: str) -> float:
+    """An argument type: a soft ban's multiplier, a number in [0, 1)."""
+    value = number(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 and < 1, got {text!r}")
+    return value
+
+
 def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     """Mine ``args.iterations`` rounds (see the module docstring); 0 when done, else batch's status."""
     folder = args.output
@@ -79,28 +97,28 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO)
     except OSError as error:
         raise UsageError(f"cannot use {error.filename}: {error.strerror}") from None
     prompts, _ = read_prompts(lines)
-    asked = [p.prompt or " ".join(m["content"] for m in p.messages or []) for p in prompts]
+    requests = {id_key(p.id): prompt_text(p.prompt, p.messages) or "" for p in prompts}
+    asked = [text for text in requests.values() if text]
     entries: List[Entry] = []
     found: Dict[str, int] = {}  # pattern -> the round that found it
     rounds: List[Dict[str, Any]] = []
     stopped = f"{args.iterations} round{'s' * (args.iterations > 1)} done"
     for k in range(1, args.iterations + 1):
-        _write_list(folder, entries)
         if not args.quiet:
             stderr.write(f"round {k}/{args.iterations}: {_list_size(entries)} mined so far\n")
         status = batch.run(_round_args(args, prompts_path, folder, k, bool(entries)), stdin, stderr)
         if status:
             return status
         base = os.path.join(folder, f"round-{k}")
-        measures = score(read_outputs(base + ".jsonl", base + ".trace.jsonl"), rounds=200)
+        measures = score(read_outputs(base + ".jsonl", base + ".trace.jsonl"), rounds=200, prompts=asked)
         rounds.append({"round": k, "bans": _list_size(entries), "measures": _plain(measures)})
         if not args.quiet:
             stderr.write(f"round {k}: {_measures_line(measures)}\n")
         if k > 1 and not _improved(rounds[-2]["measures"], measures, args.min_gain):
             stopped = f"round {k} did not cut {MEASURE} by {args.min_gain:.0%}: stopped, the list so far kept"
             break
-        texts = [o.text for o in read_outputs(base + ".jsonl")]
-        mined = profile(texts, asked, args.min_count, args.min_docs, args.min_ratio, args.max_words)
+        texts, groups = _texts_by_prompt(base + ".jsonl", requests)
+        mined = profile(texts, asked, args.min_count, args.min_docs, args.min_ratio, args.max_words, groups=groups)
         new = [e for e in mined if e.pattern not in found][: args.max_entries]
         if not new:
             stopped = f"round {k} found nothing new to ban: stopped"
@@ -108,7 +126,8 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO)
         for entry in new:
             found[entry.pattern] = k
         entries = sorted([*entries, *new], key=lambda e: (-e.score, e.pattern))
-    _write_list(folder, entries)
+        _write_list(folder, entries, args.multiplier, f"round-{k}.")  # what round k+1 bans
+    _write_list(folder, entries, args.multiplier)
     _write_evidence(folder, entries, found, rounds, stopped)
     stdout.write(_report(folder, entries, found, stopped))
     return 0
@@ -130,21 +149,43 @@ def _round_args(args: argparse.Namespace, prompts: str, folder: str, k: int, ban
     """Batch's arguments for round ``k``: its files, and the list so far on top of the user's bans."""
     base = os.path.join(folder, f"round-{k}")
     extra: Dict[str, Any] = {}
-    if banning:
+    if banning:  # the list after round k-1
         extra = dict(
-            slops=[*args.slops, os.path.join(folder, "slops.json")],
-            regex_file=[*args.regex_file, os.path.join(folder, "regexes.json")],
+            slops=[*args.slops, os.path.join(folder, f"round-{k - 1}.slops.json")],
+            regex_file=[*args.regex_file, os.path.join(folder, f"round-{k - 1}.regexes.json")],
             whole_words=True,
         )
     values = {**vars(args), "command": "batch", "input": prompts, "output": base + ".jsonl"}
     return argparse.Namespace(**{**values, "trace": base + ".trace.jsonl", "pairs": base + ".pairs.jsonl", **extra})
 
 
-def _write_list(folder: str, entries: List[Entry]) -> None:
-    """slops.json and regexes.json: JSON lists that --slops and --regex-file read, ranked."""
-    for name, kind in (("slops.json", "phrase"), ("regexes.json", "regex")):
-        patterns = [e.pattern for e in entries if e.kind == kind]
-        _write_json(os.path.join(folder, name), patterns)
+def _texts_by_prompt(path: str, requests: Dict[str, str]) -> Tuple[List[str], List[str]]:
+    """The completions of a round and, for each, its prompt's text (outputs of one prompt, under
+    other ids, are one document to ``profile``: an entry must recur across different prompts)."""
+    texts, groups = [], []
+    with open(path, encoding="utf-8") as lines:
+        for line in lines:
+            record = json.loads(line) if line.strip() else None
+            if isinstance(record, dict) and isinstance(record.get("text"), str):
+                key = json.dumps(record.get("id"))  # (id_key)
+                texts.append(record["text"])
+                groups.append(requests.get(key) or key)
+    return texts, groups
+
+
+def _write_list(folder: str, entries: List[Entry], multiplier: Optional[float] = None, prefix: str = "") -> None:
+    """PREFIXslops.json and PREFIXregexes.json: JSON lists that --slops and --regex-file read,
+    ranked, each written whole (``_write_json``). With a ``multiplier`` (soft bans) slops.json holds
+    [phrase, multiplier] pairs, a family as its forms (``family_forms``: a regex is always a hard
+    ban), and regexes.json is empty."""
+    if multiplier is None:
+        phrases: List[Any] = [e.pattern for e in entries if e.kind == "phrase"]
+        regexes = [e.pattern for e in entries if e.kind == "regex"]
+    else:
+        forms = (family_forms(e) if e.kind == "regex" else [e.pattern] for e in entries)
+        phrases, regexes = [[form, multiplier] for group in forms for form in group], []
+    _write_json(os.path.join(folder, prefix + "slops.json"), phrases)
+    _write_json(os.path.join(folder, prefix + "regexes.json"), regexes)
 
 
 def _write_evidence(folder: str, entries: List[Entry], found: Dict[str, int], rounds: list, stopped: str) -> None:
@@ -165,11 +206,17 @@ def _write_evidence(folder: str, entries: List[Entry], found: Dict[str, int], ro
 
 
 def _write_json(path: str, value: Any) -> None:
+    """``value`` as JSON in ``path``, whole or not at all: written to a temporary file beside it, then
+    renamed over it (a failure leaves the old file as it was)."""
     temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(value, file, ensure_ascii=False, indent=1)
-        file.write("\n")
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(value, file, ensure_ascii=False, indent=1)
+            file.write("\n")
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def _plain(measures: Dict[str, Estimate]) -> Dict[str, Dict[str, float]]:

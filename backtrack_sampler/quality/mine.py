@@ -10,7 +10,9 @@ list with each entry's evidence (``profile``).
   frequencies combined, ``1/f = sum(1/f_i)``: about the rarest word's). That baseline is generous
   (human text uses most phrases far less often than their rarest word), so a phrase of common words
   passes only when it is very frequent. Words of the prompts are left out (a story about a
-  lighthouse says "lighthouse"), and so are tokens without a letter.
+  lighthouse says "lighthouse"), and so are the phrases that hold one ("the old lighthouse"; a
+  function word of the prompts, as common as ``_FUNCTION`` or more in human text, such as "a" or
+  "about", does not count), and tokens without a letter.
 * **Families**: words with one stem (an inflection: whisper, whispers, whispered, whispering) are
   counted together; a family of two forms or more that passes the same tests as a whole is one
   regex entry, ``\bwhisper\w*``, which bans the forms not seen yet too.
@@ -20,8 +22,14 @@ list with each entry's evidence (``profile``).
   word of a banned family, or a longer phrase around a banned one) is left out: banning the shorter
   one bans it too (with ``whole_words``, as ``slop mine`` uses the list).
 
+* **Documents are prompts** when a prompt has several outputs (``groups``): ``docs`` and
+  ``min_docs`` then count the different prompts an entry is in, so a word one prompt calls for
+  (a clock story's "gears") does not pass by being in every sample of that prompt; slop recurs
+  across prompts.
+
 Entries are ranked by ``docs * log10(ratio)``: spread over many outputs, and far above human use,
-first. ``hits`` counts the entries' occurrences in a text (the ``overrep_phrases_per_1k`` measure).
+first. ``hits`` counts the entries' occurrences in a text (the ``overrep_phrases_per_1k`` measure);
+``family_forms`` spells a family out as phrases (for soft bans, which take phrases only).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Dict, Iterable, List, Sequence, Set, Tuple
+from typing import Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .repeats import words_of
 
@@ -40,6 +48,7 @@ _RUN = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*(?: [^\W_]+(?:['\u2019][^\W_]+)*
 _SUFFIXES = ("ing", "ed", "es", "ly", "s", "e")  # longest first where they overlap
 _MIN_STEM = 4
 _IN_PHRASE = 0.8  # a word with this share of its occurrences in one over-used phrase is banned as that phrase
+_FUNCTION = 1e-3  # a prompt word this common in human text ("a", "about", "who") does not rule out a phrase
 
 
 @dataclass(frozen=True)
@@ -102,25 +111,30 @@ def runs(text: str) -> List[List[str]]:
 
 
 class _Counts:
-    """Occurrences and documents of every n-gram (n <= max_words) of a set of texts."""
+    """Occurrences and documents of every n-gram (n <= max_words) of a set of texts; a document is
+    a group of texts (``groups[i]``: text i's; by default each text is its own)."""
 
-    def __init__(self, texts: Sequence[str], max_words: int):
+    def __init__(self, texts: Sequence[str], max_words: int, groups: Optional[Sequence[Hashable]] = None):
         self.count: Counter = Counter()
         self.docs: Counter = Counter()
         self.total = 0
-        self.where: Dict[str, Set[int]] = {}  # word -> the texts it is in
+        self.where: Dict[str, Set[int]] = {}  # word -> the documents it is in
+        keys: Dict[Hashable, int] = {}
+        seen: Dict[int, Set[Tuple[str, ...]]] = {}
         for index, text in enumerate(texts):
-            seen: Set[Tuple[str, ...]] = set()
+            doc = keys.setdefault(groups[index] if groups is not None else index, len(keys))
+            grams = seen.setdefault(doc, set())
             for run in runs(text):
                 for word in run:
-                    self.where.setdefault(word, set()).add(index)
+                    self.where.setdefault(word, set()).add(doc)
                 self.total += len(run)
                 for n in range(1, max_words + 1):
                     for i in range(len(run) - n + 1):
                         gram = tuple(run[i : i + n])
                         self.count[gram] += 1
-                        seen.add(gram)
-            self.docs.update(seen)
+                        grams.add(gram)
+        for grams in seen.values():
+            self.docs.update(grams)
 
 
 def profile(
@@ -131,9 +145,12 @@ def profile(
     min_ratio: float = 20.0,
     max_words: int = 4,
     baseline: Callable[[str], float] = human_frequency,
+    groups: Optional[Sequence[Hashable]] = None,
 ) -> List[Entry]:
-    """The over-represented words, phrases and word families of ``texts``, ranked (see the module docstring)."""
-    counts = _Counts(texts, max_words)
+    """The over-represented words, phrases and word families of ``texts``, ranked (see the module
+    docstring). ``groups``: text i's prompt (any key), when a prompt has several outputs: then
+    ``min_docs`` and an entry's ``docs`` count distinct prompts, not outputs."""
+    counts = _Counts(texts, max_words, groups)
     if not counts.total:
         return []
     asked = {stem(w) for prompt in prompts for w in words_of(prompt)}
@@ -147,7 +164,10 @@ def profile(
 
     families = _families(counts, asked, baseline, passes)
     covered = {w for family in families for w in family.members}
-    common = (g for g, c in counts.count.items() if len(g) > 1 and c >= min_count and counts.docs[g] >= min_docs)
+    common = [g for g, c in counts.count.items() if len(g) > 1 and c >= min_count and counts.docs[g] >= min_docs]
+    asked_words = {w for w in {w for g in common for w in g} if stem(_noun(w)) in asked}
+    prompted = {w for w in asked_words if baseline(w) < _FUNCTION}  # content words of the prompts
+    common = [g for g in common if not prompted.intersection(g)]
     frequent = [g for g in common if ratio(g) >= min_ratio]  # (the baseline is looked up for these only)
     in_phrase: Dict[str, int] = {}  # word -> the most occurrences of one passing phrase that holds it
     for gram in frequent:
@@ -201,6 +221,18 @@ def family_pattern(root: str) -> str:
     """The regex of a word family: its stem and an inflection, as a whole word ("whisper",
     "whispers", "whispered", "whisperer", but not "star" -> "start" or "linger" -> "lingerie")."""
     return rf"\b{root}(?:{INFLECTIONS})?(?:\b|_)"  # "_": a word ends there as profile reads words
+
+
+def family_forms(entry: Entry) -> List[str]:
+    """The words a family's regex bans, as phrases (for soft bans, which take phrases only): its
+    stem, the stem and every inflection, and the forms it was seen as; a phrase entry is itself."""
+    if entry.kind != "regex":
+        return [entry.pattern]
+    found = re.match(r"\\b(\w+)\(\?:", entry.pattern)
+    if found is None:
+        return list(entry.members)
+    root = found.group(1)
+    return sorted({root, *(root + ending for ending in INFLECTIONS.split("|")), *entry.members})
 
 
 def hits(text: str, entries: Sequence[Entry]) -> int:
