@@ -47,7 +47,7 @@ post-hoc truncation of unlikely draws).
 ``--suite mine`` (issue 28): a ban list mined from the model's own stories (``slop mine``) against
 plain sampling, the 517 list and the built-in list, on held-apart prompt sets; see bench/quality_mine.py.
 
-    .venv/bin/python bench/quality_bench.py --suite mine [--quick]
+    .venv/bin/python bench/quality_bench.py --suite mine [--quick] [--mine-samples N] [--multiplier X]
 
 The slop lists are third-party data read from ../shared/data/antislop (beside the repository),
 never copied; without them the benchmark stops with an error (exit status 2).
@@ -133,8 +133,14 @@ def main() -> int:
         help="antislop: plain vs the 517 / 50,046 lists (default); repetition: plain vs "
         "RepetitionStrategy vs half the 517 list banned vs both; confidence: revision on Q&A; mine: mined lists",
     )
-    parser.add_argument("--quick", action="store_true", help="mine suite: 12 + 12 prompts x 120 tokens")
+    parser.add_argument("--quick", action="store_true", help="mine suite: 12 (x2) + 12 prompts x 120 tokens")
     parser.add_argument("--work", help="mine suite: folder for its files (default: a new temporary one)")
+    parser.add_argument(
+        "--mine-samples", type=int, help="mine suite: stories per mining request, other seeds (default 4; --quick 2)"
+    )
+    parser.add_argument(
+        "--multiplier", type=float, default=0.1, help="mine suite: the soft bans' multiplier (default 0.1)"
+    )
     parser.add_argument("--seeds", type=int, default=1, help="seeds per prompt (repetition and confidence suites)")
     args = parser.parse_args()
     if args.suite == "confidence":

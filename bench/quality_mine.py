@@ -2,24 +2,29 @@
 against plain sampling and the shared lists, on the embedded chat model (SmolLM2 135M Instruct).
 
 Two held-apart sets of story requests (never the same subject): ``slop mine`` generates from the
-mining set (3 rounds); every row then generates from the scoring set with ``batch`` (the same seeds
-in every row) and is scored there:
+mining set (``--mine-samples`` 4 stories per request, other seeds: an entry must recur across
+different requests, and counts the requests it is in; 3 rounds, the rounds banning softly with
+``--multiplier`` 0.1); every row then generates from the scoring set with ``batch`` (one story per
+request, the same seeds in every row) and is scored there:
 
 * plain: no bans;
 * the 517-phrase list (antislop's, ../shared/data/antislop; the row is left out, with a note, when
   it is absent) and the package's built-in list (``strategy.slop_phrases``), hard bans;
-* mined, 1 round: the entries ``slop mine`` found in the plain mining stories;
-* mined, 3 rounds: and those found when generating again with the list so far (``--whole-words``);
-* mined + repetition: the 3-round list chained with ``--strategy repetition``.
+* mined, 1 round: the entries ``slop mine`` found in the plain mining stories, hard bans (whole words);
+* mined, 1 round, soft: the same entries as soft bans (each ``--multiplier`` times as likely where
+  it began; a family as its forms);
+* mined, 3 rounds, soft: and those found when generating again with the list so far;
+* mined 3 soft + repetition: that list chained with ``--strategy repetition``.
 
 Reported per row, each with its 95% bootstrap interval: the over-represented-phrase rate
-(``overrep_phrases_per_1k``: each row's own profile, what ``slop mine`` would ban in it) and its cut
-against plain (the interval of the difference, over plain's value), over-represented words,
-MATTR, loops, early endings, endings at a rewind (from the trace), the mean NLL per token under the
-plain model, tokens/s (the batch run's, 8 generations at once) and rewinds per token.
+(``overrep_phrases_per_1k``: each row's own profile, what ``slop mine`` would ban in it, the scoring
+requests' words left out as the miner leaves them out) and its cut against plain (the interval of
+the difference, over plain's value), MATTR, loops, early endings, endings at a rewind (from the
+trace), the mean NLL per token under the plain model and its change against plain, tokens/s (the
+batch run's, 8 generations at once) and rewinds per token.
 
-    .venv/bin/python bench/quality_bench.py --suite mine            # 24 + 24 prompts x 200 tokens
-    .venv/bin/python bench/quality_bench.py --suite mine --quick    # 12 + 12 prompts x 120 tokens
+    .venv/bin/python bench/quality_bench.py --suite mine            # 24 (x4) + 24 prompts x 200 tokens
+    .venv/bin/python bench/quality_bench.py --suite mine --quick    # 12 (x2) + 12 prompts x 120 tokens
 """
 
 from __future__ import annotations
@@ -107,9 +112,13 @@ def run_cli(argv: List[str]) -> Tuple[float, str]:
     return time.perf_counter() - started, err.getvalue()
 
 
-def write_prompts(path: Path, subjects: List[str]) -> None:
+def write_prompts(path: Path, subjects: List[str], samples: int = 1) -> None:
+    """The story requests, each ``samples`` times (ids i, i + n, i + 2n...: other lines, other seeds)."""
     lines = [
-        json.dumps({"id": i, "messages": [{"role": "user", "content": f"Write a short story about {s}."}]})
+        json.dumps(
+            {"id": k * len(subjects) + i, "messages": [{"role": "user", "content": f"Write a short story about {s}."}]}
+        )
+        for k in range(samples)
         for i, s in enumerate(subjects)
     ]
     path.write_text("\n".join(lines) + "\n")
@@ -122,10 +131,12 @@ def mine_suite(args) -> int:
     quick = args.quick
     count = min(args.prompts or (12 if quick else 24), len(SUBJECTS) // 2)
     tokens = args.tokens if args.tokens != 200 or not quick else 120
+    samples = args.mine_samples or (2 if quick else 4)
+    soft = args.multiplier
     work = Path(args.work or tempfile.mkdtemp(prefix="quality-mine-"))
     work.mkdir(parents=True, exist_ok=True)
     mining, scoring = work / "mining.jsonl", work / "scoring.jsonl"
-    write_prompts(mining, SUBJECTS[0::2][:count])
+    write_prompts(mining, SUBJECTS[0::2][:count], samples)
     write_prompts(scoring, SUBJECTS[1::2][:count])
     sampling = ["--max-new-tokens", str(tokens), "--seed", str(args.seed)]
     sampling += ["--temperature", str(args.temperature), "--top-k", str(args.top_k)]
@@ -133,21 +144,19 @@ def mine_suite(args) -> int:
     sampling += ["--threads", str(args.threads)] if args.threads else []
     sampling += ["--model", args.model, "--n-ctx", str(256 + 2 * tokens)]  # per sequence: prompt + story
     print(
-        f"model {args.model}: mining {count} prompts, scoring {count} others, {tokens} tokens, "
-        f"{' '.join(sampling[4:])}; files in {work}",
+        f"model {args.model}: mining {count} prompts x {samples} stories, scoring {count} others, {tokens} tokens, "
+        f"{' '.join(sampling[4:])}; soft bans x{soft}; files in {work}",
         flush=True,
     )
     started = time.perf_counter()
-    seconds, log = run_cli(["slop", "mine", str(mining), "-o", str(work / "mine"), "--iterations", "3", *sampling])
+    mine = ["slop", "mine", str(mining), "-o", str(work / "mine"), "--iterations", "3", "--multiplier", str(soft)]
+    seconds, log = run_cli([*mine, *sampling])
     evidence = json.loads((work / "mine" / "evidence.json").read_text())
     print(f"mined in {seconds:.0f} s: {evidence['stopped']}", flush=True)
     for line in log.splitlines():
         if line.startswith("round ") and ":" in line and "mined so far" not in line:
             print("  " + line)
-    lists = {
-        "mined, 1 round": [e for e in evidence["entries"] if e["round"] == 1],
-        "mined, 3 rounds": evidence["entries"],
-    }
+    first = [e for e in evidence["entries"] if e["round"] == 1]
     rows: Dict[str, Tuple[List[str], int]] = {"plain": ([], 0)}  # name -> (flags, bans)
     shared = args.data / "slop_phrase_prob_adjustments.json"
     if shared.is_file():
@@ -156,14 +165,14 @@ def mine_suite(args) -> int:
     else:
         print(f"note: {shared} is absent (../shared): the 517-list row is left out")
     rows["built-in list"] = (["--slops", str(write_list(work / "builtin.json", list(SLOP_PHRASES)))], len(SLOP_PHRASES))
-    for name, entries in lists.items():
-        slug = name.split(",")[1].strip().replace(" ", "-")
-        phrases = write_list(work / f"{slug}.slops.json", [e["pattern"] for e in entries if e["kind"] == "phrase"])
-        regexes = write_list(work / f"{slug}.regexes.json", [e["pattern"] for e in entries if e["kind"] == "regex"])
-        flags = ["--slops", str(phrases), "--regex-file", str(regexes)] + ["--whole-words"] * bool(entries)
-        rows[name] = (flags, len(entries))
-    flags, bans = rows["mined, 3 rounds"]
-    rows["mined 3 + repetition"] = ([*flags, "--strategy", "repetition"], bans)
+    phrases = write_list(work / "1-round.slops.json", [e["pattern"] for e in first if e["kind"] == "phrase"])
+    regexes = write_list(work / "1-round.regexes.json", [e["pattern"] for e in first if e["kind"] == "regex"])
+    rows["mined, 1 round"] = (["--slops", str(phrases), "--regex-file", str(regexes), "--whole-words"], len(first))
+    rows["mined, 1 round, soft"] = (["--slops", str(work / "mine" / "round-1.slops.json"), "--whole-words"], len(first))
+    everything = ["--slops", str(work / "mine" / "slops.json"), "--whole-words"]
+    rounds = len(evidence["rounds"])
+    rows[f"mined, {rounds} rounds, soft"] = (everything, len(evidence["entries"]))
+    rows[f"mined {rounds} soft + repetition"] = ([*everything, "--strategy", "repetition"], len(evidence["entries"]))
 
     scorer = NllScorer(args.model, tokens)
     results = {}
@@ -178,30 +187,33 @@ def mine_suite(args) -> int:
 
     plain = results["plain"]
     print(
-        f"\n== {args.model}: {count} scoring prompts x {tokens} tokens (mined on {count} others), "
+        f"\n== {args.model}: {count} scoring prompts x {tokens} tokens (mined on {count} others x {samples} stories), "
         f"{' '.join(sampling[4:])}; 95% bootstrap intervals =="
     )
     print(
-        f"{'setting':22} {'bans':>5} {'over-rep. phrases/1k':>21} {'cut vs plain':>17} {'MATTR':>17} "
-        f"{'loops':>5} {'early':>5} {'rw-end':>6} {'NLL':>17} {'tok/s':>6} {'rw/tok':>6}"
+        f"{'setting':26} {'bans':>5} {'over-rep. phrases/1k':>21} {'cut vs plain':>17} {'MATTR':>17} "
+        f"{'loops':>5} {'early':>5} {'rw-end':>6} {'NLL':>17} {'NLL +':>5} {'tok/s':>6} {'rw/tok':>6}"
     )
+    asked = [m["content"] for r in map(json.loads, scoring.read_text().splitlines()) for m in r["messages"]]
+    plain_nll = bootstrap(plain["nll"], 1.0, rounds=10).value
     for name, r in results.items():
-        diff = compare(plain["outputs"], r["outputs"], rounds=1000)["overrep_phrases_per_1k"]
+        diff = compare(plain["outputs"], r["outputs"], rounds=1000, prompts=asked)["overrep_phrases_per_1k"]
         base = plain["scores"]["overrep_phrases_per_1k"].value or 1.0
         cut = f"{-diff.value / base:4.0%} [{-diff.high / base:.0%},{-diff.low / base:.0%}]" if name != "plain" else ""
-        s = r["scores"]
+        s, nll = r["scores"], bootstrap(r["nll"], 1.0)
         print(
-            f"{name:22} {r['bans']:>5} {fmt(s['overrep_phrases_per_1k'], 1):>21} {cut:>17} {fmt(s['mattr'], 3):>17} "
+            f"{name:26} {r['bans']:>5} {fmt(s['overrep_phrases_per_1k'], 1):>21} {cut:>17} {fmt(s['mattr'], 3):>17} "
             f"{count_of(s['loops'], r):>5} {count_of(s['early_endings'], r):>5} {count_of(s['rewind_endings'], r):>6} "
-            f"{fmt(bootstrap(r['nll'], 1.0), 3):>17} {r['tps']:6.1f} {r['rewinds_per_token']:6.3f}"
+            f"{fmt(nll, 3):>17} {nll.value / plain_nll - 1:5.1%} {r['tps']:6.1f} {r['rewinds_per_token']:6.3f}"
         )
     print(
-        "bans: phrases + regexes; over-rep. phrases/1k: each row's own profile (quality.mine.profile: over-represented "
-        "words, phrases and word families);\ncut vs plain: its fall, with the interval of the difference; loops, early "
-        "(stopped before 50 words), rw-end (ended at a rewind): outputs;\nNLL: nats/token under the plain model; tok/s: "
-        "the batch run's (8 at once); rw/tok: rewinds per delivered token"
+        "bans: entries (phrases, word families); over-rep. phrases/1k: each row's own profile (quality.mine.profile: "
+        "over-represented words,\nphrases and word families, the requests' words left out); cut vs plain: its fall, "
+        "with the interval of the difference;\nloops, early (stopped before 50 words), rw-end (ended at a rewind): "
+        "outputs; NLL: nats/token under the plain model, NLL +: against plain;\ntok/s: the batch run's (8 at once); "
+        "rw/tok: rewinds per delivered token"
     )
-    endings_check(args, work, lists["mined, 3 rounds"])
+    endings_check(args, work, evidence["entries"])
     print(f"total time {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -303,7 +315,7 @@ def measure(out: Path, trace: Path, prompts: Path, scorer: NllScorer, score) -> 
     records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     asked = {r["id"]: r["messages"] for r in map(json.loads, prompts.read_text().splitlines())}
     outputs = read_outputs(str(out), str(trace))
-    scores = score(outputs, rounds=1000)
+    scores = score(outputs, rounds=1000, prompts=[m["content"] for messages in asked.values() for m in messages])
     delivered = sum(r["delivered"] for r in records.values())
     rewinds = sum(r["rewinds"] for r in records.values())
     nll = [scorer(asked[i], r["text"]) for i, r in records.items()]
