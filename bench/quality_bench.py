@@ -139,7 +139,10 @@ def main() -> int:
         "--mine-samples", type=int, help="mine suite: stories per mining request, other seeds (default 4; --quick 2)"
     )
     parser.add_argument(
-        "--multiplier", type=float, default=0.1, help="mine suite: the soft bans' multiplier (default 0.1)"
+        "--multiplier", type=float, default=0.25, help="mine suite: the soft bans' multiplier (default 0.25)"
+    )
+    parser.add_argument(
+        "--multiplier-too", type=float, default=0.1, help="mine suite: a row of the 1-round list with this one (0.1)"
     )
     parser.add_argument("--seeds", type=int, default=1, help="seeds per prompt (repetition and confidence suites)")
     args = parser.parse_args()

@@ -4,7 +4,7 @@ against plain sampling and the shared lists, on the embedded chat model (SmolLM2
 Two held-apart sets of story requests (never the same subject): ``slop mine`` generates from the
 mining set (``--mine-samples`` 4 stories per request, other seeds: an entry must recur across
 different requests, and counts the requests it is in; 3 rounds, the rounds banning softly with
-``--multiplier`` 0.1); every row then generates from the scoring set with ``batch`` (one story per
+``--multiplier`` 0.25); every row then generates from the scoring set with ``batch`` (one story per
 request, the same seeds in every row) and is scored there:
 
 * plain: no bans;
@@ -12,7 +12,7 @@ request, the same seeds in every row) and is scored there:
   it is absent) and the package's built-in list (``strategy.slop_phrases``), hard bans;
 * mined, 1 round: the entries ``slop mine`` found in the plain mining stories, hard bans (whole words);
 * mined, 1 round, soft: the same entries as soft bans (each ``--multiplier`` times as likely where
-  it began; a family as its forms);
+  it began; a family as its forms), and with ``--multiplier-too`` (0.1) as well;
 * mined, 3 rounds, soft: and those found when generating again with the list so far;
 * mined 3 soft + repetition: that list chained with ``--strategy repetition``.
 
@@ -125,6 +125,7 @@ def write_prompts(path: Path, subjects: List[str], samples: int = 1) -> None:
 
 
 def mine_suite(args) -> int:
+    from backtrack_sampler.quality.mine import Entry, family_forms
     from backtrack_sampler.quality.slop import bootstrap, compare, score
     from backtrack_sampler.strategy.slop_phrases import SLOP_PHRASES
 
@@ -168,10 +169,22 @@ def mine_suite(args) -> int:
     phrases = write_list(work / "1-round.slops.json", [e["pattern"] for e in first if e["kind"] == "phrase"])
     regexes = write_list(work / "1-round.regexes.json", [e["pattern"] for e in first if e["kind"] == "regex"])
     rows["mined, 1 round"] = (["--slops", str(phrases), "--regex-file", str(regexes), "--whole-words"], len(first))
-    rows["mined, 1 round, soft"] = (["--slops", str(work / "mine" / "round-1.slops.json"), "--whole-words"], len(first))
+    rows[f"mined, 1 round, soft x{soft}"] = (
+        ["--slops", str(work / "mine" / "round-1.slops.json"), "--whole-words"],
+        len(first),
+    )
+    if args.multiplier_too is not None:  # the same list with another multiplier
+        other = args.multiplier_too
+        forms = [
+            f
+            for e in first
+            for f in family_forms(Entry(e["pattern"], e["kind"], 0, 0, 0.0, tuple(e.get("members", ()))))
+        ]
+        path = write_list(work / f"1-round.x{other}.slops.json", [[f, other] for f in forms])
+        rows[f"mined, 1 round, soft x{other}"] = (["--slops", str(path), "--whole-words"], len(first))
     everything = ["--slops", str(work / "mine" / "slops.json"), "--whole-words"]
     rounds = len(evidence["rounds"])
-    rows[f"mined, {rounds} rounds, soft"] = (everything, len(evidence["entries"]))
+    rows[f"mined, {rounds} rounds, soft x{soft}"] = (everything, len(evidence["entries"]))
     rows[f"mined {rounds} soft + repetition"] = ([*everything, "--strategy", "repetition"], len(evidence["entries"]))
 
     scorer = NllScorer(args.model, tokens)
@@ -191,7 +204,7 @@ def mine_suite(args) -> int:
         f"{' '.join(sampling[4:])}; 95% bootstrap intervals =="
     )
     print(
-        f"{'setting':26} {'bans':>5} {'over-rep. phrases/1k':>21} {'cut vs plain':>17} {'MATTR':>17} "
+        f"{'setting':28} {'bans':>5} {'over-rep. phrases/1k':>21} {'cut vs plain':>17} {'MATTR':>17} "
         f"{'loops':>5} {'early':>5} {'rw-end':>6} {'NLL':>17} {'NLL +':>5} {'tok/s':>6} {'rw/tok':>6}"
     )
     asked = [m["content"] for r in map(json.loads, scoring.read_text().splitlines()) for m in r["messages"]]
@@ -202,7 +215,7 @@ def mine_suite(args) -> int:
         cut = f"{-diff.value / base:4.0%} [{-diff.high / base:.0%},{-diff.low / base:.0%}]" if name != "plain" else ""
         s, nll = r["scores"], bootstrap(r["nll"], 1.0)
         print(
-            f"{name:26} {r['bans']:>5} {fmt(s['overrep_phrases_per_1k'], 1):>21} {cut:>17} {fmt(s['mattr'], 3):>17} "
+            f"{name:28} {r['bans']:>5} {fmt(s['overrep_phrases_per_1k'], 1):>21} {cut:>17} {fmt(s['mattr'], 3):>17} "
             f"{count_of(s['loops'], r):>5} {count_of(s['early_endings'], r):>5} {count_of(s['rewind_endings'], r):>6} "
             f"{fmt(nll, 3):>17} {nll.value / plain_nll - 1:5.1%} {r['tps']:6.1f} {r['rewinds_per_token']:6.3f}"
         )
@@ -269,7 +282,7 @@ def endings_check(args, work: Path, entries: list) -> None:
         )
 
 
-def write_list(path: Path, items: List[str]) -> Path:
+def write_list(path: Path, items: list) -> Path:
     path.write_text(json.dumps(items, ensure_ascii=False))
     return path
 
