@@ -92,6 +92,23 @@ def test_one_backend_call_per_step_and_work_counts():
     assert scheduler.steps == 10 and fake.forward_calls == 0
 
 
+def test_a_rewound_generation_draws_again_in_the_same_step():
+    # a short rewind goes back to logits the cache kept: the generation draws its next token in
+    # the step that rewound, so every step reads one token of every running generation (none sits
+    # a step out), and the outputs are those of the single-sequence driver
+    fake = FakeProvider()
+    scheduler = BatchScheduler(fake, parallel=3)
+    scheduler.KNOWN_ROUNDS = 50  # (the default bounds a step's work: a 5th rewind in a row would wait a step)
+    jobs = [scheduler.submit(p, Rewinder(seed=i), max_new_tokens=30, seed=i) for i, p in enumerate(PROMPTS[:3])]
+    scheduler.step()  # the prompts
+    while scheduler.pending:
+        running, before = scheduler.running, fake.evaluated
+        scheduler.step()
+        assert fake.evaluated - before == running
+    for i, job in enumerate(jobs):
+        assert job.stats.rewinds > 3 and job.tokens == single(PROMPTS[i], Rewinder(seed=i), max_new_tokens=30, seed=i)
+
+
 def test_at_most_parallel_running_first_come_first_served():
     fake = FakeProvider()
     scheduler = BatchScheduler(fake, parallel=2)

@@ -91,6 +91,13 @@ class Backend:
     def propose(self, jobs: Sequence[BatchJob]) -> Dict[BatchJob, Proposal]:
         raise NotImplementedError
 
+    def known(self, jobs: Sequence[BatchJob]) -> Dict[BatchJob, Proposal]:
+        """Proposals for those of ``jobs`` (they just rewound) that need no model work, e.g. the
+        logits a short rewind goes back to: the scheduler feeds them in the same step, so a
+        rewound generation draws its next token at once and is read with the others in the next
+        backend call instead of sitting one out. Default: none."""
+        return {}
+
     def release(self, job: BatchJob) -> None:
         pass
 
@@ -177,6 +184,16 @@ class BatchBackend(Backend):
             fed[job] = len(sequence)
             if len(sequence) == len(job.generation.prompt) + len(job.generation.tokens):
                 answers[job] = Logits(logits[job])  # (a chunk of a prompt: its logits are not needed)
+        return answers
+
+    def known(self, jobs: Sequence[BatchJob]) -> Dict[BatchJob, Proposal]:
+        answers: Dict[BatchJob, Proposal] = {}
+        for job in jobs:
+            sequence = job.generation.sequence
+            logits = self.provider.known_logits(sequence, key=job)
+            if logits is not None:
+                self._fed[job] = len(sequence)
+                answers[job] = Logits(logits)
         return answers
 
     def release(self, job: BatchJob) -> None:

@@ -12,6 +12,8 @@ The step protocol (``Scheduler.step``)::
     for job, proposal in proposals.items():
         final = job.policy.feed(job.generation, proposal)   # default: proposal.take(generation)
         if job.generation.done: finish it (backend.release, generation.close)
+    repeat with backend.known(the jobs that rewound)   # their logits need no model work: the next
+                                                       # token is drawn now, read next step with the rest
     return [Update(job, final, events, started, finished), ...]   # the one way out
 
 Every view reads the ``Update``s: ``BacktrackSampler.generate`` yields their tokens,
@@ -151,6 +153,8 @@ class Scheduler:
     ``add`` and ``BatchJob.cancel``, which may be called from other threads while one thread
     steps (this is how the server uses it)."""
 
+    KNOWN_ROUNDS = 4  # times a step draws again for jobs that rewound to logits known without model work
+
     def __init__(self, backend: Backend, parallel: Optional[int] = None):
         capacity = backend.max_sequences
         parallel = capacity if parallel is None else parallel
@@ -247,19 +251,33 @@ class Scheduler:
                 for job in list(running):
                     job.error = error
                     self._finish(job, updates)
-            for job, proposal in proposals.items():
-                update = updates.setdefault(job, Update(job))
-                update.advanced = True
-                try:
-                    tokens = job.policy.feed(job.generation, proposal)
-                except Exception as error:  # the strategy or the backend failed: only this job ends
-                    job.error = error
-                    tokens = []
-                job.tokens.extend(tokens)
-                update.tokens.extend(tokens)
-                if job.error is not None or job.generation.done:
-                    self._finish(job, updates)
+            rewound = self._feed(proposals, updates)
+            for _ in range(self.KNOWN_ROUNDS):  # a short rewind's logits are known: draw its next token now
+                proposals = self.backend.known(rewound) if rewound else {}
+                if not proposals:
+                    break
+                rewound = self._feed(proposals, updates)
         return self._deliver(updates)
+
+    def _feed(self, proposals: Dict[BatchJob, Proposal], updates: Dict[BatchJob, Update]) -> List[BatchJob]:
+        """Feed each job its proposal; returns the jobs still running that did not advance (rewound)."""
+        rewound = []
+        for job, proposal in proposals.items():
+            update = updates.setdefault(job, Update(job))
+            update.advanced = True
+            before = len(job.generation.tokens)
+            try:
+                tokens = job.policy.feed(job.generation, proposal)
+            except Exception as error:  # the strategy or the backend failed: only this job ends
+                job.error = error
+                tokens = []
+            job.tokens.extend(tokens)
+            update.tokens.extend(tokens)
+            if job.error is not None or job.generation.done:
+                self._finish(job, updates)
+            elif len(job.generation.tokens) <= before:
+                rewound.append(job)
+        return rewound
 
     def cancel_all(self) -> None:
         """Cancel every queued and running job (they end at the next step)."""

@@ -178,6 +178,28 @@ class BaseProvider(ABC):
                 answers[key] = logits
         return {key: answers[key] for key in requests}
 
+    def known_logits(self, input_ids: Sequence[int], key: Optional[Hashable] = None) -> Optional[np.ndarray]:
+        """The next-token logits after ``input_ids`` when they are known without evaluating
+        anything (a short rewind: the cache holds them and their logits were kept), else None.
+        As ``next_logits`` (``key`` None) or ``next_logits_batch`` (an existing key), the cache is
+        then cut to ``input_ids``."""
+        tokens = list(input_ids)
+        with self._lock:
+            if key is None:
+                self._sync()
+                cached, recent, cut = self._cached, self._recent, self._cut
+            else:
+                seq = self._batch.get(key)
+                if seq is None:
+                    return None
+                cached, recent = seq.cached, seq.recent
+                cut = lambda length: self._cut_sequence(seq, length)  # noqa: E731
+            n = len(tokens)
+            if not (0 < n <= len(cached) and n in recent and common_prefix(cached, tokens) == n):
+                return None
+            cut(n)
+            return recent[n].copy()
+
     def claim(self, tokens: Sequence[int], key: Optional[Hashable] = None) -> int:
         """Ready a cache for a sequence that starts with ``tokens``; return how many of them it holds
         already (only the rest will be evaluated). ``key`` None: the cache of ``next_logits``;
