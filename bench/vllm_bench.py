@@ -114,6 +114,11 @@ def through(provider, make_strategy, prompts, tokens: int, parallel: int, seed0:
     errors = [job.error for job in jobs if job.error is not None]
     if errors:
         raise errors[0]
+    ended = [job.generation.stats for job in jobs if job.generation.stats.finish_reason not in ("stop", "length")]
+    if ended:  # a row measured on generations that never ran would report a cost per nothing
+        raise SystemExit(
+            f"{len(ended)} of {len(jobs)} generations ended {ended[0].finish_reason}: {ended[0].constraint}"
+        )
     got = sum(len(job.tokens) for job in jobs)
     rewinds = sum(job.generation.stats.rewinds for job in jobs)
     texts = [provider.decode(job.tokens) for job in jobs]
@@ -131,6 +136,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, help="single-stream runs per row, alternated (default 3; --quick 2)")
     parser.add_argument("--batch-prompts", type=int, help="prompts of (b) (default 200; --quick 64)")
     parser.add_argument("--slop-file", default=str(SLOPS), help="the 50,046-phrase list (JSON)")
+    parser.add_argument(
+        "--block-size", type=int, default=32, help="vLLM's KV block size (a rewind re-reads its partial block)"
+    )
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     in_vllm_venv()
@@ -148,7 +156,9 @@ def main() -> None:
     from backtrack_sampler.engine.vllm_provider import VllmProvider
     from backtrack_sampler.provider.chat import chat_prompt_tokens
 
-    provider = VllmProvider(str(MODEL), enforce_eager=True, max_model_len=4096, block_size=32, max_num_seqs=32)
+    provider = VllmProvider(
+        str(MODEL), enforce_eager=True, max_model_len=4096, block_size=args.block_size, max_num_seqs=32
+    )
     alone = Alone(provider)
     story = chat_prompt_tokens(provider, STORY)
     pairs = frequent_word_pairs(provider)
@@ -225,8 +235,10 @@ def cost_table(provider, prompts, tokens: int) -> None:
     import json as json_
 
     from backtrack_sampler import AntiSlopStrategy, BaseStrategy
+    from backtrack_sampler.provider.chat import chat_prompt_tokens
     from backtrack_sampler.strategy.grammar_strategy import GrammarStrategy
     from backtrack_sampler.strategy.repetition_strategy import RepetitionStrategy
+    from engine_bench import SUBJECTS
 
     lists = {}
     for name, path in (("517", SLOPS.with_name("slop_phrase_prob_adjustments.json")), ("50,046", SLOPS)):
@@ -238,12 +250,17 @@ def cost_table(provider, prompts, tokens: int) -> None:
         rows[f"AntiSlop, {name} phrases"] = lambda phrases=phrases: AntiSlopStrategy(provider, phrases)
     rows["JSON Schema (GrammarStrategy)"] = lambda: GrammarStrategy(provider, json_schema=schema)
     rows["RepetitionStrategy"] = lambda: RepetitionStrategy(provider)
+    json_prompts = [
+        chat_prompt_tokens(provider, [{"role": "user", "content": f"Describe a book about {s} as a JSON object."}])
+        for s in SUBJECTS[: len(prompts)]
+    ]
     print(f"\n== this library's time per token per sequence: {len(prompts)} sequences x {tokens} tokens ==")
     print(f"{'strategy':32} {'us/token':>9} {'rewinds/tok':>12} {'batch in 15 ms':>15}")
     engine = provider.engine
     for name, make in rows.items():
         before = engine.step_seconds
-        got, seconds, rewinds, _, _ = through(provider, make, prompts, tokens, len(prompts), 7)
+        asked = json_prompts if name.startswith("JSON") else prompts  # the grammar's first token is "{"
+        got, seconds, rewinds, _, _ = through(provider, make, asked, tokens, len(prompts), 7)
         ours = (seconds - (engine.step_seconds - before)) / max(got, 1) * 1e6
         print(f"{name:32} {ours:9.0f} {rewinds / max(got, 1):12.3f} {int(15000 / max(ours, 1)):15d}", flush=True)
     skipped = {"517", "50,046"} - set(lists)
