@@ -40,9 +40,21 @@ BANS = [
     ["camaraderie", "whispered secrets"],
 ]
 N_CTX = 2048
-# --frequent-bans: words the story uses all the time, banned as substrings ("the" also bans "there",
-# "they"...): every client rewinds often (issue 25's "bans firing" load)
-FREQUENT_BANS = [["the"], ["and"], ["was"], ["of"], ["to"], ["his"], ["her"], ["in"]]
+# --frequent-bans: every client bans the 2,000 frequent word pairs of bench/antislop_bench.py
+# ("of the", "it was"... drawn from the tokenizer's most frequent words): a pair is two or more
+# tokens, so each hit is a rewind to where it began (issue 25's "bans firing" load; single words
+# such as "the" are mostly masked before they are drawn and rarely rewind)
+
+
+def frequent_bans() -> list:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from antislop_bench import frequent_word_pairs
+
+    from backtrack_sampler.provider.llamacpp_provider import LlamacppProvider
+    from backtrack_sampler.provider.models import load_llamacpp
+
+    provider = LlamacppProvider(load_llamacpp(n_ctx=256), None, "cpu")
+    return [frequent_word_pairs(provider)]
 
 
 def free_port() -> int:
@@ -112,7 +124,7 @@ class Server:
 def stream_one(client, seed: int, tokens: int, out: dict, start_gate: threading.Event) -> None:
     start_gate.wait()
     started = time.perf_counter()
-    first, delivered = None, 0
+    first, delivered, rewinds = None, 0, 0
     stream = client.completions.create(
         model="m",
         prompt=PROMPT,
@@ -128,7 +140,8 @@ def stream_one(client, seed: int, tokens: int, out: dict, start_gate: threading.
             first = time.perf_counter() - started
         if chunk.usage is not None:
             delivered = chunk.usage.completion_tokens
-    out[seed] = (first, delivered, time.perf_counter() - started)
+            rewinds = (chunk.model_extra or {}).get("backtrack", {}).get("rewinds", 0)
+    out[seed] = (first, delivered, time.perf_counter() - started, rewinds)
 
 
 def clients_round(url: str, n: int, tokens: int, seed0: int) -> dict:
@@ -150,6 +163,7 @@ def clients_round(url: str, n: int, tokens: int, seed0: int) -> dict:
     firsts = sorted(r[0] for r in results.values())
     delivered = sum(r[1] for r in results.values())
     return {
+        "rewinds": sum(r[3] for r in results.values()),
         "clients": n,
         "tokens": delivered,
         "seconds": wall,
@@ -273,10 +287,10 @@ def numerics(steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64, help="tokens per client (default: 64)")
-    parser.add_argument("--frequent-bans", action="store_true", help="ban words the story uses all the time")
+    parser.add_argument("--frequent-bans", action="store_true", help="every client bans the 2,000 frequent word pairs (rewinds often)")
     args = parser.parse_args()
     if args.frequent_bans:
-        BANS[:] = FREQUENT_BANS
+        BANS[:] = frequent_bans()
     threads = os.cpu_count() or 1
 
     print(
@@ -297,12 +311,13 @@ def main() -> None:
 
     print("\n## aggregate delivered tokens/s through the server (--parallel 8) vs a raw llama.cpp batched loop")
     print(
-        f"{'clients':>7} {'tokens':>6} {'seconds':>7} {'tok/s':>7} {'raw tok/s':>9} {'of raw':>6} {'TTFT p50':>8} {'TTFT p95':>8}"
+        f"{'clients':>7} {'tokens':>6} {'seconds':>7} {'tok/s':>7} {'raw tok/s':>9} {'of raw':>6} {'TTFT p50':>8} "
+        f"{'TTFT p95':>8} {'rewinds/tok':>11}"
     )
     for n, r in rounds.items():
         print(
             f"{n:>7} {r['tokens']:>6} {r['seconds']:>7.2f} {r['tps']:>7.1f} {raw[n]:>9.1f} {r['tps'] / raw[n]:>6.2f} "
-            f"{r['ttft_p50']:>7.2f}s {r['ttft_p95']:>7.2f}s"
+            f"{r['ttft_p50']:>7.2f}s {r['ttft_p95']:>7.2f}s {r['rewinds'] / max(r['tokens'], 1):>11.3f}"
         )
     scale = rounds[8]["tps"] / rounds[1]["tps"]
     print(

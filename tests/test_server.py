@@ -161,6 +161,7 @@ def test_streamed_chat_completion_with_usage(client):
     assert_finish(finishes[-1], chunks[-1].usage.completion_tokens, 4)
     assert all(f is None for f in finishes[:-1])
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 4
+    assert chunks[-1].model_extra["backtrack"]["rewinds"] >= 0  # the answer's rewinds, as unstreamed
 
 
 def test_raw_stream_ends_with_done(server):

@@ -256,8 +256,8 @@ def streamed_answer(answers: List[Answer], reply: Reply) -> StreamingResponse:
                             last.setdefault("backtrack", {})["warnings"] = list(reply.plan.warnings)
                         yield _sse(last)
                         dones.append(value)
-            if len(dones) == len(answers) and reply.plan.include_usage:
-                yield _sse(reply.usage_chunk(dones))
+            if len(dones) == len(answers) and reply.plan.include_usage:  # with the answer's rewinds, as unstreamed
+                yield _sse({**reply.usage_chunk(dones), "backtrack": backtrack_info(reply.plan, dones)})
             yield "data: [DONE]\n\n"
         finally:
             for answer in answers:
