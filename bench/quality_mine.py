@@ -14,7 +14,8 @@ request, the same seeds in every row) and is scored there:
 * mined, 1 round, soft: the same entries as soft bans (each ``--multiplier`` times as likely where
   it began; a family as its forms), and with ``--multiplier-too`` (0.1) as well;
 * mined, 3 rounds, soft: and those found when generating again with the list so far;
-* mined 3 soft + repetition: that list chained with ``--strategy repetition``.
+* mined 3 soft + repetition: that list chained with ``--strategy repetition``;
+* repetition only: ``--strategy repetition`` without bans (what the last row owes to it).
 
 Reported per row, each with its 95% bootstrap interval: the over-represented-phrase rate
 (``overrep_phrases_per_1k``: each row's own profile, what ``slop mine`` would ban in it, the scoring
@@ -186,6 +187,7 @@ def mine_suite(args) -> int:
     rounds = len(evidence["rounds"])
     rows[f"mined, {rounds} rounds, soft x{soft}"] = (everything, len(evidence["entries"]))
     rows[f"mined {rounds} soft + repetition"] = ([*everything, "--strategy", "repetition"], len(evidence["entries"]))
+    rows["repetition only"] = (["--strategy", "repetition"], 0)  # what the repetition strategy alone does
 
     scorer = NllScorer(args.model, tokens)
     results = {}
