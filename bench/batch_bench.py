@@ -287,7 +287,9 @@ def numerics(steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64, help="tokens per client (default: 64)")
-    parser.add_argument("--frequent-bans", action="store_true", help="every client bans the 2,000 frequent word pairs (rewinds often)")
+    parser.add_argument(
+        "--frequent-bans", action="store_true", help="every client bans the 2,000 frequent word pairs (rewinds often)"
+    )
     args = parser.parse_args()
     if args.frequent_bans:
         BANS[:] = frequent_bans()

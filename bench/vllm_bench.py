@@ -234,11 +234,12 @@ def cost_table(provider, prompts, tokens: int) -> None:
     strategy time fits beside a 15 ms GPU step."""
     import json as json_
 
+    from engine_bench import SUBJECTS
+
     from backtrack_sampler import AntiSlopStrategy, BaseStrategy
     from backtrack_sampler.provider.chat import chat_prompt_tokens
     from backtrack_sampler.strategy.grammar_strategy import GrammarStrategy
     from backtrack_sampler.strategy.repetition_strategy import RepetitionStrategy
-    from engine_bench import SUBJECTS
 
     lists = {}
     for name, path in (("517", SLOPS.with_name("slop_phrase_prob_adjustments.json")), ("50,046", SLOPS)):

@@ -230,3 +230,25 @@ def test_a_hard_constraint_on_the_answer_is_told_its_limit_and_forbids_ending_in
     assert text.startswith("<think> the cat dog") and stats.finish_reason == "length"
     text, stats = run(provider, ScopedStrategy(provider, AntiSlopStrategy(provider, [[" rug", 0.5]]), "answer"))
     assert text == "<think> the cat" and stats.finish_reason == "stop"  # a soft strategy lets it end
+
+
+def test_the_batch_command_reads_a_block_the_prompt_opens(monkeypatch, tmp_path):
+    # the prompt ends with "<think>" (a chat template that starts the model's turn reasoning): a
+    # ban scoped to the answer leaves the reasoning alone, as generate and the server do
+    import io
+    import json
+
+    from backtrack_sampler import cli
+    from backtrack_sampler.cli import model as cli_model
+
+    provider = scripted(" the cat sat</think> the cat sat")
+    monkeypatch.setattr(cli_model, "load_provider", lambda *args, **kwargs: provider)
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    prompts.write_text(json.dumps({"id": 1, "prompt": "<bos><think>"}) + "\n")
+    argv = ["batch", str(prompts), "-o", str(out), "--temperature", "0", "--max-new-tokens", "20"]
+    status = cli.main(
+        [*argv, "--ban", " cat", "--scope", "answer"], stdin=io.StringIO(), stdout=io.StringIO(), stderr=io.StringIO()
+    )
+    assert status == 0
+    # the script's first token is the prompt's "<think>"; "</think>" decodes to nothing here
+    assert json.loads(out.read_text())["text"] == " cat sat the dog sat"

@@ -169,7 +169,7 @@ def run(args, stdin: TextIO, stderr: TextIO) -> int:
         summary = run_batch(
             provider,
             prompts,
-            lambda: build_strategies(plan, provider),
+            lambda prompt: build_strategies(plan, provider, prompt),
             output,
             defaults=defaults,
             parallel=parallel,

@@ -17,6 +17,7 @@ into TRL's DPO format.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -290,7 +291,7 @@ class _Run:
         self,
         scheduler: BatchScheduler,
         item: PromptLine,
-        strategy: BaseStrategy,
+        make_strategy: Callable[..., BaseStrategy],
         sampling: Dict[str, Any],
         messages: Optional[List[Dict[str, str]]],
     ) -> BatchJob:
@@ -301,6 +302,12 @@ class _Run:
         else:
             assert item.prompt is not None  # a line without messages has a prompt (_parse_line)
             source = prompt = item.prompt
+        if inspect.signature(make_strategy).parameters:  # it reads the prompt (a reasoning block it opens)
+            if isinstance(prompt, str):
+                prompt = self.provider.encode(prompt, add_special_tokens=True) if prompt else prompt
+            strategy = make_strategy(prompt)
+        else:
+            strategy = make_strategy()
         writer = TraceWriter(None, source) if self.trace or self.pairs else None
         job = scheduler.submit(prompt, strategy, events=writer is not None, **sampling)
         self.jobs[job] = (item, writer, [])
@@ -364,7 +371,7 @@ class _Run:
 def run_batch(
     provider: BaseProvider,
     prompts: Sequence[PromptLine],
-    make_strategy: Callable[[], BaseStrategy],
+    make_strategy: Callable[..., BaseStrategy],
     output: JsonlOutput,
     *,
     defaults: Optional[Dict[str, Any]] = None,
@@ -384,7 +391,8 @@ def run_batch(
     ``{"id", "text", "finish_reason", "delivered", "rewound", "rewinds", "seconds"}`` (and
     ``constraint`` when a hard constraint ended it).
 
-    make_strategy: a new strategy instance per generation. defaults: generate()'s sampling
+    make_strategy: a new strategy instance per generation; given the prompt's token ids when it
+    takes an argument (``build_strategies``'s ``prompt``: a reasoning block the prompt opens). defaults: generate()'s sampling
     arguments, under each line's overrides. chat: a ``prompt`` line is the user message of a
     chat (after a ``system`` message, if given), else plain text; ``messages`` lines are chats
     as they are. base_seed: a line without a seed gets ``base_seed + its line number`` (the same
@@ -417,7 +425,7 @@ def run_batch(
                         {"role": "user", "content": item.prompt}
                     ]
                 try:
-                    run.submit(scheduler, item, make_strategy(), sampling, messages)
+                    run.submit(scheduler, item, make_strategy, sampling, messages)
                 except ValueError as error:
                     summary.bad += 1
                     if on_bad is None:
