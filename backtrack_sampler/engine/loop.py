@@ -338,21 +338,42 @@ class EngineBackend(Backend):
                 proposals[job] = proposal
         return proposals
 
-    def _next(self, job: BatchJob, sequence: _Sequence) -> Optional[Proposal]:
-        generation = job.generation
+    def known(self, jobs: Sequence[BatchJob]) -> Dict[BatchJob, Proposal]:
+        """The jobs that rewound to a position whose candidates were received: chosen there
+        locally, in the same step (their next request then opens in the next one)."""
+        answers: Dict[BatchJob, Proposal] = {}
+        for job in jobs:
+            sequence = self._sequences.get(job)
+            proposal = None if sequence is None else self._local(job.generation, sequence)
+            if proposal is not None:
+                answers[job] = proposal
+        return answers
+
+    def _local(self, generation: Generation, sequence: _Sequence) -> Optional[Proposal]:
+        """Follow the generation's tokens (a draft replaced or rewound leaves the stream stale:
+        it is closed); with no stream, the candidates known at the position reached, to choose
+        from locally."""
         tokens = generation.tokens
         sequence.follow(tokens)
         stream = sequence.stream
-        if stream is not None and tokens != stream.expected:  # a draft replaced or rewound: the stream is stale
+        if stream is not None and tokens != stream.expected:
             stream.close()
             sequence.stream = stream = None
+        step = sequence.known.get(len(tokens)) if stream is None else None
+        if step is None:
+            return None
+        user = generation.sampling
+        return Logits(self.logits(step, user.temperature), local_sampling(step.kind, user))
+
+    def _next(self, job: BatchJob, sequence: _Sequence) -> Optional[Proposal]:
+        generation = job.generation
         name = self.client.api.name
         while True:
+            local = self._local(generation, sequence)
+            if local is not None:  # rewound to a position whose candidates are known: choose there, locally
+                return local
+            stream = sequence.stream
             if stream is None:
-                step = sequence.known.get(len(tokens))
-                if step is not None:  # rewound to a position whose candidates are known: choose there, locally
-                    user = generation.sampling
-                    return Logits(self.logits(step, user.temperature), local_sampling(step.kind, user))
                 sequence.stream = stream = self._open(job, sequence)
             event = stream.next()
             if event is None:
@@ -368,8 +389,7 @@ class EngineBackend(Backend):
                     return Failure(
                         EngineError(f"{name} finished a request without generating a token (its context may be full)")
                     )
-                stream = None  # the request is done: the next one continues from the kept tokens
-                continue
+                continue  # the request is done: the next one continues from the kept tokens
             if event is _END:
                 return Failure(EngineError(f"{name} ended the stream without finishing the request"))
             return Failure(event)
