@@ -14,6 +14,10 @@ one. With ``--iterations N`` round k+1 generates again with the list so far (who
 what the model writes instead; it stops early when a round's over-represented-phrase rate is not at
 least ``--min-gain`` (10%) below the round before (that round is not mined). The same command again
 resumes: finished rounds are read back, not generated again, and mining them gives the same list.
+
+Outputs of one prompt (the same request on several lines, under other ids) are one document:
+``--min-docs`` counts different prompts. ``--multiplier X`` writes soft bans (``[phrase, X]``
+pairs, a family as its forms) and the rounds ban that way.
 """
 
 from __future__ import annotations
