@@ -148,6 +148,37 @@ def test_a_generation_keeps_one_llama_server_slot(model):
         fake.close()
 
 
+class RewindAt(_Base):
+    """Rewinds once, from 5 tokens to 3."""
+
+    def __init__(self):
+        self.done = False
+
+    def backtrack(self, tokens):
+        if len(tokens) == 5 and not self.done:
+            self.done = True
+            return tokens[:3]
+        return tokens
+
+    def get_keep_index(self):
+        return 0
+
+
+def test_a_rewound_generation_chooses_again_in_the_same_step(engine, model):
+    # its candidates at the position rewound to were received: it chooses there in the step that
+    # rewound (Backend.known), so no step ends with it behind where it was
+    from backtrack_sampler.core.batch import BatchScheduler
+
+    provider = connect(engine, model)
+    scheduler = BatchScheduler(provider, parallel=2)
+    jobs = [scheduler.submit(" it was", s(), max_new_tokens=12, seed=1, top_k=8) for s in (RewindAt, NoOp)]
+    lengths = []
+    while scheduler.pending:
+        scheduler.step()
+        lengths.append(len(jobs[0].generation.tokens))
+    assert jobs[0].stats.rewinds == 1 and len(jobs[0].tokens) > 5 and lengths == sorted(lengths)
+
+
 def test_no_op_strategy_takes_every_draft_in_one_request(engine, model):
     provider = connect(engine, model)
     sampler = BacktrackSampler(provider, NoOp())
