@@ -136,6 +136,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="mine suite: 12 (x2) + 12 prompts x 120 tokens")
     parser.add_argument("--work", help="mine suite: folder for its files (default: a new temporary one)")
     parser.add_argument(
+        "--short",
+        action="store_true",
+        help="mine suite: 1 mining round; no 517-list, second-multiplier or repetition-only row, no endings check",
+    )
+    parser.add_argument(
         "--mine-samples", type=int, help="mine suite: stories per mining request, other seeds (default 4; --quick 2)"
     )
     parser.add_argument(

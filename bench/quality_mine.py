@@ -26,6 +26,7 @@ batch run's, 8 generations at once) and rewinds per token.
 
     .venv/bin/python bench/quality_bench.py --suite mine            # 24 (x4) + 24 prompts x 200 tokens
     .venv/bin/python bench/quality_bench.py --suite mine --quick    # 12 (x2) + 12 prompts x 120 tokens
+    .venv/bin/python bench/quality_bench.py --suite mine --short    # 1 mining round; plain, built-in, mined rows
 """
 
 from __future__ import annotations
@@ -151,7 +152,18 @@ def mine_suite(args) -> int:
         flush=True,
     )
     started = time.perf_counter()
-    mine = ["slop", "mine", str(mining), "-o", str(work / "mine"), "--iterations", "3", "--multiplier", str(soft)]
+    iterations = str(1 if args.short else 3)
+    mine = [
+        "slop",
+        "mine",
+        str(mining),
+        "-o",
+        str(work / "mine"),
+        "--iterations",
+        iterations,
+        "--multiplier",
+        str(soft),
+    ]
     seconds, log = run_cli([*mine, *sampling])
     evidence = json.loads((work / "mine" / "evidence.json").read_text())
     print(f"mined in {seconds:.0f} s: {evidence['stopped']}", flush=True)
@@ -161,7 +173,9 @@ def mine_suite(args) -> int:
     first = [e for e in evidence["entries"] if e["round"] == 1]
     rows: Dict[str, Tuple[List[str], int]] = {"plain": ([], 0)}  # name -> (flags, bans)
     shared = args.data / "slop_phrase_prob_adjustments.json"
-    if shared.is_file():
+    if args.short:
+        pass  # (the 517-list row is left out)
+    elif shared.is_file():
         phrases = [p for p, _ in json.loads(shared.read_text())]
         rows["517 list"] = (["--slops", str(write_list(work / "517.json", phrases))], len(phrases))
     else:
@@ -174,7 +188,7 @@ def mine_suite(args) -> int:
         ["--slops", str(work / "mine" / "round-1.slops.json"), "--whole-words"],
         len(first),
     )
-    if args.multiplier_too is not None:  # the same list with another multiplier
+    if args.multiplier_too is not None and not args.short:  # the same list with another multiplier
         other = args.multiplier_too
         forms = [
             f
@@ -185,9 +199,11 @@ def mine_suite(args) -> int:
         rows[f"mined, 1 round, soft x{other}"] = (["--slops", str(path), "--whole-words"], len(first))
     everything = ["--slops", str(work / "mine" / "slops.json"), "--whole-words"]
     rounds = len(evidence["rounds"])
-    rows[f"mined, {rounds} rounds, soft x{soft}"] = (everything, len(evidence["entries"]))
+    if rounds > 1:
+        rows[f"mined, {rounds} rounds, soft x{soft}"] = (everything, len(evidence["entries"]))
     rows[f"mined {rounds} soft + repetition"] = ([*everything, "--strategy", "repetition"], len(evidence["entries"]))
-    rows["repetition only"] = (["--strategy", "repetition"], 0)  # what the repetition strategy alone does
+    if not args.short:
+        rows["repetition only"] = (["--strategy", "repetition"], 0)  # what the repetition strategy alone does
 
     scorer = NllScorer(args.model, tokens)
     results = {}
@@ -228,7 +244,8 @@ def mine_suite(args) -> int:
         "outputs; NLL: nats/token under the plain model, NLL +: against plain;\ntok/s: the batch run's (8 at once); "
         "rw/tok: rewinds per delivered token"
     )
-    endings_check(args, work, evidence["entries"])
+    if not args.short:
+        endings_check(args, work, evidence["entries"])
     print(f"total time {time.perf_counter() - started:.0f} s")
     return 0
 
