@@ -205,7 +205,7 @@ def mine_suite(args) -> int:
     if not args.short:
         rows["repetition only"] = (["--strategy", "repetition"], 0)  # what the repetition strategy alone does
 
-    scorer = NllScorer(args.model, tokens)
+    scorer = NllScorer(args.model, tokens, args.threads)
     results = {}
     for name, (flags, bans) in rows.items():
         out = work / f"score-{name.replace(' ', '_').replace(',', '')}.jsonl"
@@ -318,12 +318,13 @@ class NllScorer:
     """The mean negative log-likelihood of a text after its prompt under the plain model (llama.cpp,
     one batched evaluation of prompt + text, the text as the tokenizer encodes it)."""
 
-    def __init__(self, model: str, tokens: int):
+    def __init__(self, model: str, tokens: int, threads=None):
         from backtrack_sampler.provider.llamacpp_provider import LlamacppProvider
         from backtrack_sampler.provider.models import load_llamacpp
 
-        self.provider = LlamacppProvider(load_llamacpp(model, n_ctx=512 + 2 * tokens))
-        self.llama = load_llamacpp(model, n_ctx=512 + 2 * tokens, logits_all=True)
+        more = {} if threads is None else {"n_threads": threads, "n_threads_batch": threads}  # --threads too
+        self.provider = LlamacppProvider(load_llamacpp(model, n_ctx=512 + 2 * tokens, **more))
+        self.llama = load_llamacpp(model, n_ctx=512 + 2 * tokens, logits_all=True, **more)
 
     def __call__(self, messages: list, text: str) -> Tuple[float, float]:
         """(sum of the NLL, tokens)."""
