@@ -194,11 +194,7 @@ class BaseProvider(ABC):
                     return None
                 cached, recent = seq.cached, seq.recent
                 cut = lambda length: self._cut_sequence(seq, length)  # noqa: E731
-            n = len(tokens)
-            if not (0 < n <= len(cached) and n in recent and common_prefix(cached, tokens) == n):
-                return None
-            cut(n)
-            return recent[n].copy()
+            return self._known(cached, recent, tokens, cut) if tokens else None
 
     def claim(self, tokens: Sequence[int], key: Optional[Hashable] = None) -> int:
         """Ready a cache for a sequence that starts with ``tokens``; return how many of them it holds
@@ -295,13 +291,23 @@ class BaseProvider(ABC):
         ``(known logits, _)`` for a short rewind, else ``(None, n)`` with ``tokens[n:]`` to evaluate."""
         n = len(cached)
         if not (n < len(tokens) and tokens[:n] == cached):  # not a plain extension: find the shared prefix
+            known = BaseProvider._known(cached, recent, tokens, cut)
+            if known is not None:
+                return known, len(tokens)
             n = common_prefix(cached, tokens)
-            if n == len(tokens) and n in recent:  # a short rewind: these logits are known
-                cut(n)
-                return recent[n].copy(), n
             cut(min(n, len(tokens) - 1))  # the last token must be evaluated to get its logits
             n = len(cached)
         return None, n
+
+    @staticmethod
+    def _known(cached: List[int], recent: Dict[int, np.ndarray], tokens: List[int], cut) -> Optional[np.ndarray]:
+        """The logits after ``tokens`` when the cache holds all of them and kept their logits (a
+        short rewind: ``cut(len(tokens))`` drops the rest), else None."""
+        n = len(tokens)
+        if n in recent and n <= len(cached) and common_prefix(cached, tokens) == n:
+            cut(n)
+            return recent[n].copy()
+        return None
 
     def _remember(self, cached: List[int], recent: Dict[int, np.ndarray], new: List[int], logits: np.ndarray) -> None:
         cached.extend(new)
